@@ -1,0 +1,235 @@
+//! `ringside`: the sidecar proxy.
+//!
+//! - `ringside forward LISTEN UPSTREAM [UPSTREAM...]`: a static L4 forwarder.
+//! - `ringside run --config FILE`: the sidecar, configured by a TOML or YAML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ringside_core::config::{ConfigFile, CopyMode, DriverKind, LbPolicy, ProxyDoc};
+use ringside_core::{Config, Proxy};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::{info, warn};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringside",
+    version,
+    about = "ringside: a service-mesh sidecar proxy"
+)]
+struct Cli {
+    /// Log filter (e.g. `info`, `debug`, `ringside_core=debug`); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Forward TCP connections from LISTEN to the UPSTREAM endpoints.
+    Forward {
+        /// Address to listen on, e.g. 127.0.0.1:6432.
+        listen: SocketAddr,
+        /// Upstream endpoints, e.g. 127.0.0.1:5432.
+        #[arg(required = true)]
+        upstreams: Vec<SocketAddr>,
+        /// Endpoint choice.
+        #[arg(long, value_enum, default_value_t = LbPolicy::RoundRobin)]
+        lb: LbPolicy,
+        /// Time allowed for one upstream connect.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        connect_timeout: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run the sidecar from a configuration file.
+    Run {
+        /// TOML or YAML file (by extension: .yaml/.yml are YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check a configuration file and print what would run, as JSON.
+    Check {
+        /// TOML or YAML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Settings shared by `forward` and `run`; on `run` they override the file.
+#[derive(Args, Debug)]
+struct Common {
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Event driver.
+    #[arg(long, value_enum)]
+    driver: Option<DriverKind>,
+    /// Maximum open connections; above it connections are closed at once (`overloaded`).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Close connections idle this long (e.g. 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long connections may take to finish.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Print counters this often (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stats_interval: Option<Duration>,
+    /// How bytes are moved.
+    #[arg(long, value_enum)]
+    copy_mode: Option<CopyMode>,
+    /// Pipe size in bytes.
+    #[arg(long)]
+    pipe_size: Option<usize>,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+impl Common {
+    fn apply(&self, p: &mut ProxyDoc) {
+        if let Some(v) = self.workers {
+            p.workers = v;
+        }
+        if let Some(v) = self.driver {
+            p.driver = v;
+        }
+        if let Some(v) = self.max_connections {
+            p.max_connections = v;
+        }
+        if self.idle_timeout.is_some() {
+            p.idle_timeout = self.idle_timeout;
+        }
+        if let Some(v) = self.drain_timeout {
+            p.drain_timeout = v;
+        }
+        if self.stats_interval.is_some() {
+            p.stats_interval = self.stats_interval;
+        }
+        if let Some(v) = self.copy_mode {
+            p.copy_mode = v;
+        }
+        if let Some(v) = self.pipe_size {
+            p.pipe_size = v;
+        }
+        if self.no_pin {
+            p.pin_workers = false;
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli.command) {
+        eprintln!("ringside: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    let config = match command {
+        Command::Forward {
+            listen,
+            upstreams,
+            lb,
+            connect_timeout,
+            common,
+        } => {
+            let mut proxy = ProxyDoc::default();
+            common.apply(&mut proxy);
+            let mut c = Config::forward(listen, upstreams, proxy)?;
+            c.services[0].lb = lb;
+            c.services[0].connect_timeout = connect_timeout;
+            c
+        }
+        Command::Run { config, common } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            let format = ringside_core::config::Format::from_path(&config);
+            let err = |e| anyhow::anyhow!("{}: {e}", config.display());
+            // Overrides go into the document, so they are validated like the file.
+            let mut doc = ConfigFile::parse(&text, format).map_err(err)?;
+            common.apply(&mut doc.proxy);
+            doc.validate(&text).map_err(err)?
+        }
+        Command::Check { config } => {
+            let c =
+                Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            println!("{}", serde_json::to_string_pretty(&c)?);
+            return Ok(());
+        }
+    };
+    serve(config)
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let drain_timeout = config.proxy.drain_timeout;
+    let stats_interval = config.proxy.stats_interval;
+    let proxy = Proxy::start(config)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("cannot install signal handlers")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("ringside-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let _ = tx.send(sig);
+            }
+        })?;
+    let tick = stats_interval.unwrap_or(Duration::from_millis(500));
+    let mut last_print = std::time::Instant::now();
+    loop {
+        match rx.recv_timeout(tick.min(Duration::from_millis(500))) {
+            Ok(sig) => {
+                info!(signal = sig, drain_timeout = ?drain_timeout, "draining: no new connections; waiting for open ones");
+                let (tx2, rx2) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    // A second signal stops at once.
+                    if rx.recv().is_ok() {
+                        warn!("second signal: exiting now");
+                        std::process::exit(130);
+                    }
+                    let _ = tx2.send(());
+                });
+                let report = proxy.shutdown(drain_timeout);
+                info!(
+                    forced = report.forced,
+                    elapsed_ms = report.elapsed.as_millis() as u64,
+                    "drained; exiting"
+                );
+                drop(rx2);
+                return Ok(());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("signal thread ended")
+            }
+        }
+        if proxy.is_draining() {
+            anyhow::bail!("a worker failed; see the log above");
+        }
+        if let Some(every) = stats_interval {
+            if last_print.elapsed() >= every {
+                last_print = std::time::Instant::now();
+                info!(target: "ringside::stats", "{}", proxy.stats().one_line());
+            }
+        }
+    }
+}

@@ -1,0 +1,713 @@
+//! Configuration in two steps: a serde document with defaults ([`ConfigFile`]), then a validated,
+//! typed [`Config`] that the data plane runs. `Config` is `Serialize` so that what runs can be shown
+//! exactly (later `/config_dump`).
+//!
+//! Errors name the field (a path such as `services[0].endpoints[1]`) and, where the text has one,
+//! the line.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Which io_uring / epoll driver the workers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverKind {
+    /// io_uring when the kernel allows it, else epoll (logged once).
+    #[default]
+    Auto,
+    /// io_uring only; fail to start without it.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+/// How bytes are moved between the two sockets of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// Read a first chunk into a small pooled buffer; splice once a transfer turns out to be bulk.
+    #[default]
+    Adaptive,
+    /// Always splice through a pooled pipe.
+    Splice,
+    /// Always copy through a pooled user-space buffer.
+    Copy,
+}
+
+/// How an endpoint is picked for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest open connections (ties broken in round-robin order).
+    LeastConnections,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The user document.
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration file as written by a user (TOML or YAML).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub proxy: ProxyDoc,
+    /// Listeners: where the proxy accepts connections.
+    #[serde(default)]
+    pub listeners: Vec<ListenerDoc>,
+    /// Static services and their endpoints.
+    #[serde(default)]
+    pub services: Vec<ServiceDoc>,
+}
+
+/// Process-wide settings with their defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyDoc {
+    /// Fast-path worker threads; 0 means one per available core.
+    pub workers: usize,
+    /// Event driver for the workers.
+    pub driver: DriverKind,
+    /// Connections above this number are accepted and closed at once (counted `overloaded`).
+    pub max_connections: usize,
+    /// Connections with no byte moving for this long are closed; absent means never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT: how long connections may take to finish before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Print counters this often (absent: never).
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Option<Duration>,
+    /// Byte-moving strategy.
+    pub copy_mode: CopyMode,
+    /// Size of each pooled pipe, in bytes (rounded by the kernel to pages).
+    pub pipe_size: usize,
+    /// Size of each pooled copy buffer, in bytes.
+    pub buffer_size: usize,
+    /// Pin each worker to one core.
+    pub pin_workers: bool,
+}
+
+impl Default for ProxyDoc {
+    fn default() -> Self {
+        ProxyDoc {
+            workers: 0,
+            driver: DriverKind::Auto,
+            max_connections: 8192,
+            idle_timeout: None,
+            drain_timeout: Duration::from_secs(15),
+            stats_interval: None,
+            copy_mode: CopyMode::Adaptive,
+            pipe_size: 256 * 1024,
+            buffer_size: 16 * 1024,
+            pin_workers: true,
+        }
+    }
+}
+
+/// A listener forwarding to one service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerDoc {
+    /// Name used in logs; defaults to the address.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Address to bind, e.g. `127.0.0.1:6432` or `[::1]:6432`.
+    pub address: SocketAddr,
+    /// The service connections are forwarded to.
+    pub service: String,
+}
+
+/// A static service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDoc {
+    /// Unique name.
+    pub name: String,
+    /// Endpoint addresses.
+    pub endpoints: Vec<SocketAddr>,
+    /// Endpoint choice.
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// Time allowed for one TCP connect.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Endpoints tried for one connection before giving up (bounded by the endpoint count).
+    #[serde(default = "default_connect_attempts")]
+    pub connect_attempts: u32,
+    /// First ejection period of an endpoint that failed a connect; doubles on each consecutive
+    /// failure up to `max_ejection`.
+    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection period.
+    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_attempts() -> u32 {
+    3
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration the data plane runs, after validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Process-wide settings.
+    pub proxy: ProxySettings,
+    /// Listeners, each naming a service by index into `services`.
+    pub listeners: Vec<Listener>,
+    /// Services.
+    pub services: Vec<Service>,
+}
+
+/// Validated process-wide settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxySettings {
+    /// Worker threads (resolved: never 0).
+    pub workers: usize,
+    /// Driver choice.
+    pub driver: DriverKind,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Idle timeout, if any.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Drain deadline.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Periodic counters.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Option<Duration>,
+    /// Byte-moving strategy.
+    pub copy_mode: CopyMode,
+    /// Pipe size in bytes.
+    pub pipe_size: usize,
+    /// Copy buffer size in bytes.
+    pub buffer_size: usize,
+    /// Pin workers to cores.
+    pub pin_workers: bool,
+}
+
+/// A validated listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listener {
+    /// Name for logs.
+    pub name: String,
+    /// Bind address.
+    pub address: SocketAddr,
+    /// Index into [`Config::services`].
+    pub service: usize,
+}
+
+/// A validated service.
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Endpoints (never empty after validation).
+    pub endpoints: Vec<SocketAddr>,
+    /// Endpoint choice.
+    pub lb: LbPolicy,
+    /// Connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bounded connect attempts per connection.
+    pub connect_attempts: u32,
+    /// First ejection period.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    /// Longest ejection period.
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+}
+
+impl Service {
+    /// A service with default settings.
+    pub fn new(name: impl Into<String>, endpoints: Vec<SocketAddr>) -> Self {
+        Service {
+            name: name.into(),
+            endpoints,
+            lb: LbPolicy::default(),
+            connect_timeout: default_connect_timeout(),
+            connect_attempts: default_connect_attempts(),
+            base_ejection: default_base_ejection(),
+            max_ejection: default_max_ejection(),
+        }
+    }
+}
+
+/// A configuration error: which field, where, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", location(.line, .column), field_text(.field))]
+pub struct ConfigError {
+    /// Path of the offending field, e.g. `services[0].endpoints[1]`.
+    pub field: String,
+    /// 1-based line in the source text, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn location(line: &Option<usize>, column: &Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("line {l}, column {c}: "),
+        (Some(l), None) => format!("line {l}: "),
+        _ => String::new(),
+    }
+}
+
+fn field_text(field: &str) -> String {
+    if field.is_empty() || field == "." {
+        "config".to_string()
+    } else {
+        format!("field `{field}`")
+    }
+}
+
+/// File formats for [`Config::parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// TOML.
+    Toml,
+    /// YAML.
+    Yaml,
+}
+
+impl Format {
+    /// Guess from a file name: `.yaml`/`.yml` are YAML, everything else TOML.
+    pub fn from_path(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml") | Some("yml") => Format::Yaml,
+            _ => Format::Toml,
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: String::new(),
+            line: None,
+            column: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::parse(&text, Format::from_path(path))
+    }
+
+    /// Parse and validate configuration text.
+    pub fn parse(text: &str, format: Format) -> Result<Config, ConfigError> {
+        ConfigFile::parse(text, format)?.validate(text)
+    }
+    /// The configuration of `ringside forward LISTEN UPSTREAM...`.
+    pub fn forward(
+        listen: SocketAddr,
+        upstreams: Vec<SocketAddr>,
+        proxy: ProxyDoc,
+    ) -> Result<Config, ConfigError> {
+        ConfigFile {
+            proxy,
+            listeners: vec![ListenerDoc {
+                name: Some("forward".into()),
+                address: listen,
+                service: "upstream".into(),
+            }],
+            services: vec![ServiceDoc {
+                name: "upstream".into(),
+                endpoints: upstreams,
+                lb: LbPolicy::default(),
+                connect_timeout: default_connect_timeout(),
+                connect_attempts: default_connect_attempts(),
+                base_ejection: default_base_ejection(),
+                max_ejection: default_max_ejection(),
+            }],
+        }
+        .validate("")
+    }
+}
+
+impl ConfigFile {
+    /// Parse configuration text into the user document (no cross-field checks yet).
+    pub fn parse(text: &str, format: Format) -> Result<ConfigFile, ConfigError> {
+        match format {
+            Format::Toml => {
+                let de = toml::Deserializer::new(text);
+                serde_path_to_error::deserialize::<_, ConfigFile>(de).map_err(|e| {
+                    let field = e.path().to_string();
+                    let inner = e.into_inner();
+                    let (line, column) = inner
+                        .span()
+                        .map(|s| line_col(text, s.start))
+                        .map(|(l, c)| (Some(l), Some(c)))
+                        .unwrap_or((None, None));
+                    ConfigError {
+                        field,
+                        line,
+                        column,
+                        message: inner.message().to_string(),
+                    }
+                })
+            }
+            Format::Yaml => {
+                let de = serde_yaml::Deserializer::from_str(text);
+                serde_path_to_error::deserialize::<_, ConfigFile>(de).map_err(|e| {
+                    let field = e.path().to_string();
+                    let inner = e.into_inner();
+                    let loc = inner.location();
+                    let mut message = inner.to_string();
+                    // serde_yaml appends " at line L column C"; the location is reported apart.
+                    if let Some(i) = message.find(" at line ") {
+                        message.truncate(i);
+                    }
+                    ConfigError {
+                        field,
+                        line: loc.as_ref().map(|l| l.line()),
+                        column: loc.as_ref().map(|l| l.column()),
+                        message,
+                    }
+                })
+            }
+        }
+    }
+
+    /// Check cross-field rules and build the typed config. `text` is the source, used to point at
+    /// the line of a value when a rule fails.
+    pub fn validate(self, text: &str) -> Result<Config, ConfigError> {
+        let at = |needle: &str| find_line(text, needle);
+        let err = |field: String, line: Option<usize>, message: String| ConfigError {
+            field,
+            line,
+            column: None,
+            message,
+        };
+        let p = self.proxy;
+        if p.max_connections == 0 {
+            return Err(err(
+                "proxy.max_connections".into(),
+                at("max_connections"),
+                "must be at least 1".into(),
+            ));
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&p.pipe_size) {
+            return Err(err(
+                "proxy.pipe_size".into(),
+                at("pipe_size"),
+                format!("{} is out of range (4096 to 67108864 bytes)", p.pipe_size),
+            ));
+        }
+        if !(512..=16 * 1024 * 1024).contains(&p.buffer_size) {
+            return Err(err(
+                "proxy.buffer_size".into(),
+                at("buffer_size"),
+                format!("{} is out of range (512 to 16777216 bytes)", p.buffer_size),
+            ));
+        }
+        if p.idle_timeout == Some(Duration::ZERO) {
+            return Err(err(
+                "proxy.idle_timeout".into(),
+                at("idle_timeout"),
+                "must be positive (leave it out for no idle timeout)".into(),
+            ));
+        }
+        let workers = if p.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            p.workers
+        };
+        let proxy = ProxySettings {
+            workers,
+            driver: p.driver,
+            max_connections: p.max_connections,
+            idle_timeout: p.idle_timeout,
+            drain_timeout: p.drain_timeout,
+            stats_interval: p.stats_interval.filter(|d| !d.is_zero()),
+            copy_mode: p.copy_mode,
+            pipe_size: p.pipe_size,
+            buffer_size: p.buffer_size,
+            pin_workers: p.pin_workers,
+        };
+
+        let mut services = Vec::with_capacity(self.services.len());
+        let mut names = HashSet::new();
+        for (i, s) in self.services.into_iter().enumerate() {
+            if s.name.is_empty() {
+                return Err(err(
+                    format!("services[{i}].name"),
+                    None,
+                    "must not be empty".into(),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(err(
+                    format!("services[{i}].name"),
+                    find_nth_value(text, &s.name, 2),
+                    format!("duplicate service name '{}'", s.name),
+                ));
+            }
+            if s.endpoints.is_empty() {
+                return Err(err(
+                    format!("services[{i}].endpoints"),
+                    at(&s.name),
+                    format!("service '{}' has no endpoints", s.name),
+                ));
+            }
+            if s.connect_timeout.is_zero() {
+                return Err(err(
+                    format!("services[{i}].connect_timeout"),
+                    at("connect_timeout"),
+                    "must be positive".into(),
+                ));
+            }
+            if s.connect_attempts == 0 {
+                return Err(err(
+                    format!("services[{i}].connect_attempts"),
+                    at("connect_attempts"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if s.max_ejection < s.base_ejection {
+                return Err(err(
+                    format!("services[{i}].max_ejection"),
+                    at("max_ejection"),
+                    "must not be shorter than base_ejection".into(),
+                ));
+            }
+            services.push(Service {
+                name: s.name,
+                endpoints: s.endpoints,
+                lb: s.lb,
+                connect_timeout: s.connect_timeout,
+                connect_attempts: s.connect_attempts,
+                base_ejection: s.base_ejection,
+                max_ejection: s.max_ejection,
+            });
+        }
+
+        if self.listeners.is_empty() {
+            return Err(err(
+                "listeners".into(),
+                None,
+                "at least one listener is required".into(),
+            ));
+        }
+        let mut listeners = Vec::with_capacity(self.listeners.len());
+        let mut addrs = HashSet::new();
+        for (i, l) in self.listeners.into_iter().enumerate() {
+            let Some(service) = services.iter().position(|s| s.name == l.service) else {
+                return Err(err(
+                    format!("listeners[{i}].service"),
+                    find_nth_value(text, &l.service, 1),
+                    format!("no service named '{}'", l.service),
+                ));
+            };
+            if !addrs.insert(l.address) {
+                return Err(err(
+                    format!("listeners[{i}].address"),
+                    None,
+                    format!("{} is used by another listener", l.address),
+                ));
+            }
+            listeners.push(Listener {
+                name: l.name.unwrap_or_else(|| l.address.to_string()),
+                address: l.address,
+                service,
+            });
+        }
+        Ok(Config {
+            proxy,
+            listeners,
+            services,
+        })
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Line of the n-th (1-based) line holding `value` quoted or as a bare YAML scalar.
+fn find_nth_value(text: &str, value: &str, n: usize) -> Option<usize> {
+    let quoted = [
+        format!("\"{value}\""),
+        format!("'{value}'"),
+        format!(": {value}"),
+    ];
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            quoted
+                .iter()
+                .any(|q| l.contains(q.as_str()) || l.trim_end().ends_with(q.as_str()))
+        })
+        .nth(n - 1)
+        .map(|(i, _)| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[proxy]
+workers = 2
+idle_timeout = "30s"
+
+[[listeners]]
+name = "pg"
+address = "127.0.0.1:6432"
+service = "postgres"
+
+[[services]]
+name = "postgres"
+endpoints = ["127.0.0.1:5432", "[::1]:5432"]
+lb = "least_connections"
+connect_timeout = "250ms"
+"#;
+
+    #[test]
+    fn parses_toml_with_defaults() {
+        let c = Config::parse(GOOD, Format::Toml).unwrap();
+        assert_eq!(c.proxy.workers, 2);
+        assert_eq!(c.proxy.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.proxy.max_connections, 8192);
+        assert_eq!(c.listeners[0].service, 0);
+        assert_eq!(c.services[0].endpoints.len(), 2);
+        assert_eq!(c.services[0].lb, LbPolicy::LeastConnections);
+        assert_eq!(c.services[0].connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.services[0].connect_attempts, 3);
+    }
+
+    #[test]
+    fn parses_yaml() {
+        let y = "listeners:\n  - address: 127.0.0.1:7000\n    service: web\nservices:\n  - name: web\n    endpoints: [\"127.0.0.1:8080\"]\n";
+        let c = Config::parse(y, Format::Yaml).unwrap();
+        assert_eq!(c.listeners[0].name, "127.0.0.1:7000");
+        assert_eq!(c.services[0].lb, LbPolicy::RoundRobin);
+    }
+
+    #[test]
+    fn bad_address_names_field_and_line_toml() {
+        let bad = GOOD.replace("[::1]:5432", "localhost:5432");
+        let e = Config::parse(&bad, Format::Toml).unwrap_err();
+        assert_eq!(e.field, "services[0].endpoints[1]");
+        assert_eq!(e.line, Some(13));
+        let text = e.to_string();
+        assert!(text.starts_with("line 13"), "{text}");
+        assert!(text.contains("services[0].endpoints[1]"), "{text}");
+    }
+
+    #[test]
+    fn bad_value_names_field_and_line_yaml() {
+        let y = "listeners:\n  - address: 127.0.0.1:7000\n    service: web\nservices:\n  - name: web\n    endpoints: [\"127.0.0.1:8080\"]\n    connect_attempts: many\n";
+        let e = Config::parse(y, Format::Yaml).unwrap_err();
+        assert_eq!(e.field, "services[0].connect_attempts");
+        assert_eq!(e.line, Some(7));
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let bad = GOOD.replace("workers = 2", "wrokers = 2");
+        let e = Config::parse(&bad, Format::Toml).unwrap_err();
+        assert!(e.message.contains("wrokers"), "{e}");
+        assert_eq!(e.line, Some(3));
+    }
+
+    #[test]
+    fn listener_with_unknown_service_names_line() {
+        let bad = GOOD.replace("service = \"postgres\"", "service = \"pgsql\"");
+        let e = Config::parse(&bad, Format::Toml).unwrap_err();
+        assert_eq!(e.field, "listeners[0].service");
+        assert_eq!(e.line, Some(9));
+        assert!(e.message.contains("pgsql"));
+    }
+
+    #[test]
+    fn semantic_rules() {
+        let cases = [
+            (
+                GOOD.replace(
+                    "endpoints = [\"127.0.0.1:5432\", \"[::1]:5432\"]",
+                    "endpoints = []",
+                ),
+                "services[0].endpoints",
+            ),
+            (
+                GOOD.replace("workers = 2", "workers = 2\nmax_connections = 0"),
+                "proxy.max_connections",
+            ),
+            (
+                GOOD.replace("workers = 2", "workers = 2\npipe_size = 100"),
+                "proxy.pipe_size",
+            ),
+            (
+                GOOD.replace("connect_timeout = \"250ms\"", "connect_timeout = \"0s\""),
+                "services[0].connect_timeout",
+            ),
+            (
+                GOOD.replace("idle_timeout = \"30s\"", "idle_timeout = \"0s\""),
+                "proxy.idle_timeout",
+            ),
+            (
+                format!(
+                    "{GOOD}\n[[services]]\nname = \"postgres\"\nendpoints = [\"127.0.0.1:1\"]\n"
+                ),
+                "services[1].name",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = Config::parse(&text, Format::Toml).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.line.is_some(), "no line for {field}: {e}");
+        }
+        let e = Config::parse("", Format::Toml).unwrap_err();
+        assert_eq!(e.field, "listeners");
+    }
+
+    #[test]
+    fn forward_config() {
+        let c = Config::forward(
+            "127.0.0.1:1".parse().unwrap(),
+            vec!["127.0.0.1:2".parse().unwrap()],
+            ProxyDoc::default(),
+        )
+        .unwrap();
+        assert_eq!(c.services[0].endpoints.len(), 1);
+        assert!(c.proxy.workers >= 1);
+        let e = Config::forward("127.0.0.1:1".parse().unwrap(), vec![], ProxyDoc::default())
+            .unwrap_err();
+        assert_eq!(e.field, "services[0].endpoints");
+    }
+}

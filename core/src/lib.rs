@@ -1,0 +1,26 @@
+//! ringside's data plane.
+//!
+//! # Layout
+//!
+//! - [`config`]: the configuration document (TOML/YAML) and its validation into a typed [`Config`].
+//! - [`server`]: [`Proxy::start`] binds listeners and starts one worker per core; drain on shutdown.
+//! - `worker`: a worker thread — monoio runtime (io_uring or epoll), accept loop, per-connection task.
+//! - [`upstream`]: endpoint choice (round-robin, least-connections) and passive health (ejection).
+//! - [`relay`]: moving bytes both ways with splice through pooled pipes (or a pooled buffer for small
+//!   messages), exact half-close, reset propagation, idle timeout.
+//! - [`sys`]: the raw kernel calls (splice, recv/send, socket options); the only `unsafe` code.
+//! - [`stats`]: per-worker counters summed on demand.
+//! - [`reason`]: failure reason codes: every failed connection carries exactly one.
+
+pub mod config;
+pub mod reason;
+pub mod relay;
+pub mod server;
+pub mod stats;
+pub mod sys;
+pub mod upstream;
+mod worker;
+
+pub use config::Config;
+pub use reason::Reason;
+pub use server::{DrainReport, Proxy};

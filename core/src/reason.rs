@@ -1,0 +1,105 @@
+//! Failure reason codes: every refused or failed connection carries exactly one.
+//!
+//! The codes are stable strings (they appear in logs, counters and, later, `/events`), so operators
+//! can grep for them and `ringctl why` can explain them.
+
+use serde::Serialize;
+
+/// Why a connection was refused or failed. `as_str` gives the stable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The service has no endpoints at all.
+    NoHealthyEndpoint,
+    /// Every attempted upstream endpoint refused the TCP connection (RST / ECONNREFUSED).
+    UpstreamConnectRefused,
+    /// The upstream connect did not complete within the connect timeout.
+    UpstreamConnectTimeout,
+    /// The upstream could not be reached at all (no route, network unreachable, other connect errors).
+    UpstreamUnreachable,
+    /// The upstream reset an established connection (or a write to it failed).
+    UpstreamReset,
+    /// The downstream (the client) reset an established connection.
+    DownstreamReset,
+    /// The proxy was at its connection limit when the connection arrived.
+    Overloaded,
+    /// No byte moved in either direction for the idle timeout.
+    IdleTimeout,
+    /// The proxy was draining and the drain deadline passed before the connection finished.
+    DrainTimeout,
+}
+
+impl Reason {
+    /// Every reason, in counter order.
+    pub const ALL: [Reason; 9] = [
+        Reason::NoHealthyEndpoint,
+        Reason::UpstreamConnectRefused,
+        Reason::UpstreamConnectTimeout,
+        Reason::UpstreamUnreachable,
+        Reason::UpstreamReset,
+        Reason::DownstreamReset,
+        Reason::Overloaded,
+        Reason::IdleTimeout,
+        Reason::DrainTimeout,
+    ];
+
+    /// The stable code, as used in logs and metrics labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoHealthyEndpoint => "no_healthy_endpoint",
+            Reason::UpstreamConnectRefused => "upstream_connect_refused",
+            Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
+            Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::UpstreamReset => "upstream_reset",
+            Reason::DownstreamReset => "downstream_reset",
+            Reason::Overloaded => "overloaded",
+            Reason::IdleTimeout => "idle_timeout",
+            Reason::DrainTimeout => "drain_timeout",
+        }
+    }
+
+    /// Index into per-reason counter arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A one-line hint telling the operator what to check.
+    pub const fn hint(self) -> &'static str {
+        match self {
+            Reason::NoHealthyEndpoint => "the service has no endpoints: register or configure at least one",
+            Reason::UpstreamConnectRefused => {
+                "nothing listens on the endpoint's address and port: check the upstream process and its listen address"
+            }
+            Reason::UpstreamConnectTimeout => {
+                "the endpoint did not answer the TCP handshake in time: check that the host is up and no firewall drops packets"
+            }
+            Reason::UpstreamUnreachable => "no route to the endpoint: check its address and the network",
+            Reason::UpstreamReset => "the upstream reset the connection: check the upstream's logs",
+            Reason::DownstreamReset => "the client reset the connection",
+            Reason::Overloaded => "the proxy is at max_connections: raise it or add capacity",
+            Reason::IdleTimeout => "no data moved for idle_timeout: raise it if the protocol has long pauses",
+            Reason::DrainTimeout => "the proxy was shutting down and the drain deadline passed",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_match_all_order_and_codes_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r} out of order");
+            assert!(seen.insert(r.as_str()), "duplicate code {r}");
+            assert!(!r.hint().is_empty());
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Starting and stopping the proxy: bind listeners, start one worker thread per core, print
+//! counters, and drain on request (SIGTERM/SIGINT in the binary).
+//!
+//! Drain: the control thread sets `draining` and shuts every listening socket down, which ends the
+//! pending accepts (no cross-thread waker needed). Workers then wait for their connections to end;
+//! at the deadline `force_close` makes them drop what is left.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::{Config, DriverKind};
+use crate::stats::{Snapshot, StatsRegistry};
+use crate::upstream::Cluster;
+use crate::worker;
+
+/// State shared by all workers and the control thread.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The running configuration.
+    pub config: Config,
+    /// Upstream state per service (same order as `config.services`).
+    pub clusters: Vec<Arc<Cluster>>,
+    /// Counters.
+    pub stats: StatsRegistry,
+    /// Connections open across all workers (for `max_connections`).
+    pub active: AtomicUsize,
+    /// Stop accepting; workers exit once their connections end.
+    pub draining: AtomicBool,
+    /// The drain deadline passed: close what is left.
+    pub force_close: AtomicBool,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    local_addrs: Vec<SocketAddr>,
+    listener_fds: Vec<RawFd>,
+    driver: DriverKind,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections still open at the deadline and closed by force.
+    pub forced: u64,
+    /// How long the drain took.
+    pub elapsed: Duration,
+}
+
+/// The driver that `Auto` resolves to on this kernel.
+pub fn resolve_driver(requested: DriverKind) -> anyhow::Result<DriverKind> {
+    let uring = monoio::utils::detect_uring();
+    match requested {
+        DriverKind::Uring if !uring => {
+            bail!("io_uring was requested (--driver uring) but this kernel does not allow it")
+        }
+        DriverKind::Uring | DriverKind::Epoll => Ok(requested),
+        DriverKind::Auto if uring => Ok(DriverKind::Uring),
+        DriverKind::Auto => {
+            warn!(
+                "io_uring is not available on this kernel (or is disabled); using the epoll driver"
+            );
+            Ok(DriverKind::Epoll)
+        }
+    }
+}
+
+impl Proxy {
+    /// Bind every listener (one `SO_REUSEPORT` socket per worker) and start the workers.
+    /// Binding happens here, so a port in use is an error before any thread starts.
+    pub fn start(config: Config) -> anyhow::Result<Proxy> {
+        let driver = resolve_driver(config.proxy.driver)?;
+        match crate::sys::raise_nofile_limit() {
+            Ok(n) if (n as usize) < config.proxy.max_connections * 2 + 64 => warn!(
+                open_files = n,
+                max_connections = config.proxy.max_connections,
+                "the open-file limit is below two descriptors per allowed connection; accepts will back off at the limit"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+        }
+        check_pipe_size(config.proxy.pipe_size);
+
+        let workers = config.proxy.workers;
+        let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::new();
+        let mut listener_fds = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let mut addr = l.address;
+            for slot in per_worker.iter_mut() {
+                let sock = bind_reuseport(addr).with_context(|| {
+                    format!("cannot listen on {} (listener '{}')", addr, l.name)
+                })?;
+                // Port 0: every later worker binds the port the first one got.
+                addr = sock.local_addr()?;
+                listener_fds.push(sock.as_raw_fd());
+                slot.push((index, sock));
+            }
+            local_addrs.push(addr);
+        }
+
+        let clusters = config.services.iter().cloned().map(Cluster::new).collect();
+        let shared = Arc::new(Shared {
+            stats: StatsRegistry::new(workers),
+            config,
+            clusters,
+            active: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            force_close: AtomicBool::new(false),
+        });
+        let mut threads = Vec::with_capacity(workers);
+        for (id, listeners) in per_worker.into_iter().enumerate() {
+            let shared = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ringside-w{id}"))
+                .spawn(move || {
+                    if let Err(e) = worker::run(id, shared.clone(), listeners, driver) {
+                        tracing::error!(worker = id, error = %e, "worker failed");
+                        // A worker that cannot run must not leave a half-working proxy behind.
+                        shared.draining.store(true, SeqCst);
+                    }
+                })
+                .context("cannot start a worker thread")?;
+            threads.push(t);
+        }
+        info!(
+            workers,
+            driver = ?driver,
+            listeners = ?local_addrs,
+            copy_mode = ?shared.config.proxy.copy_mode,
+            "ringside started"
+        );
+        Ok(Proxy {
+            shared,
+            threads,
+            local_addrs,
+            listener_fds,
+            driver,
+        })
+    }
+
+    /// The bound address of each listener, in config order (resolves port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The driver the workers run on.
+    pub fn driver(&self) -> DriverKind {
+        self.driver
+    }
+
+    /// Counters summed over all workers.
+    pub fn stats(&self) -> Snapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Whether a drain has begun (or a worker failed).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(SeqCst)
+    }
+
+    /// Stop accepting and let connections finish for up to `deadline`, then close the rest.
+    pub fn shutdown(self, deadline: Duration) -> DrainReport {
+        let start = Instant::now();
+        self.shared.draining.store(true, SeqCst);
+        for &fd in &self.listener_fds {
+            crate::sys::shutdown_listener(fd);
+        }
+        let forced_before = self
+            .shared
+            .stats
+            .snapshot()
+            .failures_for(crate::Reason::DrainTimeout);
+        while !self.threads.iter().all(|t| t.is_finished()) {
+            if start.elapsed() >= deadline && !self.shared.force_close.load(SeqCst) {
+                warn!(
+                    open = self.shared.active.load(SeqCst),
+                    "drain deadline reached; closing the remaining connections"
+                );
+                self.shared.force_close.store(true, SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let forced = self
+            .shared
+            .stats
+            .snapshot()
+            .failures_for(crate::Reason::DrainTimeout)
+            - forced_before;
+        DrainReport {
+            forced,
+            elapsed: start.elapsed(),
+        }
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+fn check_pipe_size(wanted: usize) {
+    if let Ok(Some(max)) = ringside_kernel_setup::sysctl::read_u64("fs.pipe-max-size") {
+        if wanted as u64 > max {
+            warn!(
+                pipe_size = wanted,
+                pipe_max_size = max,
+                "pipe_size is above fs.pipe-max-size; pipes keep the kernel default size"
+            );
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Counters. Each worker owns one [`WorkerStats`] and is its only writer, so the hot path does a
+//! plain relaxed load and store (no locked instruction); readers sum all workers on demand.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+use serde::Serialize;
+
+use crate::reason::Reason;
+
+/// One worker's counters. Written by that worker only.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Downstream connections accepted.
+    pub downstream_cx_total: Counter,
+    /// Downstream connections closed (active = total - closed).
+    pub downstream_cx_closed: Counter,
+    /// Bytes received from downstream (and sent upstream).
+    pub downstream_cx_rx_bytes_total: Counter,
+    /// Bytes sent to downstream (received from upstream).
+    pub downstream_cx_tx_bytes_total: Counter,
+    /// Upstream connect attempts.
+    pub upstream_cx_total: Counter,
+    /// Upstream connect attempts that failed (refused, unreachable or timed out).
+    pub upstream_cx_connect_fail: Counter,
+    /// Upstream connect attempts that timed out.
+    pub upstream_cx_connect_timeout: Counter,
+    /// accept() failed for lack of file descriptors or memory; the worker backed off.
+    pub downstream_cx_accept_fd_exhausted: Counter,
+    /// Transfers that copied through a buffer instead of splicing.
+    pub copy_transfers: Counter,
+    /// Transfers that spliced through a pipe.
+    pub splice_transfers: Counter,
+    /// Pipes created (the pool reuses them; this grows only with concurrency).
+    pub pipes_created: Counter,
+    /// Failures by reason, indexed by [`Reason::index`].
+    pub failures: [Counter; Reason::ALL.len()],
+}
+
+/// A counter with a single writer.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Add `n`. Only the owning worker may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: a load and a store, no read-modify-write instruction.
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Add one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+impl WorkerStats {
+    /// Count a failure with its reason.
+    #[inline]
+    pub fn fail(&self, reason: Reason) {
+        self.failures[reason.index()].inc();
+    }
+}
+
+/// All workers' counters.
+#[derive(Debug, Clone, Default)]
+pub struct StatsRegistry {
+    workers: Arc<Vec<CachePadded<WorkerStats>>>,
+}
+
+/// A summed view of all counters.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// See [`WorkerStats`].
+    pub downstream_cx_total: u64,
+    /// Connections open now.
+    pub downstream_cx_active: u64,
+    /// See [`WorkerStats`].
+    pub downstream_cx_rx_bytes_total: u64,
+    /// See [`WorkerStats`].
+    pub downstream_cx_tx_bytes_total: u64,
+    /// See [`WorkerStats`].
+    pub upstream_cx_total: u64,
+    /// See [`WorkerStats`].
+    pub upstream_cx_connect_fail: u64,
+    /// See [`WorkerStats`].
+    pub upstream_cx_connect_timeout: u64,
+    /// See [`WorkerStats`].
+    pub downstream_cx_accept_fd_exhausted: u64,
+    /// See [`WorkerStats`].
+    pub copy_transfers: u64,
+    /// See [`WorkerStats`].
+    pub splice_transfers: u64,
+    /// See [`WorkerStats`].
+    pub pipes_created: u64,
+    /// Failures by reason code (only non-zero ones).
+    pub failures: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Snapshot {
+    /// Failures counted for one reason.
+    pub fn failures_for(&self, reason: Reason) -> u64 {
+        self.failures.get(reason.as_str()).copied().unwrap_or(0)
+    }
+
+    /// One line of `name=value` pairs for periodic logs.
+    pub fn one_line(&self) -> String {
+        let mut s = format!(
+            "cx_total={} cx_active={} rx_bytes={} tx_bytes={} upstream_cx_total={} connect_fail={} connect_timeout={} accept_fd_exhausted={} splice_transfers={} copy_transfers={} pipes={}",
+            self.downstream_cx_total,
+            self.downstream_cx_active,
+            self.downstream_cx_rx_bytes_total,
+            self.downstream_cx_tx_bytes_total,
+            self.upstream_cx_total,
+            self.upstream_cx_connect_fail,
+            self.upstream_cx_connect_timeout,
+            self.downstream_cx_accept_fd_exhausted,
+            self.splice_transfers,
+            self.copy_transfers,
+            self.pipes_created,
+        );
+        for (k, v) in &self.failures {
+            let _ = write!(s, " fail.{k}={v}");
+        }
+        s
+    }
+}
+
+impl StatsRegistry {
+    /// Counters for `n` workers.
+    pub fn new(n: usize) -> Self {
+        StatsRegistry {
+            workers: Arc::new(
+                (0..n)
+                    .map(|_| CachePadded::new(WorkerStats::default()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The counters of worker `i`.
+    pub fn worker(&self, i: usize) -> &WorkerStats {
+        &self.workers[i]
+    }
+
+    /// Sum over all workers.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        let mut closed = 0;
+        let mut failures = [0u64; Reason::ALL.len()];
+        for w in self.workers.iter() {
+            s.downstream_cx_total += w.downstream_cx_total.get();
+            closed += w.downstream_cx_closed.get();
+            s.downstream_cx_rx_bytes_total += w.downstream_cx_rx_bytes_total.get();
+            s.downstream_cx_tx_bytes_total += w.downstream_cx_tx_bytes_total.get();
+            s.upstream_cx_total += w.upstream_cx_total.get();
+            s.upstream_cx_connect_fail += w.upstream_cx_connect_fail.get();
+            s.upstream_cx_connect_timeout += w.upstream_cx_connect_timeout.get();
+            s.downstream_cx_accept_fd_exhausted += w.downstream_cx_accept_fd_exhausted.get();
+            s.copy_transfers += w.copy_transfers.get();
+            s.splice_transfers += w.splice_transfers.get();
+            s.pipes_created += w.pipes_created.get();
+            for (i, f) in w.failures.iter().enumerate() {
+                failures[i] += f.get();
+            }
+        }
+        s.downstream_cx_active = s.downstream_cx_total.saturating_sub(closed);
+        for r in Reason::ALL {
+            if failures[r.index()] > 0 {
+                s.failures.insert(r.as_str(), failures[r.index()]);
+            }
+        }
+        s
+    }
+}

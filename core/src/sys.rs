@@ -1,0 +1,201 @@
+//! The few places where the fast path talks to the kernel directly: non-blocking `splice`, `recv`
+//! and `send`, pipes, and socket options. Everything here works on raw file descriptors owned by
+//! the caller; the event loop (io_uring or epoll) only tells the caller when to retry.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Move up to `len` bytes from `fd_in` to `fd_out` (one of them a pipe) without blocking.
+#[inline]
+pub fn splice(fd_in: RawFd, fd_out: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice takes two descriptors and null offsets (both ends are streams); the caller
+    // keeps both descriptors open for the duration of the call.
+    let ret = unsafe {
+        libc::splice(
+            fd_in,
+            std::ptr::null_mut(),
+            fd_out,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    cvt(ret)
+}
+
+/// Receive into `buf` without blocking.
+#[inline]
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the pointer and length describe `buf`, which is valid for writes for the call.
+    let ret = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    cvt(ret)
+}
+
+/// Send from `buf` without blocking and without SIGPIPE.
+#[inline]
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the pointer and length describe `buf`, which is valid for reads for the call.
+    let ret = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    cvt(ret)
+}
+
+/// Half-close: no more bytes will be written to `fd` (sends FIN). Errors (already reset, not
+/// connected) are ignored: the peer is gone either way.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: shutdown on a descriptor the caller owns; no memory is passed.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Stop accepting on a listening socket: a pending accept() returns with an error. Used by the
+/// control thread to begin a drain without a cross-thread waker.
+pub fn shutdown_listener(fd: RawFd) {
+    // SAFETY: shutdown on a listening descriptor that stays open until the worker exits.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// Make the next close() send RST instead of FIN (propagating a reset to the peer).
+pub fn set_linger_zero(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the option value points to a properly sized `linger` that lives for the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Put a descriptor in non-blocking mode (needed for the direct splice/recv/send calls).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    let mut on: libc::c_int = 1;
+    // SAFETY: FIONBIO reads one c_int from the pointer, which is valid for the call.
+    let ret = unsafe { libc::ioctl(fd, libc::FIONBIO, &mut on) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Disable Nagle: the proxy forwards what it got at once, it never waits to coalesce.
+pub fn set_nodelay(fd: RawFd) {
+    let on: libc::c_int = 1;
+    // SAFETY: the option value points to a c_int that lives for the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// A non-blocking pipe used to splice between two sockets.
+#[derive(Debug)]
+pub struct Pipe {
+    /// Read end.
+    pub r: OwnedFd,
+    /// Write end.
+    pub w: OwnedFd,
+}
+
+impl Pipe {
+    /// Create a pipe and try to size it to `size` bytes (the kernel may refuse above
+    /// `/proc/sys/fs/pipe-max-size`; then the default size stays).
+    pub fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array, which has room for two.
+        let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ takes an int argument; failure leaves the default size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        Ok(Pipe { r, w })
+    }
+}
+
+/// Raise the soft open-file limit to the hard limit. Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one rlimit from the valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn splice_moves_bytes_between_sockets_through_a_pipe() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
+        let (mut d, _) = l2.accept().unwrap();
+        set_nonblocking(b.as_raw_fd()).unwrap();
+        set_nonblocking(c.as_raw_fd()).unwrap();
+        let pipe = Pipe::new(65536).unwrap();
+        assert_eq!(
+            splice(b.as_raw_fd(), pipe.w.as_raw_fd(), 65536)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::WouldBlock
+        );
+        a.write_all(b"hello").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(splice(b.as_raw_fd(), pipe.w.as_raw_fd(), 65536).unwrap(), 5);
+        assert_eq!(splice(pipe.r.as_raw_fd(), c.as_raw_fd(), 5).unwrap(), 5);
+        let mut got = [0u8; 5];
+        d.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        drop(a);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            splice(b.as_raw_fd(), pipe.w.as_raw_fd(), 65536).unwrap(),
+            0,
+            "EOF"
+        );
+    }
+}

@@ -1,0 +1,267 @@
+//! A fast-path worker: one thread, one monoio runtime (io_uring or epoll), pinned to a core, with
+//! its own `SO_REUSEPORT` copy of every listener. A connection is accepted, given an upstream and
+//! relayed, all on this thread; nothing on the path takes a lock.
+
+use std::cell::Cell;
+use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::DriverKind;
+use crate::reason::Reason;
+use crate::relay::{relay, Pools, RelayCtx};
+use crate::server::Shared;
+use crate::stats::WorkerStats;
+use crate::sys;
+use crate::upstream::{ActiveGuard, Cluster};
+
+/// How often a worker looks at the drain flags.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// Back-off after accept() failed for lack of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Idle pipes and buffers a worker keeps for reuse.
+const POOL_IDLE: usize = 256;
+
+/// State of one worker, shared by its tasks (single-threaded, hence `Rc` and `Cell`).
+struct Worker {
+    id: usize,
+    shared: Arc<Shared>,
+    pools: Pools,
+    /// Connections this worker is relaying now.
+    active: Cell<usize>,
+    /// Sequence for connection ids.
+    next_id: Cell<u64>,
+}
+
+impl Worker {
+    fn stats(&self) -> &WorkerStats {
+        self.shared.stats.worker(self.id)
+    }
+}
+
+/// Run worker `id` on the calling thread until the proxy drains.
+pub(crate) fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
+    driver: DriverKind,
+) -> io::Result<()> {
+    let settings = &shared.config.proxy;
+    if settings.pin_workers {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        if let Err(e) = monoio::utils::bind_to_cpu_set([id % cores]) {
+            debug!(worker = id, error = ?e, "cannot pin worker to a core");
+        }
+    }
+    let pools = Pools::new(settings.pipe_size, settings.buffer_size, POOL_IDLE);
+    let main = async move {
+        let w = Rc::new(Worker {
+            id,
+            shared,
+            pools,
+            active: Cell::new(0),
+            next_id: Cell::new(0),
+        });
+        for (index, std_listener) in listeners {
+            let listener = TcpListener::from_std(std_listener)?;
+            monoio::spawn(accept_loop(w.clone(), listener, index));
+        }
+        // Wait for a drain to begin and finish (or be cut short at its deadline).
+        loop {
+            monoio::time::sleep(DRAIN_POLL).await;
+            if !w.shared.draining.load(Relaxed) {
+                continue;
+            }
+            if w.active.get() == 0 {
+                break;
+            }
+            if w.shared.force_close.load(Relaxed) {
+                let left = w.active.get() as u64;
+                w.stats().failures[Reason::DrainTimeout.index()].add(left);
+                w.stats().downstream_cx_closed.add(left);
+                w.shared.active.fetch_sub(left as usize, SeqCst);
+                break;
+            }
+        }
+        Ok::<(), io::Error>(())
+    };
+    match driver {
+        DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(main),
+        DriverKind::Uring | DriverKind::Auto => {
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .enable_timer()
+                .build()?
+                .block_on(main)
+        }
+    }
+}
+
+async fn accept_loop(w: Rc<Worker>, listener: TcpListener, index: usize) {
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(_) if w.shared.draining.load(Relaxed) => return,
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        // Out of descriptors: the pending connection stays in the backlog; retry
+                        // after a pause instead of spinning on the same error.
+                        w.stats().downstream_cx_accept_fd_exhausted.inc();
+                        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                            warn!(worker = w.id, error = %e, "accept failed: out of file descriptors or memory; backing off");
+                            last_warn = Some(Instant::now());
+                        }
+                        monoio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN | libc::EPROTO) => {}
+                    _ => {
+                        warn!(worker = w.id, error = %e, "accept failed");
+                        monoio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let shared = &w.shared;
+        if shared.active.fetch_add(1, SeqCst) >= shared.config.proxy.max_connections {
+            shared.active.fetch_sub(1, SeqCst);
+            w.stats().fail(Reason::Overloaded);
+            debug!(client = %peer, reason = Reason::Overloaded.as_str(), "connection refused");
+            drop(stream);
+            continue;
+        }
+        w.stats().downstream_cx_total.inc();
+        w.active.set(w.active.get() + 1);
+        let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
+        let listener_cfg = &shared.config.listeners[index];
+        let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
+        monoio::spawn(handle(w.clone(), stream, peer, listener_cfg.service).instrument(span));
+    }
+}
+
+async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, service: usize) {
+    let start = Instant::now();
+    let cluster = &w.shared.clusters[service];
+    let cfd = client.as_raw_fd();
+    let outcome = match sys::set_nonblocking(cfd) {
+        Err(e) => {
+            debug!(error = %e, "cannot set the client socket non-blocking");
+            Err(Reason::DownstreamReset)
+        }
+        Ok(()) => connect_upstream(&w, cluster).await,
+    };
+    match outcome {
+        Err(reason) => {
+            w.stats().fail(reason);
+            warn!(
+                reason = reason.as_str(),
+                client = %peer,
+                service = %cluster.service.name,
+                hint = reason.hint(),
+                "connection failed"
+            );
+            // Reset, so that the client sees a refusal rather than an empty answer.
+            sys::set_linger_zero(cfd);
+        }
+        Ok((upstream, endpoint, _guard)) => {
+            sys::set_nodelay(cfd);
+            let ctx = RelayCtx {
+                pools: &w.pools,
+                stats: w.stats(),
+                mode: w.shared.config.proxy.copy_mode,
+                idle_timeout: w.shared.config.proxy.idle_timeout,
+            };
+            let end = relay(ctx, &client, &upstream).await;
+            if let Some(reason) = end.reason {
+                w.stats().fail(reason);
+            }
+            debug!(
+                upstream = %endpoint,
+                up_bytes = end.up_bytes,
+                down_bytes = end.down_bytes,
+                duration_ms = start.elapsed().as_millis() as u64,
+                close = end.reason.map_or("eof", |r| r.as_str()),
+                "connection closed"
+            );
+        }
+    }
+    drop(client);
+    w.stats().downstream_cx_closed.inc();
+    w.active.set(w.active.get() - 1);
+    w.shared.active.fetch_sub(1, SeqCst);
+}
+
+/// Connect to an endpoint of `cluster`, trying others (bounded) when one refuses or times out.
+async fn connect_upstream(
+    w: &Worker,
+    cluster: &Arc<Cluster>,
+) -> Result<(TcpStream, SocketAddr, ActiveGuard), Reason> {
+    let stats = w.stats();
+    let mut tried = 0u64;
+    let mut last = Reason::NoHealthyEndpoint;
+    for attempt in 0..cluster.max_attempts() {
+        let Some(i) = cluster.pick(tried) else { break };
+        if i < 64 {
+            tried |= 1 << i;
+        }
+        let addr = cluster.endpoints[i].addr;
+        stats.upstream_cx_total.inc();
+        let result = monoio::time::timeout(
+            cluster.service.connect_timeout,
+            TcpStream::connect_addr(addr),
+        )
+        .await;
+        let reason = match result {
+            Ok(Ok(stream)) => match sys::set_nonblocking(stream.as_raw_fd()) {
+                Ok(()) => {
+                    cluster.report_success(i);
+                    sys::set_nodelay(stream.as_raw_fd());
+                    let guard = cluster.open(i);
+                    return Ok((stream, addr, guard));
+                }
+                Err(_) => Reason::UpstreamReset,
+            },
+            Ok(Err(e)) => {
+                stats.upstream_cx_connect_fail.inc();
+                classify_connect_error(&e)
+            }
+            Err(_) => {
+                stats.upstream_cx_connect_fail.inc();
+                stats.upstream_cx_connect_timeout.inc();
+                Reason::UpstreamConnectTimeout
+            }
+        };
+        let ejected_for = cluster.report_failure(i);
+        info!(
+            endpoint = %addr,
+            attempt = attempt + 1,
+            reason = reason.as_str(),
+            ejected_for_ms = ejected_for.as_millis() as u64,
+            "upstream connect failed"
+        );
+        last = reason;
+    }
+    Err(last)
+}
+
+fn classify_connect_error(e: &io::Error) -> Reason {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
+        ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
+        ErrorKind::ConnectionReset => Reason::UpstreamReset,
+        _ => Reason::UpstreamUnreachable,
+    }
+}
