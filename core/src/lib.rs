@@ -23,4 +23,4 @@ mod worker;
 
 pub use config::Config;
 pub use reason::Reason;
-pub use server::{DrainReport, Proxy};
+pub use server::{ClusterStatus, DrainReport, EndpointStatus, Proxy};

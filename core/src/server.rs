@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +46,28 @@ pub struct Proxy {
     local_addrs: Vec<SocketAddr>,
     listener_fds: Vec<RawFd>,
     driver: DriverKind,
+}
+
+/// One service's endpoints as seen now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterStatus {
+    /// Service name.
+    pub service: String,
+    /// Its endpoints, in config order.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint as seen now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointStatus {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Connections open to it.
+    pub active: u32,
+    /// Consecutive failed connects.
+    pub consecutive_failures: u32,
+    /// Ejected by passive health now.
+    pub ejected: bool,
 }
 
 /// How a drain ended.
@@ -163,6 +185,28 @@ impl Proxy {
     /// Counters summed over all workers.
     pub fn stats(&self) -> Snapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// Endpoint states of every service (what `/clusters` will show).
+    pub fn clusters(&self) -> Vec<ClusterStatus> {
+        self.shared
+            .clusters
+            .iter()
+            .map(|c| ClusterStatus {
+                service: c.service.name.clone(),
+                endpoints: (0..c.endpoints.len())
+                    .map(|i| {
+                        let e = &c.endpoints[i];
+                        EndpointStatus {
+                            addr: e.addr,
+                            active: e.active.load(Relaxed),
+                            consecutive_failures: e.consecutive_failures.load(Relaxed),
+                            ejected: c.is_ejected(i),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The running configuration.
