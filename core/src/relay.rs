@@ -139,6 +139,7 @@ pub struct RelayCtx<'a> {
 pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) -> RelayEnd {
     let up_bytes = Cell::new(0u64);
     let down_bytes = Cell::new(0u64);
+    let ctx = &ctx;
     let up = pin!(pump(
         ctx,
         client,
@@ -153,10 +154,13 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
         &ctx.stats.downstream_cx_tx_bytes_total,
         &down_bytes
     ));
-    let idle = pin!(idle_watch(ctx.idle_timeout, &up_bytes, &down_bytes));
+    // Boxed, and only when configured: a timer is the largest thing a connection would otherwise
+    // carry for its whole life.
+    let mut idle = ctx
+        .idle_timeout
+        .map(|t| Box::pin(idle_watch(t, &up_bytes, &down_bytes)));
     let mut up = Some(up);
     let mut down = Some(down);
-    let mut idle = idle;
 
     let reason = poll_fn(|cx| {
         if let Some(f) = up.as_mut() {
@@ -188,8 +192,10 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
         if up.is_none() && down.is_none() {
             return Poll::Ready(None);
         }
-        if idle.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Reason::IdleTimeout));
+        if let Some(idle) = idle.as_mut() {
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Reason::IdleTimeout));
+            }
         }
         Poll::Pending
     })
@@ -207,12 +213,9 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
     }
 }
 
-/// Resolves when no byte moved for `timeout` (never when `None`). Checks four times per period, so
-/// an idle connection closes between 1x and 1.25x the timeout.
-async fn idle_watch(timeout: Option<Duration>, a: &Cell<u64>, b: &Cell<u64>) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
+/// Resolves when no byte moved for `timeout`. Checks four times per period, so an idle connection
+/// closes between 1x and 1.25x the timeout.
+async fn idle_watch(timeout: Duration, a: &Cell<u64>, b: &Cell<u64>) {
     let tick = timeout / 4;
     let mut last = a.get() + b.get();
     let mut quiet = Duration::ZERO;
@@ -231,159 +234,186 @@ async fn idle_watch(timeout: Option<Duration>, a: &Cell<u64>, b: &Cell<u64>) {
     }
 }
 
-enum Episode {
-    /// The source is drained for now: wait for readiness again.
-    Wait,
-    /// The source reached EOF.
+/// What a pump holds between pulling bytes from the source and pushing them to the destination.
+/// Buffers and pipes are taken from the pools for a burst and given back before the pump waits for
+/// the source again, so an idle direction holds nothing.
+struct Hold {
+    buf: Option<Box<[u8]>>,
+    /// Bytes `buf[start..end]` still to be written.
+    start: usize,
+    end: usize,
+    pipe: Option<Pipe>,
+    /// Bytes in `pipe` still to be written.
+    in_pipe: usize,
+}
+
+impl Hold {
+    fn release(&mut self, pools: &Pools) {
+        debug_assert!(self.start == self.end && self.in_pipe == 0);
+        if let Some(b) = self.buf.take() {
+            pools.give_buf(b);
+        }
+        if let Some(p) = self.pipe.take() {
+            pools.give_pipe(p);
+        }
+    }
+
+    /// Write what is held. `Ok(true)`: all written; `Ok(false)`: the destination is full.
+    fn flush(&mut self, dfd: RawFd) -> io::Result<bool> {
+        while self.start < self.end {
+            let buf = self.buf.as_ref().expect("bytes are held in a buffer");
+            match sys::send(dfd, &buf[self.start..self.end]) {
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        while self.in_pipe > 0 {
+            let pipe = self.pipe.as_ref().expect("bytes are held in a pipe");
+            match sys::splice(pipe.r.as_raw_fd(), dfd, self.in_pipe) {
+                Ok(n) => self.in_pipe -= n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        // A pipe that may still hold bytes must not go back to a pool: `Hold` is only dropped with
+        // a pipe when the pump failed or was cancelled, and then the pipe is closed here.
+        self.pipe.take();
+    }
+}
+
+/// What one attempt to pull from the source gave.
+enum Pull {
+    /// Bytes are held, ready to be written. `drained`: a short read emptied the socket.
+    Bytes { n: usize, drained: bool },
+    /// Nothing to read now.
+    Empty,
+    /// End of stream.
     Eof,
-    /// (Adaptive copy only) a full buffer was read: the transfer is bulk, splice the rest.
-    Bulk,
 }
 
 /// One direction: `src` → `dst` until EOF (then half-close `dst`) or an error.
+///
+/// Written as one loop with two await points (source readable, destination writable) so that the
+/// future stays small: it lives for the whole connection, twice per connection.
 async fn pump(
-    ctx: RelayCtx<'_>,
+    ctx: &RelayCtx<'_>,
     src: &TcpStream,
     dst: &TcpStream,
     counter: &Counter,
     moved: &Cell<u64>,
 ) -> Result<(), PumpError> {
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut hold = Hold {
+        buf: None,
+        start: 0,
+        end: 0,
+        pipe: None,
+        in_pipe: 0,
+    };
     let mut bulk = ctx.mode == CopyMode::Splice;
+    // Bytes moved since the source was last found empty, and since the pump last yielded.
+    let mut burst = 0usize;
+    let mut budget = EPISODE_BUDGET;
+    let mut must_wait = true;
     loop {
-        src.readable(false).await.map_err(PumpError::Read)?;
-        let mut episode = if bulk {
-            Episode::Bulk
-        } else {
-            copy_episode(ctx, sfd, dst, dfd, counter, moved).await?
-        };
-        if let Episode::Bulk = episode {
-            let before = moved.get();
-            episode = match ctx.pools.take_pipe(ctx.stats) {
-                Some(pipe) => splice_episode(ctx, sfd, dst, dfd, pipe, counter, moved).await?,
-                None => copy_episode(ctx, sfd, dst, dfd, counter, moved).await?,
-            };
-            // Adaptive: a burst smaller than one buffer is not bulk; go back to copying.
-            if ctx.mode == CopyMode::Adaptive {
-                bulk = moved.get() - before >= ctx.pools.buffer_size as u64;
+        if must_wait {
+            hold.release(ctx.pools);
+            if ctx.mode == CopyMode::Adaptive && bulk && burst < ctx.pools.buffer_size {
+                // The last burst was small: go back to copying through a buffer.
+                bulk = false;
             }
+            burst = 0;
+            budget = EPISODE_BUDGET;
+            src.readable(false).await.map_err(PumpError::Read)?;
         }
-        match episode {
-            Episode::Eof => {
+        let pulled = if bulk {
+            pull_splice(ctx, sfd, &mut hold)
+        } else {
+            pull_copy(ctx, sfd, &mut hold)
+        };
+        match pulled.map_err(PumpError::Read)? {
+            Pull::Empty => {
+                must_wait = true;
+                continue;
+            }
+            Pull::Eof => {
+                hold.release(ctx.pools);
                 sys::shutdown_write(dfd);
                 return Ok(());
             }
-            Episode::Wait | Episode::Bulk => {}
-        }
-    }
-}
-
-/// Move what `sfd` has through a pooled buffer.
-async fn copy_episode(
-    ctx: RelayCtx<'_>,
-    sfd: RawFd,
-    dst: &TcpStream,
-    dfd: RawFd,
-    counter: &Counter,
-    moved: &Cell<u64>,
-) -> Result<Episode, PumpError> {
-    let mut buf = ctx.pools.take_buf();
-    let mut budget = EPISODE_BUDGET;
-    let result = loop {
-        match sys::recv(sfd, &mut buf) {
-            Ok(0) => break Ok(Episode::Eof),
-            Ok(n) => {
-                if let Err(e) = write_all(dst, dfd, &buf[..n]).await {
-                    break Err(PumpError::Write(e));
+            Pull::Bytes { n, drained } => {
+                while !hold.flush(dfd).map_err(PumpError::Write)? {
+                    dst.writable(false).await.map_err(PumpError::Write)?;
                 }
                 counter.add(n as u64);
                 moved.set(moved.get() + n as u64);
-                if n < buf.len() {
-                    // A short read drained the socket; do not spend a syscall to learn EAGAIN.
-                    break Ok(Episode::Wait);
-                }
-                if ctx.mode == CopyMode::Adaptive {
-                    break Ok(Episode::Bulk);
-                }
+                burst += n;
                 budget = budget.saturating_sub(n);
-                if budget == 0 {
-                    break Ok(Episode::Wait);
+                if ctx.mode == CopyMode::Adaptive && !bulk && !drained {
+                    // A full buffer: the transfer is bulk, splice the rest.
+                    bulk = true;
                 }
+                // After a short read the socket is empty: wait rather than spend a syscall to learn
+                // it. After the budget: wait too, so other connections on this worker get a turn.
+                must_wait = drained || budget == 0;
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(Episode::Wait),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => break Err(PumpError::Read(e)),
-        }
-    };
-    ctx.stats.copy_transfers.inc();
-    ctx.pools.give_buf(buf);
-    result
-}
-
-async fn write_all(dst: &TcpStream, dfd: RawFd, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match sys::send(dfd, data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => dst.writable(false).await?,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
     }
-    Ok(())
 }
 
-/// Move what `sfd` has through a pooled pipe, with splice on both sides.
-async fn splice_episode(
-    ctx: RelayCtx<'_>,
-    sfd: RawFd,
-    dst: &TcpStream,
-    dfd: RawFd,
-    pipe: Pipe,
-    counter: &Counter,
-    moved: &Cell<u64>,
-) -> Result<Episode, PumpError> {
-    let (pr, pw) = (pipe.r.as_raw_fd(), pipe.w.as_raw_fd());
-    let mut budget = EPISODE_BUDGET;
-    ctx.stats.splice_transfers.inc();
+/// Read what the source has into a pooled buffer.
+fn pull_copy(ctx: &RelayCtx<'_>, sfd: RawFd, hold: &mut Hold) -> io::Result<Pull> {
+    let buf = hold.buf.get_or_insert_with(|| ctx.pools.take_buf());
     loop {
-        let n = match sys::splice(sfd, pw, ctx.pools.pipe_size) {
-            Ok(0) => {
-                ctx.pools.give_pipe(pipe);
-                return Ok(Episode::Eof);
+        return match sys::recv(sfd, buf) {
+            Ok(0) => Ok(Pull::Eof),
+            Ok(n) => {
+                ctx.stats.copy_transfers.inc();
+                hold.start = 0;
+                hold.end = n;
+                Ok(Pull::Bytes {
+                    n,
+                    drained: n < buf.len(),
+                })
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                ctx.pools.give_pipe(pipe);
-                return Ok(Episode::Wait);
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(Pull::Empty),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // Nothing entered the pipe: it is still clean.
-                ctx.pools.give_pipe(pipe);
-                return Err(PumpError::Read(e));
-            }
+            Err(e) => Err(e),
         };
-        let mut left = n;
-        while left > 0 {
-            match sys::splice(pr, dfd, left) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    // Destination full. (A pipe that is empty cannot give WouldBlock here since
-                    // `left` bytes are in it.)
-                    if let Err(e) = dst.writable(false).await {
-                        return Err(PumpError::Write(e)); // the pipe holds bytes: drop it
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Write(e)), // the pipe holds bytes: drop it
+    }
+}
+
+/// Splice what the source has into a pooled pipe (or copy when no pipe can be had).
+fn pull_splice(ctx: &RelayCtx<'_>, sfd: RawFd, hold: &mut Hold) -> io::Result<Pull> {
+    if hold.pipe.is_none() {
+        match ctx.pools.take_pipe(ctx.stats) {
+            Some(p) => hold.pipe = Some(p),
+            None => return pull_copy(ctx, sfd, hold),
+        }
+    }
+    let pipe = hold.pipe.as_ref().expect("a pipe is held");
+    loop {
+        return match sys::splice(sfd, pipe.w.as_raw_fd(), ctx.pools.pipe_size) {
+            Ok(0) => Ok(Pull::Eof),
+            Ok(n) => {
+                ctx.stats.splice_transfers.inc();
+                hold.in_pipe = n;
+                // A splice can stop short of the pipe's size with more data queued (page
+                // boundaries), so only EAGAIN says the socket is empty.
+                Ok(Pull::Bytes { n, drained: false })
             }
-        }
-        counter.add(n as u64);
-        moved.set(moved.get() + n as u64);
-        budget = budget.saturating_sub(n);
-        if budget == 0 {
-            ctx.pools.give_pipe(pipe);
-            return Ok(Episode::Wait);
-        }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(Pull::Empty),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
     }
 }

@@ -29,9 +29,9 @@ pub struct WorkerStats {
     pub upstream_cx_connect_timeout: Counter,
     /// accept() failed for lack of file descriptors or memory; the worker backed off.
     pub downstream_cx_accept_fd_exhausted: Counter,
-    /// Transfers that copied through a buffer instead of splicing.
+    /// Chunks moved by copying through a buffer (one recv each).
     pub copy_transfers: Counter,
-    /// Transfers that spliced through a pipe.
+    /// Chunks moved by splicing through a pipe (one splice into the pipe each).
     pub splice_transfers: Counter,
     /// Pipes created (the pool reuses them; this grows only with concurrency).
     pub pipes_created: Counter,

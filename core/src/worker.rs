@@ -161,7 +161,9 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, service: usi
             debug!(error = %e, "cannot set the client socket non-blocking");
             Err(Reason::DownstreamReset)
         }
-        Ok(()) => connect_upstream(&w, cluster).await,
+        // Boxed: connecting is short, and inline its state would size the task for the
+        // connection's whole life.
+        Ok(()) => Box::pin(connect_upstream(&w, cluster)).await,
     };
     match outcome {
         Err(reason) => {
@@ -263,5 +265,83 @@ fn classify_connect_error(e: &io::Error) -> Reason {
         ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
         ErrorKind::ConnectionReset => Reason::UpstreamReset,
         _ => Reason::UpstreamUnreachable,
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn future_sizes() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = monoio::net::TcpStream::connect_addr(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (b, _) = l.accept().await.unwrap();
+            let pools = crate::relay::Pools::new(65536, 16384, 4);
+            let stats = crate::stats::WorkerStats::default();
+            let p2 = crate::relay::Pools::new(65536, 16384, 4);
+            let ctx = crate::relay::RelayCtx {
+                pools: &p2,
+                stats: &stats,
+                mode: crate::config::CopyMode::Adaptive,
+                idle_timeout: None,
+            };
+            let f = crate::relay::relay(ctx, &a, &b);
+            eprintln!("relay future: {} bytes", std::mem::size_of_val(&f));
+            let config = crate::Config::forward(
+                "127.0.0.1:0".parse().unwrap(),
+                vec!["127.0.0.1:1".parse().unwrap()],
+                Default::default(),
+            )
+            .unwrap();
+            let shared = std::sync::Arc::new(crate::server::Shared {
+                clusters: config
+                    .services
+                    .iter()
+                    .cloned()
+                    .map(crate::upstream::Cluster::new)
+                    .collect(),
+                config,
+                stats: crate::stats::StatsRegistry::new(1),
+                active: Default::default(),
+                draining: Default::default(),
+                force_close: Default::default(),
+            });
+            let w = std::rc::Rc::new(super::Worker {
+                id: 0,
+                shared,
+                pools,
+                active: Default::default(),
+                next_id: Default::default(),
+            });
+            let c = monoio::net::TcpStream::connect_addr(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let h = super::handle(w.clone(), c, "127.0.0.1:1".parse().unwrap(), 0);
+            eprintln!("handle future: {} bytes", std::mem::size_of_val(&h));
+            eprintln!(
+                "TcpStream: {} bytes",
+                std::mem::size_of::<monoio::net::TcpStream>()
+            );
+            eprintln!(
+                "readable: {} bytes",
+                std::mem::size_of_val(&a.readable(false))
+            );
+            eprintln!(
+                "sleep: {} bytes",
+                std::mem::size_of_val(&monoio::time::sleep(std::time::Duration::from_secs(1)))
+            );
+            eprintln!(
+                "connect: {} bytes",
+                std::mem::size_of_val(&monoio::net::TcpStream::connect_addr(
+                    l.local_addr().unwrap()
+                ))
+            );
+        });
     }
 }

