@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install the system packages ringside's tests, demo and benchmarks use. Idempotent: installs only
+# what is missing. Usage: scripts/deps.sh [test|bench]
+set -euo pipefail
+want=(postgresql postgresql-contrib iproute2 procps)
+if [ "${1:-test}" = bench ]; then
+  want+=(iperf3 sockperf haproxy nginx-light libnginx-mod-stream socat python3)
+fi
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a cluster of its own on 5432; nothing here uses it.
