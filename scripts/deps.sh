@@ -2,7 +2,7 @@
 # Install the system packages ringside's tests, demo and benchmarks use. Idempotent: installs only
 # what is missing. Usage: scripts/deps.sh [test|bench]
 set -euo pipefail
-want=(postgresql postgresql-contrib iproute2 procps)
+want=(postgresql postgresql-contrib iproute2 procps iptables nftables)
 if [ "${1:-test}" = bench ]; then
   want+=(iperf3 sockperf haproxy nginx-light libnginx-mod-stream socat python3)
 fi

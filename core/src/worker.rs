@@ -26,8 +26,10 @@ use crate::upstream::{ActiveGuard, Cluster};
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Back-off after accept() failed for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Idle pipes and buffers a worker keeps for reuse.
-const POOL_IDLE: usize = 256;
+/// Idle pipes and buffers a worker keeps for reuse. Pipes beyond it are closed when returned: the
+/// kernel charges pipe capacity to the proxy's user (fs.pipe-user-pages-soft, 64 MiB by default),
+/// so 2 workers x 64 pipes x 256 KiB stay within it.
+const POOL_IDLE: usize = 64;
 
 /// State of one worker, shared by its tasks (single-threaded, hence `Rc` and `Cell`).
 struct Worker {

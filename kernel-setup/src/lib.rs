@@ -3,8 +3,8 @@
 //! # Layout
 //!
 //! - [`sysctl`]: reading and writing `/proc/sys` settings (pipe sizes, backlog, port ranges).
-//!
-//! Redirect rules (iptables-nft, iptables-legacy, nft) and network-namespace pods come next, with
-//! the `ringside-init` binary.
+//! - [`redirect`]: the pod's traffic-redirect rules (iptables-nft, iptables-legacy, nft), used by the
+//!   `ringside-init` binary.
 
+pub mod redirect;
 pub mod sysctl;
