@@ -66,6 +66,36 @@ pub struct ConfigFile {
     /// Static services and their endpoints.
     #[serde(default)]
     pub services: Vec<ServiceDoc>,
+    /// Transparent sidecar mode: the outbound (15001) and inbound (15006) listeners that the
+    /// redirect rules of `ringside-init` send every TCP connection to.
+    #[serde(default)]
+    pub sidecar: Option<SidecarDoc>,
+}
+
+/// Transparent sidecar settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SidecarDoc {
+    /// Outbound listener port, bound on 127.0.0.1 and ::1.
+    pub outbound_port: u16,
+    /// Inbound listener port, bound on 0.0.0.0 and ::.
+    pub inbound_port: u16,
+    /// Refuse connections to destinations that are not in the config (`unknown_destination`)
+    /// instead of passing them through.
+    pub registry_only: bool,
+    /// Bind the IPv6 listeners too.
+    pub ipv6: bool,
+}
+
+impl Default for SidecarDoc {
+    fn default() -> Self {
+        SidecarDoc {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            registry_only: false,
+            ipv6: true,
+        }
+    }
 }
 
 /// Process-wide settings with their defaults.
@@ -95,6 +125,9 @@ pub struct ProxyDoc {
     pub buffer_size: usize,
     /// Pin each worker to one core.
     pub pin_workers: bool,
+    /// Write this file once every listener is bound and the config is loaded; remove it on exit.
+    /// `ringside wait-ready` waits for it.
+    pub ready_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ProxyDoc {
@@ -110,6 +143,7 @@ impl Default for ProxyDoc {
             pipe_size: 256 * 1024,
             buffer_size: 16 * 1024,
             pin_workers: true,
+            ready_file: None,
         }
     }
 }
@@ -133,8 +167,23 @@ pub struct ListenerDoc {
 pub struct ServiceDoc {
     /// Unique name.
     pub name: String,
-    /// Endpoint addresses.
+    /// Endpoint addresses (pods serving it, at the service port). May be empty for a service that
+    /// is only served locally.
+    #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
+    /// Virtual IP that clients connect to (with `port`).
+    #[serde(default)]
+    pub virtual_ip: Option<std::net::IpAddr>,
+    /// The service port (what clients connect to).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The port the application listens on in the serving pod (default: `port`).
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// This pod serves the service: inbound connections to `port` go to the local application
+    /// on `target_port`.
+    #[serde(default)]
+    pub local: bool,
     /// Endpoint choice.
     #[serde(default)]
     pub lb: LbPolicy,
@@ -179,6 +228,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Services.
     pub services: Vec<Service>,
+    /// Sidecar mode, when enabled.
+    pub sidecar: Option<Sidecar>,
 }
 
 /// Validated process-wide settings.
@@ -186,6 +237,8 @@ pub struct Config {
 pub struct ProxySettings {
     /// Worker threads (resolved: never 0).
     pub workers: usize,
+    /// File written once the listeners are bound (readiness), removed on exit.
+    pub ready_file: Option<std::path::PathBuf>,
     /// Driver choice.
     pub driver: DriverKind,
     /// Connection limit.
@@ -216,8 +269,31 @@ pub struct Listener {
     pub name: String,
     /// Bind address.
     pub address: SocketAddr,
-    /// Index into [`Config::services`].
-    pub service: usize,
+    /// What it does with a connection.
+    pub kind: ListenerKind,
+}
+
+/// What a listener does with the connections it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    /// Forward to one service (index into [`Config::services`]).
+    Static(usize),
+    /// Redirected outbound connections: the original destination says where to.
+    Outbound,
+    /// Redirected inbound connections: the original destination port says which local service.
+    Inbound,
+}
+
+/// Validated sidecar settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sidecar {
+    /// Outbound listener port.
+    pub outbound_port: u16,
+    /// Inbound listener port.
+    pub inbound_port: u16,
+    /// Refuse unknown destinations.
+    pub registry_only: bool,
 }
 
 /// A validated service.
@@ -225,8 +301,16 @@ pub struct Listener {
 pub struct Service {
     /// Name.
     pub name: String,
-    /// Endpoints (never empty after validation).
+    /// Endpoints (never empty unless the service is `local`).
     pub endpoints: Vec<SocketAddr>,
+    /// Virtual IP.
+    pub virtual_ip: Option<std::net::IpAddr>,
+    /// Service port.
+    pub port: Option<u16>,
+    /// Application port in the serving pod.
+    pub target_port: Option<u16>,
+    /// Served by this pod.
+    pub local: bool,
     /// Endpoint choice.
     pub lb: LbPolicy,
     /// Connect timeout.
@@ -248,6 +332,10 @@ impl Service {
         Service {
             name: name.into(),
             endpoints,
+            virtual_ip: None,
+            port: None,
+            target_port: None,
+            local: false,
             lb: LbPolicy::default(),
             connect_timeout: default_connect_timeout(),
             connect_attempts: default_connect_attempts(),
@@ -335,9 +423,14 @@ impl Config {
                 address: listen,
                 service: "upstream".into(),
             }],
+            sidecar: None,
             services: vec![ServiceDoc {
                 name: "upstream".into(),
                 endpoints: upstreams,
+                virtual_ip: None,
+                port: None,
+                target_port: None,
+                local: false,
                 lb: LbPolicy::default(),
                 connect_timeout: default_connect_timeout(),
                 connect_attempts: default_connect_attempts(),
@@ -450,6 +543,7 @@ impl ConfigFile {
             pipe_size: p.pipe_size,
             buffer_size: p.buffer_size,
             pin_workers: p.pin_workers,
+            ready_file: p.ready_file,
         };
 
         let mut services = Vec::with_capacity(self.services.len());
@@ -469,11 +563,11 @@ impl ConfigFile {
                     format!("duplicate service name '{}'", s.name),
                 ));
             }
-            if s.endpoints.is_empty() {
+            if s.endpoints.is_empty() && !s.local {
                 return Err(err(
                     format!("services[{i}].endpoints"),
                     at(&s.name),
-                    format!("service '{}' has no endpoints", s.name),
+                    format!("service '{}' has no endpoints (and is not `local`)", s.name),
                 ));
             }
             if s.connect_timeout.is_zero() {
@@ -497,9 +591,30 @@ impl ConfigFile {
                     "must not be shorter than base_ejection".into(),
                 ));
             }
+            if s.local && s.port.is_none() {
+                return Err(err(
+                    format!("services[{i}].port"),
+                    at(&s.name),
+                    format!(
+                        "local service '{}' needs the `port` it is served on",
+                        s.name
+                    ),
+                ));
+            }
+            if s.virtual_ip.is_some() && s.port.is_none() {
+                return Err(err(
+                    format!("services[{i}].port"),
+                    at(&s.name),
+                    format!("service '{}' has a virtual_ip but no `port`", s.name),
+                ));
+            }
             services.push(Service {
                 name: s.name,
                 endpoints: s.endpoints,
+                virtual_ip: s.virtual_ip,
+                port: s.port,
+                target_port: s.target_port,
+                local: s.local,
                 lb: s.lb,
                 connect_timeout: s.connect_timeout,
                 connect_attempts: s.connect_attempts,
@@ -508,11 +623,11 @@ impl ConfigFile {
             });
         }
 
-        if self.listeners.is_empty() {
+        if self.listeners.is_empty() && self.sidecar.is_none() {
             return Err(err(
                 "listeners".into(),
                 None,
-                "at least one listener is required".into(),
+                "at least one listener (or a [sidecar] section) is required".into(),
             ));
         }
         let mut listeners = Vec::with_capacity(self.listeners.len());
@@ -535,13 +650,61 @@ impl ConfigFile {
             listeners.push(Listener {
                 name: l.name.unwrap_or_else(|| l.address.to_string()),
                 address: l.address,
-                service,
+                kind: ListenerKind::Static(service),
             });
+        }
+        let sidecar = self.sidecar.map(|sc| {
+            let mut add = |name: &str, address: SocketAddr, kind| {
+                listeners.push(Listener {
+                    name: name.to_string(),
+                    address,
+                    kind,
+                })
+            };
+            use std::net::{Ipv4Addr, Ipv6Addr};
+            add(
+                "outbound",
+                (Ipv4Addr::LOCALHOST, sc.outbound_port).into(),
+                ListenerKind::Outbound,
+            );
+            add(
+                "inbound",
+                (Ipv4Addr::UNSPECIFIED, sc.inbound_port).into(),
+                ListenerKind::Inbound,
+            );
+            if sc.ipv6 {
+                add(
+                    "outbound6",
+                    (Ipv6Addr::LOCALHOST, sc.outbound_port).into(),
+                    ListenerKind::Outbound,
+                );
+                add(
+                    "inbound6",
+                    (Ipv6Addr::UNSPECIFIED, sc.inbound_port).into(),
+                    ListenerKind::Inbound,
+                );
+            }
+            Sidecar {
+                outbound_port: sc.outbound_port,
+                inbound_port: sc.inbound_port,
+                registry_only: sc.registry_only,
+            }
+        });
+        let mut seen = HashSet::new();
+        for l in &listeners {
+            if !seen.insert(l.address) {
+                return Err(err(
+                    "sidecar".into(),
+                    at("[sidecar]"),
+                    format!("{} is used by another listener", l.address),
+                ));
+            }
         }
         Ok(Config {
             proxy,
             listeners,
             services,
+            sidecar,
         })
     }
 }
@@ -603,7 +766,7 @@ connect_timeout = "250ms"
         assert_eq!(c.proxy.workers, 2);
         assert_eq!(c.proxy.idle_timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.proxy.max_connections, 8192);
-        assert_eq!(c.listeners[0].service, 0);
+        assert_eq!(c.listeners[0].kind, ListenerKind::Static(0));
         assert_eq!(c.services[0].endpoints.len(), 2);
         assert_eq!(c.services[0].lb, LbPolicy::LeastConnections);
         assert_eq!(c.services[0].connect_timeout, Duration::from_millis(250));
@@ -694,6 +857,31 @@ connect_timeout = "250ms"
         }
         let e = Config::parse("", Format::Toml).unwrap_err();
         assert_eq!(e.field, "listeners");
+    }
+
+    #[test]
+    fn sidecar_section_adds_the_mesh_listeners() {
+        let y = "sidecar:\n  registry_only: true\nservices:\n  - name: payments\n    port: 1800\n    target_port: 8080\n    local: true\n  - name: products\n    virtual_ip: 198.18.100.1\n    port: 9090\n    endpoints: [\"198.18.0.3:9090\"]\n";
+        let c = Config::parse(y, Format::Yaml).unwrap();
+        let kinds: Vec<_> = c
+            .listeners
+            .iter()
+            .map(|l| (l.address.to_string(), l.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("127.0.0.1:15001".to_string(), ListenerKind::Outbound),
+                ("0.0.0.0:15006".to_string(), ListenerKind::Inbound),
+                ("[::1]:15001".to_string(), ListenerKind::Outbound),
+                ("[::]:15006".to_string(), ListenerKind::Inbound),
+            ]
+        );
+        assert!(c.sidecar.as_ref().unwrap().registry_only);
+        assert!(c.services[0].local && c.services[0].endpoints.is_empty());
+        let bad = y.replace("    port: 1800\n", "");
+        let e = Config::parse(&bad, Format::Yaml).unwrap_err();
+        assert_eq!(e.field, "services[0].port");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! - [`config`]: the configuration document (TOML/YAML) and its validation into a typed [`Config`].
 //! - [`server`]: [`Proxy::start`] binds listeners and starts one worker per core; drain on shutdown.
 //! - `worker`: a worker thread — monoio runtime (io_uring or epoll), accept loop, per-connection task.
+//! - [`route`]: where a redirected connection goes (outbound by original destination, inbound to
+//!   the local app on its `targetPort`).
+//! - [`listening`]: what listens in the pod (`/proc/net/tcp`), for `app_not_listening` hints.
 //! - [`upstream`]: endpoint choice (round-robin, least-connections) and passive health (ejection).
 //! - [`relay`]: moving bytes both ways with splice through pooled pipes (or a pooled buffer for small
 //!   messages), exact half-close, reset propagation, idle timeout.
@@ -13,8 +16,10 @@
 //! - [`reason`]: failure reason codes: every failed connection carries exactly one.
 
 pub mod config;
+pub mod listening;
 pub mod reason;
 pub mod relay;
+pub mod route;
 pub mod server;
 pub mod stats;
 pub mod sys;

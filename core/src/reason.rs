@@ -9,6 +9,11 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// The original destination is not in the configuration (registry-only mode), or the
+    /// connection reached the proxy without being redirected.
+    UnknownDestination,
+    /// Inbound: the local application did not accept on its port at any local address.
+    AppNotListening,
     /// The service has no endpoints at all.
     NoHealthyEndpoint,
     /// Every attempted upstream endpoint refused the TCP connection (RST / ECONNREFUSED).
@@ -31,7 +36,9 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 11] = [
+        Reason::UnknownDestination,
+        Reason::AppNotListening,
         Reason::NoHealthyEndpoint,
         Reason::UpstreamConnectRefused,
         Reason::UpstreamConnectTimeout,
@@ -46,6 +53,8 @@ impl Reason {
     /// The stable code, as used in logs and metrics labels.
     pub const fn as_str(self) -> &'static str {
         match self {
+            Reason::UnknownDestination => "unknown_destination",
+            Reason::AppNotListening => "app_not_listening",
             Reason::NoHealthyEndpoint => "no_healthy_endpoint",
             Reason::UpstreamConnectRefused => "upstream_connect_refused",
             Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
@@ -66,6 +75,12 @@ impl Reason {
     /// A one-line hint telling the operator what to check.
     pub const fn hint(self) -> &'static str {
         match self {
+            Reason::UnknownDestination => {
+                "the destination is not a known service (registry_only is on), or the connection was not redirected: add the service or turn registry_only off"
+            }
+            Reason::AppNotListening => {
+                "the local application does not accept on its targetPort: check the port and the address it listens on"
+            }
             Reason::NoHealthyEndpoint => "the service has no endpoints: register or configure at least one",
             Reason::UpstreamConnectRefused => {
                 "nothing listens on the endpoint's address and port: check the upstream process and its listen address"

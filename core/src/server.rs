@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub config: Config,
     /// Upstream state per service (same order as `config.services`).
     pub clusters: Vec<Arc<Cluster>>,
+    /// Original-destination lookup for the sidecar listeners.
+    pub routes: crate::route::Routes,
     /// Counters.
     pub stats: StatsRegistry,
     /// Connections open across all workers (for `max_connections`).
@@ -134,6 +136,7 @@ impl Proxy {
 
         let clusters = config.services.iter().cloned().map(Cluster::new).collect();
         let shared = Arc::new(Shared {
+            routes: crate::route::Routes::new(&config),
             stats: StatsRegistry::new(workers),
             config,
             clusters,
@@ -155,6 +158,15 @@ impl Proxy {
                 })
                 .context("cannot start a worker thread")?;
             threads.push(t);
+        }
+        if let Some(path) = &shared.config.proxy.ready_file {
+            // Listeners are bound and listening (connections queue in their backlogs until the
+            // workers take them), and the config is loaded: ready.
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write the ready file {}", path.display()))?;
         }
         info!(
             workers,
@@ -180,6 +192,11 @@ impl Proxy {
     /// The driver the workers run on.
     pub fn driver(&self) -> DriverKind {
         self.driver
+    }
+
+    /// A handle on the counters that outlives the proxy (for a last report after shutdown).
+    pub fn stats_registry(&self) -> StatsRegistry {
+        self.shared.stats.clone()
     }
 
     /// Counters summed over all workers.
@@ -222,6 +239,9 @@ impl Proxy {
     /// Stop accepting and let connections finish for up to `deadline`, then close the rest.
     pub fn shutdown(self, deadline: Duration) -> DrainReport {
         let start = Instant::now();
+        if let Some(path) = &self.shared.config.proxy.ready_file {
+            let _ = std::fs::remove_file(path);
+        }
         self.shared.draining.store(true, SeqCst);
         for &fd in &self.listener_fds {
             crate::sys::shutdown_listener(fd);

@@ -35,6 +35,9 @@ pub struct WorkerStats {
     pub splice_transfers: Counter,
     /// Pipes created (the pool reuses them; this grows only with concurrency).
     pub pipes_created: Counter,
+    /// Inbound connections to the local app, by the address that answered: 127.0.0.1, ::1, the
+    /// pod's own address.
+    pub inbound_app_via: [Counter; 3],
     /// Failures by reason, indexed by [`Reason::index`].
     pub failures: [Counter; Reason::ALL.len()],
 }
@@ -102,6 +105,8 @@ pub struct Snapshot {
     pub splice_transfers: u64,
     /// See [`WorkerStats`].
     pub pipes_created: u64,
+    /// Inbound connections answered by the app on 127.0.0.1, ::1 and the pod address.
+    pub inbound_app_via: [u64; 3],
     /// Failures by reason code (only non-zero ones).
     pub failures: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -127,6 +132,11 @@ impl Snapshot {
             self.splice_transfers,
             self.copy_transfers,
             self.pipes_created,
+        );
+        let _ = write!(
+            s,
+            " inbound_app_v4_loopback={} inbound_app_v6_loopback={} inbound_app_pod_ip={}",
+            self.inbound_app_via[0], self.inbound_app_via[1], self.inbound_app_via[2]
         );
         for (k, v) in &self.failures {
             let _ = write!(s, " fail.{k}={v}");
@@ -169,6 +179,9 @@ impl StatsRegistry {
             s.copy_transfers += w.copy_transfers.get();
             s.splice_transfers += w.splice_transfers.get();
             s.pipes_created += w.pipes_created.get();
+            for (k, c) in w.inbound_app_via.iter().enumerate() {
+                s.inbound_app_via[k] += c.get();
+            }
             for (i, f) in w.failures.iter().enumerate() {
                 failures[i] += f.get();
             }

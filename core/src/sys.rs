@@ -113,6 +113,65 @@ pub fn set_nodelay(fd: RawFd) {
     };
 }
 
+/// `IP6T_SO_ORIGINAL_DST` from `linux/netfilter_ipv6/ip6_tables.h` (not in libc).
+const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// The destination a redirected connection was addressed to before netfilter's REDIRECT rewrote it
+/// (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`). Fails with `ENOENT` when the connection was not
+/// redirected.
+pub fn original_dst(fd: RawFd, ipv6: bool) -> io::Result<std::net::SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let (level, name) = if ipv6 {
+        (libc::SOL_IPV6, IP6T_SO_ORIGINAL_DST)
+    } else {
+        (libc::SOL_IP, libc::SO_ORIGINAL_DST)
+    };
+    // SAFETY: the kernel writes at most `len` bytes into `storage`, which is that large.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sockaddr_to_std(&storage)
+}
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> io::Result<std::net::SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which fits in it.
+            let a: &libc::sockaddr_in =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Ok((ip, u16::from_be(a.sin_port)).into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6, which fits in it.
+            let a: &libc::sockaddr_in6 =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Ok(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        f => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected address family {f}"),
+        )),
+    }
+}
+
 /// A non-blocking pipe used to splice between two sockets.
 #[derive(Debug)]
 pub struct Pipe {

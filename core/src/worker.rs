@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::DriverKind;
+use crate::config::{DriverKind, ListenerKind};
 use crate::reason::Reason;
 use crate::relay::{relay, Pools, RelayCtx};
+use crate::route::{local_candidates, Route};
 use crate::server::Shared;
 use crate::stats::WorkerStats;
 use crate::sys;
@@ -150,37 +151,36 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, index: usize) {
         let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
         let listener_cfg = &shared.config.listeners[index];
         let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
-        monoio::spawn(handle(w.clone(), stream, peer, listener_cfg.service).instrument(span));
+        monoio::spawn(handle(w.clone(), stream, peer, index).instrument(span));
     }
 }
 
-async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, service: usize) {
+async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
     let start = Instant::now();
-    let cluster = &w.shared.clusters[service];
     let cfd = client.as_raw_fd();
     let outcome = match sys::set_nonblocking(cfd) {
         Err(e) => {
             debug!(error = %e, "cannot set the client socket non-blocking");
-            Err(Reason::DownstreamReset)
+            Err(Failure::from(Reason::DownstreamReset))
         }
         // Boxed: connecting is short, and inline its state would size the task for the
         // connection's whole life.
-        Ok(()) => Box::pin(connect_upstream(&w, cluster)).await,
+        Ok(()) => Box::pin(connect_route(&w, cfd, listener)).await,
     };
     match outcome {
-        Err(reason) => {
-            w.stats().fail(reason);
+        Err(f) => {
+            w.stats().fail(f.reason);
             warn!(
-                reason = reason.as_str(),
+                reason = f.reason.as_str(),
                 client = %peer,
-                service = %cluster.service.name,
-                hint = reason.hint(),
+                destination = %f.destination,
+                hint = f.hint.as_deref().unwrap_or(f.reason.hint()),
                 "connection failed"
             );
             // Reset, so that the client sees a refusal rather than an empty answer.
             sys::set_linger_zero(cfd);
         }
-        Ok((upstream, endpoint, _guard)) => {
+        Ok(up) => {
             sys::set_nodelay(cfd);
             let ctx = RelayCtx {
                 pools: &w.pools,
@@ -188,18 +188,19 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, service: usi
                 mode: w.shared.config.proxy.copy_mode,
                 idle_timeout: w.shared.config.proxy.idle_timeout,
             };
-            let end = relay(ctx, &client, &upstream).await;
+            let end = relay(ctx, &client, &up.stream).await;
             if let Some(reason) = end.reason {
                 w.stats().fail(reason);
             }
             debug!(
-                upstream = %endpoint,
+                upstream = %up.addr,
                 up_bytes = end.up_bytes,
                 down_bytes = end.down_bytes,
                 duration_ms = start.elapsed().as_millis() as u64,
                 close = end.reason.map_or("eof", |r| r.as_str()),
                 "connection closed"
             );
+            drop(up);
         }
     }
     drop(client);
@@ -208,11 +209,150 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, service: usi
     w.shared.active.fetch_sub(1, SeqCst);
 }
 
-/// Connect to an endpoint of `cluster`, trying others (bounded) when one refuses or times out.
-async fn connect_upstream(
+/// An upstream connection ready to relay.
+struct Upstream {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Counts the connection on its endpoint (cluster routes only).
+    _guard: Option<ActiveGuard>,
+}
+
+/// Why no upstream connection could be made.
+struct Failure {
+    reason: Reason,
+    /// Where the connection was headed (service name or address), for the log.
+    destination: String,
+    /// A hint specific to this failure (else the reason's generic one).
+    hint: Option<String>,
+}
+
+impl From<Reason> for Failure {
+    fn from(reason: Reason) -> Self {
+        Failure {
+            reason,
+            destination: String::new(),
+            hint: None,
+        }
+    }
+}
+
+/// Decide where the connection goes (static service, or original destination for the sidecar
+/// listeners) and connect there.
+async fn connect_route(
     w: &Worker,
-    cluster: &Arc<Cluster>,
-) -> Result<(TcpStream, SocketAddr, ActiveGuard), Reason> {
+    cfd: std::os::fd::RawFd,
+    listener: usize,
+) -> Result<Upstream, Failure> {
+    let shared = &w.shared;
+    let l = &shared.config.listeners[listener];
+    let route = match l.kind {
+        ListenerKind::Static(i) => Route::Cluster(i),
+        ListenerKind::Outbound | ListenerKind::Inbound => match sys::original_dst(cfd, l.address.is_ipv6()) {
+            Err(e) => {
+                return Err(Failure {
+                    reason: Reason::UnknownDestination,
+                    destination: l.address.to_string(),
+                    hint: Some(format!(
+                        "the connection reached {} without being redirected (no original destination: {e}); connect to the service, not to the proxy port",
+                        l.address
+                    )),
+                })
+            }
+            Ok(orig) if l.kind == ListenerKind::Outbound => shared.routes.outbound(orig),
+            Ok(orig) => shared.routes.inbound(orig, |i| {
+                let s = &shared.config.services[i];
+                s.target_port.or(s.port).unwrap_or(orig.port())
+            }),
+        },
+    };
+    match route {
+        Route::Cluster(i) => {
+            let cluster = &shared.clusters[i];
+            connect_upstream(w, cluster)
+                .await
+                .map_err(|reason| Failure {
+                    reason,
+                    destination: cluster.service.name.clone(),
+                    hint: None,
+                })
+        }
+        Route::Passthrough(addr) => {
+            let stats = w.stats();
+            stats.upstream_cx_total.inc();
+            match connect_one(addr, PASSTHROUGH_CONNECT_TIMEOUT).await {
+                Ok(stream) => Ok(Upstream {
+                    stream,
+                    addr,
+                    _guard: None,
+                }),
+                Err(reason) => {
+                    stats.upstream_cx_connect_fail.inc();
+                    if reason == Reason::UpstreamConnectTimeout {
+                        stats.upstream_cx_connect_timeout.inc();
+                    }
+                    Err(Failure {
+                        reason,
+                        destination: addr.to_string(),
+                        hint: None,
+                    })
+                }
+            }
+        }
+        Route::Local {
+            service,
+            port,
+            pod_ip,
+        } => {
+            let candidates = local_candidates(port, pod_ip);
+            for (k, &addr) in candidates.iter().enumerate() {
+                if let Ok(stream) = connect_one(addr, LOCAL_CONNECT_TIMEOUT).await {
+                    w.stats().inbound_app_via[k.min(2)].inc();
+                    debug!(app = %addr, "local app answered");
+                    return Ok(Upstream {
+                        stream,
+                        addr,
+                        _guard: None,
+                    });
+                }
+            }
+            let listening = crate::listening::listening();
+            Err(Failure {
+                reason: Reason::AppNotListening,
+                destination: service.map_or_else(
+                    || format!("port {port}"),
+                    |i| shared.config.services[i].name.clone(),
+                ),
+                hint: Some(crate::listening::app_hint(port, &listening, &candidates)),
+            })
+        }
+        Route::Refuse(reason) => Err(Failure {
+            reason,
+            destination: String::new(),
+            hint: None,
+        }),
+    }
+}
+
+/// Passthrough destinations are not in the config, so they get a fixed connect timeout.
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The local application answers (or refuses) at once; a long wait means it is stuck.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One connect with a timeout, made ready for the relay (non-blocking, no Nagle).
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason> {
+    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(stream)) => {
+            sys::set_nonblocking(stream.as_raw_fd()).map_err(|_| Reason::UpstreamReset)?;
+            sys::set_nodelay(stream.as_raw_fd());
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(classify_connect_error(&e)),
+        Err(_) => Err(Reason::UpstreamConnectTimeout),
+    }
+}
+
+/// Connect to an endpoint of `cluster`, trying others (bounded) when one refuses or times out.
+async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream, Reason> {
     let stats = w.stats();
     let mut tried = 0u64;
     let mut last = Reason::NoHealthyEndpoint;
@@ -223,29 +363,21 @@ async fn connect_upstream(
         }
         let addr = cluster.endpoints[i].addr;
         stats.upstream_cx_total.inc();
-        let result = monoio::time::timeout(
-            cluster.service.connect_timeout,
-            TcpStream::connect_addr(addr),
-        )
-        .await;
-        let reason = match result {
-            Ok(Ok(stream)) => match sys::set_nonblocking(stream.as_raw_fd()) {
-                Ok(()) => {
-                    cluster.report_success(i);
-                    sys::set_nodelay(stream.as_raw_fd());
-                    let guard = cluster.open(i);
-                    return Ok((stream, addr, guard));
-                }
-                Err(_) => Reason::UpstreamReset,
-            },
-            Ok(Err(e)) => {
-                stats.upstream_cx_connect_fail.inc();
-                classify_connect_error(&e)
+        let reason = match connect_one(addr, cluster.service.connect_timeout).await {
+            Ok(stream) => {
+                cluster.report_success(i);
+                return Ok(Upstream {
+                    stream,
+                    addr,
+                    _guard: Some(cluster.open(i)),
+                });
             }
-            Err(_) => {
+            Err(reason) => {
                 stats.upstream_cx_connect_fail.inc();
-                stats.upstream_cx_connect_timeout.inc();
-                Reason::UpstreamConnectTimeout
+                if reason == Reason::UpstreamConnectTimeout {
+                    stats.upstream_cx_connect_timeout.inc();
+                }
+                reason
             }
         };
         let ejected_for = cluster.report_failure(i);
@@ -302,6 +434,7 @@ mod size_probe {
             )
             .unwrap();
             let shared = std::sync::Arc::new(crate::server::Shared {
+                routes: crate::route::Routes::new(&config),
                 clusters: config
                     .services
                     .iter()

@@ -6,7 +6,9 @@
 //!
 //! - this file: proxy start-up, stream generators, small servers, process helpers.
 //! - [`postgres`]: a throw-away PostgreSQL cluster (initdb, a free port, stopped on drop).
+//! - [`pod`]: pods as network namespaces on a bridge, sidecars started inside them.
 
+pub mod pod;
 pub mod postgres;
 
 use std::io::{self, Read, Write};

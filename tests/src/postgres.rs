@@ -19,6 +19,7 @@ pub struct Postgres {
     pub addr: SocketAddr,
     bin: PathBuf,
     ids: Option<(u32, u32)>,
+    netns: Option<String>,
     server: Option<ChildGuard>,
 }
 
@@ -47,8 +48,15 @@ fn postgres_ids() -> Option<(u32, u32)> {
 }
 
 impl Postgres {
-    /// Create and start a cluster. Panics with a clear message when PostgreSQL is not installed.
+    /// Create and start a cluster on a free loopback port. Panics with a clear message when
+    /// PostgreSQL is not installed.
     pub fn start() -> Postgres {
+        Postgres::start_in(None, crate::free_port())
+    }
+
+    /// Create and start a cluster listening on 127.0.0.1:`port`, inside network namespace `netns`
+    /// when given (then the server runs there; `addr` is its address inside the pod).
+    pub fn start_in(netns: Option<&str>, port: u16) -> Postgres {
         let bin = bin_dir().expect(
             "PostgreSQL server binaries not found under /usr/lib/postgresql: the README's test command installs them (apt-get install postgresql)",
         );
@@ -69,12 +77,12 @@ impl Postgres {
         if let Some((uid, gid)) = ids {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
         }
-        let port = crate::free_port();
         let mut pg = Postgres {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
             bin,
             ids,
+            netns: None,
             server: None,
         };
         let data = pg.dir.join("data");
@@ -97,6 +105,8 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // initdb runs outside; the server and its readiness probe run in the pod.
+        pg.netns = netns.map(str::to_string);
         let log = std::fs::File::create(pg.dir.join("server.log")).unwrap();
         if let Some((uid, gid)) = ids {
             std::os::unix::fs::chown(pg.dir.join("server.log"), Some(uid), Some(gid)).unwrap();
@@ -145,10 +155,31 @@ impl Postgres {
 
     /// A command for one of the server's binaries, as the right user.
     pub fn cmd(&self, name: &str) -> Command {
-        let mut c = Command::new(self.bin.join(name));
-        if let Some((uid, gid)) = self.ids {
-            c.uid(uid).gid(gid);
-        }
+        let program = self.bin.join(name);
+        let mut c = match (&self.netns, self.ids) {
+            (Some(ns), Some((uid, gid))) => {
+                // `ip netns exec` execs setpriv, which execs the program: the PID stays the server's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "setpriv"])
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .args(["--clear-groups", "--"])
+                    .arg(&program);
+                c
+            }
+            (Some(ns), None) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&program);
+                c
+            }
+            (None, ids) => {
+                let mut c = Command::new(&program);
+                if let Some((uid, gid)) = ids {
+                    c.uid(uid).gid(gid);
+                }
+                c
+            }
+        };
         c.current_dir(&self.dir);
         c
     }

@@ -57,6 +57,16 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Wait until a ringside writes its ready file (listeners bound, config loaded): run it before
+    /// the application so that the app never starts before its sidecar.
+    WaitReady {
+        /// The proxy's ready file (`proxy.ready_file`, `--ready-file`).
+        #[arg(long, default_value = "/run/ringside/ready")]
+        file: PathBuf,
+        /// Give up after this long (exit status 1).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        timeout: Duration,
+    },
     /// Check a configuration file and print what would run, as JSON.
     Check {
         /// TOML or YAML file.
@@ -95,6 +105,9 @@ struct Common {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Write this file once the listeners are bound (see `ringside wait-ready`).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
 }
 
 impl Common {
@@ -125,6 +138,9 @@ impl Common {
         }
         if self.no_pin {
             p.pin_workers = false;
+        }
+        if self.ready_file.is_some() {
+            p.ready_file = self.ready_file.clone();
         }
     }
 }
@@ -184,6 +200,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             common.apply(&mut doc.proxy);
             doc.validate(&text).map_err(err)?
         }
+        Command::WaitReady { file, timeout } => {
+            let start = std::time::Instant::now();
+            while !file.exists() {
+                if start.elapsed() >= timeout {
+                    anyhow::bail!(
+                        "{} did not appear within {timeout:?}: is ringside running?",
+                        file.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Ok(());
+        }
         Command::Check { config } => {
             let c =
                 Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
@@ -223,7 +252,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
                     }
                     let _ = tx2.send(());
                 });
+                let stats = proxy.stats_registry();
                 let report = proxy.shutdown(drain_timeout);
+                info!(target: "ringside::stats", "final counters {}", stats.snapshot().one_line());
                 info!(
                     forced = report.forced,
                     elapsed_ms = report.elapsed.as_millis() as u64,
