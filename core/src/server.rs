@@ -123,8 +123,18 @@ impl Proxy {
         for (index, l) in config.listeners.iter().enumerate() {
             let mut addr = l.address;
             for slot in per_worker.iter_mut() {
-                let sock = bind_reuseport(addr).with_context(|| {
-                    format!("cannot listen on {} (listener '{}')", addr, l.name)
+                let sock = bind_reuseport(addr).map_err(|e| {
+                    let holder = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        crate::listening::who_holds(addr)
+                            .map(|h| format!(" ({h})"))
+                            .unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    anyhow::anyhow!(
+                        "cannot listen on {addr} (listener '{}'): {e}{holder}",
+                        l.name
+                    )
                 })?;
                 // Port 0: every later worker binds the port the first one got.
                 addr = sock.local_addr()?;

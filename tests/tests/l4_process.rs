@@ -279,3 +279,85 @@ fn rss_idle_and_with_5000_idle_connections() {
     );
     drop(clients);
 }
+
+/// `ringside wait-ready` returns once the proxy's listeners are bound (the ready file exists), and
+/// fails after its timeout when no proxy comes up; the ready file goes away on exit.
+#[test]
+fn wait_ready_holds_until_the_proxy_is_up() {
+    let dir = std::env::temp_dir().join(format!("ringside-ready-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ready = dir.join("ready");
+    let bin = workspace_bin("ringside");
+    let wait = |timeout: &str| {
+        Command::new(&bin)
+            .args([
+                "wait-ready",
+                "--file",
+                ready.to_str().unwrap(),
+                "--timeout",
+                timeout,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = wait("200ms");
+    assert!(!out.status.success(), "wait-ready succeeded with no proxy");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not appear"));
+
+    let echo = echo_server();
+    let listen = loopback(free_port());
+    let waiter = {
+        let bin = bin.clone();
+        let ready = ready.clone();
+        std::thread::spawn(move || {
+            Command::new(&bin)
+                .args([
+                    "wait-ready",
+                    "--file",
+                    ready.to_str().unwrap(),
+                    "--timeout",
+                    "20s",
+                ])
+                .status()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut proxy = ChildGuard::spawn(Command::new(&bin).args([
+        "forward",
+        &listen.to_string(),
+        &echo.to_string(),
+        "--ready-file",
+        ready.to_str().unwrap(),
+    ]));
+    assert!(waiter.join().unwrap().success());
+    // Ready means: a connection made now is served.
+    let mut c = TcpStream::connect(listen).expect("listener bound when ready");
+    c.write_all(b"ok").unwrap();
+    let mut b = [0u8; 2];
+    c.read_exact(&mut b).unwrap();
+    drop(c);
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_timeout(Duration::from_secs(10)).success());
+    assert!(!ready.exists(), "the ready file outlived the proxy");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A taken listener port: ringside exits with a message naming the port and who holds it.
+#[test]
+fn taken_port_names_the_holder() {
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    let out = Command::new(workspace_bin("ringside"))
+        .args(["forward", &addr.to_string(), "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(
+        err.contains(&format!("held by pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(holder);
+}
