@@ -7,4 +7,12 @@ bash scripts/deps.sh test
 cargo fmt --all -- --check
 cargo clippy --profile ci --workspace --all-targets -- -D warnings
 cargo build --profile ci --workspace --bins
-cargo test --profile ci --workspace -- --test-threads 2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --profile ci --workspace --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One summary line over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
