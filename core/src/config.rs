@@ -123,7 +123,7 @@ pub struct ProxyDoc {
     pub pipe_size: usize,
     /// Size of each pooled copy buffer, in bytes.
     pub buffer_size: usize,
-    /// Pin each worker to one core.
+    /// Pin each worker to one core (only done when there are as many workers as cores).
     pub pin_workers: bool,
     /// Write this file once every listener is bound and the config is loaded; remove it on exit.
     /// `ringside wait-ready` waits for it.

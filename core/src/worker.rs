@@ -57,10 +57,13 @@ pub(crate) fn run(
     driver: DriverKind,
 ) -> io::Result<()> {
     let settings = &shared.config.proxy;
-    if settings.pin_workers {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // Pin only when the workers cover every core. A sidecar with fewer workers than cores shares
+    // the node with other sidecars: pinning every pod's worker 0 to core 0 would stack them all on
+    // one core (measured: two 1-worker sidecars on one core doubled the pod-to-pod RTT).
+    if settings.pin_workers && settings.workers == cores {
         if let Err(e) = monoio::utils::bind_to_cpu_set([id % cores]) {
             debug!(worker = id, error = ?e, "cannot pin worker to a core");
         }
