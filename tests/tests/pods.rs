@@ -397,3 +397,67 @@ fn install_is_idempotent_and_remove_restores_the_rules() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+#[test]
+fn backend_detection_and_permission_errors() {
+    if !pods_available("backend_detection_and_permission_errors") {
+        return;
+    }
+    let mut net = Net::new();
+    let legacy = net.pod("leg");
+    let nft = net.pod("nft");
+    let init = workspace_bin("ringside-init");
+    let init = init.to_str().unwrap();
+    // A pod whose rules are in iptables-legacy gets legacy; one whose rules are in nf_tables gets
+    // iptables-nft.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &legacy.name,
+        "iptables-legacy",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-j",
+        "ACCEPT",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &nft.name,
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-j",
+        "ACCEPT",
+    ]);
+    let out = sh(&[init, "install", "--netns", &legacy.name]);
+    assert!(out.contains("iptables-legacy"), "{out}");
+    let out = sh(&[init, "install", "--netns", &nft.name]);
+    assert!(out.contains("iptables-nft"), "{out}");
+    for p in [&legacy, &nft] {
+        sh(&[init, "remove", "--netns", &p.name]);
+    }
+    // Without root or CAP_NET_ADMIN: a clear refusal, nothing changed.
+    let out = legacy
+        .cmd_as(
+            ringside_tests::pod::PROXY_UID,
+            ringside_tests::pod::PROXY_UID,
+            init,
+        )
+        .args(["install", "--backend", "iptables-nft"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root or CAP_NET_ADMIN"), "{err}");
+}
