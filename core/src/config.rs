@@ -159,6 +159,40 @@ pub struct ListenerDoc {
     pub address: SocketAddr,
     /// The service connections are forwarded to.
     pub service: String,
+    /// Mesh TLS on this listener: originate (plaintext in, mTLS out) or terminate (mTLS in,
+    /// plaintext out) — the tunnel mode.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsDoc>,
+}
+
+/// Which side of mesh TLS a listener plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Plaintext from the client, mTLS to the upstream.
+    Origin,
+    /// mTLS from the client (certificate required), plaintext to the upstream.
+    Terminate,
+}
+
+/// Mesh TLS settings of a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsDoc {
+    /// Origin or terminate.
+    pub mode: TlsMode,
+    /// Certificate chain file (PEM).
+    pub cert: std::path::PathBuf,
+    /// Private key file (PEM).
+    pub key: std::path::PathBuf,
+    /// Trust bundle file (PEM, one or more roots).
+    pub ca: std::path::PathBuf,
+    /// Origin: the SPIFFE ID the upstream must present.
+    #[serde(default)]
+    pub expect_id: Option<String>,
+    /// Terminate: the SPIFFE IDs allowed to connect (empty: any identity from the trust bundle).
+    #[serde(default)]
+    pub allow_ids: Vec<String>,
 }
 
 /// A static service.
@@ -271,6 +305,21 @@ pub struct Listener {
     pub address: SocketAddr,
     /// What it does with a connection.
     pub kind: ListenerKind,
+    /// Mesh TLS, when the listener originates or terminates it.
+    pub tls: Option<ListenerTls>,
+}
+
+/// Validated mesh TLS settings of a listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerTls {
+    /// Origin or terminate.
+    pub mode: TlsMode,
+    /// Certificate, key and trust bundle files.
+    pub files: crate::tls::TlsFiles,
+    /// Origin: required upstream identity.
+    pub expect_id: Option<crate::identity::SpiffeId>,
+    /// Terminate: allowed client identities (empty: any).
+    pub allow_ids: Vec<crate::identity::SpiffeId>,
 }
 
 /// What a listener does with the connections it accepts.
@@ -422,6 +471,7 @@ impl Config {
                 name: Some("forward".into()),
                 address: listen,
                 service: "upstream".into(),
+                tls: None,
             }],
             sidecar: None,
             services: vec![ServiceDoc {
@@ -647,10 +697,39 @@ impl ConfigFile {
                     format!("{} is used by another listener", l.address),
                 ));
             }
+            let tls = match l.tls {
+                None => None,
+                Some(t) => {
+                    let parse = |field: String, v: &str| {
+                        v.parse::<crate::identity::SpiffeId>().map_err(|m| {
+                            err(field, find_nth_value(text, v, 1).or_else(|| at(v)), m)
+                        })
+                    };
+                    let expect_id = match &t.expect_id {
+                        Some(v) => Some(parse(format!("listeners[{i}].tls.expect_id"), v)?),
+                        None => None,
+                    };
+                    let mut allow_ids = Vec::new();
+                    for (k, v) in t.allow_ids.iter().enumerate() {
+                        allow_ids.push(parse(format!("listeners[{i}].tls.allow_ids[{k}]"), v)?);
+                    }
+                    Some(ListenerTls {
+                        mode: t.mode,
+                        files: crate::tls::TlsFiles {
+                            cert: t.cert,
+                            key: t.key,
+                            ca: t.ca,
+                        },
+                        expect_id,
+                        allow_ids,
+                    })
+                }
+            };
             listeners.push(Listener {
                 name: l.name.unwrap_or_else(|| l.address.to_string()),
                 address: l.address,
                 kind: ListenerKind::Static(service),
+                tls,
             });
         }
         let sidecar = self.sidecar.map(|sc| {
@@ -659,6 +738,7 @@ impl ConfigFile {
                     name: name.to_string(),
                     address,
                     kind,
+                    tls: None,
                 })
             };
             use std::net::{Ipv4Addr, Ipv6Addr};

@@ -12,10 +12,15 @@
 //! - [`relay`]: moving bytes both ways with splice through pooled pipes (or a pooled buffer for small
 //!   messages), exact half-close, reset propagation, idle timeout.
 //! - [`sys`]: the raw kernel calls (splice, recv/send, socket options); the only `unsafe` code.
+//! - [`tls`], [`tls_relay`]: mesh TLS (rustls, ring, TLS 1.3) with SPIFFE identities; the relay
+//!   between a plaintext and a TLS socket driven from the workers.
+//! - [`intentions`], [`identity`]: who may call whom (Consul's precedence), SPIFFE IDs.
 //! - [`stats`]: per-worker counters summed on demand.
 //! - [`reason`]: failure reason codes: every failed connection carries exactly one.
 
 pub mod config;
+pub mod identity;
+pub mod intentions;
 pub mod listening;
 pub mod reason;
 pub mod relay;
@@ -23,6 +28,8 @@ pub mod route;
 pub mod server;
 pub mod stats;
 pub mod sys;
+pub mod tls;
+pub mod tls_relay;
 pub mod upstream;
 mod worker;
 

@@ -14,6 +14,21 @@ pub enum Reason {
     UnknownDestination,
     /// Inbound: the local application did not accept on its port at any local address.
     AppNotListening,
+    /// The destination refused the caller: no intention allows it (recorded at the destination).
+    IntentionDenied,
+    /// The destination refused this proxy with the TLS `access_denied` alert (recorded at the
+    /// source).
+    DeniedByDestination,
+    /// A certificate in the handshake has expired.
+    TlsCertExpired,
+    /// A certificate in the handshake is not valid yet (clock skew).
+    TlsCertNotYetValid,
+    /// A certificate was not issued by a CA in the trust bundle.
+    TlsUnknownCa,
+    /// The peer's SPIFFE ID is not the expected one.
+    TlsIdentityMismatch,
+    /// The TLS handshake failed for another reason (protocol, ALPN, not TLS at all).
+    TlsHandshakeFailed,
     /// The service has no endpoints at all.
     NoHealthyEndpoint,
     /// Every attempted upstream endpoint refused the TCP connection (RST / ECONNREFUSED).
@@ -36,9 +51,16 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 18] = [
         Reason::UnknownDestination,
         Reason::AppNotListening,
+        Reason::IntentionDenied,
+        Reason::DeniedByDestination,
+        Reason::TlsCertExpired,
+        Reason::TlsCertNotYetValid,
+        Reason::TlsUnknownCa,
+        Reason::TlsIdentityMismatch,
+        Reason::TlsHandshakeFailed,
         Reason::NoHealthyEndpoint,
         Reason::UpstreamConnectRefused,
         Reason::UpstreamConnectTimeout,
@@ -55,6 +77,13 @@ impl Reason {
         match self {
             Reason::UnknownDestination => "unknown_destination",
             Reason::AppNotListening => "app_not_listening",
+            Reason::IntentionDenied => "intention_denied",
+            Reason::DeniedByDestination => "denied_by_destination",
+            Reason::TlsCertExpired => "tls_cert_expired",
+            Reason::TlsCertNotYetValid => "tls_cert_not_yet_valid",
+            Reason::TlsUnknownCa => "tls_unknown_ca",
+            Reason::TlsIdentityMismatch => "tls_identity_mismatch",
+            Reason::TlsHandshakeFailed => "tls_handshake_failed",
             Reason::NoHealthyEndpoint => "no_healthy_endpoint",
             Reason::UpstreamConnectRefused => "upstream_connect_refused",
             Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
@@ -81,6 +110,17 @@ impl Reason {
             Reason::AppNotListening => {
                 "the local application does not accept on its targetPort: check the port and the address it listens on"
             }
+            Reason::IntentionDenied => "no intention allows this source to call this service: add an allow intention if the call is expected",
+            Reason::DeniedByDestination => {
+                "the destination's proxy refused this caller (TLS access_denied): an intention there denies it"
+            }
+            Reason::TlsCertExpired => "a certificate in the handshake has expired: renew it (or check the clock)",
+            Reason::TlsCertNotYetValid => "a certificate is not valid yet: check the clocks of both hosts",
+            Reason::TlsUnknownCa => "the peer's certificate is not signed by a CA in the trust bundle: check both sides' bundles",
+            Reason::TlsIdentityMismatch => {
+                "the peer's SPIFFE ID is not the expected service's: check which certificate the destination serves"
+            }
+            Reason::TlsHandshakeFailed => "the TLS handshake failed: check that both sides speak mesh TLS 1.3",
             Reason::NoHealthyEndpoint => "the service has no endpoints: register or configure at least one",
             Reason::UpstreamConnectRefused => {
                 "nothing listens on the endpoint's address and port: check the upstream process and its listen address"

@@ -82,14 +82,14 @@ impl Pools {
         }
     }
 
-    fn take_buf(&self) -> Box<[u8]> {
+    pub(crate) fn take_buf(&self) -> Box<[u8]> {
         self.bufs
             .borrow_mut()
             .pop()
             .unwrap_or_else(|| vec![0u8; self.buffer_size].into_boxed_slice())
     }
 
-    fn give_buf(&self, b: Box<[u8]>) {
+    pub(crate) fn give_buf(&self, b: Box<[u8]>) {
         let mut bufs = self.bufs.borrow_mut();
         if bufs.len() < self.max_idle {
             bufs.push(b);

@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub clusters: Vec<Arc<Cluster>>,
     /// Original-destination lookup for the sidecar listeners.
     pub routes: crate::route::Routes,
+    /// Mesh TLS material per listener (same order as `config.listeners`).
+    pub tls: Vec<Option<Arc<crate::tls::MeshTls>>>,
     /// Counters.
     pub stats: StatsRegistry,
     /// Connections open across all workers (for `max_connections`).
@@ -144,8 +146,34 @@ impl Proxy {
             local_addrs.push(addr);
         }
 
+        let mut tls = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            tls.push(match &l.tls {
+                None => None,
+                Some(t) => {
+                    let role = match t.mode {
+                        crate::config::TlsMode::Origin => crate::tls::TlsRole::Origin {
+                            expect: t.expect_id.clone(),
+                        },
+                        crate::config::TlsMode::Terminate => crate::tls::TlsRole::Terminate {
+                            authorizer: Arc::new(crate::tls::AllowList(t.allow_ids.clone())),
+                        },
+                    };
+                    let mesh = crate::tls::MeshTls::load(t.files.clone(), role)
+                        .with_context(|| format!("listener '{}': cannot load its TLS material", l.name))?;
+                    info!(
+                        listener = %l.name,
+                        identity = mesh.current().material.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                        expires_in_s = mesh.expires_in_secs(),
+                        "mesh TLS material loaded"
+                    );
+                    Some(mesh)
+                }
+            });
+        }
         let clusters = config.services.iter().cloned().map(Cluster::new).collect();
         let shared = Arc::new(Shared {
+            tls,
             routes: crate::route::Routes::new(&config),
             stats: StatsRegistry::new(workers),
             config,
@@ -154,6 +182,21 @@ impl Proxy {
             draining: AtomicBool::new(false),
             force_close: AtomicBool::new(false),
         });
+        if shared.tls.iter().any(Option::is_some) {
+            // Certificate files are polled four times a second; a change is loaded for new handshakes.
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ringside-certs".into())
+                .spawn(move || {
+                    while !shared.draining.load(SeqCst) {
+                        for m in shared.tls.iter().flatten() {
+                            m.reload_if_changed();
+                        }
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                })
+                .context("cannot start the certificate watcher")?;
+        }
         let mut threads = Vec::with_capacity(workers);
         for (id, listeners) in per_worker.into_iter().enumerate() {
             let shared = shared.clone();
@@ -233,6 +276,17 @@ impl Proxy {
                     })
                     .collect(),
             })
+            .collect()
+    }
+
+    /// Seconds until each TLS listener's certificate expires (listener name, seconds).
+    pub fn cert_expiry(&self) -> Vec<(String, i64)> {
+        self.shared
+            .config
+            .listeners
+            .iter()
+            .zip(&self.shared.tls)
+            .filter_map(|(l, m)| m.as_ref().map(|m| (l.name.clone(), m.expires_in_secs())))
             .collect()
     }
 

@@ -14,13 +14,17 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{DriverKind, ListenerKind};
+use std::cell::RefCell;
+
+use crate::config::{DriverKind, ListenerKind, TlsMode};
 use crate::reason::Reason;
 use crate::relay::{relay, Pools, RelayCtx};
 use crate::route::{local_candidates, Route};
 use crate::server::Shared;
 use crate::stats::WorkerStats;
 use crate::sys;
+use crate::tls::MeshTls;
+use crate::tls_relay::handshake;
 use crate::upstream::{ActiveGuard, Cluster};
 
 /// How often a worker looks at the drain flags.
@@ -177,6 +181,13 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, index: usize) {
 }
 
 async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
+    if let Some(mesh) = w.shared.tls[listener].clone() {
+        // Boxed: TLS state is large and only TLS listeners need it.
+        Box::pin(handle_tls(&w, &client, peer, listener, mesh)).await;
+        drop(client);
+        finish(&w);
+        return;
+    }
     let start = Instant::now();
     let cfd = client.as_raw_fd();
     let outcome = match sys::set_nonblocking(cfd) {
@@ -225,9 +236,138 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
         }
     }
     drop(client);
+    finish(&w);
+}
+
+/// Count a connection's end.
+fn finish(w: &Worker) {
     w.stats().downstream_cx_closed.inc();
     w.active.set(w.active.get() - 1);
     w.shared.active.fetch_sub(1, SeqCst);
+}
+
+/// A connection on a mesh-TLS listener: terminate (handshake with the client, then connect) or
+/// originate (connect, then handshake with the upstream), then relay plaintext <-> TLS.
+async fn handle_tls(
+    w: &Worker,
+    client: &TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    mesh: Arc<MeshTls>,
+) {
+    let start = Instant::now();
+    let cfd = client.as_raw_fd();
+    let lt = w.shared.config.listeners[listener]
+        .tls
+        .as_ref()
+        .expect("a TLS listener has TLS settings");
+    let built = mesh.current();
+    let ctx = RelayCtx {
+        pools: &w.pools,
+        stats: w.stats(),
+        mode: w.shared.config.proxy.copy_mode,
+        idle_timeout: w.shared.config.proxy.idle_timeout,
+    };
+    let result: Result<
+        (crate::tls_relay::TlsRelayEnd, SocketAddr, Option<String>),
+        (Reason, String),
+    > = async {
+        sys::set_nonblocking(cfd).map_err(|e| (Reason::DownstreamReset, e.to_string()))?;
+        match lt.mode {
+            TlsMode::Terminate => {
+                let cfg = built
+                    .server
+                    .clone()
+                    .expect("terminate builds a server config");
+                let conn = rustls::ServerConnection::new(cfg)
+                    .map_err(|e| (Reason::TlsHandshakeFailed, e.to_string()))?;
+                let conn = RefCell::new(rustls::Connection::Server(conn));
+                handshake(&conn, client)
+                    .await
+                    .map_err(|f| (f.reason(false), f.to_string()))?;
+                let peer_id = conn
+                    .borrow()
+                    .peer_certificates()
+                    .and_then(|c| c.first().and_then(|c| crate::tls::spiffe_of(c)));
+                let up = connect_route(w, cfd, listener).await.map_err(|f| {
+                    (
+                        f.reason,
+                        f.hint.unwrap_or_else(|| f.reason.hint().to_string()),
+                    )
+                })?;
+                sys::set_nodelay(cfd);
+                let end = crate::tls_relay::relay(&ctx, &up.stream, client, &conn, false).await;
+                Ok((end, up.addr, peer_id.map(|i| i.to_string())))
+            }
+            TlsMode::Origin => {
+                let up = connect_route(w, cfd, listener).await.map_err(|f| {
+                    (
+                        f.reason,
+                        f.hint.unwrap_or_else(|| f.reason.hint().to_string()),
+                    )
+                })?;
+                let name = lt
+                    .expect_id
+                    .as_ref()
+                    .and_then(|i| rustls::pki_types::ServerName::try_from(i.service.clone()).ok())
+                    .unwrap_or_else(|| {
+                        rustls::pki_types::ServerName::try_from("ringside-mesh")
+                            .expect("a valid DNS name")
+                    });
+                let cfg = built.client.clone().expect("origin builds a client config");
+                let conn = rustls::ClientConnection::new(cfg, name)
+                    .map_err(|e| (Reason::TlsHandshakeFailed, e.to_string()))?;
+                let conn = RefCell::new(rustls::Connection::Client(conn));
+                handshake(&conn, &up.stream)
+                    .await
+                    .map_err(|f| (f.reason(true), f.to_string()))?;
+                let peer_id = conn
+                    .borrow()
+                    .peer_certificates()
+                    .and_then(|c| c.first().and_then(|c| crate::tls::spiffe_of(c)));
+                sys::set_nodelay(cfd);
+                let end = crate::tls_relay::relay(&ctx, client, &up.stream, &conn, true).await;
+                Ok((end, up.addr, peer_id.map(|i| i.to_string())))
+            }
+        }
+    }
+    .await;
+    match result {
+        Err((reason, detail)) => {
+            w.stats().fail(reason);
+            warn!(
+                reason = reason.as_str(),
+                client = %peer,
+                detail = %detail,
+                hint = reason.hint(),
+                "connection failed"
+            );
+            sys::set_linger_zero(cfd);
+        }
+        Ok((end, upstream, peer_id)) => {
+            if let Some((reason, err)) = &end.failure {
+                w.stats().fail(*reason);
+                if err.is_some() {
+                    warn!(
+                        reason = reason.as_str(),
+                        client = %peer,
+                        detail = %err.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+                        hint = reason.hint(),
+                        "connection failed"
+                    );
+                }
+            }
+            debug!(
+                upstream = %upstream,
+                peer_id = peer_id.as_deref().unwrap_or(""),
+                sealed = end.sealed,
+                opened = end.opened,
+                duration_ms = start.elapsed().as_millis() as u64,
+                close = end.failure.as_ref().map_or("eof", |(r, _)| r.as_str()),
+                "connection closed"
+            );
+        }
+    }
 }
 
 /// An upstream connection ready to relay.
@@ -455,6 +595,7 @@ mod size_probe {
             )
             .unwrap();
             let shared = std::sync::Arc::new(crate::server::Shared {
+                tls: vec![None],
                 routes: crate::route::Routes::new(&config),
                 clusters: config
                     .services

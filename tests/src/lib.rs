@@ -8,6 +8,7 @@
 //! - [`postgres`]: a throw-away PostgreSQL cluster (initdb, a free port, stopped on drop).
 //! - [`pod`]: pods as network namespaces on a bridge, sidecars started inside them.
 
+pub mod certs;
 pub mod pod;
 pub mod postgres;
 

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use ringside_core::config::{ConfigFile, CopyMode, DriverKind, LbPolicy, ProxyDoc};
+use ringside_core::config::{
+    ConfigFile, CopyMode, DriverKind, LbPolicy, ListenerTls, ProxyDoc, TlsMode,
+};
+use ringside_core::identity::SpiffeId;
+use ringside_core::tls::TlsFiles;
 use ringside_core::{Config, Proxy};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::{info, warn};
@@ -47,6 +51,8 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         connect_timeout: Duration,
         #[command(flatten)]
+        tunnel: Tunnel,
+        #[command(flatten)]
         common: Common,
     },
     /// Run the sidecar from a configuration file.
@@ -67,12 +73,56 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
         timeout: Duration,
     },
+    /// Certificate tools.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Check a configuration file and print what would run, as JSON.
     Check {
         /// TOML or YAML file.
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCommand {
+    /// Show each certificate in a PEM file: SPIFFE ID, subject, issuer, validity.
+    Inspect {
+        /// PEM file (certificate, chain or trust bundle).
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// mTLS tunnel mode of `ringside forward` (the job of ghostunnel or stunnel).
+#[derive(Args, Debug)]
+struct Tunnel {
+    /// Plaintext in, mesh mTLS out.
+    #[arg(long, conflicts_with = "tls_terminate", requires_all = ["cert", "key", "ca"])]
+    tls_origin: bool,
+    /// Mesh mTLS in (client certificate required), plaintext out.
+    #[arg(long, requires_all = ["cert", "key", "ca"])]
+    tls_terminate: bool,
+    /// Certificate chain (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Trust bundle (PEM, one or more roots).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// With --tls-origin: the SPIFFE ID the upstream must present.
+    #[arg(long)]
+    expect_id: Option<String>,
+    /// With --tls-terminate: SPIFFE IDs allowed to connect (repeat; none: any identity the trust
+    /// bundle vouches for).
+    #[arg(long)]
+    allow_id: Vec<String>,
 }
 
 /// Settings shared by `forward` and `run`; on `run` they override the file.
@@ -184,6 +234,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             upstreams,
             lb,
             connect_timeout,
+            tunnel,
             common,
         } => {
             let mut proxy = ProxyDoc::default();
@@ -191,6 +242,41 @@ fn run(command: Command) -> anyhow::Result<()> {
             let mut c = Config::forward(listen, upstreams, proxy)?;
             c.services[0].lb = lb;
             c.services[0].connect_timeout = connect_timeout;
+            if tunnel.tls_origin || tunnel.tls_terminate {
+                let parse = |flag: &str, v: &str| {
+                    v.parse::<SpiffeId>()
+                        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+                };
+                c.listeners[0].tls = Some(ListenerTls {
+                    mode: if tunnel.tls_origin {
+                        TlsMode::Origin
+                    } else {
+                        TlsMode::Terminate
+                    },
+                    files: TlsFiles {
+                        cert: tunnel.cert.clone().unwrap_or_default(),
+                        key: tunnel.key.clone().unwrap_or_default(),
+                        ca: tunnel.ca.clone().unwrap_or_default(),
+                    },
+                    expect_id: tunnel
+                        .expect_id
+                        .as_deref()
+                        .map(|v| parse("--expect-id", v))
+                        .transpose()?,
+                    allow_ids: tunnel
+                        .allow_id
+                        .iter()
+                        .map(|v| parse("--allow-id", v))
+                        .collect::<anyhow::Result<_>>()?,
+                });
+            } else if tunnel.expect_id.is_some()
+                || !tunnel.allow_id.is_empty()
+                || tunnel.cert.is_some()
+            {
+                anyhow::bail!(
+                    "--cert/--key/--ca/--expect-id/--allow-id need --tls-origin or --tls-terminate"
+                );
+            }
             c
         }
         Command::Run { config, common } => {
@@ -213,6 +299,61 @@ fn run(command: Command) -> anyhow::Result<()> {
                     );
                 }
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            return Ok(());
+        }
+        Command::Cert {
+            command: CertCommand::Inspect { file, json },
+        } => {
+            let certs = ringside_core::tls::inspect_file(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&certs)?);
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                for (i, c) in certs.iter().enumerate() {
+                    let when = |t: i64| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64),
+                        )
+                    };
+                    let state = if now > c.not_after {
+                        format!(
+                            "EXPIRED {} ago",
+                            humantime::format_duration(Duration::from_secs(
+                                (now - c.not_after) as u64
+                            ))
+                        )
+                    } else if now < c.not_before {
+                        format!(
+                            "NOT YET VALID (starts in {})",
+                            humantime::format_duration(Duration::from_secs(
+                                (c.not_before - now) as u64
+                            ))
+                        )
+                    } else {
+                        format!(
+                            "valid, expires in {}",
+                            humantime::format_duration(Duration::from_secs(
+                                (c.not_after - now) as u64
+                            ))
+                        )
+                    };
+                    println!("certificate {i}{}", if c.is_ca { " (CA)" } else { "" });
+                    println!(
+                        "  spiffe id:  {}",
+                        c.spiffe_id()
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "(none)".into())
+                    );
+                    println!("  subject:    {}", c.subject);
+                    println!("  issuer:     {}", c.issuer);
+                    println!("  not before: {}", when(c.not_before));
+                    println!("  not after:  {}", when(c.not_after));
+                    println!("  state:      {state}");
+                }
             }
             return Ok(());
         }

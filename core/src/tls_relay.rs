@@ -1,0 +1,457 @@
+//! Relaying between a plaintext socket and a mesh-TLS socket, driving rustls's sans-IO connection
+//! from the worker: the event loop says when a socket is ready, `read_tls`/`write_tls` move records
+//! with non-blocking `recv`/`send`, and the plaintext side reuses the pump's pooled buffer.
+//!
+//! Both directions share one rustls connection (`RefCell`, never borrowed across an await). Close
+//! semantics match the plaintext relay: plaintext EOF becomes `close_notify` plus `shutdown(SHUT_WR)`
+//! on the TLS socket; `close_notify` (or TCP EOF) from the TLS side becomes `shutdown(SHUT_WR)` on
+//! the plaintext socket; any error resets both.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use monoio::net::TcpStream;
+
+use crate::reason::Reason;
+use crate::relay::RelayCtx;
+use crate::sys;
+
+/// Time allowed for a TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A raw socket as `Read`/`Write` for rustls (non-blocking).
+struct Fd(RawFd);
+
+impl Read for Fd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        sys::recv(self.0, buf)
+    }
+}
+
+impl Write for Fd {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        sys::send(self.0, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a TLS leg failed.
+#[derive(Debug)]
+pub enum TlsFailure {
+    /// rustls refused something (mapped to a reason with [`crate::tls::reason_for`]).
+    Tls(rustls::Error),
+    /// The socket failed or closed during the handshake.
+    Io(io::Error),
+    /// The handshake did not finish in time.
+    Timeout,
+}
+
+impl TlsFailure {
+    /// The failure reason code.
+    pub fn reason(&self, peer_is_upstream: bool) -> Reason {
+        match self {
+            TlsFailure::Tls(e) => crate::tls::reason_for(e),
+            TlsFailure::Io(_) | TlsFailure::Timeout if peer_is_upstream => Reason::UpstreamReset,
+            TlsFailure::Io(_) | TlsFailure::Timeout => Reason::DownstreamReset,
+        }
+    }
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsFailure::Tls(e) => write!(f, "{e}"),
+            TlsFailure::Io(e) => write!(f, "{e}"),
+            TlsFailure::Timeout => write!(f, "TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Write every pending TLS record.
+async fn flush(conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    loop {
+        if !conn.borrow().wants_write() {
+            return Ok(());
+        }
+        let r = conn.borrow_mut().write_tls(&mut Fd(fd));
+        match r {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => sock.writable(false).await?,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One flusher at a time for the TLS socket. Both pumps produce TLS records (data one way, key
+/// updates and tickets the other); only one of them may wait for the socket to become writable,
+/// since the epoll driver keeps a single waiter per direction and a second one would never wake.
+/// The other waits here until the flusher is done, then flushes what is left.
+///
+/// The decrypting pump must never wait for the TLS socket to become writable: it would stop reading
+/// while the peer proxy, symmetrically, waits for us to read — a deadlock under bidirectional bulk
+/// load. It only tries a non-blocking flush and, if records remain, kicks the drainer (a third
+/// future of the relay) to wait for writability on its behalf.
+#[derive(Default)]
+struct TlsOut {
+    busy: Cell<bool>,
+    waiters: RefCell<Vec<std::task::Waker>>,
+    kicked: Cell<bool>,
+    drainer: RefCell<Option<std::task::Waker>>,
+}
+
+impl TlsOut {
+    /// Write what can be written now; if records remain, have the drainer finish the job.
+    fn try_flush(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
+        let fd = sock.as_raw_fd();
+        while !self.busy.get() && conn.borrow().wants_write() {
+            let r = conn.borrow_mut().write_tls(&mut Fd(fd));
+            match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if conn.borrow().wants_write() {
+            self.kicked.set(true);
+            if let Some(w) = self.drainer.borrow_mut().take() {
+                w.wake();
+            }
+        }
+        Ok(())
+    }
+
+    /// The drainer: flush (waiting for writability) whenever kicked.
+    async fn drain(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
+        loop {
+            poll_fn(|cx| {
+                if self.kicked.replace(false) {
+                    Poll::Ready(())
+                } else {
+                    *self.drainer.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            self.flush(conn, sock).await?;
+        }
+    }
+
+    async fn flush(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
+        loop {
+            if !self.busy.get() {
+                self.busy.set(true);
+                let r = flush(conn, sock).await;
+                self.busy.set(false);
+                for w in self.waiters.borrow_mut().drain(..) {
+                    w.wake();
+                }
+                return r;
+            }
+            poll_fn(|cx| {
+                if self.busy.get() {
+                    self.waiters.borrow_mut().push(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// Drive the handshake to completion (or failure, after sending any alert).
+pub async fn handshake(
+    conn: &RefCell<rustls::Connection>,
+    sock: &TcpStream,
+) -> Result<(), TlsFailure> {
+    let work = async {
+        let fd = sock.as_raw_fd();
+        loop {
+            flush(conn, sock).await.map_err(TlsFailure::Io)?;
+            if !conn.borrow().is_handshaking() {
+                return Ok(());
+            }
+            sock.readable(false).await.map_err(TlsFailure::Io)?;
+            let r = conn.borrow_mut().read_tls(&mut Fd(fd));
+            match r {
+                Ok(0) => return Err(TlsFailure::Io(ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    continue
+                }
+                Err(e) => return Err(TlsFailure::Io(e)),
+            }
+            let processed = conn.borrow_mut().process_new_packets().map(|_| ());
+            if let Err(e) = processed {
+                // Send the alert rustls queued before giving up.
+                let _ = flush(conn, sock).await;
+                return Err(TlsFailure::Tls(e));
+            }
+        }
+    };
+    match monoio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(TlsFailure::Timeout),
+    }
+}
+
+/// How a TLS relay ended.
+#[derive(Debug)]
+pub struct TlsRelayEnd {
+    /// Plaintext bytes plain → TLS.
+    pub sealed: u64,
+    /// Plaintext bytes TLS → plain.
+    pub opened: u64,
+    /// `None` for a clean end; else the reason (and the TLS error, if any).
+    pub failure: Option<(Reason, Option<rustls::Error>)>,
+}
+
+/// Relay between `plain` and `tls` (whose handshake is done). `tls_is_upstream` says which side
+/// failures are attributed to.
+pub async fn relay(
+    ctx: &RelayCtx<'_>,
+    plain: &TcpStream,
+    tls: &TcpStream,
+    conn: &RefCell<rustls::Connection>,
+    tls_is_upstream: bool,
+) -> TlsRelayEnd {
+    let sealed = Cell::new(0u64);
+    let opened = Cell::new(0u64);
+    let (seal_counter, open_counter) = if tls_is_upstream {
+        (
+            &ctx.stats.downstream_cx_rx_bytes_total,
+            &ctx.stats.downstream_cx_tx_bytes_total,
+        )
+    } else {
+        (
+            &ctx.stats.downstream_cx_tx_bytes_total,
+            &ctx.stats.downstream_cx_rx_bytes_total,
+        )
+    };
+    let out = TlsOut::default();
+    let mut a = Some(pin!(seal(
+        ctx,
+        plain,
+        tls,
+        conn,
+        &out,
+        &sealed,
+        seal_counter
+    )));
+    let mut b = Some(pin!(open(
+        ctx,
+        tls,
+        plain,
+        conn,
+        &out,
+        &opened,
+        open_counter
+    )));
+    let mut drainer = pin!(out.drain(conn, tls));
+    let (plain_side, tls_side) = if tls_is_upstream {
+        (Reason::DownstreamReset, Reason::UpstreamReset)
+    } else {
+        (Reason::UpstreamReset, Reason::DownstreamReset)
+    };
+    let failure = poll_fn(|cx| {
+        if let Some(f) = a.as_mut() {
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                a = None;
+                if let Err(e) = r {
+                    return Poll::Ready(Some(e.classify(plain_side, tls_side)));
+                }
+            }
+        }
+        if let Some(f) = b.as_mut() {
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                b = None;
+                if let Err(e) = r {
+                    return Poll::Ready(Some(e.classify(plain_side, tls_side)));
+                }
+            }
+        }
+        if a.is_none() && b.is_none() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(Err(e)) = drainer.as_mut().poll(cx) {
+            return Poll::Ready(Some(LegError::TlsIo(e).classify(plain_side, tls_side)));
+        }
+        Poll::Pending
+    })
+    .await;
+    if failure.is_some() {
+        sys::set_linger_zero(plain.as_raw_fd());
+        sys::set_linger_zero(tls.as_raw_fd());
+    }
+    TlsRelayEnd {
+        sealed: sealed.get(),
+        opened: opened.get(),
+        failure,
+    }
+}
+
+enum LegError {
+    Plain(io::Error),
+    TlsIo(io::Error),
+    Tls(rustls::Error),
+}
+
+impl LegError {
+    fn classify(self, plain_side: Reason, tls_side: Reason) -> (Reason, Option<rustls::Error>) {
+        match self {
+            LegError::Plain(e) => {
+                tracing::debug!(error = %e, "plaintext side failed");
+                (plain_side, None)
+            }
+            LegError::TlsIo(e) => {
+                tracing::debug!(error = %e, "TLS side failed");
+                (tls_side, None)
+            }
+            LegError::Tls(e) => {
+                let r = crate::tls::reason_for(&e);
+                (
+                    if r == Reason::TlsHandshakeFailed {
+                        tls_side
+                    } else {
+                        r
+                    },
+                    Some(e),
+                )
+            }
+        }
+    }
+}
+
+/// plain → TLS: encrypt what the plaintext side sends.
+async fn seal(
+    ctx: &RelayCtx<'_>,
+    plain: &TcpStream,
+    tls: &TcpStream,
+    conn: &RefCell<rustls::Connection>,
+    out: &TlsOut,
+    moved: &Cell<u64>,
+    counter: &crate::stats::Counter,
+) -> Result<(), LegError> {
+    let pfd = plain.as_raw_fd();
+    loop {
+        plain.readable(false).await.map_err(LegError::Plain)?;
+        let mut buf = ctx.pools.take_buf();
+        let r = loop {
+            match sys::recv(pfd, &mut buf) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        match r {
+            Ok(0) => {
+                ctx.pools.give_buf(buf);
+                conn.borrow_mut().send_close_notify();
+                out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
+                sys::shutdown_write(tls.as_raw_fd());
+                return Ok(());
+            }
+            Ok(n) => {
+                let w = conn.borrow_mut().writer().write_all(&buf[..n]);
+                ctx.pools.give_buf(buf);
+                w.map_err(LegError::TlsIo)?;
+                out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
+                counter.add(n as u64);
+                moved.set(moved.get() + n as u64);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => ctx.pools.give_buf(buf),
+            Err(e) => {
+                ctx.pools.give_buf(buf);
+                return Err(LegError::Plain(e));
+            }
+        }
+    }
+}
+
+/// TLS → plain: decrypt what the TLS side sends.
+async fn open(
+    ctx: &RelayCtx<'_>,
+    tls: &TcpStream,
+    plain: &TcpStream,
+    conn: &RefCell<rustls::Connection>,
+    out: &TlsOut,
+    moved: &Cell<u64>,
+    counter: &crate::stats::Counter,
+) -> Result<(), LegError> {
+    let tfd = tls.as_raw_fd();
+    let pfd = plain.as_raw_fd();
+    let mut tcp_eof = false;
+    loop {
+        if !tcp_eof {
+            tls.readable(false).await.map_err(LegError::TlsIo)?;
+            let r = conn.borrow_mut().read_tls(&mut Fd(tfd));
+            match r {
+                Ok(0) => tcp_eof = true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    continue
+                }
+                Err(e) => return Err(LegError::TlsIo(e)),
+            }
+            let processed = conn.borrow_mut().process_new_packets().map(|_| ());
+            if let Err(e) = processed {
+                // Send the alert if it can go now; the connection is failing anyway.
+                let _ = out.try_flush(conn, tls);
+                return Err(LegError::Tls(e));
+            }
+        }
+        // Hand every decrypted byte to the plaintext side.
+        let mut buf = ctx.pools.take_buf();
+        let end = loop {
+            let r = conn.borrow_mut().reader().read(&mut buf);
+            match r {
+                Ok(0) => break Some(()),
+                Ok(n) => {
+                    if let Err(e) = write_all(plain, pfd, &buf[..n]).await {
+                        ctx.pools.give_buf(buf);
+                        return Err(LegError::Plain(e));
+                    }
+                    counter.add(n as u64);
+                    moved.set(moved.get() + n as u64);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
+                // TCP closed without close_notify: treat as the end of the stream.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => break Some(()),
+                Err(e) => {
+                    ctx.pools.give_buf(buf);
+                    return Err(LegError::TlsIo(e));
+                }
+            }
+        };
+        ctx.pools.give_buf(buf);
+        // Records the peer's messages asked for (key updates, tickets) go out without this pump
+        // ever waiting for the TLS socket (see `TlsOut`).
+        out.try_flush(conn, tls).map_err(LegError::TlsIo)?;
+        if end.is_some() || tcp_eof {
+            sys::shutdown_write(pfd);
+            return Ok(());
+        }
+    }
+}
+
+async fn write_all(dst: &TcpStream, dfd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match sys::send(dfd, data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock => dst.writable(false).await?,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
