@@ -70,6 +70,36 @@ pub struct ConfigFile {
     /// redirect rules of `ringside-init` send every TCP connection to.
     #[serde(default)]
     pub sidecar: Option<SidecarDoc>,
+    /// Who may call the local services (checked at this, the destination, side for every mesh
+    /// mTLS connection). Absent: no rules and default deny.
+    #[serde(default)]
+    pub intentions: crate::intentions::Intentions,
+}
+
+/// Whether inbound plaintext is accepted when mesh mTLS is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsMode {
+    /// Only mesh mTLS is accepted inbound; plaintext is refused (`plaintext_rejected`).
+    #[default]
+    Strict,
+    /// Plaintext is accepted too and passed through (spliced): for migrating into the mesh.
+    Permissive,
+}
+
+/// Mesh mTLS settings of a sidecar.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsDoc {
+    /// Strict or permissive.
+    #[serde(default)]
+    pub mode: MtlsMode,
+    /// This workload's certificate chain (PEM); its URI SAN is the workload's SPIFFE ID.
+    pub cert: std::path::PathBuf,
+    /// Its private key (PEM).
+    pub key: std::path::PathBuf,
+    /// Trust bundle (PEM, one or more roots).
+    pub ca: std::path::PathBuf,
 }
 
 /// Transparent sidecar settings.
@@ -85,6 +115,8 @@ pub struct SidecarDoc {
     pub registry_only: bool,
     /// Bind the IPv6 listeners too.
     pub ipv6: bool,
+    /// Mesh mTLS between sidecars (absent: plaintext).
+    pub mtls: Option<MtlsDoc>,
 }
 
 impl Default for SidecarDoc {
@@ -94,6 +126,7 @@ impl Default for SidecarDoc {
             inbound_port: 15006,
             registry_only: false,
             ipv6: true,
+            mtls: None,
         }
     }
 }
@@ -165,6 +198,17 @@ pub struct ListenerDoc {
     pub tls: Option<ListenerTlsDoc>,
 }
 
+/// Mesh mTLS for one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceMtls {
+    /// Mesh mTLS when the sidecar has it.
+    #[default]
+    Enable,
+    /// Never: the service brings its own TLS (passthrough keeps the zero-copy path).
+    Disable,
+}
+
 /// Which side of mesh TLS a listener plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,6 +262,10 @@ pub struct ServiceDoc {
     /// on `target_port`.
     #[serde(default)]
     pub local: bool,
+    /// `disable` for a service that speaks TLS itself: its connections pass through as they are
+    /// (spliced), without mesh mTLS.
+    #[serde(default)]
+    pub mtls: ServiceMtls,
     /// Endpoint choice.
     #[serde(default)]
     pub lb: LbPolicy,
@@ -264,6 +312,8 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Sidecar mode, when enabled.
     pub sidecar: Option<Sidecar>,
+    /// Intentions for the local services.
+    pub intentions: crate::intentions::Intentions,
 }
 
 /// Validated process-wide settings.
@@ -343,6 +393,8 @@ pub struct Sidecar {
     pub inbound_port: u16,
     /// Refuse unknown destinations.
     pub registry_only: bool,
+    /// Mesh mTLS, when on.
+    pub mtls: Option<MtlsDoc>,
 }
 
 /// A validated service.
@@ -360,6 +412,8 @@ pub struct Service {
     pub target_port: Option<u16>,
     /// Served by this pod.
     pub local: bool,
+    /// Mesh mTLS for this service.
+    pub mtls: ServiceMtls,
     /// Endpoint choice.
     pub lb: LbPolicy,
     /// Connect timeout.
@@ -385,6 +439,7 @@ impl Service {
             port: None,
             target_port: None,
             local: false,
+            mtls: ServiceMtls::Enable,
             lb: LbPolicy::default(),
             connect_timeout: default_connect_timeout(),
             connect_attempts: default_connect_attempts(),
@@ -474,6 +529,7 @@ impl Config {
                 tls: None,
             }],
             sidecar: None,
+            intentions: Default::default(),
             services: vec![ServiceDoc {
                 name: "upstream".into(),
                 endpoints: upstreams,
@@ -481,6 +537,7 @@ impl Config {
                 port: None,
                 target_port: None,
                 local: false,
+                mtls: ServiceMtls::Enable,
                 lb: LbPolicy::default(),
                 connect_timeout: default_connect_timeout(),
                 connect_attempts: default_connect_attempts(),
@@ -665,6 +722,7 @@ impl ConfigFile {
                 port: s.port,
                 target_port: s.target_port,
                 local: s.local,
+                mtls: s.mtls,
                 lb: s.lb,
                 connect_timeout: s.connect_timeout,
                 connect_attempts: s.connect_attempts,
@@ -768,6 +826,7 @@ impl ConfigFile {
                 outbound_port: sc.outbound_port,
                 inbound_port: sc.inbound_port,
                 registry_only: sc.registry_only,
+                mtls: sc.mtls,
             }
         });
         let mut seen = HashSet::new();
@@ -785,6 +844,7 @@ impl ConfigFile {
             listeners,
             services,
             sidecar,
+            intentions: self.intentions,
         })
     }
 }

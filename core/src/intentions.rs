@@ -111,11 +111,18 @@ impl std::fmt::Display for Intention {
 
 /// The rule set and its default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Intentions {
     /// The intentions, in any order (order does not matter).
+    #[serde(default)]
     pub rules: Vec<Intention>,
     /// What happens when none matches.
+    #[serde(default = "deny")]
     pub default: Action,
+}
+
+fn deny() -> Action {
+    Action::Deny
 }
 
 impl Default for Intentions {

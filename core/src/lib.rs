@@ -22,6 +22,7 @@ pub mod config;
 pub mod identity;
 pub mod intentions;
 pub mod listening;
+mod mesh;
 pub mod reason;
 pub mod relay;
 pub mod route;

@@ -29,6 +29,8 @@ pub enum Reason {
     TlsIdentityMismatch,
     /// The TLS handshake failed for another reason (protocol, ALPN, not TLS at all).
     TlsHandshakeFailed,
+    /// Strict mTLS: a plaintext connection arrived inbound and was refused.
+    PlaintextRejected,
     /// The service has no endpoints at all.
     NoHealthyEndpoint,
     /// Every attempted upstream endpoint refused the TCP connection (RST / ECONNREFUSED).
@@ -51,7 +53,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::UnknownDestination,
         Reason::AppNotListening,
         Reason::IntentionDenied,
@@ -61,6 +63,7 @@ impl Reason {
         Reason::TlsUnknownCa,
         Reason::TlsIdentityMismatch,
         Reason::TlsHandshakeFailed,
+        Reason::PlaintextRejected,
         Reason::NoHealthyEndpoint,
         Reason::UpstreamConnectRefused,
         Reason::UpstreamConnectTimeout,
@@ -84,6 +87,7 @@ impl Reason {
             Reason::TlsUnknownCa => "tls_unknown_ca",
             Reason::TlsIdentityMismatch => "tls_identity_mismatch",
             Reason::TlsHandshakeFailed => "tls_handshake_failed",
+            Reason::PlaintextRejected => "plaintext_rejected",
             Reason::NoHealthyEndpoint => "no_healthy_endpoint",
             Reason::UpstreamConnectRefused => "upstream_connect_refused",
             Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
@@ -94,6 +98,20 @@ impl Reason {
             Reason::IdleTimeout => "idle_timeout",
             Reason::DrainTimeout => "drain_timeout",
         }
+    }
+
+    /// Whether the failure was found in a TLS handshake (an alert went to the peer).
+    pub const fn is_tls(self) -> bool {
+        matches!(
+            self,
+            Reason::IntentionDenied
+                | Reason::DeniedByDestination
+                | Reason::TlsCertExpired
+                | Reason::TlsCertNotYetValid
+                | Reason::TlsUnknownCa
+                | Reason::TlsIdentityMismatch
+                | Reason::TlsHandshakeFailed
+        )
     }
 
     /// Index into per-reason counter arrays.
@@ -121,6 +139,9 @@ impl Reason {
                 "the peer's SPIFFE ID is not the expected service's: check which certificate the destination serves"
             }
             Reason::TlsHandshakeFailed => "the TLS handshake failed: check that both sides speak mesh TLS 1.3",
+            Reason::PlaintextRejected => {
+                "a plaintext connection reached a strict-mTLS sidecar: call through a sidecar, or set the mode to permissive while migrating"
+            }
             Reason::NoHealthyEndpoint => "the service has no endpoints: register or configure at least one",
             Reason::UpstreamConnectRefused => {
                 "nothing listens on the endpoint's address and port: check the upstream process and its listen address"

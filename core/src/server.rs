@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub routes: crate::route::Routes,
     /// Mesh TLS material per listener (same order as `config.listeners`).
     pub tls: Vec<Option<Arc<crate::tls::MeshTls>>>,
+    /// The sidecar's mesh mTLS, when on.
+    pub sidecar_tls: Option<crate::mesh::SidecarTls>,
     /// Counters.
     pub stats: StatsRegistry,
     /// Connections open across all workers (for `max_connections`).
@@ -153,7 +155,10 @@ impl Proxy {
                 Some(t) => {
                     let role = match t.mode {
                         crate::config::TlsMode::Origin => crate::tls::TlsRole::Origin {
-                            expect: t.expect_id.clone(),
+                            expect: t
+                                .expect_id
+                                .clone()
+                                .map_or(crate::tls::Expect::Any, crate::tls::Expect::Exact),
                         },
                         crate::config::TlsMode::Terminate => crate::tls::TlsRole::Terminate {
                             authorizer: Arc::new(crate::tls::AllowList(t.allow_ids.clone())),
@@ -171,9 +176,14 @@ impl Proxy {
                 }
             });
         }
+        let sidecar_tls = match config.sidecar.as_ref().and_then(|s| s.mtls.as_ref()) {
+            None => None,
+            Some(m) => Some(crate::mesh::SidecarTls::load(m, &config).context("sidecar mTLS")?),
+        };
         let clusters = config.services.iter().cloned().map(Cluster::new).collect();
         let shared = Arc::new(Shared {
             tls,
+            sidecar_tls,
             routes: crate::route::Routes::new(&config),
             stats: StatsRegistry::new(workers),
             config,
@@ -182,14 +192,21 @@ impl Proxy {
             draining: AtomicBool::new(false),
             force_close: AtomicBool::new(false),
         });
-        if shared.tls.iter().any(Option::is_some) {
+        let watched: Vec<Arc<crate::tls::MeshTls>> = shared
+            .tls
+            .iter()
+            .flatten()
+            .cloned()
+            .chain(shared.sidecar_tls.iter().flat_map(|s| s.all()))
+            .collect();
+        if !watched.is_empty() {
             // Certificate files are polled four times a second; a change is loaded for new handshakes.
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("ringside-certs".into())
                 .spawn(move || {
                     while !shared.draining.load(SeqCst) {
-                        for m in shared.tls.iter().flatten() {
+                        for m in &watched {
                             m.reload_if_changed();
                         }
                         std::thread::sleep(Duration::from_millis(250));

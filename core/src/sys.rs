@@ -39,6 +39,20 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     cvt(ret)
 }
 
+/// Look at the first bytes without consuming them, without blocking.
+pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the pointer and length describe `buf`, which is valid for writes for the call.
+    let ret = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    cvt(ret)
+}
+
 /// Send from `buf` without blocking and without SIGPIPE.
 #[inline]
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
@@ -66,6 +80,17 @@ pub fn shutdown_write(fd: RawFd) {
 pub fn shutdown_listener(fd: RawFd) {
     // SAFETY: shutdown on a listening descriptor that stays open until the worker exits.
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// Close a refused client connection: after a TLS failure the alert this side sent must reach the
+/// peer, so the close is orderly (FIN after the alert); any other refusal resets (RST), so that the
+/// client sees a refusal rather than an empty answer.
+pub fn close_after_failure(fd: RawFd, reason: crate::reason::Reason) {
+    if reason.is_tls() {
+        shutdown_write(fd);
+    } else {
+        set_linger_zero(fd);
+    }
 }
 
 /// Make the next close() send RST instead of FIN (propagating a reset to the peer).

@@ -198,11 +198,50 @@ impl Authorizer for AllowList {
     }
 }
 
-/// Build the client (origination) config. `expect`: the server identity required, if any.
-pub fn client_config(
-    m: &Material,
-    expect: Option<SpiffeId>,
-) -> Result<Arc<ClientConfig>, TlsError> {
+/// Which server identity the client side requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Any identity the trust bundle vouches for.
+    Any,
+    /// Exactly this one.
+    Exact(SpiffeId),
+    /// The service named by the TLS server name, in this trust domain and namespace (the
+    /// sidecar's outbound side: one config for every destination).
+    ByServerName {
+        /// Trust domain.
+        trust_domain: String,
+        /// Namespace.
+        namespace: String,
+    },
+}
+
+/// Intentions as the authorizer of one local service.
+#[derive(Debug)]
+pub struct IntentionAuthorizer {
+    /// The rules.
+    pub intentions: Arc<crate::intentions::Intentions>,
+    /// The local service being called.
+    pub destination: String,
+}
+
+impl Authorizer for IntentionAuthorizer {
+    fn authorize(&self, peer: &SpiffeId) -> Result<String, String> {
+        let d = self.intentions.evaluate(&peer.service, &self.destination);
+        if d.allowed() {
+            Ok(d.explain())
+        } else {
+            Err(format!(
+                "{} -> {}: {}",
+                peer.service,
+                self.destination,
+                d.explain()
+            ))
+        }
+    }
+}
+
+/// Build the client (origination) config.
+pub fn client_config(m: &Material, expect: Expect) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: m.roots.clone(),
         expect,
@@ -245,7 +284,7 @@ pub fn spiffe_of(der: &[u8]) -> Option<SpiffeId> {
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
-    expect: Option<SpiffeId>,
+    expect: Expect,
     provider: Arc<CryptoProvider>,
 }
 
@@ -254,7 +293,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
@@ -269,12 +308,25 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let id = spiffe_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName,
         ))?;
-        if let Some(expect) = &self.expect {
-            if &id != expect {
-                return Err(rustls::Error::InvalidCertificate(
-                    CertificateError::NotValidForName,
-                ));
-            }
+        let ok = match &self.expect {
+            Expect::Any => true,
+            Expect::Exact(e) => &id == e,
+            Expect::ByServerName {
+                trust_domain,
+                namespace,
+            } => match server_name {
+                ServerName::DnsName(n) => {
+                    id.service == n.as_ref()
+                        && &id.trust_domain == trust_domain
+                        && &id.namespace == namespace
+                }
+                _ => false,
+            },
+        };
+        if !ok {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -412,10 +464,10 @@ pub fn reason_for(e: &rustls::Error) -> Reason {
 /// Which side of mesh TLS a listener plays.
 #[derive(Debug, Clone)]
 pub enum TlsRole {
-    /// Originate: plaintext in, mTLS out; the server must present `expect` (if given).
+    /// Originate: plaintext in, mTLS out; the server must present the `expect`ed identity.
     Origin {
         /// Required server identity.
-        expect: Option<SpiffeId>,
+        expect: Expect,
     },
     /// Terminate: mTLS in (client certificate required), plaintext out.
     Terminate {

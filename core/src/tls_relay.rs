@@ -290,6 +290,12 @@ pub async fn relay(
         Poll::Pending
     })
     .await;
+    // A reset from the TLS peer often follows an alert that says why (access_denied, an expired
+    // certificate): read what is still queued and prefer the alert's reason.
+    let failure = match failure {
+        Some((r, None)) if r == tls_side => Some(pending_alert(conn, tls).unwrap_or((r, None))),
+        f => f,
+    };
     if failure.is_some() {
         sys::set_linger_zero(plain.as_raw_fd());
         sys::set_linger_zero(tls.as_raw_fd());
@@ -299,6 +305,27 @@ pub async fn relay(
         opened: opened.get(),
         failure,
     }
+}
+
+/// A TLS alert still queued on the socket, as a failure reason.
+fn pending_alert(
+    conn: &RefCell<rustls::Connection>,
+    tls: &TcpStream,
+) -> Option<(Reason, Option<rustls::Error>)> {
+    let fd = tls.as_raw_fd();
+    for _ in 0..16 {
+        let r = conn.borrow_mut().read_tls(&mut Fd(fd));
+        match r {
+            Ok(n) if n > 0 => {
+                let processed = conn.borrow_mut().process_new_packets().map(|_| ());
+                if let Err(e) = processed {
+                    return Some((crate::tls::reason_for(&e), Some(e)));
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 enum LegError {

@@ -37,10 +37,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const POOL_IDLE: usize = 64;
 
 /// State of one worker, shared by its tasks (single-threaded, hence `Rc` and `Cell`).
-struct Worker {
-    id: usize,
-    shared: Arc<Shared>,
-    pools: Pools,
+pub(crate) struct Worker {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) pools: Pools,
     /// Connections this worker is relaying now.
     active: Cell<usize>,
     /// Sequence for connection ids.
@@ -48,7 +48,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn stats(&self) -> &WorkerStats {
+    pub(crate) fn stats(&self) -> &WorkerStats {
         self.shared.stats.worker(self.id)
     }
 }
@@ -181,6 +181,15 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, index: usize) {
 }
 
 async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
+    if w.shared.sidecar_tls.is_some() {
+        if let Some(route) = crate::mesh::wants_mesh(&w, &client, listener) {
+            // Boxed: TLS state is large and only mesh connections need it.
+            Box::pin(crate::mesh::handle(&w, &client, peer, listener, route)).await;
+            drop(client);
+            finish(&w);
+            return;
+        }
+    }
     if let Some(mesh) = w.shared.tls[listener].clone() {
         // Boxed: TLS state is large and only TLS listeners need it.
         Box::pin(handle_tls(&w, &client, peer, listener, mesh)).await;
@@ -209,8 +218,7 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
                 hint = f.hint.as_deref().unwrap_or(f.reason.hint()),
                 "connection failed"
             );
-            // Reset, so that the client sees a refusal rather than an empty answer.
-            sys::set_linger_zero(cfd);
+            sys::close_after_failure(cfd, f.reason);
         }
         Ok(up) => {
             sys::set_nodelay(cfd);
@@ -240,7 +248,7 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
 }
 
 /// Count a connection's end.
-fn finish(w: &Worker) {
+pub(crate) fn finish(w: &Worker) {
     w.stats().downstream_cx_closed.inc();
     w.active.set(w.active.get() - 1);
     w.shared.active.fetch_sub(1, SeqCst);
@@ -342,7 +350,7 @@ async fn handle_tls(
                 hint = reason.hint(),
                 "connection failed"
             );
-            sys::set_linger_zero(cfd);
+            sys::close_after_failure(cfd, reason);
         }
         Ok((end, upstream, peer_id)) => {
             if let Some((reason, err)) = &end.failure {
@@ -371,20 +379,20 @@ async fn handle_tls(
 }
 
 /// An upstream connection ready to relay.
-struct Upstream {
-    stream: TcpStream,
-    addr: SocketAddr,
+pub(crate) struct Upstream {
+    pub(crate) stream: TcpStream,
+    pub(crate) addr: SocketAddr,
     /// Counts the connection on its endpoint (cluster routes only).
     _guard: Option<ActiveGuard>,
 }
 
 /// Why no upstream connection could be made.
-struct Failure {
-    reason: Reason,
+pub(crate) struct Failure {
+    pub(crate) reason: Reason,
     /// Where the connection was headed (service name or address), for the log.
-    destination: String,
+    pub(crate) destination: String,
     /// A hint specific to this failure (else the reason's generic one).
-    hint: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 impl From<Reason> for Failure {
@@ -399,11 +407,21 @@ impl From<Reason> for Failure {
 
 /// Decide where the connection goes (static service, or original destination for the sidecar
 /// listeners) and connect there.
-async fn connect_route(
+pub(crate) async fn connect_route(
     w: &Worker,
     cfd: std::os::fd::RawFd,
     listener: usize,
 ) -> Result<Upstream, Failure> {
+    let route = decide_route(w, cfd, listener)?;
+    connect_to(w, route).await
+}
+
+/// Where the connection goes: the listener's service, or the route of its original destination.
+pub(crate) fn decide_route(
+    w: &Worker,
+    cfd: std::os::fd::RawFd,
+    listener: usize,
+) -> Result<Route, Failure> {
     let shared = &w.shared;
     let l = &shared.config.listeners[listener];
     let route = match l.kind {
@@ -420,12 +438,18 @@ async fn connect_route(
                 })
             }
             Ok(orig) if l.kind == ListenerKind::Outbound => shared.routes.outbound(orig),
-            Ok(orig) => shared.routes.inbound(orig, |i| {
+                        Ok(orig) => shared.routes.inbound(orig, |i| {
                 let s = &shared.config.services[i];
                 s.target_port.or(s.port).unwrap_or(orig.port())
             }),
         },
     };
+    Ok(route)
+}
+
+/// Connect where the route says.
+pub(crate) async fn connect_to(w: &Worker, route: Route) -> Result<Upstream, Failure> {
+    let shared = &w.shared;
     match route {
         Route::Cluster(i) => {
             let cluster = &shared.clusters[i];
@@ -596,6 +620,7 @@ mod size_probe {
             .unwrap();
             let shared = std::sync::Arc::new(crate::server::Shared {
                 tls: vec![None],
+                sidecar_tls: None,
                 routes: crate::route::Routes::new(&config),
                 clusters: config
                     .services
