@@ -38,6 +38,34 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// New connections per second: connect, send a byte, read it back, close; N loops at once.
+    Connrate {
+        /// Address of an echo server (or a proxy in front of one).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Concurrent loops, one thread each.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Measured duration.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a test PKI (a CA and SPIFFE leaf certificates) for benchmarks: ca.pem and
+    /// NAME.crt/NAME.key per name, plus NAME.pem (certificate and key together, for HAProxy).
+    GenCerts {
+        /// Output directory.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Trust domain.
+        #[arg(long, default_value = "dc1")]
+        trust_domain: String,
+        /// Workload names (service accounts).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Closed-loop TCP ping-pong.
     Pingpong {
         /// Address of an echo server (or a proxy in front of one).
@@ -79,6 +107,29 @@ struct PingpongResult {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { listen } => echo(listen),
+        Command::Connrate {
+            addr,
+            concurrency,
+            duration,
+            json,
+        } => {
+            let (n, errors, secs) = connrate(addr, concurrency, duration)?;
+            let rate = n as f64 / secs;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"addr": addr, "connections": n, "errors": errors, "connections_per_sec": rate})
+                );
+            } else {
+                println!("{rate:.0} connections/s ({n} in {secs:.1} s, {errors} errors)");
+            }
+            Ok(())
+        }
+        Command::GenCerts {
+            out,
+            trust_domain,
+            names,
+        } => gen_certs(&out, &trust_domain, &names),
         Command::Pingpong {
             addr,
             size,
@@ -109,6 +160,84 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn connrate(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, u64, f64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut err) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let r = (|| -> std::io::Result<()> {
+                        let mut s = TcpStream::connect(addr)?;
+                        s.set_nodelay(true)?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    })();
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(_) => err += 1,
+                    }
+                }
+                (ok, err)
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    let (mut ok, mut err) = (0, 0);
+    for t in threads {
+        let (o, e) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        ok += o;
+        err += e;
+    }
+    Ok((ok, err, secs))
+}
+
+fn gen_certs(out: &std::path::Path, trust_domain: &str, names: &[String]) -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+    std::fs::create_dir_all(out)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "ringside-bench CA");
+    let ca_key = KeyPair::generate()?;
+    std::fs::write(out.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    for name in names {
+        let id = format!("spiffe://{trust_domain}/ns/default/sa/{name}");
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, name.as_str());
+        p.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &issuer)?;
+        std::fs::write(out.join(format!("{name}.crt")), cert.pem())?;
+        std::fs::write(out.join(format!("{name}.key")), key.serialize_pem())?;
+        std::fs::write(
+            out.join(format!("{name}.pem")),
+            format!("{}{}", cert.pem(), key.serialize_pem()),
+        )?;
+    }
+    Ok(())
 }
 
 fn echo(listen: SocketAddr) -> anyhow::Result<()> {

@@ -418,8 +418,12 @@ async fn open(
     let tfd = tls.as_raw_fd();
     let pfd = plain.as_raw_fd();
     let mut tcp_eof = false;
+    // The handshake may have read application data along with the peer's last handshake message
+    // (a client sends its first request right behind its Finished): deliver what rustls already
+    // holds before waiting for the socket, or a request-response protocol would stall here.
+    let mut buffered = true;
     loop {
-        if !tcp_eof {
+        if !tcp_eof && !std::mem::replace(&mut buffered, false) {
             tls.readable(false).await.map_err(LegError::TlsIo)?;
             let r = conn.borrow_mut().read_tls(&mut Fd(tfd));
             match r {

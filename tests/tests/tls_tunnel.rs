@@ -413,3 +413,39 @@ fn cert_inspect_shows_identity_and_validity() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("(CA)"));
 }
+
+/// A client that sends a request right after connecting and waits for the answer without closing
+/// (the request rides behind the handshake): it is answered, many times over, on both drivers.
+#[test]
+fn request_response_without_close() {
+    let pki = Pki::new("reqresp");
+    let client = pki.files("client", CLIENT, Validity::Valid);
+    let server = pki.files("server", SERVER, Validity::Valid);
+    for d in DRIVERS {
+        let (echo, _) = counting_echo();
+        let term = tunnel_proxy(d, echo, TlsMode::Terminate, &server, None, &[]);
+        let orig = tunnel_proxy(
+            d,
+            term.local_addrs()[0],
+            TlsMode::Origin,
+            &client,
+            Some(SERVER),
+            &[],
+        );
+        for i in 0..20u8 {
+            let mut s = connect_retry(orig.local_addrs()[0], Duration::from_secs(5));
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&[i; 4]).unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b)
+                .unwrap_or_else(|e| panic!("{d:?}: request {i} unanswered: {e}"));
+            assert_eq!(b, [i; 4]);
+            // A second exchange on the same connection.
+            s.write_all(b"more").unwrap();
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"more");
+        }
+        orig.shutdown(Duration::from_secs(1));
+        term.shutdown(Duration::from_secs(1));
+    }
+}
