@@ -296,7 +296,7 @@ impl Proxy {
             .collect()
     }
 
-    /// Seconds until each TLS listener's certificate expires (listener name, seconds).
+    /// Seconds until each certificate in use expires: (listener name or `sidecar`, seconds).
     pub fn cert_expiry(&self) -> Vec<(String, i64)> {
         self.shared
             .config
@@ -304,6 +304,12 @@ impl Proxy {
             .iter()
             .zip(&self.shared.tls)
             .filter_map(|(l, m)| m.as_ref().map(|m| (l.name.clone(), m.expires_in_secs())))
+            .chain(
+                self.shared
+                    .sidecar_tls
+                    .iter()
+                    .map(|s| ("sidecar".to_string(), s.outbound.expires_in_secs())),
+            )
             .collect()
     }
 

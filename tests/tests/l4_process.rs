@@ -212,7 +212,14 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn rss_idle_and_with_5000_idle_connections() {
     const N: usize = 5000;
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A deep backlog: the proxy opens 5,000 upstream connections in a burst.
+    let server = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        s.listen(4096).unwrap();
+        TcpListener::from(s)
+    };
     let upstream = server.local_addr().unwrap();
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let acc = accepted.clone();
@@ -246,7 +253,7 @@ fn rss_idle_and_with_5000_idle_connections() {
     for _ in 0..N {
         clients.push(connect_retry(listen, Duration::from_secs(5)));
     }
-    wait_for("all upstream connections", Duration::from_secs(30), || {
+    wait_for("all upstream connections", Duration::from_secs(60), || {
         accepted.lock().unwrap().len() == N
     });
     // Each connection carries a byte each way once, so both pumps have run.
@@ -273,6 +280,10 @@ fn rss_idle_and_with_5000_idle_connections() {
         idle_kib < 10 * 1024,
         "idle RSS {idle_kib} KiB is over the 10 MB budget"
     );
+    // Close with RST: 10,000 sockets in TIME_WAIT would starve the next tests' connects of ports.
+    for c in clients.iter().chain(accepted.lock().unwrap().iter()) {
+        ringside_core::sys::set_linger_zero(std::os::fd::AsRawFd::as_raw_fd(c));
+    }
     assert!(
         per_conn < 2048.0,
         "{per_conn:.0} bytes per idle connection is over the 2 KB budget"

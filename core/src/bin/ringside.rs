@@ -418,7 +418,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
         if let Some(every) = stats_interval {
             if last_print.elapsed() >= every {
                 last_print = std::time::Instant::now();
-                info!(target: "ringside::stats", "{}", proxy.stats().one_line());
+                let mut line = proxy.stats().one_line();
+                for (name, secs) in proxy.cert_expiry() {
+                    line.push_str(&format!(" cert_expiry_seconds.{name}={secs}"));
+                }
+                info!(target: "ringside::stats", "{line}");
             }
         }
     }
