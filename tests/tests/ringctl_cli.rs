@@ -1,0 +1,98 @@
+//! `ringctl` on files: Consul-style documents checked whole, intention checks, config validation.
+
+use std::process::Command;
+
+use ringside_tests::*;
+
+const DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: products-api
+spec:
+  destination:
+    name: products-api
+  sources:
+    - name: public-api
+      action: allow
+    - name: '*'
+      action: deny
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: payments
+spec:
+  protocol: tcp
+";
+
+fn ringctl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(workspace_bin("ringctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn apply_dry_run_and_intention_check() {
+    let dir = std::env::temp_dir().join(format!("ringctl-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, DOCS).unwrap();
+    let g = good.to_str().unwrap();
+
+    let (ok, out, _) = ringctl(&["apply", "--dry-run", "-f", g]);
+    assert!(ok);
+    assert!(
+        out.contains("ServiceIntentions/products-api (valid)") && out.contains("2 documents"),
+        "{out}"
+    );
+
+    let (ok, out, _) = ringctl(&["intention", "check", "public-api", "products-api", "-f", g]);
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        "allow: intention public-api -> products-api: allow"
+    );
+    let (_, out, _) = ringctl(&["intention", "check", "frontend", "products-api", "-f", g]);
+    assert_eq!(out.trim(), "deny: intention * -> products-api: deny");
+    let (_, out, _) = ringctl(&["intention", "check", "frontend", "payments", "-f", g]);
+    assert!(out.starts_with("deny: default deny"), "{out}");
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        DOCS.replace("protocol: tcp", "protocol: carrier-pigeon"),
+    )
+    .unwrap();
+    let (ok, _, err) = ringctl(&["apply", "--dry-run", "-f", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("document 2 (ServiceDefaults/payments), line 19, field `spec.protocol`"),
+        "{err}"
+    );
+    assert!(err.contains("nothing applied"), "{err}");
+
+    // Sidecar config validation.
+    let conf = dir.join("ringside.yaml");
+    std::fs::write(
+        &conf,
+        "sidecar: {}\nservices:\n  - name: x\n    port: 80\n    local: true\n",
+    )
+    .unwrap();
+    let (ok, out, _) = ringctl(&["validate", conf.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    std::fs::write(
+        &conf,
+        "sidecar: {}\nservices:\n  - name: x\n    local: true\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ringctl(&["validate", conf.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("services[0].port"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
