@@ -14,6 +14,7 @@ pub const API_VERSION: &str = "consul.hashicorp.com/v1alpha1";
 /// One parsed document.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind")]
+#[allow(clippy::enum_variant_names)] // the variants are Consul's kind names, as operators write them
 pub enum Document {
     /// Protocol and mesh settings of a service.
     ServiceDefaults {

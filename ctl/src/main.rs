@@ -8,6 +8,7 @@
 //!
 //! Errors name the document, the field and the line; the exit status is non-zero on any error.
 
+mod ca;
 mod consul;
 
 use std::path::PathBuf;
@@ -40,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: IntentionCommand,
     },
+    /// The mesh certificate authority (on files for now; the daemon will hold it).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Validate ringside configuration files (TOML or YAML).
     Validate {
         /// Files to check.
@@ -49,6 +55,97 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create the root in DIR (ca.pem, ca.key with mode 0600), or load it; print the root.
+    Init {
+        /// Directory for ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the mesh.
+        #[arg(long, default_value = "dc1")]
+        trust_domain: String,
+    },
+    /// Make a private key and a CSR, as a proxy does (the key never leaves it).
+    Request {
+        /// Where to write the private key (mode 0600).
+        #[arg(long)]
+        key_out: PathBuf,
+        /// Where to write the CSR.
+        #[arg(long)]
+        csr_out: PathBuf,
+    },
+    /// Sign a CSR for a service: the identity comes from --service, not from the CSR.
+    Sign {
+        /// Directory of the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the mesh.
+        #[arg(long, default_value = "dc1")]
+        trust_domain: String,
+        /// The CSR (PEM).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Service (SPIFFE service account).
+        #[arg(long)]
+        service: String,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Leaf lifetime (default 72h).
+        #[arg(long, value_parser = humantime_parse)]
+        lifetime: Option<std::time::Duration>,
+    },
+}
+
+fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 72h, 30m or 3600s"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("'{s}': unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn run_ca(command: CaCommand) -> Result<(), String> {
+    match command {
+        CaCommand::Init { dir, trust_domain } => {
+            let ca = ca::Ca::load_or_create(&dir, &trust_domain).map_err(|e| e.to_string())?;
+            print!("{}", ca.cert_pem);
+            Ok(())
+        }
+        CaCommand::Request { key_out, csr_out } => {
+            let (csr, key) = ca::make_csr().map_err(|e| e.to_string())?;
+            ca::write_private(&key_out, key.as_bytes()).map_err(|e| e.to_string())?;
+            std::fs::write(&csr_out, csr).map_err(|e| format!("{}: {e}", csr_out.display()))
+        }
+        CaCommand::Sign {
+            dir,
+            trust_domain,
+            csr,
+            service,
+            namespace,
+            lifetime,
+        } => {
+            let ca = ca::Ca::load_or_create(&dir, &trust_domain).map_err(|e| e.to_string())?;
+            let csr =
+                std::fs::read_to_string(&csr).map_err(|e| format!("{}: {e}", csr.display()))?;
+            let lifetime = lifetime.unwrap_or(ca::DEFAULT_LEAF_LIFETIME);
+            let leaf = ca
+                .sign_csr(&csr, &namespace, &service, lifetime)
+                .map_err(|e| e.to_string())?;
+            print!("{leaf}");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,6 +228,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca { command } => match run_ca(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringctl ca: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Validate { files, print } => {
             let mut bad = 0;
             for f in &files {

@@ -96,3 +96,67 @@ fn apply_dry_run_and_intention_check() {
     assert!(err.contains("services[0].port"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The CA on files: init once (key 0600), a proxy-style key + CSR, a leaf signed for the service
+/// named on the command line, which `ringside cert inspect` reads back.
+#[test]
+fn ca_init_request_sign() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ringctl-ca-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let (ok, root, err) = ringctl(&["ca", "init", "--dir", d, "--trust-domain", "dc9"]);
+    assert!(ok, "{err}");
+    assert!(root.contains("BEGIN CERTIFICATE"));
+    assert_eq!(
+        std::fs::metadata(dir.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let (key, csr) = (dir.join("p.key"), dir.join("p.csr"));
+    let (ok, _, err) = ringctl(&[
+        "ca",
+        "request",
+        "--key-out",
+        key.to_str().unwrap(),
+        "--csr-out",
+        csr.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (ok, leaf, err) = ringctl(&[
+        "ca",
+        "sign",
+        "--dir",
+        d,
+        "--trust-domain",
+        "dc9",
+        "--csr",
+        csr.to_str().unwrap(),
+        "--service",
+        "payments",
+        "--lifetime",
+        "72h",
+    ]);
+    assert!(ok, "{err}");
+    let leaf_path = dir.join("leaf.pem");
+    std::fs::write(&leaf_path, leaf).unwrap();
+    let out = Command::new(workspace_bin("ringside"))
+        .args(["cert", "inspect", leaf_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("spiffe://dc9/ns/default/sa/payments"),
+        "{text}"
+    );
+    assert!(text.contains("ringside CA dc9"), "{text}");
+    assert!(text.contains("valid, expires in"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
