@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const API_VERSION: &str = "consul.hashicorp.com/v1alpha1";
 
 /// One parsed document.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 #[allow(clippy::enum_variant_names)] // the variants are Consul's kind names, as operators write them
 pub enum Document {

@@ -10,6 +10,8 @@
 
 mod ca;
 mod consul;
+mod daemon;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,15 +28,48 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check Consul-style configuration documents (the daemon that stores them comes next; for now
-    /// only --dry-run, which checks the whole file and prints what it holds).
+    /// Run the control daemon: state in DIR, HTTP/JSON API on a Unix socket.
+    Daemon {
+        /// Directory of the embedded store.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// API socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Apply Consul-style documents (ServiceDefaults, ServiceIntentions, ServiceRouter,
+    /// ServiceSplitter, ServiceResolver): the whole file or nothing.
     Apply {
         /// YAML file with one or more documents separated by `---`.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
-        /// Check only.
-        #[arg(long, required = true)]
+        /// Check only; store nothing (no daemon needed).
+        #[arg(long)]
         dry_run: bool,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// List what the daemon stores.
+    Get {
+        /// `config` (every document).
+        what: String,
+        /// `json` for JSON.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Delete a stored document.
+    Delete {
+        /// Kind, e.g. ServiceIntentions.
+        kind: String,
+        /// Name.
+        name: String,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Intentions.
     Intention {
@@ -156,13 +191,40 @@ enum IntentionCommand {
         src: String,
         /// Destination service.
         dst: String,
-        /// File with ServiceIntentions documents.
+        /// File with ServiceIntentions documents (default: ask the daemon).
         #[arg(short = 'f', long = "file")]
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
         /// Action when no intention matches.
         #[arg(long, default_value = "deny")]
         default: String,
     },
+}
+
+/// Print a daemon answer, or its error; the exit status says which.
+fn report(
+    r: anyhow::Result<(u16, serde_json::Value)>,
+    ok: impl FnOnce(serde_json::Value),
+) -> ExitCode {
+    match r {
+        Ok((200, v)) => {
+            ok(v);
+            ExitCode::SUCCESS
+        }
+        Ok((status, v)) => {
+            eprintln!(
+                "ringctl: {} ({status})",
+                v["error"].as_str().unwrap_or("request failed")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("ringctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn read_docs(file: &PathBuf) -> Result<Vec<consul::Document>, String> {
@@ -173,7 +235,76 @@ fn read_docs(file: &PathBuf) -> Result<Vec<consul::Document>, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Apply { file, dry_run: _ } => match read_docs(&file) {
+        Command::Daemon { data_dir, socket } => match daemon::run(&data_dir, &socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringctl daemon: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Apply {
+            file,
+            dry_run: false,
+            socket,
+        } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            report(
+                daemon::call(&socket, hyper::Method::POST, "/v1/apply", Some(text)),
+                |v| {
+                    for id in v["applied"].as_array().into_iter().flatten() {
+                        println!("{} applied", id.as_str().unwrap_or(""));
+                    }
+                    println!("config index {}", v["index"]);
+                },
+            )
+        }
+        Command::Get {
+            what,
+            output,
+            socket,
+        } => {
+            if what != "config" {
+                eprintln!("ringctl get: '{what}' is not known here yet (config)");
+                return ExitCode::FAILURE;
+            }
+            report(
+                daemon::call(&socket, hyper::Method::GET, "/v1/config", None),
+                |v| {
+                    if output.as_deref() == Some("json") {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        println!("{:<20} NAME", "KIND");
+                        for d in v.as_array().into_iter().flatten() {
+                            println!(
+                                "{:<20} {}",
+                                d["kind"].as_str().unwrap_or(""),
+                                d["name"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                },
+            )
+        }
+        Command::Delete { kind, name, socket } => report(
+            daemon::call(
+                &socket,
+                hyper::Method::DELETE,
+                &format!("/v1/config/{kind}/{name}"),
+                None,
+            ),
+            |v| println!("{} deleted", v["deleted"].as_str().unwrap_or("")),
+        ),
+        Command::Apply {
+            file,
+            dry_run: true,
+            ..
+        } => match read_docs(&file) {
             Ok(docs) => {
                 for d in &docs {
                     println!("{} (valid)", d.id());
@@ -196,8 +327,34 @@ fn main() -> ExitCode {
                 IntentionCommand::Check {
                     src,
                     dst,
-                    file,
+                    file: None,
+                    socket,
+                    ..
+                },
+        } => report(
+            daemon::call(
+                &socket,
+                hyper::Method::GET,
+                &format!("/v1/intentions/check?source={src}&destination={dst}"),
+                None,
+            ),
+            |v| {
+                let allowed = v["allowed"].as_bool().unwrap_or(false);
+                println!(
+                    "{}: {}",
+                    if allowed { "allow" } else { "deny" },
+                    v["decided_by"].as_str().unwrap_or("")
+                );
+            },
+        ),
+        Command::Intention {
+            command:
+                IntentionCommand::Check {
+                    src,
+                    dst,
+                    file: Some(file),
                     default,
+                    ..
                 },
         } => {
             let default = match default.as_str() {

@@ -160,3 +160,103 @@ fn ca_init_request_sign() {
     assert!(text.contains("valid, expires in"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The daemon: apply over its socket (whole file or nothing), list, check intentions, delete; a
+/// SIGKILL loses nothing it acknowledged.
+#[test]
+fn daemon_apply_get_check_survives_sigkill() {
+    let dir = std::env::temp_dir().join(format!("ringctl-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data");
+    let sock = dir.join("ctl.sock");
+    let s = sock.to_str().unwrap().to_string();
+    let start = || {
+        let d = ChildGuard::spawn(
+            Command::new(workspace_bin("ringctl"))
+                .args([
+                    "daemon",
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--socket",
+                    &s,
+                ])
+                .stderr(std::process::Stdio::null()),
+        );
+        wait_for("daemon socket", std::time::Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        d
+    };
+    let mut daemon = start();
+    let file = dir.join("docs.yaml");
+    std::fs::write(&file, DOCS).unwrap();
+    let f = file.to_str().unwrap();
+    let (ok, out, err) = ringctl(&["apply", "-f", f, "--socket", &s]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("ServiceIntentions/products-api applied") && out.contains("config index 1"),
+        "{out}"
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        DOCS.replace("name: payments", "name: billing")
+            .replace("action: deny", "action: nope"),
+    )
+    .unwrap();
+    let (ok, _, err) = ringctl(&["apply", "-f", bad.to_str().unwrap(), "--socket", &s]);
+    assert!(!ok);
+    assert!(
+        err.contains("document 1") && err.contains("nothing applied"),
+        "{err}"
+    );
+
+    let (_, out, _) = ringctl(&["get", "config", "--socket", &s]);
+    assert!(
+        out.contains("ServiceDefaults") && out.contains("payments"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("billing"),
+        "a refused file stored nothing: {out}"
+    );
+    let (_, out, _) = ringctl(&[
+        "intention",
+        "check",
+        "public-api",
+        "products-api",
+        "--socket",
+        &s,
+    ]);
+    assert_eq!(
+        out.trim(),
+        "allow: intention public-api -> products-api: allow"
+    );
+
+    // SIGKILL, restart: what was acknowledged is still there.
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_timeout(std::time::Duration::from_secs(5));
+    let mut daemon = start();
+    let (_, out, _) = ringctl(&["get", "config", "-o", "json", "--socket", &s]);
+    assert!(
+        out.contains("\"products-api\"") && out.contains("\"payments\""),
+        "{out}"
+    );
+    let (ok, _, _) = ringctl(&["delete", "ServiceDefaults", "payments", "--socket", &s]);
+    assert!(ok);
+    let (_, out, _) = ringctl(&["get", "config", "--socket", &s]);
+    assert!(!out.contains("payments"), "{out}");
+    let (ok, _, err) = ringctl(&["delete", "ServiceDefaults", "payments", "--socket", &s]);
+    assert!(!ok && err.contains("not stored"), "{err}");
+
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon
+        .wait_timeout(std::time::Duration::from_secs(5))
+        .success());
+    assert!(!sock.exists(), "the socket is removed on exit");
+    let (ok, _, err) = ringctl(&["get", "config", "--socket", &s]);
+    assert!(!ok && err.contains("is `ringctl daemon` running?"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
