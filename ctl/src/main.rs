@@ -36,6 +36,47 @@ enum Command {
         /// API socket.
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Trust domain of the mesh's SPIFFE IDs.
+        #[arg(long, default_value = "dc1")]
+        trust_domain: String,
+        /// Virtual IPs for services are allocated from this IPv4 range.
+        #[arg(long, default_value = "240.0.0.0/16", value_parser = parse_range)]
+        vip_range: (std::net::Ipv4Addr, u8),
+    },
+    /// Register a service (ports as PORT or PORT:TARGET_PORT) or an endpoint.
+    Register {
+        #[command(subcommand)]
+        what: RegisterCommand,
+        /// The daemon's socket.
+        #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Get a workload certificate from the daemon with a proxy token: a key and CSR are made
+    /// here (the key never leaves this host), the daemon signs for the token's service.
+    Issue {
+        /// The proxy token (`ringctl token create`).
+        #[arg(long)]
+        token: String,
+        /// Where to write the private key (mode 0600).
+        #[arg(long)]
+        key_out: PathBuf,
+        /// Where to write the certificate.
+        #[arg(long)]
+        cert_out: PathBuf,
+        /// Where to write the trust bundle.
+        #[arg(long)]
+        bundle_out: PathBuf,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Proxy tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        /// The daemon's socket.
+        #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Apply Consul-style documents (ServiceDefaults, ServiceIntentions, ServiceRouter,
     /// ServiceSplitter, ServiceResolver): the whole file or nothing.
@@ -90,6 +131,64 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RegisterCommand {
+    /// A service, e.g. `payments --port 1800:8080`.
+    Service {
+        /// Name.
+        name: String,
+        /// PORT or PORT:TARGET_PORT (repeat).
+        #[arg(long = "port", value_parser = parse_port_map)]
+        ports: Vec<(u16, u16)>,
+    },
+    /// An endpoint of a service.
+    Endpoint {
+        /// Service.
+        service: String,
+        /// Address of the pod.
+        address: std::net::IpAddr,
+        /// Node name.
+        #[arg(long, default_value = "local")]
+        node: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token for the proxies of a service.
+    Create {
+        /// Service.
+        #[arg(long)]
+        service: String,
+    },
+}
+
+fn parse_range(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("'{s}' is not a CIDR like 240.0.0.0/16"))?;
+    let a: std::net::Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("'{a}' is not an IPv4 address"))?;
+    let p: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| (8..=30).contains(p))
+        .ok_or("prefix length must be 8 to 30")?;
+    Ok((a, p))
+}
+
+fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{s}' is not PORT or PORT:TARGET_PORT");
+    match s.split_once(':') {
+        Some((a, b)) => Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)),
+        None => {
+            let p = s.parse().map_err(|_| bad())?;
+            Ok((p, p))
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,7 +334,103 @@ fn read_docs(file: &PathBuf) -> Result<Vec<consul::Document>, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Daemon { data_dir, socket } => match daemon::run(&data_dir, &socket) {
+        Command::Register {
+            what: RegisterCommand::Service { name, ports },
+            socket,
+        } => {
+            let ports: Vec<_> = ports
+                .iter()
+                .map(|(p, t)| serde_json::json!({"port": p, "target_port": t}))
+                .collect();
+            let body = serde_json::json!({"name": name, "ports": ports}).to_string();
+            report(
+                daemon::call(&socket, hyper::Method::POST, "/v1/services", Some(body)),
+                |v| {
+                    println!(
+                        "service {} registered, virtual IP {}",
+                        v["name"].as_str().unwrap_or(""),
+                        v["virtual_ip"].as_str().unwrap_or("")
+                    );
+                },
+            )
+        }
+        Command::Register {
+            what:
+                RegisterCommand::Endpoint {
+                    service,
+                    address,
+                    node,
+                },
+            socket,
+        } => {
+            let body = serde_json::json!({"service": service, "address": address, "node": node, "healthy": true}).to_string();
+            report(
+                daemon::call(&socket, hyper::Method::POST, "/v1/endpoints", Some(body)),
+                |v| {
+                    println!(
+                        "endpoint {} of {} registered",
+                        v["address"].as_str().unwrap_or(""),
+                        v["service"].as_str().unwrap_or("")
+                    );
+                },
+            )
+        }
+        Command::Issue {
+            token,
+            key_out,
+            cert_out,
+            bundle_out,
+            socket,
+        } => {
+            let (csr, key) = match ca::make_csr() {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("ringctl issue: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let r = daemon::call_with(
+                &socket,
+                hyper::Method::POST,
+                "/v1/sign",
+                Some(csr),
+                Some(&token),
+            );
+            report(r, |v| {
+                let write = || -> Result<(), String> {
+                    ca::write_private(&key_out, key.as_bytes()).map_err(|e| e.to_string())?;
+                    std::fs::write(&cert_out, v["cert"].as_str().unwrap_or(""))
+                        .map_err(|e| e.to_string())?;
+                    std::fs::write(&bundle_out, v["bundle"].as_str().unwrap_or(""))
+                        .map_err(|e| e.to_string())
+                };
+                match write() {
+                    Ok(()) => println!(
+                        "certificate issued for {}",
+                        v["service"].as_str().unwrap_or("")
+                    ),
+                    Err(e) => eprintln!("ringctl issue: {e}"),
+                }
+            })
+        }
+        Command::Token {
+            command: TokenCommand::Create { service },
+            socket,
+        } => {
+            let body = serde_json::json!({"service": service}).to_string();
+            report(
+                daemon::call(&socket, hyper::Method::POST, "/v1/tokens", Some(body)),
+                |v| {
+                    println!("{}", v["token"].as_str().unwrap_or(""));
+                },
+            )
+        }
+        Command::Daemon {
+            data_dir,
+            socket,
+            trust_domain,
+            vip_range,
+        } => match daemon::run(&data_dir, &socket, &trust_domain, vip_range) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringctl daemon: {e:#}");
@@ -269,13 +464,44 @@ fn main() -> ExitCode {
             output,
             socket,
         } => {
-            if what != "config" {
-                eprintln!("ringctl get: '{what}' is not known here yet (config)");
-                return ExitCode::FAILURE;
-            }
+            let path = match what.as_str() {
+                "config" => "/v1/config",
+                "services" => "/v1/services",
+                "endpoints" => "/v1/endpoints",
+                other => {
+                    eprintln!("ringctl get: '{other}' is not known (config, services, endpoints)");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let table = what.clone();
             report(
-                daemon::call(&socket, hyper::Method::GET, "/v1/config", None),
-                |v| {
+                daemon::call(&socket, hyper::Method::GET, path, None),
+                move |v| {
+                    if output.as_deref() != Some("json") && table != "config" {
+                        for row in v.as_array().into_iter().flatten() {
+                            match table.as_str() {
+                                "services" => println!(
+                                    "{:<20} {:<16} {}",
+                                    row["name"].as_str().unwrap_or(""),
+                                    row["virtual_ip"].as_str().unwrap_or(""),
+                                    row["ports"]
+                                        .as_array()
+                                        .into_iter()
+                                        .flatten()
+                                        .map(|p| format!("{}->{}", p["port"], p["target_port"]))
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                ),
+                                _ => println!(
+                                    "{:<20} {:<40} {}",
+                                    row["service"].as_str().unwrap_or(""),
+                                    row["address"].as_str().unwrap_or(""),
+                                    row["node"].as_str().unwrap_or("")
+                                ),
+                            }
+                        }
+                        return;
+                    }
                     if output.as_deref() == Some("json") {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     } else {

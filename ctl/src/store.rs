@@ -103,3 +103,228 @@ impl Store {
         Ok(m.get("index").map_err(e)?.map(|v| v.value()).unwrap_or(0))
     }
 }
+
+const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
+const ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("endpoints");
+const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+
+/// A service port and the port its application listens on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortMap {
+    /// Service port.
+    pub port: u16,
+    /// Application port (`targetPort`).
+    pub target_port: u16,
+}
+
+/// A catalog service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Ports.
+    pub ports: Vec<PortMap>,
+    /// Virtual IP allocated from the daemon's range.
+    pub virtual_ip: std::net::Ipv4Addr,
+}
+
+/// A catalog endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Endpoint {
+    /// Service it serves.
+    pub service: String,
+    /// Address.
+    pub address: std::net::IpAddr,
+    /// Node name.
+    pub node: String,
+    /// Health as last reported.
+    pub healthy: bool,
+}
+
+impl Store {
+    /// Register (or update the ports of) a service; a new one gets the next virtual IP of `range`
+    /// (network address and prefix length).
+    pub fn register_service(
+        &self,
+        name: &str,
+        ports: Vec<PortMap>,
+        range: (std::net::Ipv4Addr, u8),
+    ) -> Result<Service, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let svc;
+        {
+            let mut t = tx.open_table(SERVICES).map_err(e)?;
+            let existing: Option<Service> = match t.get(name).map_err(e)? {
+                Some(v) => Some(serde_json::from_str(v.value()).map_err(e)?),
+                None => None,
+            };
+            let virtual_ip = match existing {
+                Some(s) => s.virtual_ip,
+                None => {
+                    let mut m = tx.open_table(META).map_err(e)?;
+                    let next = m
+                        .get("next_vip")
+                        .map_err(e)?
+                        .map(|v| v.value())
+                        .unwrap_or(1);
+                    let size = 1u64 << (32 - range.1 as u32);
+                    if next >= size - 1 {
+                        return Err(StoreError(format!(
+                            "the virtual IP range {}/{} is exhausted",
+                            range.0, range.1
+                        )));
+                    }
+                    m.insert("next_vip", next + 1).map_err(e)?;
+                    std::net::Ipv4Addr::from(u32::from(range.0) + next as u32)
+                }
+            };
+            svc = Service {
+                name: name.to_string(),
+                ports,
+                virtual_ip,
+            };
+            t.insert(name, serde_json::to_string(&svc).map_err(e)?.as_str())
+                .map_err(e)?;
+            bump(&tx)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(svc)
+    }
+
+    /// Register an endpoint (keyed by service and address).
+    pub fn register_endpoint(&self, ep: &Endpoint) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            if tx
+                .open_table(SERVICES)
+                .map_err(e)?
+                .get(ep.service.as_str())
+                .map_err(e)?
+                .is_none()
+            {
+                return Err(StoreError(format!(
+                    "no service '{}': register it first",
+                    ep.service
+                )));
+            }
+            let mut t = tx.open_table(ENDPOINTS).map_err(e)?;
+            let key = format!("{}/{}", ep.service, ep.address);
+            t.insert(key.as_str(), serde_json::to_string(ep).map_err(e)?.as_str())
+                .map_err(e)?;
+            bump(&tx)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(())
+    }
+
+    /// All services.
+    pub fn services(&self) -> Result<Vec<Service>, StoreError> {
+        self.all(SERVICES)
+    }
+
+    /// All endpoints.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+        self.all(ENDPOINTS)
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &str>,
+    ) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = match tx.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x)),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (_, v) = row.map_err(e)?;
+            out.push(serde_json::from_str(v.value()).map_err(e)?);
+        }
+        Ok(out)
+    }
+
+    /// Remember a token (by its hash) as belonging to `service`.
+    pub fn add_token(&self, token_hash: &str, service: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(TOKENS).map_err(e)?;
+            t.insert(token_hash, service).map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// The service a token (by its hash) belongs to.
+    pub fn token_service(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = match tx.open_table(TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(x) => return Err(e(x)),
+        };
+        Ok(t.get(token_hash).map_err(e)?.map(|v| v.value().to_string()))
+    }
+}
+
+fn bump(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut m = tx.open_table(META).map_err(e)?;
+    let index = m.get("index").map_err(e)?.map(|v| v.value()).unwrap_or(0) + 1;
+    m.insert("index", index).map_err(e)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_allocates_virtual_ips_once_and_persists() {
+        let dir = std::env::temp_dir().join(format!("ringctl-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let range = ("240.0.0.0".parse().unwrap(), 30);
+        {
+            let s = Store::open(&dir).unwrap();
+            let a = s
+                .register_service(
+                    "a",
+                    vec![PortMap {
+                        port: 1800,
+                        target_port: 8080,
+                    }],
+                    range,
+                )
+                .unwrap();
+            let b = s.register_service("b", vec![], range).unwrap();
+            assert_eq!(a.virtual_ip.to_string(), "240.0.0.1");
+            assert_eq!(b.virtual_ip.to_string(), "240.0.0.2");
+            let a2 = s.register_service("a", vec![], range).unwrap();
+            assert_eq!(a2.virtual_ip, a.virtual_ip, "re-registering keeps the VIP");
+            let err = s.register_service("c", vec![], range).unwrap_err();
+            assert!(err.to_string().contains("exhausted"), "{err}");
+            let ep = Endpoint {
+                service: "a".into(),
+                address: "198.18.0.2".parse().unwrap(),
+                node: "n1".into(),
+                healthy: true,
+            };
+            s.register_endpoint(&ep).unwrap();
+            let bad = Endpoint {
+                service: "zzz".into(),
+                ..ep.clone()
+            };
+            assert!(s
+                .register_endpoint(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("no service 'zzz'"));
+            s.add_token("h1", "a").unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.services().unwrap().len(), 2);
+        assert_eq!(s.endpoints().unwrap()[0].node, "n1");
+        assert_eq!(s.token_service("h1").unwrap().as_deref(), Some("a"));
+        assert_eq!(s.token_service("nope").unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -260,3 +260,114 @@ fn daemon_apply_get_check_survives_sigkill() {
     assert!(!ok && err.contains("is `ringctl daemon` running?"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Catalog and identity through the daemon: services get virtual IPs, endpoints need a service,
+/// a token issues a certificate for its own service only, bad tokens are refused.
+#[test]
+fn daemon_catalog_tokens_and_issue() {
+    let dir = std::env::temp_dir().join(format!("ringctl-catalog-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("ctl.sock");
+    let s = sock.to_str().unwrap().to_string();
+    let mut daemon = ChildGuard::spawn(
+        Command::new(workspace_bin("ringctl"))
+            .args([
+                "daemon",
+                "--data-dir",
+                dir.join("data").to_str().unwrap(),
+                "--socket",
+                &s,
+                "--trust-domain",
+                "shop",
+            ])
+            .args(["--vip-range", "240.1.0.0/24"])
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_for("daemon socket", std::time::Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    let (ok, out, err) = ringctl(&[
+        "register",
+        "service",
+        "payments",
+        "--port",
+        "1800:8080",
+        "--socket",
+        &s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("virtual IP 240.1.0.1"), "{out}");
+    let (ok, _, err) = ringctl(&[
+        "register",
+        "endpoint",
+        "payments",
+        "198.18.0.7",
+        "--node",
+        "n1",
+        "--socket",
+        &s,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = ringctl(&[
+        "register",
+        "endpoint",
+        "ghost",
+        "198.18.0.8",
+        "--socket",
+        &s,
+    ]);
+    assert!(!ok && err.contains("no service 'ghost'"), "{err}");
+    let (_, out, _) = ringctl(&["get", "services", "--socket", &s]);
+    assert!(
+        out.contains("payments") && out.contains("240.1.0.1") && out.contains("1800->8080"),
+        "{out}"
+    );
+    let (_, out, _) = ringctl(&["get", "endpoints", "--socket", &s]);
+    assert!(out.contains("198.18.0.7") && out.contains("n1"), "{out}");
+
+    let (ok, token, err) = ringctl(&["token", "create", "--service", "payments", "--socket", &s]);
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    assert_eq!(token.len(), 64);
+    let (k, c, b) = (dir.join("w.key"), dir.join("w.crt"), dir.join("bundle.pem"));
+    let issue = |t: &str| {
+        ringctl(&[
+            "issue",
+            "--token",
+            t,
+            "--key-out",
+            k.to_str().unwrap(),
+            "--cert-out",
+            c.to_str().unwrap(),
+            "--bundle-out",
+            b.to_str().unwrap(),
+            "--socket",
+            &s,
+        ])
+    };
+    let (ok, _, err) = issue("not-a-token");
+    assert!(!ok && err.contains("unknown token"), "{err}");
+    let (ok, out, err) = issue(&token);
+    assert!(ok, "{err}");
+    assert!(out.contains("issued for payments"), "{out}");
+    let info = ringside_core::tls::inspect_file(&c).unwrap();
+    assert_eq!(
+        info[0].uris,
+        vec!["spiffe://shop/ns/default/sa/payments".to_string()]
+    );
+    let bundle = ringside_core::tls::inspect_file(&b).unwrap();
+    assert!(bundle[0].is_ca);
+    // The issued material works for mesh TLS as it is.
+    let files = ringside_core::tls::TlsFiles {
+        cert: c.clone(),
+        key: k.clone(),
+        ca: b.clone(),
+    };
+    assert!(ringside_core::tls::Material::load(&files).is_ok());
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon
+        .wait_timeout(std::time::Duration::from_secs(5))
+        .success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
