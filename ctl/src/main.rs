@@ -70,6 +70,20 @@ enum Command {
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// A pod's traffic-redirect rules (the same as `ringside-init`).
+    Redirect {
+        /// install, remove or show.
+        action: String,
+        /// The pod's network namespace.
+        #[arg(long)]
+        netns: Option<String>,
+        /// The proxy's uid.
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// iptables-nft, iptables-legacy or nft (default: the one in use).
+        #[arg(long)]
+        backend: Option<String>,
+    },
     /// Proxy tokens.
     Token {
         #[command(subcommand)]
@@ -412,6 +426,48 @@ fn main() -> ExitCode {
                     Err(e) => eprintln!("ringctl issue: {e}"),
                 }
             })
+        }
+        Command::Redirect {
+            action,
+            netns,
+            proxy_uid,
+            backend,
+        } => {
+            use ringside_kernel_setup::redirect;
+            let backend = match backend.as_deref().map(redirect::Backend::parse) {
+                None => redirect::detect_backend(netns.as_deref()),
+                Some(Some(b)) => b,
+                Some(None) => {
+                    eprintln!(
+                        "ringctl redirect: unknown backend (iptables-nft, iptables-legacy, nft)"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let target = redirect::Target { backend, netns };
+            let spec = redirect::RedirectSpec {
+                proxy_uid,
+                ..Default::default()
+            };
+            let r = match action.as_str() {
+                "install" => redirect::install(&spec, &target)
+                    .map(|()| println!("installed ({})", backend.name())),
+                "remove" => {
+                    redirect::remove(&target).map(|()| println!("removed ({})", backend.name()))
+                }
+                "show" => redirect::show(&target).map(|s| print!("{s}")),
+                other => {
+                    eprintln!("ringctl redirect: '{other}' is not install, remove or show");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ringctl redirect: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Token {
             command: TokenCommand::Create { service },

@@ -461,3 +461,56 @@ fn backend_detection_and_permission_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs root or CAP_NET_ADMIN"), "{err}");
 }
+
+#[test]
+fn ringctl_redirect_installs_and_removes() {
+    if !pods_available("ringctl_redirect_installs_and_removes") {
+        return;
+    }
+    let mut net = Net::new();
+    let p = net.pod("ctl");
+    let ringctl = workspace_bin("ringctl");
+    let r = ringctl.to_str().unwrap();
+    let out = sh(&[
+        r,
+        "redirect",
+        "install",
+        "--netns",
+        &p.name,
+        "--backend",
+        "nft",
+    ]);
+    assert!(out.contains("installed (nft)"), "{out}");
+    let shown = sh(&[
+        r,
+        "redirect",
+        "show",
+        "--netns",
+        &p.name,
+        "--backend",
+        "nft",
+    ]);
+    assert!(
+        shown.contains("redirect to :15001") && shown.contains("meta skuid 1337"),
+        "{shown}"
+    );
+    sh(&[
+        r,
+        "redirect",
+        "remove",
+        "--netns",
+        &p.name,
+        "--backend",
+        "nft",
+    ]);
+    let shown = sh(&[
+        r,
+        "redirect",
+        "show",
+        "--netns",
+        &p.name,
+        "--backend",
+        "nft",
+    ]);
+    assert!(shown.trim().is_empty(), "{shown}");
+}
