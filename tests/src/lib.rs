@@ -116,33 +116,45 @@ pub fn read_to_end_hashed(r: &mut impl Read) -> io::Result<(u64, u64)> {
     }
 }
 
-/// A thread-per-connection echo server on loopback; it runs until the test process ends.
-pub fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => {
-                            let _ = s.shutdown(std::net::Shutdown::Write);
+/// Echo every connection `l` accepts (a thread each; EOF answered with EOF), counting accepted
+/// connections. Runs until the test process ends.
+pub fn serve_echo(l: TcpListener, accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
                             return;
                         }
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
                     }
+                    Err(_) => return,
                 }
-            });
-        }
-    });
-    addr
+            }
+        });
+    }
+}
+
+/// An echo server on loopback counting its connections; it runs until the test process ends.
+pub fn counting_echo() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n2 = n.clone();
+    std::thread::spawn(move || serve_echo(l, n2));
+    (addr, n)
+}
+
+/// A thread-per-connection echo server on loopback; it runs until the test process ends.
+pub fn echo_server() -> SocketAddr {
+    counting_echo().0
 }
 
 /// Connect with a deadline, retrying while the listener is not up yet.

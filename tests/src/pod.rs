@@ -222,6 +222,22 @@ impl Pod {
         })
     }
 
+    /// An echo app bound at `addr` inside this pod (a thread of the test process in the pod's
+    /// netns), counting the connections it accepted.
+    pub fn echo_app(&self, addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n2 = n.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.enter(move || {
+            let l = std::net::TcpListener::bind(addr).expect("bind app in pod");
+            tx.send(()).unwrap();
+            crate::serve_echo(l, n2);
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("app listening");
+        n
+    }
+
     /// Socket address on this pod's IPv4 address.
     pub fn addr4(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ip4), port)

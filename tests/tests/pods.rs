@@ -2,8 +2,7 @@
 //! unmodified clients in pod A reach pod B's service through A's outbound listener (15001) and B's
 //! inbound listener (15006). Needs root; under CI it must run.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use ringside_tests::pod::{pods_available, sh, Net, Pod, Sidecar};
@@ -21,37 +20,6 @@ fn client_config(vip: Ipv4Addr, b: &Pod) -> String {
 /// Config of the serving pod: `products` on 9090 served by the app on `target_port`.
 fn server_config(target_port: u16) -> String {
     format!("sidecar: {{}}\nservices:\n  - name: products\n    port: 9090\n    target_port: {target_port}\n    local: true\n")
-}
-
-/// An echo server bound at `addr` inside `pod` (a thread of this process in the pod's netns).
-fn echo_in(pod: &Pod, addr: SocketAddr) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    pod.enter(move || {
-        let l = TcpListener::bind(addr).expect("bind app in pod");
-        tx.send(()).unwrap();
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => {
-                            let _ = s.shutdown(Shutdown::Write);
-                            return;
-                        }
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("app listening");
 }
 
 /// From inside `pod`, send `len` random bytes to `to` and check the echo; returns Err on any
@@ -97,7 +65,7 @@ fn plaintext_between_pods_through_both_sidecars() {
     a.install_redirect(&[]);
     b.install_redirect(&[]);
     // Service 9090 -> app on 8080, bound on 127.0.0.1 only.
-    echo_in(&b, "127.0.0.1:8080".parse().unwrap());
+    b.echo_app("127.0.0.1:8080".parse().unwrap());
     let sa = Sidecar::start(&a, &client_config(vip, &b));
     let sb = Sidecar::start(&b, &server_config(8080));
 
@@ -138,10 +106,10 @@ fn local_app_found_on_any_address_and_wrong_port_is_explained() {
     b.install_redirect(&[]);
     // Three services in B, each app bound to one kind of address; payments maps 1800 -> 8080
     // but its app listens on 8081 (the wrong port).
-    echo_in(&b, "127.0.0.1:8001".parse().unwrap());
-    echo_in(&b, "[::1]:8002".parse().unwrap());
-    echo_in(&b, b.addr4(8003));
-    echo_in(&b, "127.0.0.1:8081".parse().unwrap());
+    b.echo_app("127.0.0.1:8001".parse().unwrap());
+    b.echo_app("[::1]:8002".parse().unwrap());
+    b.echo_app(b.addr4(8003));
+    b.echo_app("127.0.0.1:8081".parse().unwrap());
     let mut server = String::from("sidecar: {}\nservices:\n");
     let mut client = String::from("sidecar: {}\nservices:\n");
     for (name, port, target) in [
@@ -199,7 +167,7 @@ fn registry_only_refuses_unknown_destinations() {
     let a = net.pod("a");
     let b = net.pod("b");
     a.install_redirect(&[]);
-    echo_in(&b, b.addr4(7000));
+    b.echo_app(b.addr4(7000));
     // Without a sidecar in A the app reaches B directly...
     let sa = Sidecar::start(&a, "sidecar:\n  registry_only: true\n");
     let r = echo_roundtrip(&a, b.addr4(7000), 10);

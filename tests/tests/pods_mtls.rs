@@ -2,50 +2,14 @@
 //! destination with the TLS access_denied alert (explained on both sides), strict mode refuses
 //! plaintext and permissive mode passes it, `mtls: disable` services pass through. Needs root.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ringside_tests::certs::{Ca, Validity};
 use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
 use ringside_tests::*;
-
-/// An echo app in `pod` at `addr`, counting accepted connections.
-fn app_in(pod: &Pod, addr: SocketAddr) -> Arc<AtomicUsize> {
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    pod.enter(move || {
-        let l = TcpListener::bind(addr).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            n2.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => {
-                            let _ = s.shutdown(Shutdown::Write);
-                            return;
-                        }
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    n
-}
 
 fn roundtrip(pod: &Pod, to: SocketAddr, len: u64) -> Result<(), String> {
     pod.enter(move || {
@@ -146,8 +110,8 @@ fn mtls_between_sidecars_with_intentions() {
     for p in [&front, &batch, &prod] {
         p.install_redirect(&[]);
     }
-    let app = app_in(&prod, "127.0.0.1:8080".parse().unwrap());
-    let legacy_app = app_in(&prod, "127.0.0.1:8443".parse().unwrap());
+    let app = prod.echo_app("127.0.0.1:8080".parse().unwrap());
+    let legacy_app = prod.echo_app("127.0.0.1:8443".parse().unwrap());
     let legacy = format!(
         "  - name: legacy-tls\n    port: 9443\n    endpoints: [\"{}\"]\n    mtls: disable\n",
         prod.addr4(9443)

@@ -3,9 +3,8 @@
 //! where it matters. Certificates are made in the test with rcgen.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ringside_core::config::{DriverKind, ListenerTls, ProxyDoc, TlsMode};
@@ -41,38 +40,6 @@ fn tunnel_proxy(
             .collect(),
     });
     Proxy::start(c).expect("tunnel proxy starts")
-}
-
-/// An echo server counting the connections it accepted.
-fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            n2.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => {
-                            let _ = s.shutdown(Shutdown::Write);
-                            return;
-                        }
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-            });
-        }
-    });
-    (addr, n)
 }
 
 /// Send `len` random bytes through `addr` and check the echo.
