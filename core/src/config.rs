@@ -398,7 +398,7 @@ pub struct Sidecar {
 }
 
 /// A validated service.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Service {
     /// Name.
     pub name: String,

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: the configuration document (TOML/YAML) and its validation into a typed [`Config`].
+//! - [`control`]: the client of the control daemon (`run --ctl`): certificate, config watch, reports.
 //! - [`server`]: [`Proxy::start`] binds listeners and starts one worker per core; drain on shutdown.
 //! - `worker`: a worker thread — monoio runtime (io_uring or epoll), accept loop, per-connection task.
 //! - [`route`]: where a redirected connection goes (outbound by original destination, inbound to
@@ -19,6 +20,7 @@
 //! - [`reason`]: failure reason codes: every failed connection carries exactly one.
 
 pub mod config;
+pub mod control;
 pub mod identity;
 pub mod intentions;
 pub mod listening;
@@ -36,4 +38,4 @@ mod worker;
 
 pub use config::Config;
 pub use reason::Reason;
-pub use server::{ClusterStatus, DrainReport, EndpointStatus, Proxy};
+pub use server::{ClusterStatus, ConfigSnapshot, DrainReport, EndpointStatus, Proxy, Updater};

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::config::{Config, ListenerKind, MtlsDoc, MtlsMode, ServiceMtls};
+use crate::config::{ListenerKind, MtlsDoc, MtlsMode, Service, ServiceMtls};
+use crate::intentions::Intentions;
 use crate::reason::Reason;
 use crate::relay::{relay, RelayCtx};
 use crate::route::Route;
+use crate::server::ConfigSnapshot;
 use crate::sys;
 use crate::tls::{Expect, IntentionAuthorizer, MeshTls, TlsFiles, TlsRole};
 use crate::tls_relay::handshake;
@@ -35,13 +37,13 @@ pub struct SidecarTls {
     pub mode: MtlsMode,
     /// Outbound: one client config for every destination (expected identity from the server name).
     pub outbound: Arc<MeshTls>,
-    /// Inbound: per service index, a server config whose verifier asks that service's intentions.
-    pub inbound: Vec<Option<Arc<MeshTls>>>,
+    /// The certificate files (inbound configs per local service are built from them).
+    pub files: TlsFiles,
 }
 
 impl SidecarTls {
     /// Load the sidecar's certificate; its SPIFFE ID gives the mesh's trust domain and namespace.
-    pub fn load(m: &MtlsDoc, config: &Config) -> anyhow::Result<SidecarTls> {
+    pub fn load(m: &MtlsDoc) -> anyhow::Result<SidecarTls> {
         let files = TlsFiles {
             cert: m.cert.clone(),
             key: m.key.clone(),
@@ -63,44 +65,53 @@ impl SidecarTls {
                 },
             },
         )?;
-        let intentions = Arc::new(config.intentions.clone());
-        let mut inbound = Vec::with_capacity(config.services.len());
-        for s in &config.services {
-            inbound.push(if s.local && s.mtls == ServiceMtls::Enable {
-                Some(MeshTls::load(
-                    files.clone(),
-                    TlsRole::Terminate {
-                        authorizer: Arc::new(IntentionAuthorizer {
-                            intentions: intentions.clone(),
-                            destination: s.name.clone(),
-                        }),
-                    },
-                )?)
-            } else {
-                None
-            });
-        }
         tracing::info!(identity = %id, mode = ?m.mode, "sidecar mTLS on");
         Ok(SidecarTls {
             mode: m.mode,
             outbound,
-            inbound,
+            files,
         })
     }
 
-    /// Every material set, for the file watcher.
-    pub fn all(&self) -> Vec<Arc<MeshTls>> {
-        std::iter::once(self.outbound.clone())
-            .chain(self.inbound.iter().flatten().cloned())
+    /// Inbound TLS per service (same order as `services`): for each local mesh service a server
+    /// config whose client verifier asks that service's intentions.
+    pub fn inbound_for(
+        &self,
+        services: &[Service],
+        intentions: &Arc<Intentions>,
+    ) -> Result<Vec<Option<Arc<MeshTls>>>, crate::tls::TlsError> {
+        services
+            .iter()
+            .map(|s| {
+                if s.local && s.mtls == ServiceMtls::Enable {
+                    MeshTls::load(
+                        self.files.clone(),
+                        TlsRole::Terminate {
+                            authorizer: Arc::new(IntentionAuthorizer {
+                                intentions: intentions.clone(),
+                                destination: s.name.clone(),
+                            }),
+                        },
+                    )
+                    .map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
             .collect()
     }
 }
 
 /// The route, when this connection goes through the mesh mTLS path.
-pub(crate) fn wants_mesh(w: &Worker, client: &TcpStream, listener: usize) -> Option<Route> {
+pub(crate) fn wants_mesh(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    listener: usize,
+) -> Option<Route> {
     let kind = w.shared.config.listeners[listener].kind;
-    let route = decide_route(w, client.as_raw_fd(), listener).ok()?;
-    let services = &w.shared.config.services;
+    let route = decide_route(w, snap, client.as_raw_fd(), listener).ok()?;
+    let services = &snap.services;
     match (kind, route) {
         (ListenerKind::Outbound, Route::Cluster(i)) if services[i].mtls == ServiceMtls::Enable => {
             Some(route)
@@ -125,6 +136,7 @@ struct Served {
 /// A mesh connection: originate or terminate mTLS (or take permissive plaintext), then relay.
 pub(crate) async fn handle(
     w: &Worker,
+    snap: &ConfigSnapshot,
     client: &TcpStream,
     peer: SocketAddr,
     listener: usize,
@@ -148,7 +160,7 @@ pub(crate) async fn handle(
     let result: Result<Served, (Reason, String)> = async {
         sys::set_nonblocking(cfd).map_err(|e| fail(Reason::DownstreamReset, e.to_string()))?;
         let connect = |route| async move {
-            connect_to(w, route).await.map_err(|f| {
+            connect_to(w, snap, route).await.map_err(|f| {
                 fail(
                     f.reason,
                     f.hint.unwrap_or_else(|| f.reason.hint().to_string()),
@@ -159,7 +171,7 @@ pub(crate) async fn handle(
             let Route::Cluster(i) = route else {
                 unreachable!("outbound mesh routes are clusters")
             };
-            let service = &w.shared.config.services[i].name;
+            let service = &snap.services[i].name;
             let up = connect(route).await?;
             let name = rustls::pki_types::ServerName::try_from(service.clone()).map_err(|_| {
                 fail(
@@ -213,7 +225,7 @@ pub(crate) async fn handle(
                 failure: end.reason.map(|r| (r, None)),
             });
         }
-        let Some(mesh) = service.and_then(|i| st.inbound[i].clone()) else {
+        let Some(mesh) = service.and_then(|i| snap.inbound_tls[i].clone()) else {
             return Err(fail(
                 Reason::UnknownDestination,
                 "mesh TLS arrived for a port that is not a local mesh service".into(),

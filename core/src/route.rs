@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::config::Config;
+use crate::config::Service;
 use crate::reason::Reason;
 
 /// The decision for one connection.
@@ -42,12 +42,12 @@ pub struct Routes {
 
 impl Routes {
     /// Build the tables. When two services claim the same address the first one wins.
-    pub fn new(config: &Config) -> Routes {
+    pub fn new(services: &[Service], registry_only: bool) -> Routes {
         let mut r = Routes {
-            registry_only: config.sidecar.as_ref().is_some_and(|s| s.registry_only),
+            registry_only,
             ..Routes::default()
         };
-        for (i, s) in config.services.iter().enumerate() {
+        for (i, s) in services.iter().enumerate() {
             if let (Some(vip), Some(port)) = (s.virtual_ip, s.port) {
                 r.by_dst.entry(SocketAddr::new(vip, port)).or_insert(i);
             }
@@ -120,7 +120,7 @@ pub fn local_candidates(port: u16, pod_ip: IpAddr) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Format;
+    use crate::config::{Config, Format};
 
     fn config(registry_only: bool) -> Config {
         let y = format!(
@@ -132,7 +132,10 @@ mod tests {
     #[test]
     fn outbound_by_vip_or_endpoint() {
         let c = config(false);
-        let r = Routes::new(&c);
+        let r = Routes::new(
+            &c.services,
+            c.sidecar.as_ref().is_some_and(|s| s.registry_only),
+        );
         assert_eq!(
             r.outbound("198.18.100.1:9090".parse().unwrap()),
             Route::Cluster(1)
@@ -155,7 +158,10 @@ mod tests {
             r.outbound("198.18.100.1:9091".parse().unwrap()),
             Route::Passthrough("198.18.100.1:9091".parse().unwrap())
         );
-        let strict = Routes::new(&config(true));
+        let strict = {
+            let c = config(true);
+            Routes::new(&c.services, true)
+        };
         assert_eq!(
             strict.outbound(other),
             Route::Refuse(Reason::UnknownDestination)
@@ -165,7 +171,10 @@ mod tests {
     #[test]
     fn inbound_maps_service_port_to_target_port() {
         let c = config(false);
-        let r = Routes::new(&c);
+        let r = Routes::new(
+            &c.services,
+            c.sidecar.as_ref().is_some_and(|s| s.registry_only),
+        );
         let tp = |i: usize| c.services[i].target_port.or(c.services[i].port).unwrap();
         assert_eq!(
             r.inbound("198.18.0.2:1800".parse().unwrap(), tp),
@@ -183,7 +192,10 @@ mod tests {
                 pod_ip: "198.18.0.2".parse().unwrap()
             }
         );
-        let strict = Routes::new(&config(true));
+        let strict = {
+            let c = config(true);
+            Routes::new(&c.services, true)
+        };
         assert_eq!(
             strict.inbound("198.18.0.2:7000".parse().unwrap(), tp),
             Route::Refuse(Reason::UnknownDestination)

@@ -16,7 +16,8 @@ use anyhow::{bail, Context};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
-use crate::config::{Config, DriverKind};
+use crate::config::{Config, DriverKind, Service};
+use crate::intentions::Intentions;
 use crate::stats::{Snapshot, StatsRegistry};
 use crate::upstream::Cluster;
 use crate::worker;
@@ -24,12 +25,12 @@ use crate::worker;
 /// State shared by all workers and the control thread.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    /// The running configuration.
+    /// The configuration the proxy started with (listeners and settings are fixed for its life;
+    /// services and intentions in force are in `snapshot`).
     pub config: Config,
-    /// Upstream state per service (same order as `config.services`).
-    pub clusters: Vec<Arc<Cluster>>,
-    /// Original-destination lookup for the sidecar listeners.
-    pub routes: crate::route::Routes,
+    /// What can change while running: services, intentions and everything built from them.
+    /// A connection loads it once and keeps it to its end.
+    pub snapshot: arc_swap::ArcSwap<ConfigSnapshot>,
     /// Mesh TLS material per listener (same order as `config.listeners`).
     pub tls: Vec<Option<Arc<crate::tls::MeshTls>>>,
     /// The sidecar's mesh mTLS, when on.
@@ -40,8 +41,138 @@ pub(crate) struct Shared {
     pub active: AtomicUsize,
     /// Stop accepting; workers exit once their connections end.
     pub draining: AtomicBool,
+    /// The control daemon cannot be reached (the last good config stays in force).
+    pub ctl_unreachable: AtomicBool,
     /// The drain deadline passed: close what is left.
     pub force_close: AtomicBool,
+}
+
+/// Services, intentions and what is built from them, swapped as one piece on a config update.
+#[derive(Debug)]
+pub struct ConfigSnapshot {
+    /// Version of the configuration (the control daemon's index; 0 for a file).
+    pub version: u64,
+    /// Services: those of the config file first (static listeners point at them by index), then
+    /// those pushed by the control daemon.
+    pub services: Vec<Service>,
+    /// Intentions in force.
+    pub intentions: Arc<Intentions>,
+    /// Upstream state per service (same order as `services`).
+    pub clusters: Vec<Arc<Cluster>>,
+    /// Original-destination lookup for the sidecar listeners.
+    pub routes: crate::route::Routes,
+    /// Sidecar inbound TLS per service (same order as `services`), for local mesh services.
+    pub inbound_tls: Vec<Option<Arc<crate::tls::MeshTls>>>,
+}
+
+impl ConfigSnapshot {
+    /// Build a snapshot. Upstream state (ejections, connection counts) is kept for services that
+    /// did not change since `previous`.
+    pub(crate) fn build(
+        version: u64,
+        services: Vec<Service>,
+        intentions: Intentions,
+        registry_only: bool,
+        sidecar_tls: Option<&crate::mesh::SidecarTls>,
+        previous: Option<&ConfigSnapshot>,
+    ) -> anyhow::Result<ConfigSnapshot> {
+        let intentions = Arc::new(intentions);
+        let clusters = services
+            .iter()
+            .map(|s| {
+                previous
+                    .and_then(|p| p.clusters.iter().find(|c| c.service == *s))
+                    .cloned()
+                    .unwrap_or_else(|| Cluster::new(s.clone()))
+            })
+            .collect();
+        let inbound_tls = match sidecar_tls {
+            Some(st) => st
+                .inbound_for(&services, &intentions)
+                .context("sidecar mTLS")?,
+            None => vec![None; services.len()],
+        };
+        Ok(ConfigSnapshot {
+            version,
+            routes: crate::route::Routes::new(&services, registry_only),
+            services,
+            intentions,
+            clusters,
+            inbound_tls,
+        })
+    }
+}
+
+impl Shared {
+    fn reload_certs(&self) {
+        for m in self.tls.iter().flatten() {
+            m.reload_if_changed();
+        }
+        if let Some(st) = &self.sidecar_tls {
+            st.outbound.reload_if_changed();
+            for m in self.snapshot.load().inbound_tls.iter().flatten() {
+                m.reload_if_changed();
+            }
+        }
+    }
+}
+
+/// Applies configuration updates to a running proxy.
+#[derive(Debug, Clone)]
+pub struct Updater {
+    shared: Arc<Shared>,
+}
+
+impl Updater {
+    /// Replace the services pushed by the control daemon and the intentions; the services of the
+    /// config file stay first. New connections use the new snapshot at once; connections in flight
+    /// keep the one they started with.
+    pub fn update(
+        &self,
+        version: u64,
+        services: Vec<Service>,
+        intentions: Intentions,
+    ) -> anyhow::Result<()> {
+        let all: Vec<Service> = self
+            .shared
+            .config
+            .services
+            .iter()
+            .cloned()
+            .chain(services)
+            .collect();
+        let previous = self.shared.snapshot.load_full();
+        let snap = ConfigSnapshot::build(
+            version,
+            all,
+            intentions,
+            self.shared
+                .config
+                .sidecar
+                .as_ref()
+                .is_some_and(|s| s.registry_only),
+            self.shared.sidecar_tls.as_ref(),
+            Some(&previous),
+        )?;
+        self.shared.snapshot.store(Arc::new(snap));
+        info!(version, "configuration applied");
+        Ok(())
+    }
+
+    /// Reload certificate files that changed.
+    pub fn reload_certs(&self) {
+        self.shared.reload_certs();
+    }
+
+    /// Whether the proxy is draining (the control client stops then).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(SeqCst)
+    }
+
+    /// Record whether the control daemon is reachable; returns the previous state.
+    pub fn set_ctl_unreachable(&self, unreachable: bool) -> bool {
+        self.shared.ctl_unreachable.swap(unreachable, SeqCst)
+    }
 }
 
 /// A running proxy.
@@ -107,6 +238,15 @@ impl Proxy {
     /// Bind every listener (one `SO_REUSEPORT` socket per worker) and start the workers.
     /// Binding happens here, so a port in use is an error before any thread starts.
     pub fn start(config: Config) -> anyhow::Result<Proxy> {
+        Proxy::start_with(config, None)
+    }
+
+    /// Start with services and intentions (besides the file's) already known, e.g. from the
+    /// control daemon: the proxy is ready only once they are in force.
+    pub fn start_with(
+        config: Config,
+        initial: Option<(u64, Vec<Service>, Intentions)>,
+    ) -> anyhow::Result<Proxy> {
         let driver = resolve_driver(config.proxy.driver)?;
         match crate::sys::raise_nofile_limit() {
             Ok(n) if (n as usize) < config.proxy.max_connections * 2 + 64 => warn!(
@@ -178,37 +318,37 @@ impl Proxy {
         }
         let sidecar_tls = match config.sidecar.as_ref().and_then(|s| s.mtls.as_ref()) {
             None => None,
-            Some(m) => Some(crate::mesh::SidecarTls::load(m, &config).context("sidecar mTLS")?),
+            Some(m) => Some(crate::mesh::SidecarTls::load(m).context("sidecar mTLS")?),
         };
-        let clusters = config.services.iter().cloned().map(Cluster::new).collect();
+        let (version, pushed, intentions) =
+            initial.unwrap_or_else(|| (0, Vec::new(), config.intentions.clone()));
+        let snapshot = ConfigSnapshot::build(
+            version,
+            config.services.iter().cloned().chain(pushed).collect(),
+            intentions,
+            config.sidecar.as_ref().is_some_and(|s| s.registry_only),
+            sidecar_tls.as_ref(),
+            None,
+        )?;
         let shared = Arc::new(Shared {
             tls,
             sidecar_tls,
-            routes: crate::route::Routes::new(&config),
+            snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
             stats: StatsRegistry::new(workers),
             config,
-            clusters,
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            ctl_unreachable: AtomicBool::new(false),
             force_close: AtomicBool::new(false),
         });
-        let watched: Vec<Arc<crate::tls::MeshTls>> = shared
-            .tls
-            .iter()
-            .flatten()
-            .cloned()
-            .chain(shared.sidecar_tls.iter().flat_map(|s| s.all()))
-            .collect();
-        if !watched.is_empty() {
+        if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
             // Certificate files are polled four times a second; a change is loaded for new handshakes.
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("ringside-certs".into())
                 .spawn(move || {
                     while !shared.draining.load(SeqCst) {
-                        for m in &watched {
-                            m.reload_if_changed();
-                        }
+                        shared.reload_certs();
                         std::thread::sleep(Duration::from_millis(250));
                     }
                 })
@@ -274,9 +414,43 @@ impl Proxy {
         self.shared.stats.snapshot()
     }
 
+    /// A handle that applies configuration updates (for the control client's thread).
+    pub fn updater(&self) -> Updater {
+        Updater {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Apply a configuration update (see [`Updater::update`]).
+    pub fn update(
+        &self,
+        version: u64,
+        services: Vec<Service>,
+        intentions: Intentions,
+    ) -> anyhow::Result<()> {
+        self.updater().update(version, services, intentions)
+    }
+
+    /// Whether the control daemon is unreachable now.
+    pub fn ctl_unreachable(&self) -> bool {
+        self.shared.ctl_unreachable.load(SeqCst)
+    }
+
+    /// The configuration in force now.
+    pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Reload certificate files that changed (also done four times a second by a watcher thread).
+    pub fn reload_certs(&self) {
+        self.shared.reload_certs();
+    }
+
     /// Endpoint states of every service (what `/clusters` will show).
     pub fn clusters(&self) -> Vec<ClusterStatus> {
         self.shared
+            .snapshot
+            .load()
             .clusters
             .iter()
             .map(|c| ClusterStatus {

@@ -162,6 +162,19 @@ impl Material {
             roots.add(c).map_err(|e| file_err(&files.ca, e))?;
         }
         let info = CertInfo::from_der(&chain[0]).map_err(|m| file_err(&files.cert, m))?;
+        // A key and certificate caught in the middle of a replacement do not belong together.
+        let signing = provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| file_err(&files.key, e))?;
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match()
+        {
+            return Err(file_err(
+                &files.key,
+                format!("this key does not belong to {}", files.cert.display()),
+            ));
+        }
         Ok(Material {
             id: info.spiffe_id(),
             not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(info.not_after.max(0) as u64),
@@ -538,7 +551,12 @@ impl MeshTls {
         if now == *stamp {
             return false;
         }
-        match Material::load(&self.files).and_then(|m| Built::new(m, &self.role)) {
+        let loaded = Material::load(&self.files).and_then(|m| Built::new(m, &self.role));
+        if file_stamps(&self.files) != now {
+            // Replaced while being read: take it on the next look, once it is complete.
+            return false;
+        }
+        match loaded {
             Ok(b) => {
                 tracing::info!(
                     cert = %self.files.cert.display(),

@@ -20,7 +20,7 @@ use crate::config::{DriverKind, ListenerKind, TlsMode};
 use crate::reason::Reason;
 use crate::relay::{relay, Pools, RelayCtx};
 use crate::route::{local_candidates, Route};
-use crate::server::Shared;
+use crate::server::{ConfigSnapshot, Shared};
 use crate::stats::WorkerStats;
 use crate::sys;
 use crate::tls::MeshTls;
@@ -181,10 +181,15 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, index: usize) {
 }
 
 async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
+    // The configuration this connection lives with, whatever updates arrive meanwhile.
+    let snap = w.shared.snapshot.load_full();
     if w.shared.sidecar_tls.is_some() {
-        if let Some(route) = crate::mesh::wants_mesh(&w, &client, listener) {
+        if let Some(route) = crate::mesh::wants_mesh(&w, &snap, &client, listener) {
             // Boxed: TLS state is large and only mesh connections need it.
-            Box::pin(crate::mesh::handle(&w, &client, peer, listener, route)).await;
+            Box::pin(crate::mesh::handle(
+                &w, &snap, &client, peer, listener, route,
+            ))
+            .await;
             drop(client);
             finish(&w);
             return;
@@ -192,7 +197,7 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
     }
     if let Some(mesh) = w.shared.tls[listener].clone() {
         // Boxed: TLS state is large and only TLS listeners need it.
-        Box::pin(handle_tls(&w, &client, peer, listener, mesh)).await;
+        Box::pin(handle_tls(&w, &snap, &client, peer, listener, mesh)).await;
         drop(client);
         finish(&w);
         return;
@@ -206,7 +211,7 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
         }
         // Boxed: connecting is short, and inline its state would size the task for the
         // connection's whole life.
-        Ok(()) => Box::pin(connect_route(&w, cfd, listener)).await,
+        Ok(()) => Box::pin(connect_route(&w, &snap, cfd, listener)).await,
     };
     match outcome {
         Err(f) => {
@@ -258,6 +263,7 @@ pub(crate) fn finish(w: &Worker) {
 /// originate (connect, then handshake with the upstream), then relay plaintext <-> TLS.
 async fn handle_tls(
     w: &Worker,
+    snap: &ConfigSnapshot,
     client: &TcpStream,
     peer: SocketAddr,
     listener: usize,
@@ -297,7 +303,7 @@ async fn handle_tls(
                     .borrow()
                     .peer_certificates()
                     .and_then(|c| c.first().and_then(|c| crate::tls::spiffe_of(c)));
-                let up = connect_route(w, cfd, listener).await.map_err(|f| {
+                let up = connect_route(w, snap, cfd, listener).await.map_err(|f| {
                     (
                         f.reason,
                         f.hint.unwrap_or_else(|| f.reason.hint().to_string()),
@@ -308,7 +314,7 @@ async fn handle_tls(
                 Ok((end, up.addr, peer_id.map(|i| i.to_string())))
             }
             TlsMode::Origin => {
-                let up = connect_route(w, cfd, listener).await.map_err(|f| {
+                let up = connect_route(w, snap, cfd, listener).await.map_err(|f| {
                     (
                         f.reason,
                         f.hint.unwrap_or_else(|| f.reason.hint().to_string()),
@@ -409,16 +415,18 @@ impl From<Reason> for Failure {
 /// listeners) and connect there.
 pub(crate) async fn connect_route(
     w: &Worker,
+    snap: &ConfigSnapshot,
     cfd: std::os::fd::RawFd,
     listener: usize,
 ) -> Result<Upstream, Failure> {
-    let route = decide_route(w, cfd, listener)?;
-    connect_to(w, route).await
+    let route = decide_route(w, snap, cfd, listener)?;
+    connect_to(w, snap, route).await
 }
 
 /// Where the connection goes: the listener's service, or the route of its original destination.
 pub(crate) fn decide_route(
     w: &Worker,
+    snap: &ConfigSnapshot,
     cfd: std::os::fd::RawFd,
     listener: usize,
 ) -> Result<Route, Failure> {
@@ -437,9 +445,9 @@ pub(crate) fn decide_route(
                     )),
                 })
             }
-            Ok(orig) if l.kind == ListenerKind::Outbound => shared.routes.outbound(orig),
-                        Ok(orig) => shared.routes.inbound(orig, |i| {
-                let s = &shared.config.services[i];
+            Ok(orig) if l.kind == ListenerKind::Outbound => snap.routes.outbound(orig),
+            Ok(orig) => snap.routes.inbound(orig, |i| {
+                let s = &snap.services[i];
                 s.target_port.or(s.port).unwrap_or(orig.port())
             }),
         },
@@ -448,11 +456,14 @@ pub(crate) fn decide_route(
 }
 
 /// Connect where the route says.
-pub(crate) async fn connect_to(w: &Worker, route: Route) -> Result<Upstream, Failure> {
-    let shared = &w.shared;
+pub(crate) async fn connect_to(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    route: Route,
+) -> Result<Upstream, Failure> {
     match route {
         Route::Cluster(i) => {
-            let cluster = &shared.clusters[i];
+            let cluster = &snap.clusters[i];
             connect_upstream(w, cluster)
                 .await
                 .map_err(|reason| Failure {
@@ -503,10 +514,8 @@ pub(crate) async fn connect_to(w: &Worker, route: Route) -> Result<Upstream, Fai
             let listening = crate::listening::listening();
             Err(Failure {
                 reason: Reason::AppNotListening,
-                destination: service.map_or_else(
-                    || format!("port {port}"),
-                    |i| shared.config.services[i].name.clone(),
-                ),
+                destination: service
+                    .map_or_else(|| format!("port {port}"), |i| snap.services[i].name.clone()),
                 hint: Some(crate::listening::app_hint(port, &listening, &candidates)),
             })
         }
@@ -621,17 +630,22 @@ mod size_probe {
             let shared = std::sync::Arc::new(crate::server::Shared {
                 tls: vec![None],
                 sidecar_tls: None,
-                routes: crate::route::Routes::new(&config),
-                clusters: config
-                    .services
-                    .iter()
-                    .cloned()
-                    .map(crate::upstream::Cluster::new)
-                    .collect(),
+                snapshot: arc_swap::ArcSwap::from_pointee(
+                    crate::server::ConfigSnapshot::build(
+                        0,
+                        config.services.clone(),
+                        config.intentions.clone(),
+                        false,
+                        None,
+                        None,
+                    )
+                    .unwrap(),
+                ),
                 config,
                 stats: crate::stats::StatsRegistry::new(1),
                 active: Default::default(),
                 draining: Default::default(),
+                ctl_unreachable: Default::default(),
                 force_close: Default::default(),
             });
             let w = std::rc::Rc::new(super::Worker {

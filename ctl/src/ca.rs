@@ -49,7 +49,15 @@ pub struct Ca {
 impl Ca {
     /// Load `ca.pem` and `ca.key` from `dir`, or create them (key mode 0600) when absent.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Ca, CaError> {
-        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+        Ca::load_or_create_named(dir, "ca", trust_domain)
+    }
+
+    /// Load `<name>.pem` and `<name>.key` from `dir`, or create them.
+    fn load_or_create_named(dir: &Path, name: &str, trust_domain: &str) -> Result<Ca, CaError> {
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         if cert_path.exists() && key_path.exists() {
             let read = |p: &Path| {
                 std::fs::read_to_string(p).map_err(|source| CaError::Io {
@@ -70,9 +78,10 @@ impl Ca {
         })?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("ringside CA {trust_domain}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("ringside CA {trust_domain} ({name})"),
+        );
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -132,6 +141,140 @@ impl Ca {
     }
 }
 
+/// Which roots exist and which one signs, kept in `state.json` beside them (replaced atomically).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RootsState {
+    /// The root that signs leaves.
+    pub signer: String,
+    /// Roots proxies trust (the signer among them).
+    pub trusted: Vec<String>,
+}
+
+/// Where a CA rollover stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationPhase {
+    /// One root, nothing in progress.
+    Idle,
+    /// A new root is trusted beside the old one, which still signs.
+    NewTrusted,
+    /// The new root signs; the old one is still trusted until every leaf is re-issued.
+    NewSigning,
+}
+
+/// The mesh CA with its roots: one signs, one or two are trusted (two during a rollover).
+#[derive(Debug)]
+pub struct Authority {
+    dir: PathBuf,
+    trust_domain: String,
+    state: RootsState,
+    signer: Ca,
+    trusted_pem: Vec<String>,
+}
+
+impl Authority {
+    /// Load the roots in `dir` (creating the first one when there is none).
+    pub fn open(dir: &Path, trust_domain: &str) -> Result<Authority, CaError> {
+        let state_path = dir.join("state.json");
+        let state = match std::fs::read_to_string(&state_path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map_err(|e| CaError::Cert(format!("{}: {e}", state_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RootsState {
+                signer: "ca".into(),
+                trusted: vec!["ca".into()],
+            },
+            Err(source) => {
+                return Err(CaError::Io {
+                    path: state_path,
+                    source,
+                })
+            }
+        };
+        Authority::with_state(dir, trust_domain, state)
+    }
+
+    fn with_state(dir: &Path, trust_domain: &str, state: RootsState) -> Result<Authority, CaError> {
+        let signer = Ca::load_or_create_named(dir, &state.signer, trust_domain)?;
+        let mut trusted_pem = Vec::new();
+        for id in &state.trusted {
+            trusted_pem.push(Ca::load_or_create_named(dir, id, trust_domain)?.cert_pem);
+        }
+        Ok(Authority {
+            dir: dir.to_path_buf(),
+            trust_domain: trust_domain.to_string(),
+            state,
+            signer,
+            trusted_pem,
+        })
+    }
+
+    /// The trust bundle (PEM, every trusted root).
+    pub fn bundle(&self) -> String {
+        self.trusted_pem.concat()
+    }
+
+    /// The signing root.
+    pub fn signer(&self) -> &Ca {
+        &self.signer
+    }
+
+    /// Which roots exist and which signs.
+    pub fn state(&self) -> &RootsState {
+        &self.state
+    }
+
+    /// Where a rollover stands.
+    pub fn phase(&self) -> RotationPhase {
+        match self.state.trusted.as_slice() {
+            [_] => RotationPhase::Idle,
+            [first, ..] if *first == self.state.signer => RotationPhase::NewTrusted,
+            _ => RotationPhase::NewSigning,
+        }
+    }
+
+    /// Take the next rollover step: Idle -> NewTrusted (a new root, trusted, not signing) ->
+    /// NewSigning (the new root signs) -> Idle (the old root retired). Returns the new phase.
+    pub fn advance(&mut self) -> Result<RotationPhase, CaError> {
+        let next = match self.phase() {
+            RotationPhase::Idle => {
+                let id = format!(
+                    "root-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or(0)
+                );
+                RootsState {
+                    signer: self.state.signer.clone(),
+                    trusted: vec![self.state.signer.clone(), id],
+                }
+            }
+            RotationPhase::NewTrusted => RootsState {
+                signer: self.state.trusted[1].clone(),
+                trusted: self.state.trusted.clone(),
+            },
+            RotationPhase::NewSigning => RootsState {
+                signer: self.state.signer.clone(),
+                trusted: vec![self.state.signer.clone()],
+            },
+        };
+        // Create the files first, then switch the state file in one rename.
+        let loaded = Authority::with_state(&self.dir, &self.trust_domain, next.clone())?;
+        let tmp = self.dir.join("state.json.tmp");
+        let io = |source| CaError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let text = serde_json::to_string(&next).map_err(cert_err)?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join("state.json")).map_err(io)?;
+        *self = loaded;
+        Ok(self.phase())
+    }
+}
+
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
@@ -168,6 +311,30 @@ mod tests {
         let d = std::env::temp_dir().join(format!("ringctl-ca-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn rollover_trusts_both_roots_then_retires_the_old_one() {
+        let d = dir("rollover");
+        let mut a = Authority::open(&d, "dc1").unwrap();
+        let first = a.signer().cert_pem.clone();
+        assert_eq!(a.phase(), RotationPhase::Idle);
+        assert_eq!(a.advance().unwrap(), RotationPhase::NewTrusted);
+        assert_eq!(a.signer().cert_pem, first, "the old root still signs");
+        assert_eq!(a.bundle().matches("BEGIN CERTIFICATE").count(), 2);
+        // The state survives a restart.
+        let mut a = Authority::open(&d, "dc1").unwrap();
+        assert_eq!(a.phase(), RotationPhase::NewTrusted);
+        assert_eq!(a.advance().unwrap(), RotationPhase::NewSigning);
+        assert_ne!(a.signer().cert_pem, first, "the new root signs");
+        assert!(a.bundle().contains(&first), "the old root is still trusted");
+        assert_eq!(a.advance().unwrap(), RotationPhase::Idle);
+        assert!(!a.bundle().contains(&first), "the old root is retired");
+        assert_eq!(a.bundle(), a.signer().cert_pem);
+        let a = Authority::open(&d, "dc1").unwrap();
+        assert_eq!(a.phase(), RotationPhase::Idle);
+        assert_ne!(a.signer().cert_pem, first);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -384,6 +384,16 @@ pub fn intentions(docs: &[Document]) -> Vec<Intention> {
         .collect()
 }
 
+/// The protocol a service is declared with (`ServiceDefaults`), `tcp` when undeclared.
+pub fn protocol_of(docs: &[Document], service: &str) -> Protocol {
+    docs.iter()
+        .find_map(|d| match d {
+            Document::ServiceDefaults { name, spec } if name == service => Some(spec.protocol),
+            _ => None,
+        })
+        .unwrap_or(Protocol::Tcp)
+}
+
 fn strip_location(message: &str) -> String {
     match message.find(" at line ") {
         Some(i) => message[..i].to_string(),

@@ -18,79 +18,290 @@ use hyper::{Method, Request, Response, StatusCode};
 use crate::consul;
 use crate::store::Store;
 
-/// Default API socket.
+/// Default API socket (operators; authorized by its file permissions).
 pub const DEFAULT_SOCKET: &str = "/run/ringside/ctl.sock";
+/// Default proxy socket (proxies; every request carries a proxy token).
+pub const DEFAULT_PROXY_SOCKET: &str = "/run/ringside/proxy.sock";
+/// The longest a proxy's config watch is held open.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A proxy that has not reported for this long is not counted as live (they report at least
+/// every 10 s).
+pub const LIVE_FOR_SECS: i64 = 30;
 
 /// What the daemon serves from.
 #[derive(Debug)]
 pub struct State {
     /// The store.
     pub store: Store,
-    /// The certificate authority.
-    pub ca: crate::ca::Ca,
+    /// The certificate authority and its roots.
+    pub ca: std::sync::RwLock<crate::ca::Authority>,
     /// Virtual IP range (network, prefix length).
     pub vip_range: (std::net::Ipv4Addr, u8),
+    /// Lifetime of issued leaf certificates.
+    pub leaf_lifetime: std::time::Duration,
+    /// The configuration index, for proxies watching it.
+    pub changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl State {
+    /// Tell watching proxies that the index moved.
+    fn notify(&self) {
+        if let Ok(i) = self.store.index() {
+            self.changed.send_replace(i);
+        }
+    }
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Directory of the store and the CA.
+    pub data_dir: PathBuf,
+    /// Operator API socket.
+    pub socket: PathBuf,
+    /// Proxy API socket.
+    pub proxy_socket: PathBuf,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Virtual IP range.
+    pub vip_range: (std::net::Ipv4Addr, u8),
+    /// Leaf lifetime.
+    pub leaf_lifetime: std::time::Duration,
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
-pub fn run(
-    data_dir: &Path,
-    socket: &Path,
-    trust_domain: &str,
-    vip_range: (std::net::Ipv4Addr, u8),
-) -> anyhow::Result<()> {
-    let store = Store::open(data_dir)?;
-    let ca = crate::ca::Ca::load_or_create(&data_dir.join("ca"), trust_domain)?;
+pub fn run(o: &Options) -> anyhow::Result<()> {
+    let store = Store::open(&o.data_dir)?;
+    let ca = crate::ca::Authority::open(&o.data_dir.join("ca"), &o.trust_domain)?;
+    let index = store.index()?;
     let state = Arc::new(State {
         store,
-        ca,
-        vip_range,
+        ca: std::sync::RwLock::new(ca),
+        vip_range: o.vip_range,
+        leaf_lifetime: o.leaf_lifetime,
+        changed: tokio::sync::watch::Sender::new(index),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(state, socket.to_path_buf()))
+    rt.block_on(serve(state, o.socket.clone(), o.proxy_socket.clone()))
 }
 
-async fn serve(state: Arc<State>, socket: PathBuf) -> anyhow::Result<()> {
-    let store = state.clone();
+fn bind(socket: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
     // A socket file left by a killed daemon is stale: nothing accepts on it.
-    if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::fs::remove_file(&socket)?;
+    if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_err() {
+        std::fs::remove_file(socket)?;
     }
-    let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| {
+    let listener = tokio::net::UnixListener::bind(socket).map_err(|e| {
         anyhow::anyhow!(
             "cannot listen on {}: {e} (is another ringctl daemon running?)",
             socket.display()
         )
     })?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+async fn serve(state: Arc<State>, socket: PathBuf, proxy_socket: PathBuf) -> anyhow::Result<()> {
+    let admin = bind(&socket, 0o660)?;
+    // Any local process may connect; every request must carry a proxy token.
+    let proxies = bind(&proxy_socket, 0o666)?;
     eprintln!(
-        "ringctl daemon: listening on {} (config index {})",
+        "ringctl daemon: listening on {} (operators) and {} (proxies), config index {}",
         socket.display(),
-        store.store.index()?
+        proxy_socket.display(),
+        state.store.index()?
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => r?,
+        let (stream, for_proxies) = tokio::select! {
+            r = admin.accept() => (r?.0, false),
+            r = proxies.accept() => (r?.0, true),
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
-        let store = store.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let svc = hyper::service::service_fn(move |req| handle(req, store.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    if for_proxies {
+                        handle_proxy(req, state).await
+                    } else {
+                        handle(req, state).await
+                    }
+                }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)
                 .await;
         });
     }
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&proxy_socket);
     Ok(())
+}
+
+fn query_param(query: &str, k: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(a, _)| *a == k)
+        .map(|(_, v)| v.to_string())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The certificate generation a service's leaves must have: bumped for every service by a CA
+/// rollover or `cert rotate`, for one by `cert rotate --service`.
+fn cert_generation(store: &Store, service: &str) -> Result<u64, crate::store::StoreError> {
+    Ok(store.meta("certgen")? + store.meta(&format!("certgen/{service}"))?)
+}
+
+/// Everything a proxy of `service` needs: the catalog, the intentions, the trust bundle and the
+/// certificate generation, at the current index.
+pub fn proxy_config(state: &State, service: &str) -> Result<serde_json::Value, String> {
+    let store = &state.store;
+    let index = store.index().map_err(|e| e.to_string())?;
+    let docs = store.typed().map_err(|e| e.to_string())?;
+    let services = store.services().map_err(|e| e.to_string())?;
+    let endpoints = store.endpoints().map_err(|e| e.to_string())?;
+    let intentions = ringside_core::intentions::Intentions {
+        rules: consul::intentions(&docs),
+        default: ringside_core::intentions::Action::Deny,
+    };
+    let catalog: Vec<serde_json::Value> = services
+        .iter()
+        .map(|s| {
+            let eps: Vec<String> = endpoints
+                .iter()
+                .filter(|e| e.service == s.name && e.healthy)
+                .map(|e| e.address.to_string())
+                .collect();
+            serde_json::json!({
+                "name": s.name,
+                "virtual_ip": s.virtual_ip,
+                "ports": s.ports,
+                "endpoints": eps,
+                "protocol": consul::protocol_of(&docs, &s.name),
+            })
+        })
+        .collect();
+    let (bundle, trust_domain) = {
+        let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
+        (ca.bundle(), ca.signer().trust_domain.clone())
+    };
+    Ok(serde_json::json!({
+        "index": index,
+        "service": service,
+        "trust_domain": trust_domain,
+        "services": catalog,
+        "intentions": intentions,
+        "bundle": bundle,
+        "cert_generation": cert_generation(store, service).map_err(|e| e.to_string())?,
+    }))
+}
+
+/// The proxy API: config watch, certificate signing, reports. Every request carries a token.
+async fn handle_proxy(
+    req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let store = &state.store;
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let service = match token.map(|t| store.token_service(&token_hash(&t))) {
+        None => {
+            return Ok(error(
+                StatusCode::UNAUTHORIZED,
+                "a proxy token is required (Authorization: Bearer)",
+            ))
+        }
+        Some(Err(e)) => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Some(Ok(None)) => return Ok(error(StatusCode::FORBIDDEN, "unknown token")),
+        Some(Ok(Some(s))) => s,
+    };
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let method = req.method().clone();
+    let resp = match (method, path.as_str()) {
+        (Method::GET, "/v1/proxy/config") => {
+            let after: u64 = query_param(&query, "index")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let wait = query_param(&query, "wait")
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_secs)
+                .unwrap_or_default()
+                .min(MAX_WAIT);
+            let mut rx = state.changed.subscribe();
+            // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
+            let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
+            match proxy_config(&state, &service) {
+                Ok(v) => json(StatusCode::OK, v),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (Method::POST, "/v1/proxy/sign") => {
+            let body = match req.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
+            };
+            sign(&state, &service, &String::from_utf8_lossy(&body))
+        }
+        (Method::POST, "/v1/proxy/report") => {
+            match body_json::<crate::store::ProxyRecord>(req).await {
+                Err(r) => r,
+                Ok(mut rec) => {
+                    rec.service = service.clone();
+                    rec.last_seen = unix_now();
+                    let node = rec.id.clone();
+                    match store.report_proxy(&rec, &node) {
+                        Ok(changed) => {
+                            if changed {
+                                state.notify();
+                            }
+                            json(StatusCode::OK, serde_json::json!({ "ok": true }))
+                        }
+                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                    }
+                }
+            }
+        }
+        (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),
+    };
+    Ok(resp)
+}
+
+fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
+    let generation = match cert_generation(&state.store, service) {
+        Ok(g) => g,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
+    match ca
+        .signer()
+        .sign_csr(csr, "default", service, state.leaf_lifetime)
+    {
+        Ok(cert) => json(
+            StatusCode::OK,
+            serde_json::json!({ "service": service, "cert": cert, "bundle": ca.bundle(), "cert_generation": generation }),
+        ),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -159,16 +370,41 @@ async fn handle(
             match consul::parse(&text) {
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("{e}; nothing applied")),
                 Ok(docs) => match store.apply(&docs) {
-                    Ok(index) => json(
-                        StatusCode::OK,
-                        serde_json::json!({ "applied": docs.iter().map(|d| d.id()).collect::<Vec<_>>(), "index": index }),
-                    ),
+                    Ok(index) => {
+                        state.notify();
+                        json(
+                            StatusCode::OK,
+                            serde_json::json!({ "applied": docs.iter().map(|d| d.id()).collect::<Vec<_>>(), "index": index }),
+                        )
+                    }
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
                 },
             }
         }
         (Method::GET, "/v1/config") => match store.documents() {
             Ok(d) => json(StatusCode::OK, serde_json::Value::Array(d)),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        (Method::GET, "/v1/intentions") => match store.typed() {
+            Ok(docs) => {
+                let set = ringside_core::intentions::Intentions {
+                    rules: consul::intentions(&docs),
+                    default: ringside_core::intentions::Action::Deny,
+                };
+                let rules: Vec<serde_json::Value> = set
+                    .rules
+                    .iter()
+                    .map(|r| {
+                        let mut v = serde_json::to_value(r).unwrap_or_default();
+                        v["precedence"] = serde_json::json!(r.precedence());
+                        v
+                    })
+                    .collect();
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "rules": rules, "default": set.default }),
+                )
+            }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         (Method::GET, "/v1/index") => match store.index() {
@@ -178,7 +414,10 @@ async fn handle(
         (Method::DELETE, p) if p.starts_with("/v1/config/") => {
             let id = &p["/v1/config/".len()..];
             match store.delete(id) {
-                Ok(true) => json(StatusCode::OK, serde_json::json!({ "deleted": id })),
+                Ok(true) => {
+                    state.notify();
+                    json(StatusCode::OK, serde_json::json!({ "deleted": id }))
+                }
                 Ok(false) => error(StatusCode::NOT_FOUND, format!("{id} is not stored")),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
@@ -215,7 +454,10 @@ async fn handle(
         (Method::POST, "/v1/services") => match body_json::<ServiceReq>(req).await {
             Err(r) => r,
             Ok(r) => match store.register_service(&r.name, r.ports, state.vip_range) {
-                Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
+                Ok(s) => {
+                    state.notify();
+                    json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default())
+                }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
         },
@@ -226,7 +468,10 @@ async fn handle(
         (Method::POST, "/v1/endpoints") => match body_json::<crate::store::Endpoint>(req).await {
             Err(r) => r,
             Ok(ep) => match store.register_endpoint(&ep) {
-                Ok(()) => json(StatusCode::OK, serde_json::to_value(ep).unwrap_or_default()),
+                Ok(()) => {
+                    state.notify();
+                    json(StatusCode::OK, serde_json::to_value(ep).unwrap_or_default())
+                }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
         },
@@ -275,16 +520,69 @@ async fn handle(
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
             };
-            let csr = String::from_utf8_lossy(&body);
-            match state
-                .ca
-                .sign_csr(&csr, "default", &service, crate::ca::DEFAULT_LEAF_LIFETIME)
-            {
-                Ok(cert) => json(
-                    StatusCode::OK,
-                    serde_json::json!({ "service": service, "cert": cert, "bundle": state.ca.cert_pem }),
-                ),
-                Err(e) => error(StatusCode::BAD_REQUEST, e),
+            sign(&state, &service, &String::from_utf8_lossy(&body))
+        }
+        (Method::GET, "/v1/proxies") => match store.proxies() {
+            Ok(list) => {
+                let now = unix_now();
+                let rows: Vec<serde_json::Value> = list
+                    .into_iter()
+                    .map(|p| {
+                        let mut v = serde_json::to_value(&p).unwrap_or_default();
+                        v["live"] = serde_json::Value::Bool(now - p.last_seen <= LIVE_FOR_SECS);
+                        v["cert_expires_in_s"] = serde_json::json!(p.cert_not_after - now);
+                        v
+                    })
+                    .collect();
+                json(StatusCode::OK, serde_json::Value::Array(rows))
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
+        (Method::POST, "/v1/certs/rotate") => {
+            let key = match query_param(&query, "service") {
+                Some(s) => format!("certgen/{s}"),
+                None => "certgen".to_string(),
+            };
+            match store.bump_meta(&key) {
+                Ok(_) => {
+                    state.notify();
+                    let index = store.index().unwrap_or(0);
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({ "rotated": query_param(&query, "service").unwrap_or_else(|| "*".into()), "index": index }),
+                    )
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (Method::GET, "/v1/ca") => {
+            let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "phase": ca.phase(), "roots": ca.state(), "bundle": ca.bundle(), "generation": store.meta("certgen").unwrap_or(0), "index": store.index().unwrap_or(0) }),
+            )
+        }
+        (Method::POST, "/v1/ca/rotate") => {
+            // One rollover step; moving to "the new root signs" re-issues every leaf.
+            let step = {
+                let mut ca = state.ca.write().unwrap_or_else(|p| p.into_inner());
+                ca.advance().map_err(|e| e.to_string())
+            };
+            let bumped = match step {
+                Ok(crate::ca::RotationPhase::NewSigning) => store.bump_meta("certgen").map(|_| ()),
+                Ok(_) => store.bump_index().map(|_| ()),
+                Err(e) => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+            };
+            match bumped {
+                Ok(()) => {
+                    state.notify();
+                    let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({ "phase": ca.phase(), "roots": ca.state(), "generation": store.meta("certgen").unwrap_or(0), "index": store.index().unwrap_or(0) }),
+                    )
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }
         (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),
@@ -310,30 +608,12 @@ pub fn call_with(
     body: Option<String>,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the daemon at {}: {e} (is `ringctl daemon` running? --socket sets the path)",
-                socket.display()
-            )
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-                let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "ringctl");
-        if let Some(t) = token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        Ok((status, v))
-    })
+    ringside_core::control::http_call(
+        socket,
+        method.as_str(),
+        path,
+        body,
+        token,
+        std::time::Duration::from_secs(30),
+    )
 }

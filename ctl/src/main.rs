@@ -42,6 +42,13 @@ enum Command {
         /// Virtual IPs for services are allocated from this IPv4 range.
         #[arg(long, default_value = "240.0.0.0/16", value_parser = parse_range)]
         vip_range: (std::net::Ipv4Addr, u8),
+        /// Proxy API socket (mode 0666; every request needs a proxy token). Default: `proxy.sock`
+        /// beside --socket (/run/ringside/proxy.sock).
+        #[arg(long)]
+        proxy_socket: Option<PathBuf>,
+        /// Lifetime of issued leaf certificates (proxies renew at about half of it).
+        #[arg(long, default_value = "72h", value_parser = humantime_parse)]
+        leaf_lifetime: std::time::Duration,
     },
     /// Register a service (ports as PORT or PORT:TARGET_PORT) or an endpoint.
     Register {
@@ -136,6 +143,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Workload certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
     /// Validate ringside configuration files (TOML or YAML).
     Validate {
         /// Files to check.
@@ -206,7 +218,37 @@ fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
 }
 
 #[derive(Subcommand, Debug)]
+enum CertCommand {
+    /// Make proxies re-issue their certificates now (all, or one service's).
+    Rotate {
+        /// Only this service's proxies.
+        #[arg(long)]
+        service: Option<String>,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum CaCommand {
+    /// Roll the daemon's root over without dropping a connection: a new root is trusted beside
+    /// the old one, every live proxy takes the new bundle, the new root starts signing and every
+    /// leaf is re-issued, then the old root is retired. Interrupted, it continues where it stopped.
+    Rotate {
+        /// The longest to wait for the proxies at each step.
+        #[arg(long, value_parser = humantime_parse, default_value = "120s")]
+        timeout: std::time::Duration,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show the daemon's roots and any rollover in progress.
+    Show {
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Create the root in DIR (ca.pem, ca.key with mode 0600), or load it; print the root.
     Init {
         /// Directory for ca.pem and ca.key.
@@ -263,8 +305,125 @@ fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(secs))
 }
 
+/// Wait until every live proxy satisfies `ok` (or `timeout` passes).
+fn wait_proxies(
+    socket: &std::path::Path,
+    timeout: std::time::Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    loop {
+        let (status, v) = daemon::call(socket, hyper::Method::GET, "/v1/proxies", None)
+            .map_err(|e| format!("{e:#}"))?;
+        if status != 200 {
+            return Err(format!("cannot list proxies ({status})"));
+        }
+        let behind: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["live"].as_bool() == Some(true) && !ok(p))
+            .map(|p| p["id"].as_str().unwrap_or("?").to_string())
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "{} live proxies have not {what} after {timeout:?}: {}; run `ringctl ca rotate` again to continue",
+                behind.len(),
+                behind.join(", ")
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(), String> {
+    let get = |method, path: &str| -> Result<serde_json::Value, String> {
+        match daemon::call(socket, method, path, None) {
+            Ok((200, v)) => Ok(v),
+            Ok((status, v)) => Err(format!(
+                "{} ({status})",
+                v["error"].as_str().unwrap_or("request failed")
+            )),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    };
+    let mut state = get(hyper::Method::GET, "/v1/ca")?;
+    let mut started = false;
+    loop {
+        match state["phase"].as_str().unwrap_or("") {
+            "idle" if started => {
+                println!(
+                    "rollover done: signer {}",
+                    state["roots"]["signer"].as_str().unwrap_or("")
+                );
+                return Ok(());
+            }
+            "idle" => {
+                state = get(hyper::Method::POST, "/v1/ca/rotate")?;
+                println!(
+                    "1/3 new root {} trusted beside the old one",
+                    state["roots"]["trusted"][1].as_str().unwrap_or("")
+                );
+            }
+            "new_trusted" => {
+                let index = state["index"].as_u64().unwrap_or(0);
+                wait_proxies(socket, timeout, "taken the new trust bundle", |p| {
+                    p["applied_index"].as_u64().unwrap_or(0) >= index
+                })?;
+                state = get(hyper::Method::POST, "/v1/ca/rotate")?;
+                println!(
+                    "2/3 every live proxy trusts both roots; the new root {} signs, leaves are being re-issued",
+                    state["roots"]["signer"].as_str().unwrap_or("")
+                );
+            }
+            "new_signing" => {
+                let generation = state["generation"].as_u64().unwrap_or(0);
+                wait_proxies(socket, timeout, "re-issued their certificates", |p| {
+                    p["cert_generation"].as_u64().unwrap_or(0) >= generation
+                })?;
+                state = get(hyper::Method::POST, "/v1/ca/rotate")?;
+                println!(
+                    "3/3 every live proxy has a leaf from the new root; the old root is retired"
+                );
+            }
+            other => return Err(format!("unknown rollover phase '{other}'")),
+        }
+        started = true;
+    }
+}
+
 fn run_ca(command: CaCommand) -> Result<(), String> {
     match command {
+        CaCommand::Rotate { timeout, socket } => ca_rotate(&socket, timeout),
+        CaCommand::Show { socket } => {
+            match daemon::call(&socket, hyper::Method::GET, "/v1/ca", None) {
+                Ok((200, v)) => {
+                    println!("phase:   {}", v["phase"].as_str().unwrap_or(""));
+                    println!("signer:  {}", v["roots"]["signer"].as_str().unwrap_or(""));
+                    println!(
+                        "trusted: {}",
+                        v["roots"]["trusted"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|t| t.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    println!("leaf generation: {}", v["generation"]);
+                    Ok(())
+                }
+                Ok((status, v)) => Err(format!(
+                    "{} ({status})",
+                    v["error"].as_str().unwrap_or("request failed")
+                )),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        }
         CaCommand::Init { dir, trust_domain } => {
             let ca = ca::Ca::load_or_create(&dir, &trust_domain).map_err(|e| e.to_string())?;
             print!("{}", ca.cert_pem);
@@ -486,7 +645,21 @@ fn main() -> ExitCode {
             socket,
             trust_domain,
             vip_range,
-        } => match daemon::run(&data_dir, &socket, &trust_domain, vip_range) {
+            proxy_socket,
+            leaf_lifetime,
+        } => match daemon::run(&daemon::Options {
+            proxy_socket: proxy_socket.unwrap_or_else(|| {
+                socket
+                    .parent()
+                    .map(|d| d.join("proxy.sock"))
+                    .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_PROXY_SOCKET))
+            }),
+            data_dir,
+            socket,
+            trust_domain,
+            vip_range,
+            leaf_lifetime,
+        }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringctl daemon: {e:#}");
@@ -524,8 +697,10 @@ fn main() -> ExitCode {
                 "config" => "/v1/config",
                 "services" => "/v1/services",
                 "endpoints" => "/v1/endpoints",
+                "intentions" => "/v1/intentions",
+                "proxies" => "/v1/proxies",
                 other => {
-                    eprintln!("ringctl get: '{other}' is not known (config, services, endpoints)");
+                    eprintln!("ringctl get: '{other}' is not known (config, services, endpoints, intentions, proxies)");
                     return ExitCode::FAILURE;
                 }
             };
@@ -533,6 +708,46 @@ fn main() -> ExitCode {
             report(
                 daemon::call(&socket, hyper::Method::GET, path, None),
                 move |v| {
+                    if output.as_deref() != Some("json") && table == "intentions" {
+                        println!(
+                            "{:<20} {:<20} {:<6} PRECEDENCE",
+                            "SOURCE", "DESTINATION", "ACTION"
+                        );
+                        for r in v["rules"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<20} {:<20} {:<6} {}",
+                                r["source"].as_str().unwrap_or(""),
+                                r["destination"].as_str().unwrap_or(""),
+                                r["action"].as_str().unwrap_or(""),
+                                r["precedence"]
+                            );
+                        }
+                        println!("(no match: {})", v["default"].as_str().unwrap_or("deny"));
+                        return;
+                    }
+                    if output.as_deref() != Some("json") && table == "proxies" {
+                        println!(
+                            "{:<24} {:<16} {:<8} {:<8} {:<12} {:<5} ISSUER",
+                            "ID", "SERVICE", "STATE", "VERSION", "CERT EXPIRY", "GEN"
+                        );
+                        for p in v.as_array().into_iter().flatten() {
+                            println!(
+                                "{:<24} {:<16} {:<8} {:<8} {:<12} {:<5} {}",
+                                p["id"].as_str().unwrap_or(""),
+                                p["service"].as_str().unwrap_or(""),
+                                if p["live"].as_bool() == Some(true) {
+                                    "live"
+                                } else {
+                                    "silent"
+                                },
+                                p["applied_index"],
+                                format!("{}s", p["cert_expires_in_s"]),
+                                p["cert_generation"],
+                                p["cert_issuer"].as_str().unwrap_or("")
+                            );
+                        }
+                        return;
+                    }
                     if output.as_deref() != Some("json") && table != "config" {
                         for row in v.as_array().into_iter().flatten() {
                             match table.as_str() {
@@ -570,6 +785,24 @@ fn main() -> ExitCode {
                             );
                         }
                     }
+                },
+            )
+        }
+        Command::Cert {
+            command: CertCommand::Rotate { service, socket },
+        } => {
+            let path = match &service {
+                Some(s) => format!("/v1/certs/rotate?service={s}"),
+                None => "/v1/certs/rotate".to_string(),
+            };
+            report(
+                daemon::call(&socket, hyper::Method::POST, &path, None),
+                |v| {
+                    println!(
+                        "certificates of {} will be re-issued (config index {})",
+                        v["rotated"].as_str().unwrap_or("*"),
+                        v["index"]
+                    )
                 },
             )
         }

@@ -267,6 +267,119 @@ impl Store {
     }
 }
 
+const PROXIES: TableDefinition<&str, &str> = TableDefinition::new("proxies");
+
+/// What a proxy last reported.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProxyRecord {
+    /// Proxy id (unique per proxy).
+    pub id: String,
+    /// Service of its token.
+    pub service: String,
+    /// Its pod address, when it gave one.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
+    /// Configuration index it applied.
+    pub applied_index: u64,
+    /// Certificate generation its certificate was issued for.
+    pub cert_generation: u64,
+    /// Its certificate's expiry (Unix seconds).
+    pub cert_not_after: i64,
+    /// Its certificate's issuer.
+    #[serde(default)]
+    pub cert_issuer: String,
+    /// When it last reported (Unix seconds, daemon clock).
+    #[serde(default)]
+    pub last_seen: i64,
+    /// Its own clock when it reported (Unix seconds), for skew checks.
+    #[serde(default)]
+    pub clock: i64,
+}
+
+impl Store {
+    /// A counter in the metadata (0 when unset).
+    pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let m = tx.open_table(META).map_err(e)?;
+        Ok(m.get(key).map_err(e)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Increment a metadata counter and the configuration index in one transaction; returns the
+    /// counter's new value.
+    pub fn bump_meta(&self, key: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let v;
+        {
+            let mut m = tx.open_table(META).map_err(e)?;
+            v = m.get(key).map_err(e)?.map(|v| v.value()).unwrap_or(0) + 1;
+            m.insert(key, v).map_err(e)?;
+        }
+        bump(&tx)?;
+        tx.commit().map_err(e)?;
+        Ok(v)
+    }
+
+    /// Bump the configuration index alone (something outside the tables changed, e.g. the roots).
+    pub fn bump_index(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        bump(&tx)?;
+        tx.commit().map_err(e)?;
+        self.index()
+    }
+
+    /// Record a proxy's report; with an address, its endpoint is registered (healthy) for its
+    /// service. Returns whether the catalog changed.
+    pub fn report_proxy(&self, rec: &ProxyRecord, node: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let mut changed = false;
+        {
+            let mut t = tx.open_table(PROXIES).map_err(e)?;
+            t.insert(
+                rec.id.as_str(),
+                serde_json::to_string(rec).map_err(e)?.as_str(),
+            )
+            .map_err(e)?;
+            if let Some(address) = rec.address {
+                let known = tx
+                    .open_table(SERVICES)
+                    .map_err(e)?
+                    .get(rec.service.as_str())
+                    .map_err(e)?
+                    .is_some();
+                if known {
+                    let ep = Endpoint {
+                        service: rec.service.clone(),
+                        address,
+                        node: node.to_string(),
+                        healthy: true,
+                    };
+                    let key = format!("{}/{}", ep.service, ep.address);
+                    let json = serde_json::to_string(&ep).map_err(e)?;
+                    let mut eps = tx.open_table(ENDPOINTS).map_err(e)?;
+                    let same = eps
+                        .get(key.as_str())
+                        .map_err(e)?
+                        .is_some_and(|v| v.value() == json);
+                    if !same {
+                        eps.insert(key.as_str(), json.as_str()).map_err(e)?;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                bump(&tx)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(changed)
+    }
+
+    /// Every proxy that ever reported.
+    pub fn proxies(&self) -> Result<Vec<ProxyRecord>, StoreError> {
+        self.all(PROXIES)
+    }
+}
+
 fn bump(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut m = tx.open_table(META).map_err(e)?;
     let index = m.get("index").map_err(e)?.map(|v| v.value()).unwrap_or(0) + 1;

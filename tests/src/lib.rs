@@ -9,6 +9,7 @@
 //! - [`pod`]: pods as network namespaces on a bridge, sidecars started inside them.
 
 pub mod certs;
+pub mod ctl;
 pub mod pod;
 pub mod postgres;
 

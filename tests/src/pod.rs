@@ -273,6 +273,11 @@ pub const PROXY_UID: u32 = 1337;
 impl Sidecar {
     /// Start `ringside run` in `pod` with the given YAML config; waits until it is ready.
     pub fn start(pod: &Pod, yaml: &str) -> Sidecar {
+        Sidecar::start_with(pod, yaml, &[])
+    }
+
+    /// Start `ringside run` with extra arguments (e.g. `--ctl`); waits until it is ready.
+    pub fn start_with(pod: &Pod, yaml: &str, extra: &[&str]) -> Sidecar {
         let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.name));
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("ringside.yaml");
@@ -293,6 +298,7 @@ impl Sidecar {
             "--workers",
             "2",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
         let child = ChildGuard::spawn(&mut cmd);
@@ -303,7 +309,7 @@ impl Sidecar {
                 panic!("sidecar in {} exited ({st}): {}", pod.name, sc.log_text());
             }
             assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
+                start.elapsed() < std::time::Duration::from_secs(20),
                 "sidecar in {} not ready: {}",
                 pod.name,
                 sc.log_text()

@@ -55,11 +55,15 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Run the sidecar from a configuration file.
+    /// Run the sidecar from a configuration file, or from the control daemon (`--ctl`).
     Run {
-        /// TOML or YAML file (by extension: .yaml/.yml are YAML).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// TOML or YAML file (by extension: .yaml/.yml are YAML). With `--ctl` it is optional and
+        /// gives the proxy settings and the `sidecar:` section; services, intentions and
+        /// certificates come from the daemon.
+        #[arg(long, short, required_unless_present = "ctl")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        ctl: CtlArgs,
         #[command(flatten)]
         common: Common,
     },
@@ -123,6 +127,33 @@ struct Tunnel {
     /// bundle vouches for).
     #[arg(long)]
     allow_id: Vec<String>,
+}
+
+/// How `run` reaches the control daemon.
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The control daemon's proxy socket (`ringctl daemon --proxy-socket`).
+    #[arg(long)]
+    ctl: Option<PathBuf>,
+    /// The proxy token (`ringctl token create --service NAME`); prefer --token-file or the
+    /// RINGSIDE_TOKEN environment variable, which other users cannot read in the process list.
+    #[arg(long, env = "RINGSIDE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the proxy token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// This proxy's id in `ringctl get proxies` (default: host name and pid).
+    #[arg(long)]
+    proxy_id: Option<String>,
+    /// The pod's IP address: registered as an endpoint of the token's service.
+    #[arg(long)]
+    address: Option<std::net::IpAddr>,
+    /// Where the key, certificate and last good configuration are kept.
+    #[arg(long, default_value = "/run/ringside/proxy")]
+    state_dir: PathBuf,
+    /// Without a saved configuration, how long to wait for the daemon at start.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    ctl_wait: Duration,
 }
 
 /// Settings shared by `forward` and `run`; on `run` they override the file.
@@ -279,15 +310,74 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             c
         }
-        Command::Run { config, common } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("cannot read {}", config.display()))?;
-            let format = ringside_core::config::Format::from_path(&config);
-            let err = |e| anyhow::anyhow!("{}: {e}", config.display());
+        Command::Run {
+            config,
+            ctl,
+            common,
+        } => {
+            let (text, format, name) = match &config {
+                Some(path) => (
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                    ringside_core::config::Format::from_path(path),
+                    path.display().to_string(),
+                ),
+                None => (
+                    "sidecar: {}\n".to_string(),
+                    ringside_core::config::Format::Yaml,
+                    "(defaults)".to_string(),
+                ),
+            };
+            let err = |e| anyhow::anyhow!("{name}: {e}");
             // Overrides go into the document, so they are validated like the file.
             let mut doc = ConfigFile::parse(&text, format).map_err(err)?;
             common.apply(&mut doc.proxy);
-            doc.validate(&text).map_err(err)?
+            let Some(socket) = ctl.ctl.clone() else {
+                return serve(doc.validate(&text).map_err(err)?, None);
+            };
+            let token = match (&ctl.token, &ctl.token_file) {
+                (_, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read the token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                (Some(t), None) => t.clone(),
+                (None, None) => anyhow::bail!(
+                    "--ctl needs a proxy token: --token-file, --token or RINGSIDE_TOKEN"
+                ),
+            };
+            let opts = ringside_core::control::ControlOptions {
+                socket,
+                token,
+                proxy_id: ctl
+                    .proxy_id
+                    .clone()
+                    .unwrap_or_else(ringside_core::control::default_proxy_id),
+                address: ctl.address,
+                state_dir: ctl.state_dir.clone(),
+            };
+            let files = opts.tls_files();
+            let sidecar = doc.sidecar.as_mut().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{name}: --ctl needs a `sidecar:` section (the daemon configures sidecars)"
+                )
+            })?;
+            let mode = sidecar.mtls.as_ref().map(|m| m.mode).unwrap_or_default();
+            sidecar.mtls = Some(ringside_core::config::MtlsDoc {
+                mode,
+                cert: files.cert,
+                key: files.key,
+                ca: files.ca,
+            });
+            let config = doc.validate(&text).map_err(err)?;
+            let mut control = ringside_core::control::Control::new(opts)?;
+            let first = control.bootstrap(ctl.ctl_wait)?;
+            info!(
+                service = %first.service,
+                version = first.index,
+                services = first.services.len(),
+                "configuration from the control daemon"
+            );
+            return serve(config, Some((control, first)));
         }
         Command::WaitReady { file, timeout } => {
             let start = std::time::Instant::now();
@@ -364,13 +454,29 @@ fn run(command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    serve(config)
+    serve(config, None)
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(
+    config: Config,
+    control: Option<(
+        ringside_core::control::Control,
+        ringside_core::control::ProxyConfig,
+    )>,
+) -> anyhow::Result<()> {
     let drain_timeout = config.proxy.drain_timeout;
     let stats_interval = config.proxy.stats_interval;
-    let proxy = Proxy::start(config)?;
+    let proxy = match control {
+        None => Proxy::start(config)?,
+        Some((control, first)) => {
+            let proxy = Proxy::start_with(
+                config,
+                Some((first.index, first.services(), first.intentions.clone())),
+            )?;
+            control.spawn(proxy.updater())?;
+            proxy
+        }
+    };
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .context("cannot install signal handlers")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -419,6 +525,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
             if last_print.elapsed() >= every {
                 last_print = std::time::Instant::now();
                 let mut line = proxy.stats().one_line();
+                line.push_str(&format!(" config_version={}", proxy.snapshot().version));
+                if proxy.ctl_unreachable() {
+                    line.push_str(" ctl=ctl_unreachable");
+                }
                 for (name, secs) in proxy.cert_expiry() {
                     line.push_str(&format!(" cert_expiry_seconds.{name}={secs}"));
                 }

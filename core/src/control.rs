@@ -1,0 +1,498 @@
+//! The proxy's side of the control daemon (`ringside run --ctl SOCKET`): it gets a workload
+//! certificate (the key is made here and never leaves), watches its configuration with a
+//! long-poll on the configuration index, applies each new version as one snapshot, renews the
+//! certificate at about half its lifetime (with jitter) or when the daemon asks for it, and reports
+//! what it applied.
+//!
+//! When the daemon cannot be reached the proxy keeps serving with its last good configuration and
+//! certificate, retries with back-off and shows `ctl_unreachable`. The last good configuration and
+//! certificate are kept in the state directory, so a proxy restarted while the daemon is down
+//! starts with them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::config::Service;
+use crate::intentions::Intentions;
+use crate::server::Updater;
+
+/// How long one request may take beyond its long-poll wait.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a watch is held open; also the report (heartbeat) interval.
+const WATCH_WAIT: Duration = Duration::from_secs(10);
+/// Back-off after a failed request: doubles from the first to the last.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(8));
+
+/// One request to a daemon socket: (status, JSON body).
+pub fn http_call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let call = async {
+            let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+                anyhow!(
+                    "cannot reach the daemon at {}: {e} (is `ringctl daemon` running?)",
+                    socket.display()
+                )
+            })?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "ringctl");
+            if let Some(t) = token {
+                req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            Ok::<_, anyhow::Error>((status, v))
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => bail!(
+                "the daemon at {} did not answer within {timeout:?}",
+                socket.display()
+            ),
+        }
+    })
+}
+
+/// How the proxy reaches the daemon.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// The daemon's proxy socket.
+    pub socket: PathBuf,
+    /// This proxy's token.
+    pub token: String,
+    /// This proxy's id in the daemon's list.
+    pub proxy_id: String,
+    /// The pod's address: registered as an endpoint of the token's service.
+    pub address: Option<IpAddr>,
+    /// Where the key, certificate, bundle and last good configuration are kept.
+    pub state_dir: PathBuf,
+}
+
+impl ControlOptions {
+    /// The certificate files the sidecar's mTLS uses.
+    pub fn tls_files(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            cert: self.state_dir.join("cert.pem"),
+            key: self.state_dir.join("key.pem"),
+            ca: self.state_dir.join("bundle.pem"),
+        }
+    }
+}
+
+/// A port of a catalog service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMap {
+    /// Service port.
+    pub port: u16,
+    /// Application port.
+    pub target_port: u16,
+}
+
+/// A catalog service as the daemon sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogService {
+    /// Name.
+    pub name: String,
+    /// Virtual IP.
+    pub virtual_ip: IpAddr,
+    /// Ports.
+    pub ports: Vec<PortMap>,
+    /// Healthy endpoint addresses.
+    pub endpoints: Vec<IpAddr>,
+    /// Declared protocol.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// What the daemon sends a proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyConfig {
+    /// Configuration index.
+    pub index: u64,
+    /// The token's service (this proxy's).
+    pub service: String,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// The catalog.
+    pub services: Vec<CatalogService>,
+    /// Intentions.
+    pub intentions: Intentions,
+    /// Trust bundle (PEM).
+    pub bundle: String,
+    /// Certificates issued before this generation must be replaced.
+    pub cert_generation: u64,
+}
+
+impl ProxyConfig {
+    /// The data plane's services: every catalog service and port; the proxy's own service is
+    /// also local (inbound to its `targetPort`).
+    pub fn services(&self) -> Vec<Service> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            for p in &s.ports {
+                let mut svc = Service::new(
+                    s.name.clone(),
+                    s.endpoints
+                        .iter()
+                        .map(|a| SocketAddr::new(*a, p.port))
+                        .collect(),
+                );
+                svc.virtual_ip = Some(s.virtual_ip);
+                svc.port = Some(p.port);
+                svc.target_port = Some(p.target_port);
+                svc.local = s.name == self.service;
+                out.push(svc);
+            }
+        }
+        out
+    }
+}
+
+/// State of the certificate in use, kept beside it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct CertState {
+    generation: u64,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Write a file by renaming a complete temporary one over it (readers never see half a file).
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A number in [0, 1) that differs between proxies and between calls (renewal jitter).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The proxy's client of the control daemon.
+#[derive(Debug)]
+pub struct Control {
+    opts: ControlOptions,
+    /// The last configuration applied (or loaded from the state directory).
+    pub config: Option<ProxyConfig>,
+    cert: CertState,
+    /// When to renew the certificate.
+    renew_at: i64,
+    bundle: String,
+}
+
+impl Control {
+    /// A client; nothing is contacted yet.
+    pub fn new(opts: ControlOptions) -> anyhow::Result<Control> {
+        std::fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("cannot create {}", opts.state_dir.display()))?;
+        Ok(Control {
+            opts,
+            config: None,
+            cert: CertState::default(),
+            renew_at: 0,
+            bundle: String::new(),
+        })
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        wait: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (status, v) = http_call(
+            &self.opts.socket,
+            method,
+            path,
+            body,
+            Some(&self.opts.token),
+            wait + REQUEST_TIMEOUT,
+        )?;
+        if status != 200 {
+            bail!(
+                "the daemon refused {method} {path} ({status}): {}",
+                v["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        Ok(v)
+    }
+
+    /// Get a configuration (waiting up to `wait` for an index above the one applied).
+    fn fetch(&self, wait: Duration) -> anyhow::Result<ProxyConfig> {
+        let index = self.config.as_ref().map_or(0, |c| c.index);
+        let v = self.call(
+            "GET",
+            &format!("/v1/proxy/config?index={index}&wait={}", wait.as_secs()),
+            None,
+            wait,
+        )?;
+        serde_json::from_value(v).context("the daemon's configuration cannot be read")
+    }
+
+    /// Make a key and a CSR, have the daemon sign it, and put key, certificate and bundle in
+    /// place (key first, then certificate: each file is replaced whole).
+    fn issue(&mut self, generation: u64) -> anyhow::Result<()> {
+        let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|c| c.pem())
+            .context("cannot make a CSR")?;
+        let v = self.call("POST", "/v1/proxy/sign", Some(csr), Duration::ZERO)?;
+        let cert = v["cert"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the daemon's answer has no certificate"))?;
+        let bundle = v["bundle"].as_str().unwrap_or_default();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+            .map_err(|e| anyhow!("the daemon sent an unreadable certificate: {e}"))?;
+        let info =
+            crate::tls::CertInfo::from_der(&der).map_err(|e| anyhow!("issued certificate: {e}"))?;
+        let files = self.opts.tls_files();
+        write_atomic(&files.ca, bundle.as_bytes(), 0o644)?;
+        write_atomic(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&files.cert, cert.as_bytes(), 0o644)?;
+        self.bundle = bundle.to_string();
+        self.cert = CertState {
+            generation: v["cert_generation"].as_u64().unwrap_or(generation),
+            not_before: info.not_before,
+            not_after: info.not_after,
+        };
+        write_atomic(
+            &self.opts.state_dir.join("cert.json"),
+            serde_json::to_string(&self.cert)?.as_bytes(),
+            0o644,
+        )?;
+        let life = (info.not_after - info.not_before).max(0) as f64;
+        // About half the lifetime: between 45 % and 55 %.
+        self.renew_at = info.not_before + (life * (0.45 + 0.1 * jitter())) as i64;
+        info!(
+            identity = info.spiffe_id().map(|i| i.to_string()).unwrap_or_default(),
+            expires_in_s = info.not_after - unix_now(),
+            renew_in_s = self.renew_at - unix_now(),
+            generation = self.cert.generation,
+            "certificate issued by the control daemon"
+        );
+        Ok(())
+    }
+
+    /// The state kept from an earlier run: last good configuration and certificate.
+    fn load_saved(&mut self) -> Option<ProxyConfig> {
+        let text = std::fs::read_to_string(self.opts.state_dir.join("config.json")).ok()?;
+        let config: ProxyConfig = serde_json::from_str(&text).ok()?;
+        let cert: CertState = serde_json::from_str(
+            &std::fs::read_to_string(self.opts.state_dir.join("cert.json")).ok()?,
+        )
+        .ok()?;
+        let files = self.opts.tls_files();
+        if !(files.cert.exists() && files.key.exists() && files.ca.exists()) {
+            return None;
+        }
+        self.cert = cert;
+        self.bundle = std::fs::read_to_string(&files.ca).unwrap_or_default();
+        let life = (cert.not_after - cert.not_before).max(0) as f64;
+        self.renew_at = cert.not_before + (life * (0.45 + 0.1 * jitter())) as i64;
+        Some(config)
+    }
+
+    fn save(&self, config: &ProxyConfig) -> anyhow::Result<()> {
+        write_atomic(
+            &self.opts.state_dir.join("config.json"),
+            serde_json::to_string(config)?.as_bytes(),
+            0o644,
+        )
+    }
+
+    /// Before the proxy starts: a certificate and a first configuration, from the daemon, or the
+    /// last good ones from the state directory when the daemon cannot be reached. Without either,
+    /// retries until `give_up`.
+    pub fn bootstrap(&mut self, give_up: Duration) -> anyhow::Result<ProxyConfig> {
+        let start = Instant::now();
+        let mut backoff = BACKOFF.0;
+        loop {
+            let attempt = self.fetch(Duration::ZERO).and_then(|c| {
+                self.issue(c.cert_generation)?;
+                Ok(c)
+            });
+            match attempt {
+                Ok(c) => {
+                    self.save(&c)?;
+                    self.config = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(e) => {
+                    if let Some(saved) = self.load_saved() {
+                        warn!(
+                            reason = "ctl_unreachable",
+                            error = %format!("{e:#}"),
+                            version = saved.index,
+                            "control daemon unreachable: starting with the last good configuration and certificate"
+                        );
+                        self.config = Some(saved.clone());
+                        return Ok(saved);
+                    }
+                    if start.elapsed() >= give_up {
+                        return Err(
+                            e.context("no configuration from the control daemon and none saved")
+                        );
+                    }
+                    warn!(reason = "ctl_unreachable", error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "waiting for the control daemon");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                }
+            }
+        }
+    }
+
+    fn report(&self) -> anyhow::Result<()> {
+        let issuer = std::fs::read(self.opts.tls_files().cert)
+            .ok()
+            .and_then(|pem| {
+                let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).ok()?;
+                crate::tls::CertInfo::from_der(&der).ok()
+            })
+            .map(|i| i.issuer)
+            .unwrap_or_default();
+        let body = serde_json::json!({
+            "id": self.opts.proxy_id,
+            "service": self.config.as_ref().map(|c| c.service.clone()).unwrap_or_default(),
+            "address": self.opts.address,
+            "applied_index": self.config.as_ref().map_or(0, |c| c.index),
+            "cert_generation": self.cert.generation,
+            "cert_not_after": self.cert.not_after,
+            "cert_issuer": issuer,
+            "clock": unix_now(),
+        });
+        self.call(
+            "POST",
+            "/v1/proxy/report",
+            Some(body.to_string()),
+            Duration::ZERO,
+        )?;
+        Ok(())
+    }
+
+    /// One round: wait for a change (or the next renewal), apply it, renew if due, report.
+    fn round(&mut self, updater: &Updater) -> anyhow::Result<()> {
+        let until_renewal = Duration::from_secs((self.renew_at - unix_now()).max(0) as u64);
+        let wait = WATCH_WAIT.min(until_renewal);
+        let c = self.fetch(wait)?;
+        if self.config.as_ref() != Some(&c) {
+            updater.update(c.index, c.services(), c.intentions.clone())?;
+            self.save(&c)?;
+            self.config = Some(c.clone());
+        }
+        if c.bundle != self.bundle && !c.bundle.is_empty() {
+            write_atomic(&self.opts.tls_files().ca, c.bundle.as_bytes(), 0o644)?;
+            self.bundle = c.bundle.clone();
+            info!(
+                roots = c.bundle.matches("BEGIN CERTIFICATE").count(),
+                "trust bundle updated"
+            );
+            updater.reload_certs();
+        }
+        if c.cert_generation > self.cert.generation || unix_now() >= self.renew_at {
+            let why = if c.cert_generation > self.cert.generation {
+                "rotation requested"
+            } else {
+                "half of its lifetime passed"
+            };
+            info!(why, "renewing the certificate");
+            self.issue(c.cert_generation)?;
+            updater.reload_certs();
+        }
+        self.report()
+    }
+
+    /// Watch and apply until the proxy drains (runs on its own thread).
+    pub fn spawn(mut self, updater: Updater) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let handle = std::thread::Builder::new()
+            .name("ringside-ctl".into())
+            .spawn(move || {
+                let mut backoff = BACKOFF.0;
+                // A first report right away (the endpoint registers before any config watch).
+                let _ = self.report();
+                while !updater.is_draining() {
+                    match self.round(&updater) {
+                        Ok(()) => {
+                            if updater.set_ctl_unreachable(false) {
+                                info!("control daemon reachable again");
+                            }
+                            backoff = BACKOFF.0;
+                        }
+                        Err(e) => {
+                            if !updater.set_ctl_unreachable(true) {
+                                warn!(
+                                    reason = "ctl_unreachable",
+                                    error = %format!("{e:#}"),
+                                    version = self.config.as_ref().map_or(0, |c| c.index),
+                                    "control daemon unreachable: keeping the last good configuration and certificate"
+                                );
+                            }
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(BACKOFF.1);
+                        }
+                    }
+                }
+            })?;
+        Ok(handle)
+    }
+}
+
+/// A default proxy id: host name and process id.
+pub fn default_proxy_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
