@@ -177,8 +177,17 @@ impl ProxyConfig {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct CertState {
     generation: u64,
-    not_before: i64,
+    /// When it was issued (the certificate's own not-before is backdated for clock skew).
+    issued_at: i64,
     not_after: i64,
+}
+
+impl CertState {
+    /// When to renew: between 45 % and 55 % of the lifetime left at issue, at least a second on.
+    fn renew_at(&self) -> i64 {
+        let life = (self.not_after - self.issued_at).max(0) as f64;
+        (self.issued_at + (life * (0.45 + 0.1 * jitter())) as i64).max(unix_now() + 1)
+    }
 }
 
 /// Write a file by renaming a complete temporary one over it (readers never see half a file).
@@ -305,7 +314,7 @@ impl Control {
         self.bundle = bundle.to_string();
         self.cert = CertState {
             generation: v["cert_generation"].as_u64().unwrap_or(generation),
-            not_before: info.not_before,
+            issued_at: unix_now(),
             not_after: info.not_after,
         };
         write_atomic(
@@ -313,9 +322,7 @@ impl Control {
             serde_json::to_string(&self.cert)?.as_bytes(),
             0o644,
         )?;
-        let life = (info.not_after - info.not_before).max(0) as f64;
-        // About half the lifetime: between 45 % and 55 %.
-        self.renew_at = info.not_before + (life * (0.45 + 0.1 * jitter())) as i64;
+        self.renew_at = self.cert.renew_at();
         info!(
             identity = info.spiffe_id().map(|i| i.to_string()).unwrap_or_default(),
             expires_in_s = info.not_after - unix_now(),
@@ -340,8 +347,7 @@ impl Control {
         }
         self.cert = cert;
         self.bundle = std::fs::read_to_string(&files.ca).unwrap_or_default();
-        let life = (cert.not_after - cert.not_before).max(0) as f64;
-        self.renew_at = cert.not_before + (life * (0.45 + 0.1 * jitter())) as i64;
+        self.renew_at = cert.renew_at();
         Some(config)
     }
 

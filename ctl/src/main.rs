@@ -143,6 +143,18 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Everything the daemon knows about one service: ports, virtual IP, protocol, endpoints,
+    /// who may call it, its proxies and the documents that mention it.
+    Describe {
+        /// Service name.
+        service: String,
+        /// `json` for JSON.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Workload certificates.
     Cert {
         #[command(subcommand)]
@@ -394,6 +406,131 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
         }
         started = true;
     }
+}
+
+fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), String> {
+    let get = |path: &str| -> Result<serde_json::Value, String> {
+        match daemon::call(socket, hyper::Method::GET, path, None) {
+            Ok((200, v)) => Ok(v),
+            Ok((status, v)) => Err(format!(
+                "{} ({status})",
+                v["error"].as_str().unwrap_or("request failed")
+            )),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    };
+    let list = |v: serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let service = list(get("/v1/services")?)
+        .into_iter()
+        .find(|s| s["name"] == name);
+    let endpoints: Vec<_> = list(get("/v1/endpoints")?)
+        .into_iter()
+        .filter(|e| e["service"] == name)
+        .collect();
+    let intentions: Vec<_> = get("/v1/intentions")?["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r["destination"] == name || r["destination"] == "*")
+        .collect();
+    let proxies: Vec<_> = list(get("/v1/proxies")?)
+        .into_iter()
+        .filter(|p| p["service"] == name)
+        .collect();
+    let docs: Vec<_> = list(get("/v1/config")?)
+        .into_iter()
+        .filter(|d| d["name"] == name || d["spec"]["destination"]["name"] == name)
+        .collect();
+    if service.is_none() && docs.is_empty() && intentions.iter().all(|r| r["destination"] == "*") {
+        return Err(format!(
+            "no service '{name}' in the catalog and no document names it (ringctl get services lists them)"
+        ));
+    }
+    let protocol = docs
+        .iter()
+        .find(|d| d["kind"] == "ServiceDefaults")
+        .and_then(|d| d["spec"]["protocol"].as_str())
+        .unwrap_or("tcp")
+        .to_string();
+    if json_out {
+        let v = serde_json::json!({
+            "service": service, "protocol": protocol, "endpoints": endpoints,
+            "intentions": intentions, "proxies": proxies, "documents": docs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!("service:     {name}");
+    match &service {
+        Some(s) => {
+            println!("virtual IP:  {}", s["virtual_ip"].as_str().unwrap_or(""));
+            let ports: Vec<String> = s["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{} -> {}", p["port"], p["target_port"]))
+                .collect();
+            println!(
+                "ports:       {}",
+                if ports.is_empty() {
+                    "(none)".into()
+                } else {
+                    ports.join(", ")
+                }
+            );
+        }
+        None => println!(
+            "catalog:     NOT REGISTERED (ringctl register service {name} --port PORT:TARGET_PORT)"
+        ),
+    }
+    println!("protocol:    {protocol}");
+    println!("endpoints:   {}", endpoints.len());
+    for e in &endpoints {
+        println!(
+            "  {:<40} node {:<24} {}",
+            e["address"].as_str().unwrap_or(""),
+            e["node"].as_str().unwrap_or(""),
+            if e["healthy"] == true {
+                "healthy"
+            } else {
+                "unhealthy"
+            }
+        );
+    }
+    println!("intentions:  (highest precedence decides; no match: deny)");
+    for r in &intentions {
+        println!(
+            "  {:<20} -> {:<20} {:<6} precedence {}",
+            r["source"].as_str().unwrap_or(""),
+            r["destination"].as_str().unwrap_or(""),
+            r["action"].as_str().unwrap_or(""),
+            r["precedence"]
+        );
+    }
+    println!("proxies:     {}", proxies.len());
+    for p in &proxies {
+        println!(
+            "  {:<24} {:<6} version {:<6} cert expires in {}s, issuer {}",
+            p["id"].as_str().unwrap_or(""),
+            if p["live"] == true { "live" } else { "silent" },
+            p["applied_index"],
+            p["cert_expires_in_s"],
+            p["cert_issuer"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "documents:   {}",
+        docs.iter()
+            .map(|d| format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or(""),
+                d["name"].as_str().unwrap_or("")
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }
 
 fn run_ca(command: CaCommand) -> Result<(), String> {
@@ -788,6 +925,17 @@ fn main() -> ExitCode {
                 },
             )
         }
+        Command::Describe {
+            service,
+            output,
+            socket,
+        } => match describe(&socket, &service, output.as_deref() == Some("json")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringctl describe: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Cert {
             command: CertCommand::Rotate { service, socket },
         } => {
