@@ -158,6 +158,8 @@ pub struct ProxyDoc {
     pub buffer_size: usize,
     /// Pin each worker to one core (only done when there are as many workers as cores).
     pub pin_workers: bool,
+    /// Threads of the L7 (HTTP) path; 0: one per core. Started only when something is HTTP.
+    pub l7_threads: usize,
     /// Write this file once every listener is bound and the config is loaded; remove it on exit.
     /// `ringside wait-ready` waits for it.
     pub ready_file: Option<std::path::PathBuf>,
@@ -176,6 +178,7 @@ impl Default for ProxyDoc {
             pipe_size: 256 * 1024,
             buffer_size: 16 * 1024,
             pin_workers: true,
+            l7_threads: 0,
             ready_file: None,
         }
     }
@@ -196,6 +199,31 @@ pub struct ListenerDoc {
     /// plaintext out) — the tunnel mode.
     #[serde(default)]
     pub tls: Option<ListenerTlsDoc>,
+    /// `tcp` (the L4 fast path) or `http` (the L7 path: a reverse proxy).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// What a listener or service speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque TCP: the L4 fast path.
+    #[default]
+    Tcp,
+    /// HTTP/1.1 (and HTTP/2 with prior knowledge): the L7 path.
+    Http,
+    /// HTTP/2.
+    Http2,
+    /// gRPC (HTTP/2).
+    Grpc,
+}
+
+impl Protocol {
+    /// Whether the L7 path handles it.
+    pub fn is_http(self) -> bool {
+        self != Protocol::Tcp
+    }
 }
 
 /// Mesh mTLS for one service.
@@ -282,6 +310,25 @@ pub struct ServiceDoc {
     /// Longest ejection period.
     #[serde(default = "default_max_ejection", with = "humantime_serde")]
     pub max_ejection: Duration,
+    /// L7: what the service speaks.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// L7: time allowed for a whole request (all tries); 15 s as in Envoy.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// L7: retries after the first try (on connect failure, and on `retry_on` statuses).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// L7: response statuses that are retried (e.g. [503]); connect failures always are.
+    #[serde(default)]
+    pub retry_on: Vec<u16>,
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_retries() -> u32 {
+    2
 }
 
 fn default_connect_timeout() -> Duration {
@@ -344,6 +391,8 @@ pub struct ProxySettings {
     pub buffer_size: usize,
     /// Pin workers to cores.
     pub pin_workers: bool,
+    /// L7 threads.
+    pub l7_threads: usize,
 }
 
 /// A validated listener.
@@ -357,6 +406,8 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Mesh TLS, when the listener originates or terminates it.
     pub tls: Option<ListenerTls>,
+    /// `tcp`: the fast path; otherwise connections are handed to the L7 path.
+    pub protocol: Protocol,
 }
 
 /// Validated mesh TLS settings of a listener.
@@ -427,6 +478,15 @@ pub struct Service {
     /// Longest ejection period.
     #[serde(with = "humantime_serde")]
     pub max_ejection: Duration,
+    /// What it speaks (`tcp`: L4 fast path).
+    pub protocol: Protocol,
+    /// L7: time allowed for a whole request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// L7: retries after the first try.
+    pub retries: u32,
+    /// L7: response statuses that are retried.
+    pub retry_on: Vec<u16>,
 }
 
 impl Service {
@@ -445,6 +505,10 @@ impl Service {
             connect_attempts: default_connect_attempts(),
             base_ejection: default_base_ejection(),
             max_ejection: default_max_ejection(),
+            protocol: Protocol::Tcp,
+            request_timeout: default_request_timeout(),
+            retries: default_retries(),
+            retry_on: Vec::new(),
         }
     }
 }
@@ -527,6 +591,7 @@ impl Config {
                 address: listen,
                 service: "upstream".into(),
                 tls: None,
+                protocol: Protocol::Tcp,
             }],
             sidecar: None,
             intentions: Default::default(),
@@ -543,6 +608,10 @@ impl Config {
                 connect_attempts: default_connect_attempts(),
                 base_ejection: default_base_ejection(),
                 max_ejection: default_max_ejection(),
+                protocol: Protocol::Tcp,
+                request_timeout: default_request_timeout(),
+                retries: default_retries(),
+                retry_on: Vec::new(),
             }],
         }
         .validate("")
@@ -650,6 +719,13 @@ impl ConfigFile {
             pipe_size: p.pipe_size,
             buffer_size: p.buffer_size,
             pin_workers: p.pin_workers,
+            l7_threads: if p.l7_threads == 0 {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            } else {
+                p.l7_threads
+            },
             ready_file: p.ready_file,
         };
 
@@ -728,6 +804,10 @@ impl ConfigFile {
                 connect_attempts: s.connect_attempts,
                 base_ejection: s.base_ejection,
                 max_ejection: s.max_ejection,
+                protocol: s.protocol,
+                request_timeout: s.request_timeout,
+                retries: s.retries,
+                retry_on: s.retry_on,
             });
         }
 
@@ -788,6 +868,7 @@ impl ConfigFile {
                 address: l.address,
                 kind: ListenerKind::Static(service),
                 tls,
+                protocol: l.protocol,
             });
         }
         let sidecar = self.sidecar.map(|sc| {
@@ -797,6 +878,7 @@ impl ConfigFile {
                     address,
                     kind,
                     tls: None,
+                    protocol: Protocol::Tcp,
                 })
             };
             use std::net::{Ipv4Addr, Ipv6Addr};

@@ -8,6 +8,8 @@
 //! - `worker`: a worker thread — monoio runtime (io_uring or epoll), accept loop, per-connection task.
 //! - [`route`]: where a redirected connection goes (outbound by original destination, inbound to
 //!   the local app on its `targetPort`).
+//! - [`l7`]: the L7 path: HTTP connections handed over from the workers to hyper on tokio
+//!   (routing, retries, timeouts, local replies that explain).
 //! - [`listening`]: what listens in the pod (`/proc/net/tcp`), for `app_not_listening` hints.
 //! - [`upstream`]: endpoint choice (round-robin, least-connections) and passive health (ejection).
 //! - [`relay`]: moving bytes both ways with splice through pooled pipes (or a pooled buffer for small
@@ -23,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod identity;
 pub mod intentions;
+pub mod l7;
 pub mod listening;
 mod mesh;
 pub mod reason;

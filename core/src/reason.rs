@@ -49,11 +49,19 @@ pub enum Reason {
     IdleTimeout,
     /// The proxy was draining and the drain deadline passed before the connection finished.
     DrainTimeout,
+    /// L7: the upstream did not answer the request within its timeout.
+    UpstreamRequestTimeout,
+    /// L7: the service is declared HTTP but the peer does not speak HTTP.
+    ProtocolMismatch,
+    /// L7: the upstream's circuit breaker is open (limits reached or endpoints ejected).
+    CircuitOpen,
+    /// L7: an L7 intention (path, method, header permission) denies the request.
+    RequestDenied,
 }
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 23] = [
         Reason::UnknownDestination,
         Reason::AppNotListening,
         Reason::IntentionDenied,
@@ -73,6 +81,10 @@ impl Reason {
         Reason::Overloaded,
         Reason::IdleTimeout,
         Reason::DrainTimeout,
+        Reason::UpstreamRequestTimeout,
+        Reason::ProtocolMismatch,
+        Reason::CircuitOpen,
+        Reason::RequestDenied,
     ];
 
     /// The stable code, as used in logs and metrics labels.
@@ -97,6 +109,10 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::IdleTimeout => "idle_timeout",
             Reason::DrainTimeout => "drain_timeout",
+            Reason::UpstreamRequestTimeout => "upstream_request_timeout",
+            Reason::ProtocolMismatch => "protocol_mismatch",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::RequestDenied => "request_denied",
         }
     }
 
@@ -154,7 +170,11 @@ impl Reason {
             Reason::DownstreamReset => "the client reset the connection",
             Reason::Overloaded => "the proxy is at max_connections: raise it or add capacity",
             Reason::IdleTimeout => "no data moved for idle_timeout: raise it if the protocol has long pauses",
-            Reason::DrainTimeout => "the proxy was shutting down and the drain deadline passed",
+                        Reason::DrainTimeout => "the proxy was shutting down and the drain deadline passed",
+            Reason::UpstreamRequestTimeout => "the upstream did not answer within the request timeout: check the upstream's latency, or raise request_timeout",
+            Reason::ProtocolMismatch => "the service is declared HTTP but its peer does not speak HTTP: declare it tcp (ServiceDefaults protocol: tcp)",
+            Reason::CircuitOpen => "the upstream's circuit breaker is open (connection or request limits reached, or endpoints ejected after failures): check the upstream's health",
+            Reason::RequestDenied => "an L7 intention denies this request (path, method or header): add a permission if the call is expected",
         }
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     /// The control daemon cannot be reached (the last good config stays in force).
     pub ctl_unreachable: AtomicBool,
+    /// The L7 (HTTP) path, when something is HTTP.
+    pub l7: std::sync::OnceLock<crate::l7::L7>,
     /// The drain deadline passed: close what is left.
     pub force_close: AtomicBool,
 }
@@ -339,6 +341,7 @@ impl Proxy {
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             ctl_unreachable: AtomicBool::new(false),
+            l7: std::sync::OnceLock::new(),
             force_close: AtomicBool::new(false),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
@@ -353,6 +356,12 @@ impl Proxy {
                     }
                 })
                 .context("cannot start the certificate watcher")?;
+        }
+        let wants_l7 = shared.config.listeners.iter().any(|l| l.protocol.is_http());
+        if wants_l7 {
+            let l7 = crate::l7::L7::start(&shared, shared.config.proxy.l7_threads)
+                .context("cannot start the L7 (HTTP) path")?;
+            let _ = shared.l7.set(l7);
         }
         let mut threads = Vec::with_capacity(workers);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -504,6 +513,9 @@ impl Proxy {
             let _ = std::fs::remove_file(path);
         }
         self.shared.draining.store(true, SeqCst);
+        if let Some(l7) = self.shared.l7.get() {
+            l7.drain();
+        }
         for &fd in &self.listener_fds {
             crate::sys::shutdown_listener(fd);
         }
@@ -524,6 +536,13 @@ impl Proxy {
         }
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some(l7) = self.shared.l7.get() {
+            // HTTP connections get what is left of the deadline, then are closed.
+            while self.shared.active.load(SeqCst) > 0 && start.elapsed() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            l7.shutdown();
         }
         let forced = self
             .shared

@@ -74,10 +74,49 @@ impl WorkerStats {
     }
 }
 
+/// Counters of the L7 path, shared by its threads (atomic adds: it is the slower path).
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    /// Connections handed to the L7 path.
+    pub cx_total: AtomicU64,
+    /// Of them, closed.
+    pub cx_closed: AtomicU64,
+    /// Requests received.
+    pub rq_total: AtomicU64,
+    /// Responses by status class (1xx..5xx), local replies included.
+    pub rq_class: [AtomicU64; 5],
+    /// Retries (tries after the first).
+    pub rq_retry: AtomicU64,
+    /// Responses made by the proxy itself (with `x-ringside-reason`).
+    pub local_replies: AtomicU64,
+    /// Failures by reason.
+    pub failures: [AtomicU64; Reason::ALL.len()],
+}
+
+impl HttpStats {
+    /// Count one.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    /// Count a response status.
+    pub fn status(&self, code: u16) {
+        let class = (code / 100).clamp(1, 5) as usize - 1;
+        self.rq_class[class].fetch_add(1, Relaxed);
+    }
+
+    /// Count a failure.
+    pub fn fail(&self, r: Reason) {
+        self.failures[r.index()].fetch_add(1, Relaxed);
+    }
+}
+
 /// All workers' counters.
 #[derive(Debug, Clone, Default)]
 pub struct StatsRegistry {
     workers: Arc<Vec<CachePadded<WorkerStats>>>,
+    /// The L7 path's counters.
+    pub http: Arc<HttpStats>,
 }
 
 /// A summed view of all counters.
@@ -109,6 +148,18 @@ pub struct Snapshot {
     pub inbound_app_via: [u64; 3],
     /// Failures by reason code (only non-zero ones).
     pub failures: std::collections::BTreeMap<&'static str, u64>,
+    /// L7: connections handed over.
+    pub http_cx_total: u64,
+    /// L7: connections open.
+    pub http_cx_active: u64,
+    /// L7: requests.
+    pub http_rq_total: u64,
+    /// L7: responses by class, 1xx..5xx.
+    pub http_rq_class: [u64; 5],
+    /// L7: retries.
+    pub http_rq_retry: u64,
+    /// L7: local replies.
+    pub http_local_replies: u64,
 }
 
 impl Snapshot {
@@ -138,6 +189,22 @@ impl Snapshot {
             " inbound_app_v4_loopback={} inbound_app_v6_loopback={} inbound_app_pod_ip={}",
             self.inbound_app_via[0], self.inbound_app_via[1], self.inbound_app_via[2]
         );
+        if self.http_cx_total > 0 {
+            let _ = write!(
+                s,
+                " http_cx_total={} http_cx_active={} http_rq_total={} http_rq_1xx={} http_rq_2xx={} http_rq_3xx={} http_rq_4xx={} http_rq_5xx={} http_rq_retry={} http_local_replies={}",
+                self.http_cx_total,
+                self.http_cx_active,
+                self.http_rq_total,
+                self.http_rq_class[0],
+                self.http_rq_class[1],
+                self.http_rq_class[2],
+                self.http_rq_class[3],
+                self.http_rq_class[4],
+                self.http_rq_retry,
+                self.http_local_replies
+            );
+        }
         for (k, v) in &self.failures {
             let _ = write!(s, " fail.{k}={v}");
         }
@@ -154,6 +221,7 @@ impl StatsRegistry {
                     .map(|_| CachePadded::new(WorkerStats::default()))
                     .collect(),
             ),
+            http: Arc::default(),
         }
     }
 
@@ -187,6 +255,18 @@ impl StatsRegistry {
             }
         }
         s.downstream_cx_active = s.downstream_cx_total.saturating_sub(closed);
+        let h = &self.http;
+        s.http_cx_total = h.cx_total.load(Relaxed);
+        s.http_cx_active = s.http_cx_total.saturating_sub(h.cx_closed.load(Relaxed));
+        s.http_rq_total = h.rq_total.load(Relaxed);
+        for (k, c) in h.rq_class.iter().enumerate() {
+            s.http_rq_class[k] = c.load(Relaxed);
+        }
+        s.http_rq_retry = h.rq_retry.load(Relaxed);
+        s.http_local_replies = h.local_replies.load(Relaxed);
+        for (i, f) in h.failures.iter().enumerate() {
+            failures[i] += f.load(Relaxed);
+        }
         for r in Reason::ALL {
             if failures[r.index()] > 0 {
                 s.failures.insert(r.as_str(), failures[r.index()]);

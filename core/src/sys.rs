@@ -244,6 +244,16 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Take a socket out of the monoio runtime (deregistered from it) as a std socket, to hand it to
+/// another runtime.
+pub fn into_std(stream: monoio::net::TcpStream) -> std::net::TcpStream {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = stream.into_raw_fd();
+    // SAFETY: `into_raw_fd` gave up ownership of an open socket descriptor; it is owned by the
+    // returned value from here on and by nothing else.
+    unsafe { std::net::TcpStream::from_raw_fd(fd) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

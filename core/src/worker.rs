@@ -183,6 +183,11 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, index: usize) {
 async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
     // The configuration this connection lives with, whatever updates arrive meanwhile.
     let snap = w.shared.snapshot.load_full();
+    let l = &w.shared.config.listeners[listener];
+    if let (true, ListenerKind::Static(service)) = (l.protocol.is_http(), l.kind) {
+        handoff_l7(&w, client, peer, snap, service);
+        return;
+    }
     if w.shared.sidecar_tls.is_some() {
         if let Some(route) = crate::mesh::wants_mesh(&w, &snap, &client, listener) {
             // Boxed: TLS state is large and only mesh connections need it.
@@ -250,6 +255,33 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
     }
     drop(client);
     finish(&w);
+}
+
+/// Give an HTTP connection to the L7 path; it leaves this worker (the proxy's open-connection
+/// count keeps it until the L7 path closes it).
+fn handoff_l7(
+    w: &Worker,
+    client: TcpStream,
+    peer: SocketAddr,
+    snap: Arc<ConfigSnapshot>,
+    service: usize,
+) {
+    w.stats().downstream_cx_closed.inc();
+    w.active.set(w.active.get() - 1);
+    let Some(l7) = w.shared.l7.get() else {
+        w.stats().fail(Reason::Overloaded);
+        w.shared.active.fetch_sub(1, SeqCst);
+        return;
+    };
+    let h = crate::l7::Handoff {
+        stream: sys::into_std(client),
+        peer,
+        snap,
+        service,
+    };
+    if l7.handoff(h).is_err() {
+        w.shared.active.fetch_sub(1, SeqCst);
+    }
 }
 
 /// Count a connection's end.
@@ -646,6 +678,7 @@ mod size_probe {
                 active: Default::default(),
                 draining: Default::default(),
                 ctl_unreachable: Default::default(),
+                l7: Default::default(),
                 force_close: Default::default(),
             });
             let w = std::rc::Rc::new(super::Worker {

@@ -10,6 +10,7 @@
 
 pub mod certs;
 pub mod ctl;
+pub mod http;
 pub mod pod;
 pub mod postgres;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ringside_core::config::{
-    ConfigFile, CopyMode, DriverKind, LbPolicy, ListenerTls, ProxyDoc, TlsMode,
+    ConfigFile, CopyMode, DriverKind, LbPolicy, ListenerTls, Protocol, ProxyDoc, TlsMode,
 };
 use ringside_core::identity::SpiffeId;
 use ringside_core::tls::TlsFiles;
@@ -50,6 +50,19 @@ enum Command {
         /// Time allowed for one upstream connect.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         connect_timeout: Duration,
+        /// `tcp`: the L4 fast path (splice); `http`: the L7 path, a reverse proxy with keep-alive
+        /// upstream pools, retries, timeouts and local replies that say what failed.
+        #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
+        protocol: Protocol,
+        /// HTTP: time allowed for a whole request, all tries.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+        request_timeout: Duration,
+        /// HTTP: retries after the first try (connect failures, and --retry-on statuses).
+        #[arg(long, default_value_t = 2)]
+        retries: u32,
+        /// HTTP: a response status to retry on another endpoint (repeat), e.g. 503.
+        #[arg(long)]
+        retry_on: Vec<u16>,
         #[command(flatten)]
         tunnel: Tunnel,
         #[command(flatten)]
@@ -265,6 +278,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             upstreams,
             lb,
             connect_timeout,
+            protocol,
+            request_timeout,
+            retries,
+            retry_on,
             tunnel,
             common,
         } => {
@@ -273,6 +290,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             let mut c = Config::forward(listen, upstreams, proxy)?;
             c.services[0].lb = lb;
             c.services[0].connect_timeout = connect_timeout;
+            c.services[0].protocol = protocol;
+            c.services[0].request_timeout = request_timeout;
+            c.services[0].retries = retries;
+            c.services[0].retry_on = retry_on;
+            c.listeners[0].protocol = protocol;
+            if protocol.is_http() && (tunnel.tls_origin || tunnel.tls_terminate) {
+                anyhow::bail!(
+                    "--protocol http with --tls-origin/--tls-terminate is not supported yet"
+                );
+            }
             if tunnel.tls_origin || tunnel.tls_terminate {
                 let parse = |flag: &str, v: &str| {
                     v.parse::<SpiffeId>()

@@ -1,0 +1,470 @@
+//! The L7 path: HTTP connections handed over by the fast-path workers (the accepted socket, the
+//! snapshot it was accepted under and the service it is for) through a crossbeam channel to a small
+//! tokio runtime running hyper. Per request it picks an endpoint, forwards over a keep-alive pool,
+//! retries (connect failures always, chosen statuses when asked) within the request timeout, sets
+//! `x-forwarded-for` and `x-request-id`, and counts. When it fails a request itself it answers
+//! 502/503/504 with `x-ringside-reason: <reason code>` and a one-line body saying what failed and
+//! what to check.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Either, Full};
+use hyper::body::{Body as _, Bytes, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tracing::{debug, warn};
+
+use crate::reason::Reason;
+use crate::server::{ConfigSnapshot, Shared};
+use crate::stats::HttpStats;
+
+/// Request bodies up to this size are kept so that the request can be retried.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Idle upstream connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+type ReqBody = Either<Full<Bytes>, Incoming>;
+/// What the L7 path answers with.
+pub type RespBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A connection handed over by a fast-path worker.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    /// The accepted socket.
+    pub stream: std::net::TcpStream,
+    /// The client.
+    pub peer: SocketAddr,
+    /// The configuration the connection was accepted under.
+    pub snap: Arc<ConfigSnapshot>,
+    /// The service it is for (index into `snap.services`).
+    pub service: usize,
+}
+
+/// The L7 runtime.
+#[derive(Debug)]
+pub(crate) struct L7 {
+    tx: crossbeam_channel::Sender<Handoff>,
+    drain: tokio::sync::watch::Sender<bool>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+struct Ctx {
+    /// Becomes true when the proxy drains: connections finish their request and close.
+    draining: tokio::sync::watch::Receiver<bool>,
+    shared: Weak<Shared>,
+    stats: Arc<HttpStats>,
+    client: Client<HttpConnector, ReqBody>,
+}
+
+impl L7 {
+    /// Start the runtime (`threads` workers) and the thread that feeds it hand-offs.
+    pub(crate) fn start(shared: &Arc<Shared>, threads: usize) -> std::io::Result<L7> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("ringside-l7")
+            .enable_all()
+            .build()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(
+            shared
+                .config
+                .services
+                .iter()
+                .map(|s| s.connect_timeout)
+                .max()
+                .unwrap_or(Duration::from_secs(5)),
+        ));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(Ctx {
+            draining,
+            shared: Arc::downgrade(shared),
+            stats: shared.stats.http.clone(),
+            client,
+        });
+        let (tx, rx) = crossbeam_channel::unbounded::<Handoff>();
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("ringside-l7-in".into())
+            .spawn(move || {
+                // Ends when every sender is gone (the proxy shut down).
+                while let Ok(h) = rx.recv() {
+                    handle.spawn(serve(h, ctx.clone()));
+                }
+            })?;
+        Ok(L7 {
+            tx,
+            drain,
+            runtime: Mutex::new(Some(runtime)),
+        })
+    }
+
+    /// Hand a connection over. Fails only when the L7 path is gone (shutting down).
+    pub(crate) fn handoff(&self, h: Handoff) -> Result<(), Handoff> {
+        self.tx.send(h).map_err(|e| e.into_inner())
+    }
+
+    /// Drain: every connection finishes the request in progress and closes (idle keep-alive
+    /// connections close at once).
+    pub(crate) fn drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Stop the runtime (open connections are closed).
+    pub(crate) fn shutdown(&self) {
+        if let Some(rt) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Serve one handed-over connection (HTTP/1.1 or HTTP/2, detected from the preface).
+async fn serve(h: Handoff, ctx: Arc<Ctx>) {
+    HttpStats::inc(&ctx.stats.cx_total);
+    let peer = h.peer;
+    let conn = Arc::new(Conn {
+        peer,
+        snap: h.snap,
+        service: h.service,
+    });
+    let stream = match h
+        .stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(h.stream))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "cannot take over the connection");
+            HttpStats::inc(&ctx.stats.cx_closed);
+            release(&ctx);
+            return;
+        }
+    };
+    let c2 = ctx.clone();
+    let svc = hyper::service::service_fn(move |req| proxy(req, conn.clone(), c2.clone()));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(true);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(served);
+    let mut draining = ctx.draining.clone();
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+    }
+    HttpStats::inc(&ctx.stats.cx_closed);
+    release(&ctx);
+}
+
+/// The connection leaves the proxy's open-connection count.
+fn release(ctx: &Ctx) {
+    if let Some(shared) = ctx.shared.upgrade() {
+        shared.active.fetch_sub(1, SeqCst);
+    }
+}
+
+struct Conn {
+    peer: SocketAddr,
+    snap: Arc<ConfigSnapshot>,
+    service: usize,
+}
+
+/// A response made by the proxy: status, `x-ringside-reason`, one line saying what to check.
+pub fn local_reply(status: StatusCode, reason: Reason, detail: &str) -> Response<RespBody> {
+    let body = format!(
+        "ringside: {}: {detail}; {}\n",
+        reason.as_str(),
+        reason.hint()
+    );
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        HeaderName::from_static("x-ringside-reason"),
+        HeaderValue::from_static(reason.as_str()),
+    );
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn status_for(reason: Reason) -> StatusCode {
+    match reason {
+        Reason::UpstreamRequestTimeout | Reason::UpstreamConnectTimeout => {
+            StatusCode::GATEWAY_TIMEOUT
+        }
+        Reason::NoHealthyEndpoint | Reason::CircuitOpen | Reason::Overloaded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Reason::RequestDenied | Reason::IntentionDenied => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Why an upstream request failed, from the client's error chain.
+fn classify(e: &hyper_util::client::legacy::Error) -> Reason {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            // Bytes that are not an HTTP response, or a close without any response: the peer
+            // does not speak HTTP (a database behind a service declared http, say).
+            if h.is_parse()
+                || h.is_parse_status()
+                || h.is_parse_too_large()
+                || h.is_incomplete_message()
+            {
+                return Reason::ProtocolMismatch;
+            }
+        }
+        src = s.source();
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
+                std::io::ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+                    Reason::UpstreamReset
+                }
+                _ if e.is_connect() => Reason::UpstreamUnreachable,
+                _ => Reason::UpstreamReset,
+            };
+        }
+        src = s.source();
+    }
+    if e.is_connect() {
+        Reason::UpstreamUnreachable
+    } else {
+        Reason::UpstreamReset
+    }
+}
+
+/// A request id: 128 random-looking bits in hex (not a secret; unique enough to trace).
+fn request_id() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static SEQ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        static SEED: std::collections::hash_map::RandomState = std::collections::hash_map::RandomState::new();
+    }
+    let n = SEQ.with(|s| {
+        let v = s.get().wrapping_add(1);
+        s.set(v);
+        v
+    });
+    let (a, b) = SEED.with(|seed| {
+        let mut h1 = seed.build_hasher();
+        h1.write_u64(n);
+        let mut h2 = seed.build_hasher();
+        h2.write_u64(!n);
+        (h1.finish(), h2.finish())
+    });
+    let s = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    );
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+async fn proxy(
+    req: Request<Incoming>,
+    conn: Arc<Conn>,
+    ctx: Arc<Ctx>,
+) -> Result<Response<RespBody>, Infallible> {
+    let stats = &ctx.stats;
+    HttpStats::inc(&stats.rq_total);
+    let resp = forward(req, &conn, &ctx).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err((reason, detail)) => {
+            stats.fail(reason);
+            HttpStats::inc(&stats.local_replies);
+            warn!(
+                reason = reason.as_str(),
+                client = %conn.peer,
+                service = %conn.snap.services[conn.service].name,
+                detail = %detail,
+                "request failed"
+            );
+            local_reply(status_for(reason), reason, &detail)
+        }
+    };
+    stats.status(resp.status().as_u16());
+    Ok(resp)
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    conn: &Conn,
+    ctx: &Ctx,
+) -> Result<Response<RespBody>, (Reason, String)> {
+    let svc = &conn.snap.services[conn.service];
+    let cluster = &conn.snap.clusters[conn.service];
+    let deadline = tokio::time::Instant::now() + svc.request_timeout;
+    let (mut parts, body) = req.into_parts();
+    let version = parts.version;
+    let headers = &mut parts.headers;
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let peer_ip = conn.peer.ip().to_string();
+    let forwarded = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {peer_ip}"),
+        None => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(xff, v);
+    }
+    let rid = HeaderName::from_static("x-request-id");
+    if !headers.contains_key(&rid) {
+        headers.insert(rid, request_id());
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if parts.version == hyper::Version::HTTP_2 {
+        // Upstream requests are HTTP/1.1 on the pool; the authority becomes the Host header.
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.entry(hyper::header::HOST).or_insert(v);
+            }
+        }
+        parts.version = hyper::Version::HTTP_11;
+    }
+
+    // Keep small bodies so that the request can be retried; stream large ones (one try).
+    let small = body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT);
+    let (replay, mut stream) = if small {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| {
+                (
+                    Reason::DownstreamReset,
+                    format!("reading the request body: {e}"),
+                )
+            })?
+            .to_bytes();
+        (Some(bytes), None)
+    } else {
+        (None, Some(body))
+    };
+
+    let mut tried = 0u64;
+    let mut tries = 0u32;
+    let mut last: Option<(Reason, String)> = None;
+    loop {
+        let Some(i) = cluster.pick(tried) else {
+            if let Some(last) = last {
+                return Err(last);
+            }
+            return Err((
+                Reason::NoHealthyEndpoint,
+                format!(
+                    "service '{}' has no endpoint to try ({} configured)",
+                    svc.name,
+                    cluster.endpoints.len()
+                ),
+            ));
+        };
+        if i < 64 {
+            tried |= 1 << i;
+        }
+        let addr = cluster.endpoints[i].addr;
+        let body = match (&replay, stream.take()) {
+            (Some(b), _) => Either::Left(Full::new(b.clone())),
+            (None, Some(s)) => Either::Right(s),
+            (None, None) => unreachable!("a streamed body is sent once"),
+        };
+        let mut up = Request::from_parts(parts.clone(), body);
+        *up.uri_mut() = match format!("http://{addr}{path}").parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return Err((
+                    Reason::UpstreamUnreachable,
+                    format!("bad upstream URI: {e}"),
+                ))
+            }
+        };
+        let _guard = cluster.open(i);
+        let attempt = tokio::time::timeout_at(deadline, ctx.client.request(up)).await;
+        let can_retry = tries < svc.retries && replay.is_some();
+        match attempt {
+            Err(_) => {
+                return Err((
+                    Reason::UpstreamRequestTimeout,
+                    format!(
+                        "{} ({addr}) did not answer within {:?}",
+                        svc.name, svc.request_timeout
+                    ),
+                ))
+            }
+            Ok(Err(e)) => {
+                let reason = classify(&e);
+                if e.is_connect() {
+                    cluster.report_failure(i);
+                }
+                debug!(endpoint = %addr, reason = reason.as_str(), error = ?e, "upstream request failed");
+                // Connect failures are safe to retry (nothing was sent); others only when the
+                // request could not have reached the application either.
+                let failure = (reason, format!("{} ({addr}): {e}", svc.name));
+                if can_retry && e.is_connect() {
+                    tries += 1;
+                    HttpStats::inc(&ctx.stats.rq_retry);
+                    last = Some(failure);
+                    continue;
+                }
+                return Err(failure);
+            }
+            Ok(Ok(resp)) => {
+                cluster.report_success(i);
+                let code = resp.status().as_u16();
+                if can_retry && svc.retry_on.contains(&code) {
+                    tries += 1;
+                    HttpStats::inc(&ctx.stats.rq_retry);
+                    // Another endpoint first, if there is one.
+                    if tried.count_ones() as usize >= cluster.endpoints.len() {
+                        tried = 0;
+                    }
+                    drop(resp);
+                    continue;
+                }
+                let (mut p, b) = resp.into_parts();
+                // The client's HTTP version, whatever the upstream spoke.
+                p.version = version;
+                let b = b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+                return Ok(Response::from_parts(p, b.boxed_unsync()));
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The L7 path as a standalone reverse proxy (`ringside forward --protocol http`), against real
+//! HTTP servers: headers set, bodies exact, keep-alive, retries on connect failure and on chosen
+//! statuses, request timeouts, local replies that name the reason, HTTP/2 from the client, and a
+//! peer that does not speak HTTP.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use std::sync::atomic::Ordering;
+
+use ringside_tests::http::{serve, serve_status, Client};
+use ringside_tests::*;
+
+fn any() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn proxy(upstreams: &[SocketAddr], extra: &[&str]) -> (ChildGuard, String) {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = vec![
+        "--protocol",
+        "http",
+        "--workers",
+        "1",
+        "--stats-interval",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn_forward(listen, upstreams, &args);
+    (child, format!("http://{listen}"))
+}
+
+fn stop(mut child: ChildGuard) {
+    child.signal(libc::SIGTERM);
+    let st = child.wait_timeout(Duration::from_secs(20));
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn proxies_requests_with_headers_bodies_and_keepalive() {
+    let a = serve("a", any());
+    let b = serve("b", any());
+    let (child, url) = proxy(&[a.addr, b.addr], &[]);
+    let c = Client::new();
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..20 {
+        let r = c
+            .send(
+                "GET",
+                &format!("{url}/hello"),
+                &[
+                    ("host", "products.example"),
+                    ("x-forwarded-for", "10.9.9.9"),
+                ],
+                Vec::new(),
+            )
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let t = r.text();
+        assert!(t.contains("host: products.example"), "{t}");
+        assert!(
+            t.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1"),
+            "the client address is appended: {t}"
+        );
+        let id = t
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap()
+            .to_string();
+        assert!(id.len() >= 32, "a request id is set: {t}");
+        assert!(ids.insert(id), "request ids are unique (request {i})");
+    }
+    // A request id the client set is kept.
+    let r = c
+        .send(
+            "GET",
+            &format!("{url}/x"),
+            &[("x-request-id", "abc-123")],
+            Vec::new(),
+        )
+        .unwrap();
+    assert!(r.text().contains("x-request-id: abc-123"));
+    // Round-robin over both servers.
+    assert!(a.hits.load(Ordering::SeqCst) >= 10);
+    assert!(b.hits.load(Ordering::SeqCst) >= 10);
+    // Bodies: small (kept for retries) and large (streamed), exact.
+    for len in [0usize, 1, 70_000, 3 << 20] {
+        let body: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let r = c
+            .send("POST", &format!("{url}/echo"), &[], body.clone())
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert!(
+            r.body.as_ref() == body.as_slice(),
+            "echo of {len} bytes differs"
+        );
+    }
+    // HTTP/2 from the client (prior knowledge), HTTP/1.1 to the upstream.
+    let h2 = Client::with_h2(true);
+    let r = h2.get(&format!("{url}/h2")).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    // A drain closes idle keep-alive connections at once (an HTTP/2 client must be running to
+    // answer the GOAWAY's ping: this one is not, so it goes first).
+    drop(h2);
+    let t = Instant::now();
+    stop(child);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "drain took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn retries_connect_failures_and_chosen_statuses() {
+    let good = serve("good", any());
+    let bad = serve("bad", any());
+    let refusing = refusing_addr();
+    let (child, url) = proxy(&[refusing, good.addr], &[]);
+    let c = Client::new();
+    for _ in 0..10 {
+        let r = c.get(&format!("{url}/x")).unwrap();
+        assert_eq!(
+            r.status, 200,
+            "a refused endpoint is retried on the other: {r:?}"
+        );
+        assert_eq!(r.header("x-server"), "good");
+    }
+    drop(child);
+
+    // 503 from one endpoint: retried on the other when asked, passed through when not.
+    let flaky = serve_status("flaky", any(), 503);
+    let (child, url) = proxy(&[flaky.addr, good.addr], &["--retry-on", "503"]);
+    for _ in 0..10 {
+        let r = c.get(&format!("{url}/x")).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-server"), "good");
+    }
+    assert!(
+        flaky.hits.load(Ordering::SeqCst) >= 4,
+        "first tries reached the flaky endpoint"
+    );
+    drop(child);
+    let (child, url) = proxy(&[flaky.addr, good.addr], &[]);
+    let failed = (0..10)
+        .filter(|_| c.get(&format!("{url}/x")).unwrap().status == 503)
+        .count();
+    assert!(
+        (3..=7).contains(&failed),
+        "without --retry-on a 503 is the answer: {failed}"
+    );
+    drop(child);
+
+    // Every endpoint answers 503: the retries are bounded and the last answer is returned.
+    let (child, url) = proxy(&[flaky.addr], &["--retry-on", "503", "--retries", "2"]);
+    let before = flaky.hits.load(Ordering::SeqCst);
+    let r = c.get(&format!("{url}/x")).unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        flaky.hits.load(Ordering::SeqCst) - before,
+        3,
+        "one try and two retries"
+    );
+    drop(child);
+}
+
+#[test]
+fn local_replies_name_the_reason() {
+    // Nothing listens: 502 upstream_connect_refused, with a line that says what to check.
+    let (child, url) = proxy(&[refusing_addr()], &["--retries", "1"]);
+    let c = Client::new();
+    let r = c.get(&format!("{url}/x")).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "upstream_connect_refused");
+    assert!(
+        r.text().starts_with("ringside: upstream_connect_refused:") && r.text().contains("check"),
+        "{}",
+        r.text()
+    );
+    drop(child);
+
+    // A slow upstream: 504 upstream_request_timeout once the request timeout passes.
+    let slow = serve("slow", any());
+    let (child, url) = proxy(&[slow.addr], &["--request-timeout", "300ms"]);
+    let t = Instant::now();
+    let r = c.get(&format!("{url}/slow/3000")).unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "upstream_request_timeout");
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_millis(2000),
+        "the timeout fired after {took:?}"
+    );
+    // Others on the same proxy still pass.
+    assert_eq!(c.get(&format!("{url}/slow/10")).unwrap().status, 200);
+    drop(child);
+
+    // A peer that does not speak HTTP: protocol_mismatch.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let not_http = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = std::io::Write::write_all(&mut s, b"SSH-2.0-OpenSSH_9.2\r\n");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let (child, url) = proxy(&[not_http], &["--retries", "0"]);
+    let r = c.get(&format!("{url}/x")).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        r.header("x-ringside-reason"),
+        "protocol_mismatch",
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("declare it tcp"), "{}", r.text());
+    drop(child);
+}
