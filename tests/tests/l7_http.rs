@@ -114,7 +114,6 @@ fn proxies_requests_with_headers_bodies_and_keepalive() {
 #[test]
 fn retries_connect_failures_and_chosen_statuses() {
     let good = serve("good", any());
-    let bad = serve("bad", any());
     let refusing = refusing_addr();
     let (child, url) = proxy(&[refusing, good.addr], &[]);
     let c = Client::new();
