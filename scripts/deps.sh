@@ -4,7 +4,7 @@
 set -euo pipefail
 want=(postgresql postgresql-contrib iproute2 procps iptables nftables)
 if [ "${1:-test}" = bench ]; then
-  want+=(iperf3 sockperf haproxy nginx-light libnginx-mod-stream socat python3)
+  want+=(iperf3 sockperf haproxy nginx-light libnginx-mod-stream socat python3 wrk)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -47,12 +47,24 @@ pub(crate) struct Handoff {
     pub service: usize,
 }
 
-/// The L7 runtime.
+/// One L7 thread: a current-thread tokio runtime fed through its own channel.
+#[derive(Debug)]
+struct Lane {
+    tx: crossbeam_channel::Sender<Handoff>,
+    wake: Arc<tokio::sync::Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The L7 path: `threads` lanes, each a thread with a current-thread runtime and its own upstream
+/// pool. A connection stays on the lane it was given to (round-robin), so a request and its
+/// upstream connection are driven by one thread with no cross-thread wake-ups.
 #[derive(Debug)]
 pub(crate) struct L7 {
-    tx: crossbeam_channel::Sender<Handoff>,
+    lanes: Mutex<Vec<Lane>>,
+    senders: Vec<(crossbeam_channel::Sender<Handoff>, Arc<tokio::sync::Notify>)>,
+    next: std::sync::atomic::AtomicUsize,
     drain: tokio::sync::watch::Sender<bool>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Ctx {
@@ -64,54 +76,89 @@ struct Ctx {
 }
 
 impl L7 {
-    /// Start the runtime (`threads` workers) and the thread that feeds it hand-offs.
+    /// Start `threads` lanes.
     pub(crate) fn start(shared: &Arc<Shared>, threads: usize) -> std::io::Result<L7> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("ringside-l7")
-            .enable_all()
-            .build()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(
-            shared
-                .config
-                .services
-                .iter()
-                .map(|s| s.connect_timeout)
-                .max()
-                .unwrap_or(Duration::from_secs(5)),
-        ));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
+        let connect_timeout = shared
+            .config
+            .services
+            .iter()
+            .map(|s| s.connect_timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(5));
         let (drain, draining) = tokio::sync::watch::channel(false);
-        let ctx = Arc::new(Ctx {
-            draining,
-            shared: Arc::downgrade(shared),
-            stats: shared.stats.http.clone(),
-            client,
-        });
-        let (tx, rx) = crossbeam_channel::unbounded::<Handoff>();
-        let handle = runtime.handle().clone();
-        std::thread::Builder::new()
-            .name("ringside-l7-in".into())
-            .spawn(move || {
-                // Ends when every sender is gone (the proxy shut down).
-                while let Ok(h) = rx.recv() {
-                    handle.spawn(serve(h, ctx.clone()));
-                }
-            })?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut lanes = Vec::new();
+        for k in 0..threads.max(1) {
+            let (tx, rx) = crossbeam_channel::unbounded::<Handoff>();
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (shared, draining, stop, wake2) = (
+                Arc::downgrade(shared),
+                draining.clone(),
+                stop.clone(),
+                wake.clone(),
+            );
+            let stats = shared
+                .upgrade()
+                .map(|s| s.stats.http.clone())
+                .unwrap_or_default();
+            let thread = std::thread::Builder::new()
+                .name(format!("ringside-l7-{k}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let mut connector = HttpConnector::new();
+                        connector.set_nodelay(true);
+                        connector.set_connect_timeout(Some(connect_timeout));
+                        let client = Client::builder(TokioExecutor::new())
+                            .pool_idle_timeout(POOL_IDLE)
+                            .build(connector);
+                        let ctx = Arc::new(Ctx {
+                            draining,
+                            shared,
+                            stats,
+                            client,
+                        });
+                        loop {
+                            while let Ok(h) = rx.try_recv() {
+                                tokio::spawn(serve(h, ctx.clone()));
+                            }
+                            if stop.load(SeqCst) {
+                                return;
+                            }
+                            // A hand-off between the last try_recv and here left a permit.
+                            wake2.notified().await;
+                        }
+                    });
+                    // Dropping the runtime here cancels the connections left.
+                })?;
+            lanes.push(Lane {
+                tx,
+                wake,
+                thread: Some(thread),
+            });
+        }
+        let senders = lanes
+            .iter()
+            .map(|l| (l.tx.clone(), l.wake.clone()))
+            .collect();
         Ok(L7 {
-            tx,
+            lanes: Mutex::new(lanes),
+            senders,
+            next: std::sync::atomic::AtomicUsize::new(0),
             drain,
-            runtime: Mutex::new(Some(runtime)),
+            stop,
         })
     }
 
     /// Hand a connection over. Fails only when the L7 path is gone (shutting down).
     pub(crate) fn handoff(&self, h: Handoff) -> Result<(), Handoff> {
-        self.tx.send(h).map_err(|e| e.into_inner())
+        let k = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
+        let (tx, wake) = &self.senders[k];
+        tx.send(h).map_err(|e| e.into_inner())?;
+        wake.notify_one();
+        Ok(())
     }
 
     /// Drain: every connection finishes the request in progress and closes (idle keep-alive
@@ -120,15 +167,15 @@ impl L7 {
         self.drain.send_replace(true);
     }
 
-    /// Stop the runtime (open connections are closed).
+    /// Stop every lane (open connections are closed).
     pub(crate) fn shutdown(&self) {
-        if let Some(rt) = self
-            .runtime
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            rt.shutdown_background();
+        self.stop.store(true, SeqCst);
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        for l in lanes.iter_mut() {
+            l.wake.notify_one();
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 }

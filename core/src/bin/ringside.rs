@@ -175,6 +175,9 @@ struct Common {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Threads of the L7 (HTTP) path (default: one per core).
+    #[arg(long)]
+    l7_threads: Option<usize>,
     /// Event driver.
     #[arg(long, value_enum)]
     driver: Option<DriverKind>,
@@ -208,6 +211,9 @@ impl Common {
     fn apply(&self, p: &mut ProxyDoc) {
         if let Some(v) = self.workers {
             p.workers = v;
+        }
+        if let Some(v) = self.l7_threads {
+            p.l7_threads = v;
         }
         if let Some(v) = self.driver {
             p.driver = v;
