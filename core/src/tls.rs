@@ -34,6 +34,8 @@ use crate::reason::Reason;
 
 /// ALPN protocol for plain TCP inside the mesh tunnel.
 pub const ALPN_TCP: &[u8] = b"ringside/tcp";
+/// ALPN of mesh connections that carry HTTP (the L7 path).
+pub const ALPN_HTTP: &[u8] = b"ringside/http";
 
 /// Where the certificate material lives.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -283,7 +285,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain.clone(), m.key.clone_key())?;
-    s.alpn_protocols = vec![ALPN_TCP.to_vec()];
+    s.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_HTTP.to_vec()];
     s.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     s.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(s))
@@ -496,6 +498,8 @@ pub struct Built {
     pub material: Material,
     /// Client config (origination).
     pub client: Option<Arc<ClientConfig>>,
+    /// The same, offering ALPN `ringside/http` (the L7 path's mesh connections).
+    pub client_http: Option<Arc<ClientConfig>>,
     /// Server config (termination).
     pub server: Option<Arc<ServerConfig>>,
 }
@@ -508,9 +512,15 @@ impl Built {
                 (None, Some(server_config(&material, authorizer.clone())?))
             }
         };
+        let client_http = client.as_ref().map(|c| {
+            let mut h = (**c).clone();
+            h.alpn_protocols = vec![ALPN_HTTP.to_vec()];
+            Arc::new(h)
+        });
         Ok(Built {
             material,
             client,
+            client_http,
             server,
         })
     }

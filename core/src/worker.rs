@@ -278,6 +278,7 @@ fn handoff_l7(
         peer,
         snap,
         service,
+        mesh_out: false,
     };
     if l7.handoff(h).is_err() {
         w.shared.active.fetch_sub(1, SeqCst);

@@ -10,16 +10,16 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Either, Full};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
+
+pub(crate) mod pool;
 
 use crate::reason::Reason;
 use crate::server::{ConfigSnapshot, Shared};
@@ -27,10 +27,8 @@ use crate::stats::HttpStats;
 
 /// Request bodies up to this size are kept so that the request can be retried.
 const REPLAY_LIMIT: u64 = 64 * 1024;
-/// Idle upstream connections are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(90);
 
-type ReqBody = Either<Full<Bytes>, Incoming>;
+pub(crate) type ReqBody = Either<Full<Bytes>, Incoming>;
 /// What the L7 path answers with.
 pub type RespBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -45,6 +43,8 @@ pub(crate) struct Handoff {
     pub snap: Arc<ConfigSnapshot>,
     /// The service it is for (index into `snap.services`).
     pub service: usize,
+    /// Upstreams are sidecars: originate mesh mTLS to them.
+    pub mesh_out: bool,
 }
 
 /// One L7 thread: a current-thread tokio runtime fed through its own channel.
@@ -72,19 +72,12 @@ struct Ctx {
     draining: tokio::sync::watch::Receiver<bool>,
     shared: Weak<Shared>,
     stats: Arc<HttpStats>,
-    client: Client<HttpConnector, ReqBody>,
+    pool: Arc<pool::Pool>,
 }
 
 impl L7 {
     /// Start `threads` lanes.
     pub(crate) fn start(shared: &Arc<Shared>, threads: usize) -> std::io::Result<L7> {
-        let connect_timeout = shared
-            .config
-            .services
-            .iter()
-            .map(|s| s.connect_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(5));
         let (drain, draining) = tokio::sync::watch::channel(false);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut lanes = Vec::new();
@@ -108,17 +101,11 @@ impl L7 {
                 .name(format!("ringside-l7-{k}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        let mut connector = HttpConnector::new();
-                        connector.set_nodelay(true);
-                        connector.set_connect_timeout(Some(connect_timeout));
-                        let client = Client::builder(TokioExecutor::new())
-                            .pool_idle_timeout(POOL_IDLE)
-                            .build(connector);
                         let ctx = Arc::new(Ctx {
                             draining,
                             shared,
                             stats,
-                            client,
+                            pool: Arc::default(),
                         });
                         loop {
                             while let Ok(h) = rx.try_recv() {
@@ -188,6 +175,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         peer,
         snap: h.snap,
         service: h.service,
+        mesh_out: h.mesh_out,
     });
     let stream = match h
         .stream
@@ -234,6 +222,8 @@ struct Conn {
     peer: SocketAddr,
     snap: Arc<ConfigSnapshot>,
     service: usize,
+    /// Upstreams are sidecars: originate mesh mTLS.
+    mesh_out: bool,
 }
 
 /// A response made by the proxy: status, `x-ringside-reason`, one line saying what to check.
@@ -271,45 +261,6 @@ fn status_for(reason: Reason) -> StatusCode {
         }
         Reason::RequestDenied | Reason::IntentionDenied => StatusCode::FORBIDDEN,
         _ => StatusCode::BAD_GATEWAY,
-    }
-}
-
-/// Why an upstream request failed, from the client's error chain.
-fn classify(e: &hyper_util::client::legacy::Error) -> Reason {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            // Bytes that are not an HTTP response, or a close without any response: the peer
-            // does not speak HTTP (a database behind a service declared http, say).
-            if h.is_parse()
-                || h.is_parse_status()
-                || h.is_parse_too_large()
-                || h.is_incomplete_message()
-            {
-                return Reason::ProtocolMismatch;
-            }
-        }
-        src = s.source();
-    }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
-                std::io::ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-                    Reason::UpstreamReset
-                }
-                _ if e.is_connect() => Reason::UpstreamUnreachable,
-                _ => Reason::UpstreamReset,
-            };
-        }
-        src = s.source();
-    }
-    if e.is_connect() {
-        Reason::UpstreamUnreachable
-    } else {
-        Reason::UpstreamReset
     }
 }
 
@@ -394,6 +345,7 @@ async fn forward(
     if !headers.contains_key(&rid) {
         headers.insert(rid, request_id());
     }
+    // Upstream requests carry the origin form (path and query); the host goes in `Host`.
     let path = parts
         .uri
         .path_and_query()
@@ -408,6 +360,25 @@ async fn forward(
         }
         parts.version = hyper::Version::HTTP_11;
     }
+    if !parts.headers.contains_key(hyper::header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&svc.name) {
+            parts.headers.insert(hyper::header::HOST, v);
+        }
+    }
+    parts.uri = path
+        .parse()
+        .map_err(|e| (Reason::DownstreamReset, format!("bad request target: {e}")))?;
+    // To a mesh service: mTLS to its sidecar, which checks the intentions.
+    let (mesh, tls) = match (&conn.mesh_out, ctx.shared.upgrade()) {
+        (true, Some(shared)) => match &shared.sidecar_tls {
+            Some(st) => (
+                Some(Arc::<str>::from(svc.name.as_str())),
+                st.outbound.current().client_http.clone(),
+            ),
+            None => (None, None),
+        },
+        _ => (None, None),
+    };
 
     // Keep small bodies so that the request can be retried; stream large ones (one try).
     let small = body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT);
@@ -453,18 +424,17 @@ async fn forward(
             (None, Some(s)) => Either::Right(s),
             (None, None) => unreachable!("a streamed body is sent once"),
         };
-        let mut up = Request::from_parts(parts.clone(), body);
-        *up.uri_mut() = match format!("http://{addr}{path}").parse() {
-            Ok(u) => u,
-            Err(e) => {
-                return Err((
-                    Reason::UpstreamUnreachable,
-                    format!("bad upstream URI: {e}"),
-                ))
-            }
+        let up = Request::from_parts(parts.clone(), body);
+        let key = pool::Key {
+            addr,
+            mesh: mesh.clone(),
         };
         let _guard = cluster.open(i);
-        let attempt = tokio::time::timeout_at(deadline, ctx.client.request(up)).await;
+        let attempt = tokio::time::timeout_at(
+            deadline,
+            ctx.pool.send(&key, tls.clone(), svc.connect_timeout, up),
+        )
+        .await;
         let can_retry = tries < svc.retries && replay.is_some();
         match attempt {
             Err(_) => {
@@ -477,15 +447,14 @@ async fn forward(
                 ))
             }
             Ok(Err(e)) => {
-                let reason = classify(&e);
-                if e.is_connect() {
+                let reason = e.reason;
+                if e.connect {
                     cluster.report_failure(i);
                 }
-                debug!(endpoint = %addr, reason = reason.as_str(), error = ?e, "upstream request failed");
-                // Connect failures are safe to retry (nothing was sent); others only when the
-                // request could not have reached the application either.
-                let failure = (reason, format!("{} ({addr}): {e}", svc.name));
-                if can_retry && e.is_connect() {
+                debug!(endpoint = %addr, reason = reason.as_str(), error = %e.detail, "upstream request failed");
+                // Connect failures are safe to retry (nothing was sent).
+                let failure = (reason, format!("{} ({addr}): {}", svc.name, e.detail));
+                if can_retry && e.connect {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
                     last = Some(failure);

@@ -1,0 +1,279 @@
+//! Upstream HTTP/1.1 connections of one L7 lane: idle connections kept per (endpoint, mesh
+//! identity) and reused once their previous response body has ended; new ones connected with a
+//! timeout, with mesh mTLS (SNI = destination service, ALPN `ringside/http`) when the upstream is a
+//! sidecar.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use super::ReqBody;
+use crate::reason::Reason;
+
+/// Idle connections are dropped after this long.
+const IDLE_FOR: Duration = Duration::from_secs(60);
+/// Idle connections kept per key.
+const IDLE_MAX: usize = 256;
+
+/// Where an upstream connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    /// Endpoint.
+    pub addr: SocketAddr,
+    /// Mesh mTLS to this service's sidecar, or plaintext.
+    pub mesh: Option<Arc<str>>,
+}
+
+/// Why a request could not be sent.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    pub reason: Reason,
+    pub detail: String,
+    /// Nothing reached the upstream: safe to try again elsewhere.
+    pub connect: bool,
+}
+
+/// The idle connections of one lane.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    idle: Mutex<HashMap<Key, Vec<(SendRequest<ReqBody>, Instant)>>>,
+}
+
+impl Pool {
+    fn take(&self, key: &Key) -> Option<SendRequest<ReqBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some((s, at)) = list.pop() {
+            if !s.is_closed() && at.elapsed() < IDLE_FOR {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: Key, s: SendRequest<ReqBody>) {
+        if s.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(key).or_default();
+        if list.len() < IDLE_MAX {
+            list.push((s, Instant::now()));
+        }
+    }
+
+    /// Send `req` on an idle connection to `key`, or a new one.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        key: &Key,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        connect_timeout: Duration,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        // Idle connections first; one the server closed meanwhile gives the request back.
+        while let Some(mut s) = self.take(key) {
+            if s.ready().await.is_err() {
+                continue;
+            }
+            match s.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(key, s, resp)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(request_error(e.into_error())),
+                },
+            }
+        }
+        let mut s = connect(key, tls, connect_timeout).await?;
+        match s.send_request(req).await {
+            Ok(resp) => Ok(self.wrap(key, s, resp)),
+            Err(e) => Err(request_error(e)),
+        }
+    }
+
+    fn wrap(
+        self: &Arc<Self>,
+        key: &Key,
+        s: SendRequest<ReqBody>,
+        resp: Response<Incoming>,
+    ) -> Response<PooledBody> {
+        // A switched protocol (WebSocket) keeps the connection.
+        let back = if resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+            None
+        } else {
+            Some((s, Arc::downgrade(self), key.clone()))
+        };
+        let (parts, body) = resp.into_parts();
+        let mut body = PooledBody { inner: body, back };
+        if body.inner.is_end_stream() {
+            body.give_back();
+        }
+        Response::from_parts(parts, body)
+    }
+}
+
+fn request_error(e: hyper::Error) -> SendError {
+    let mismatch =
+        e.is_parse() || e.is_parse_status() || e.is_parse_too_large() || e.is_incomplete_message();
+    SendError {
+        reason: if mismatch {
+            Reason::ProtocolMismatch
+        } else if e.is_timeout() {
+            Reason::UpstreamRequestTimeout
+        } else {
+            Reason::UpstreamReset
+        },
+        detail: if mismatch {
+            format!("the upstream's answer is not HTTP ({e})")
+        } else {
+            e.to_string()
+        },
+        connect: e.is_canceled(),
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> Reason {
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return crate::tls::reason_for(tls);
+    }
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
+        std::io::ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+            Reason::UpstreamReset
+        }
+        _ => Reason::UpstreamUnreachable,
+    }
+}
+
+fn connect_error(reason: Reason, detail: String) -> SendError {
+    SendError {
+        reason,
+        detail,
+        connect: true,
+    }
+}
+
+/// A new connection (TCP, then mesh mTLS when asked), handshaken for HTTP/1.1.
+async fn connect(
+    key: &Key,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<SendRequest<ReqBody>, SendError> {
+    let addr = key.addr;
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(connect_error(
+                Reason::UpstreamConnectTimeout,
+                format!("connecting to {addr} took over {timeout:?}"),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(connect_error(
+                io_reason(&e),
+                format!("connecting to {addr}: {e}"),
+            ))
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = tcp.set_nodelay(true);
+    match (&key.mesh, tls) {
+        (Some(service), Some(cfg)) => {
+            let name =
+                rustls::pki_types::ServerName::try_from(service.to_string()).map_err(|_| {
+                    connect_error(
+                        Reason::TlsHandshakeFailed,
+                        format!("service name '{service}' is not a valid TLS server name"),
+                    )
+                })?;
+            let tls = tokio::time::timeout(
+                timeout,
+                tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| {
+                connect_error(
+                    Reason::UpstreamConnectTimeout,
+                    format!("mesh TLS handshake with {service} at {addr} took over {timeout:?}"),
+                )
+            })?
+            .map_err(|e| {
+                connect_error(
+                    io_reason(&e),
+                    format!("mesh TLS handshake with {service} at {addr}: {e}"),
+                )
+            })?;
+            handshake(TokioIo::new(tls), addr).await
+        }
+        _ => handshake(TokioIo::new(tcp), addr).await,
+    }
+}
+
+async fn handshake<T>(io: T, addr: SocketAddr) -> Result<SendRequest<ReqBody>, SendError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (s, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| connect_error(Reason::UpstreamReset, format!("{addr}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(s)
+}
+
+/// A response body that gives its connection back to the pool once it has ended.
+#[derive(Debug)]
+pub(crate) struct PooledBody {
+    inner: Incoming,
+    back: Option<(SendRequest<ReqBody>, Weak<Pool>, Key)>,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some((s, pool, key)) = self.back.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.put(key, s);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
