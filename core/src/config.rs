@@ -217,12 +217,26 @@ pub enum Protocol {
     Http2,
     /// gRPC (HTTP/2).
     Grpc,
+    /// Undeclared: the first bytes decide (HTTP goes to the L7 path, anything else, or silence
+    /// for the detection time, stays on the fast path).
+    Auto,
 }
 
 impl Protocol {
     /// Whether the L7 path handles it.
     pub fn is_http(self) -> bool {
-        self != Protocol::Tcp
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+    }
+
+    /// From the control daemon's vocabulary (`ServiceDefaults.spec.protocol`); undeclared is auto.
+    pub fn from_declared(p: Option<&str>) -> Protocol {
+        match p {
+            Some("tcp") => Protocol::Tcp,
+            Some("http") => Protocol::Http,
+            Some("http2") => Protocol::Http2,
+            Some("grpc") => Protocol::Grpc,
+            _ => Protocol::Auto,
+        }
     }
 }
 

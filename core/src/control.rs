@@ -166,6 +166,7 @@ impl ProxyConfig {
                 svc.port = Some(p.port);
                 svc.target_port = Some(p.target_port);
                 svc.local = s.name == self.service;
+                svc.protocol = crate::config::Protocol::from_declared(s.protocol.as_deref());
                 out.push(svc);
             }
         }

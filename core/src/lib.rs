@@ -32,6 +32,7 @@ pub mod reason;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod sniff;
 pub mod stats;
 pub mod sys;
 pub mod tls;

@@ -357,7 +357,9 @@ impl Proxy {
                 })
                 .context("cannot start the certificate watcher")?;
         }
-        let wants_l7 = shared.config.listeners.iter().any(|l| l.protocol.is_http());
+        // Sidecars hand HTTP over (declared, or detected on undeclared services).
+        let wants_l7 = shared.config.listeners.iter().any(|l| l.protocol.is_http())
+            || shared.config.sidecar.is_some();
         if wants_l7 {
             let l7 = crate::l7::L7::start(&shared, shared.config.proxy.l7_threads)
                 .context("cannot start the L7 (HTTP) path")?;

@@ -35,6 +35,9 @@ pub struct WorkerStats {
     pub splice_transfers: Counter,
     /// Pipes created (the pool reuses them; this grows only with concurrency).
     pub pipes_created: Counter,
+    /// Undeclared-protocol connections whose client sent nothing within the detection time
+    /// (taken as TCP).
+    pub protocol_detect_timeout: Counter,
     /// Inbound connections to the local app, by the address that answered: 127.0.0.1, ::1, the
     /// pod's own address.
     pub inbound_app_via: [Counter; 3],
@@ -144,6 +147,8 @@ pub struct Snapshot {
     pub splice_transfers: u64,
     /// See [`WorkerStats`].
     pub pipes_created: u64,
+    /// See [`WorkerStats`].
+    pub protocol_detect_timeout: u64,
     /// Inbound connections answered by the app on 127.0.0.1, ::1 and the pod address.
     pub inbound_app_via: [u64; 3],
     /// Failures by reason code (only non-zero ones).
@@ -189,6 +194,13 @@ impl Snapshot {
             " inbound_app_v4_loopback={} inbound_app_v6_loopback={} inbound_app_pod_ip={}",
             self.inbound_app_via[0], self.inbound_app_via[1], self.inbound_app_via[2]
         );
+        if self.protocol_detect_timeout > 0 {
+            let _ = write!(
+                s,
+                " protocol_detect_timeout={}",
+                self.protocol_detect_timeout
+            );
+        }
         if self.http_cx_total > 0 {
             let _ = write!(
                 s,
@@ -247,6 +259,7 @@ impl StatsRegistry {
             s.copy_transfers += w.copy_transfers.get();
             s.splice_transfers += w.splice_transfers.get();
             s.pipes_created += w.pipes_created.get();
+            s.protocol_detect_timeout += w.protocol_detect_timeout.get();
             for (k, c) in w.inbound_app_via.iter().enumerate() {
                 s.inbound_app_via[k] += c.get();
             }

@@ -185,8 +185,28 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
     let snap = w.shared.snapshot.load_full();
     let l = &w.shared.config.listeners[listener];
     if let (true, ListenerKind::Static(service)) = (l.protocol.is_http(), l.kind) {
-        handoff_l7(&w, client, peer, snap, service);
+        handoff_l7(&w, client, peer, snap, service, false, None);
         return;
+    }
+    if matches!(l.kind, ListenerKind::Outbound | ListenerKind::Inbound)
+        && w.shared.l7.get().is_some()
+    {
+        match Box::pin(l7_decision(&w, &snap, &client, listener)).await {
+            L7Decision::Stay => {}
+            L7Decision::Closed => {
+                drop(client);
+                finish(&w);
+                return;
+            }
+            L7Decision::Outbound { service, mesh } => {
+                handoff_l7(&w, client, peer, snap, service, mesh, None);
+                return;
+            }
+            L7Decision::Inbound { service, inbound } => {
+                handoff_l7(&w, client, peer, snap, service, false, Some(inbound));
+                return;
+            }
+        }
     }
     if w.shared.sidecar_tls.is_some() {
         if let Some(route) = crate::mesh::wants_mesh(&w, &snap, &client, listener) {
@@ -259,12 +279,119 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
 
 /// Give an HTTP connection to the L7 path; it leaves this worker (the proxy's open-connection
 /// count keeps it until the L7 path closes it).
+/// How long an undeclared outbound connection may stay silent before it is taken as TCP.
+const DETECT_HTTP: Duration = Duration::from_millis(100);
+/// How long an inbound mesh connection may take to send its ClientHello.
+const DETECT_HELLO: Duration = Duration::from_secs(5);
+
+enum L7Decision {
+    /// The fast path keeps it.
+    Stay,
+    /// The client went away while being looked at.
+    Closed,
+    /// HTTP to a mesh service: the L7 path, mTLS to the destination's sidecar when `mesh`.
+    Outbound { service: usize, mesh: bool },
+    /// Mesh TLS offering `ringside/http` to a local service: the L7 path terminates it.
+    Inbound {
+        service: usize,
+        inbound: crate::l7::Inbound,
+    },
+}
+
+/// Whether a sidecar connection goes to the L7 path: outbound to a service declared HTTP (or
+/// undeclared and speaking HTTP), inbound mesh TLS whose ClientHello offers `ringside/http`.
+async fn l7_decision(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    listener: usize,
+) -> L7Decision {
+    use crate::config::{Protocol, ServiceMtls};
+    use crate::sniff::{sniff_http, Sniffed};
+    let kind = w.shared.config.listeners[listener].kind;
+    let Ok(route) = decide_route(w, snap, client.as_raw_fd(), listener) else {
+        return L7Decision::Stay;
+    };
+    match (kind, route) {
+        (ListenerKind::Outbound, Route::Cluster(i)) => {
+            let svc = &snap.services[i];
+            let http = match svc.protocol {
+                p if p.is_http() => true,
+                Protocol::Auto => match sniff_http(client, DETECT_HTTP).await {
+                    Sniffed::Http => true,
+                    Sniffed::Other => false,
+                    Sniffed::Timeout => {
+                        w.stats().protocol_detect_timeout.inc();
+                        false
+                    }
+                    Sniffed::Closed => return L7Decision::Closed,
+                },
+                _ => false,
+            };
+            if !http {
+                return L7Decision::Stay;
+            }
+            L7Decision::Outbound {
+                service: i,
+                mesh: w.shared.sidecar_tls.is_some() && svc.mtls == ServiceMtls::Enable,
+            }
+        }
+        (
+            ListenerKind::Inbound,
+            Route::Local {
+                service: Some(i),
+                port,
+                pod_ip,
+            },
+        ) => {
+            let Some(mesh) = snap.inbound_tls[i].as_ref() else {
+                return L7Decision::Stay;
+            };
+            if snap.services[i].protocol == Protocol::Tcp {
+                return L7Decision::Stay;
+            }
+            // Wait for the ClientHello (it may come in more than one segment).
+            let deadline = Instant::now() + DETECT_HELLO;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(left, client.readable(false)).await {
+                    Ok(Ok(())) => {}
+                    _ => return L7Decision::Stay,
+                }
+                let mut b = [0u8; 1];
+                match sys::peek(client.as_raw_fd(), &mut b) {
+                    Ok(1) if b[0] == 0x16 => {}
+                    Ok(0) => return L7Decision::Closed,
+                    _ => return L7Decision::Stay,
+                }
+                match crate::sniff::offered_alpn(client) {
+                    Some(alpn) if alpn.iter().any(|p| p == crate::tls::ALPN_HTTP) => {
+                        let Some(tls) = mesh.current().server.clone() else {
+                            return L7Decision::Stay;
+                        };
+                        return L7Decision::Inbound {
+                            service: i,
+                            inbound: crate::l7::Inbound { tls, port, pod_ip },
+                        };
+                    }
+                    Some(_) => return L7Decision::Stay,
+                    None if left.is_zero() => return L7Decision::Stay,
+                    None => monoio::time::sleep(Duration::from_millis(2)).await,
+                }
+            }
+        }
+        _ => L7Decision::Stay,
+    }
+}
+
 fn handoff_l7(
     w: &Worker,
     client: TcpStream,
     peer: SocketAddr,
     snap: Arc<ConfigSnapshot>,
     service: usize,
+    mesh_out: bool,
+    inbound: Option<crate::l7::Inbound>,
 ) {
     w.stats().downstream_cx_closed.inc();
     w.active.set(w.active.get() - 1);
@@ -278,7 +405,8 @@ fn handoff_l7(
         peer,
         snap,
         service,
-        mesh_out: false,
+        mesh_out,
+        inbound,
     };
     if l7.handoff(h).is_err() {
         w.shared.active.fetch_sub(1, SeqCst);

@@ -384,14 +384,13 @@ pub fn intentions(docs: &[Document]) -> Vec<Intention> {
         .collect()
 }
 
-/// The protocol a service is declared with (`ServiceDefaults`), `tcp` when undeclared.
-pub fn protocol_of(docs: &[Document], service: &str) -> Protocol {
-    docs.iter()
-        .find_map(|d| match d {
-            Document::ServiceDefaults { name, spec } if name == service => Some(spec.protocol),
-            _ => None,
-        })
-        .unwrap_or(Protocol::Tcp)
+/// The protocol a service is declared with (`ServiceDefaults`); `None` when undeclared (proxies
+/// then detect it from the first bytes).
+pub fn protocol_of(docs: &[Document], service: &str) -> Option<Protocol> {
+    docs.iter().find_map(|d| match d {
+        Document::ServiceDefaults { name, spec } if name == service => Some(spec.protocol),
+        _ => None,
+    })
 }
 
 fn strip_location(message: &str) -> String {

@@ -45,6 +45,8 @@ pub(crate) struct Handoff {
     pub service: usize,
     /// Upstreams are sidecars: originate mesh mTLS to them.
     pub mesh_out: bool,
+    /// Inbound mesh TLS to terminate before HTTP (upstream: the local application).
+    pub inbound: Option<Inbound>,
 }
 
 /// One L7 thread: a current-thread tokio runtime fed through its own channel.
@@ -171,12 +173,6 @@ impl L7 {
 async fn serve(h: Handoff, ctx: Arc<Ctx>) {
     HttpStats::inc(&ctx.stats.cx_total);
     let peer = h.peer;
-    let conn = Arc::new(Conn {
-        peer,
-        snap: h.snap,
-        service: h.service,
-        mesh_out: h.mesh_out,
-    });
     let stream = match h
         .stream
         .set_nonblocking(true)
@@ -190,11 +186,73 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
             return;
         }
     };
+    let _ = stream.set_nodelay(true);
+    match h.inbound {
+        None => {
+            let conn = Arc::new(Conn {
+                peer,
+                snap: h.snap,
+                service: h.service,
+                mesh_out: h.mesh_out,
+                inbound: None,
+            });
+            serve_io(TokioIo::new(stream), conn, &ctx).await;
+        }
+        Some(inbound) => {
+            // Mesh mTLS from the source sidecar; the verifier asks the intentions.
+            let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.clone());
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let peer_id = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first().and_then(|c| crate::tls::spiffe_of(c)));
+                    let conn = Arc::new(Conn {
+                        peer,
+                        snap: h.snap,
+                        service: h.service,
+                        mesh_out: false,
+                        inbound: Some(InboundConn {
+                            port: inbound.port,
+                            pod_ip: inbound.pod_ip,
+                            peer_id: peer_id.map(|i| i.to_string()),
+                        }),
+                    });
+                    serve_io(TokioIo::new(tls), conn, &ctx).await;
+                }
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .map_or(Reason::TlsHandshakeFailed, crate::tls::reason_for);
+                    ctx.stats.fail(reason);
+                    warn!(reason = reason.as_str(), client = %peer, detail = %e, hint = reason.hint(), "connection failed");
+                }
+                Err(_) => {
+                    ctx.stats.fail(Reason::TlsHandshakeFailed);
+                    warn!(reason = "tls_handshake_failed", client = %peer, "the mesh TLS handshake did not finish in time");
+                }
+            }
+        }
+    }
+    HttpStats::inc(&ctx.stats.cx_closed);
+    release(&ctx);
+}
+
+/// How long an inbound mesh TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn serve_io<I>(io: I, conn: Arc<Conn>, ctx: &Arc<Ctx>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let peer = conn.peer;
     let c2 = ctx.clone();
     let svc = hyper::service::service_fn(move |req| proxy(req, conn.clone(), c2.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let served = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(served);
     let mut draining = ctx.draining.clone();
     let result = tokio::select! {
@@ -207,8 +265,6 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
     if let Err(e) = result {
         debug!(client = %peer, error = %e, "HTTP connection ended with an error");
     }
-    HttpStats::inc(&ctx.stats.cx_closed);
-    release(&ctx);
 }
 
 /// The connection leaves the proxy's open-connection count.
@@ -224,6 +280,28 @@ struct Conn {
     service: usize,
     /// Upstreams are sidecars: originate mesh mTLS.
     mesh_out: bool,
+    /// Inbound from a sidecar: the upstream is the local application.
+    inbound: Option<InboundConn>,
+}
+
+struct InboundConn {
+    /// The application's port.
+    port: u16,
+    /// The pod's address (the original destination's).
+    pod_ip: std::net::IpAddr,
+    /// The verified caller.
+    peer_id: Option<String>,
+}
+
+/// An inbound mesh connection for the L7 path: TLS to terminate, the local app to call.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    /// Server config of the local service (its verifier asks the intentions).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The application's port.
+    pub port: u16,
+    /// The pod's address.
+    pub pod_ip: std::net::IpAddr,
 }
 
 /// A response made by the proxy: status, `x-ringside-reason`, one line saying what to check.
@@ -259,7 +337,10 @@ fn status_for(reason: Reason) -> StatusCode {
         Reason::NoHealthyEndpoint | Reason::CircuitOpen | Reason::Overloaded => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        Reason::RequestDenied | Reason::IntentionDenied => StatusCode::FORBIDDEN,
+        Reason::RequestDenied | Reason::IntentionDenied | Reason::DeniedByDestination => {
+            StatusCode::FORBIDDEN
+        }
+        Reason::AppNotListening => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
@@ -398,9 +479,22 @@ async fn forward(
         (None, Some(body))
     };
 
+    if let Some(inb) = &conn.inbound {
+        if let Some(id) = &inb.peer_id {
+            if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
+                parts
+                    .headers
+                    .insert(HeaderName::from_static("x-forwarded-client-cert"), v);
+            }
+        }
+        return to_local_app(parts, replay, stream, inb, svc, deadline, ctx, version).await;
+    }
+
     let mut tried = 0u64;
     let mut tries = 0u32;
     let mut last: Option<(Reason, String)> = None;
+    // A request given back by a failed connect (its body not sent) goes out again as it is.
+    let mut given_back: Option<Request<ReqBody>> = None;
     loop {
         let Some(i) = cluster.pick(tried) else {
             if let Some(last) = last {
@@ -419,12 +513,22 @@ async fn forward(
             tried |= 1 << i;
         }
         let addr = cluster.endpoints[i].addr;
-        let body = match (&replay, stream.take()) {
-            (Some(b), _) => Either::Left(Full::new(b.clone())),
-            (None, Some(s)) => Either::Right(s),
-            (None, None) => unreachable!("a streamed body is sent once"),
+        let up = match given_back.take() {
+            Some(r) => r,
+            None => {
+                let body = match (&replay, stream.take()) {
+                    (Some(b), _) => Either::Left(Full::new(b.clone())),
+                    (None, Some(s)) => Either::Right(s),
+                    (None, None) => {
+                        return Err(last.unwrap_or((
+                            Reason::UpstreamReset,
+                            "the request body was already sent".into(),
+                        )))
+                    }
+                };
+                Request::from_parts(parts.clone(), body)
+            }
         };
-        let up = Request::from_parts(parts.clone(), body);
         let key = pool::Key {
             addr,
             mesh: mesh.clone(),
@@ -435,7 +539,7 @@ async fn forward(
             ctx.pool.send(&key, tls.clone(), svc.connect_timeout, up),
         )
         .await;
-        let can_retry = tries < svc.retries && replay.is_some();
+        let can_retry = tries < svc.retries;
         match attempt {
             Err(_) => {
                 return Err((
@@ -446,17 +550,19 @@ async fn forward(
                     ),
                 ))
             }
-            Ok(Err(e)) => {
+            Ok(Err(mut e)) => {
                 let reason = e.reason;
                 if e.connect {
                     cluster.report_failure(i);
                 }
                 debug!(endpoint = %addr, reason = reason.as_str(), error = %e.detail, "upstream request failed");
-                // Connect failures are safe to retry (nothing was sent).
                 let failure = (reason, format!("{} ({addr}): {}", svc.name, e.detail));
-                if can_retry && e.connect {
+                // Connect failures are safe to retry (nothing was sent), also with a streamed
+                // body, which the failed connect gave back.
+                if can_retry && e.connect && reason != Reason::DeniedByDestination {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
+                    given_back = e.request.take();
                     last = Some(failure);
                     continue;
                 }
@@ -465,7 +571,7 @@ async fn forward(
             Ok(Ok(resp)) => {
                 cluster.report_success(i);
                 let code = resp.status().as_u16();
-                if can_retry && svc.retry_on.contains(&code) {
+                if can_retry && replay.is_some() && svc.retry_on.contains(&code) {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
                     // Another endpoint first, if there is one.
@@ -475,12 +581,78 @@ async fn forward(
                     drop(resp);
                     continue;
                 }
-                let (mut p, b) = resp.into_parts();
-                // The client's HTTP version, whatever the upstream spoke.
-                p.version = version;
-                let b = b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
-                return Ok(Response::from_parts(p, b.boxed_unsync()));
+                return Ok(respond(resp, version));
             }
         }
     }
+}
+
+/// The upstream's response, to the client's HTTP version.
+fn respond(resp: Response<pool::PooledBody>, version: hyper::Version) -> Response<RespBody> {
+    let (mut p, b) = resp.into_parts();
+    p.version = version;
+    let b = b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+    Response::from_parts(p, b.boxed_unsync())
+}
+
+/// How long the local application may take to accept a connection.
+const LOCAL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Inbound: the local application on its port, at 127.0.0.1, ::1 or the pod address (the first
+/// that accepts), as on the fast path.
+#[allow(clippy::too_many_arguments)]
+async fn to_local_app(
+    parts: hyper::http::request::Parts,
+    replay: Option<Bytes>,
+    stream: Option<Incoming>,
+    inb: &InboundConn,
+    svc: &crate::config::Service,
+    deadline: tokio::time::Instant,
+    ctx: &Ctx,
+    version: hyper::Version,
+) -> Result<Response<RespBody>, (Reason, String)> {
+    let candidates = crate::route::local_candidates(inb.port, inb.pod_ip);
+    let body = match (replay, stream) {
+        (Some(b), _) => Either::Left(Full::new(b)),
+        (None, Some(s)) => Either::Right(s),
+        (None, None) => Either::Left(Full::new(Bytes::new())),
+    };
+    let mut req = Some(Request::from_parts(parts, body));
+    for addr in &candidates {
+        let key = pool::Key {
+            addr: *addr,
+            mesh: None,
+        };
+        let Some(r) = req.take() else { break };
+        match tokio::time::timeout_at(
+            deadline,
+            ctx.pool.send(&key, None, LOCAL_CONNECT_TIMEOUT, r),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err((
+                    Reason::UpstreamRequestTimeout,
+                    format!(
+                        "the local application ({addr}) did not answer within {:?}",
+                        svc.request_timeout
+                    ),
+                ))
+            }
+            Ok(Ok(resp)) => return Ok(respond(resp, version)),
+            Ok(Err(mut e)) if e.connect => req = e.request.take(),
+            Ok(Err(e)) => {
+                return Err((e.reason, format!("local application {addr}: {}", e.detail)))
+            }
+        }
+    }
+    let listening = crate::listening::listening();
+    Err((
+        Reason::AppNotListening,
+        format!(
+            "{}: {}",
+            svc.name,
+            crate::listening::app_hint(inb.port, &listening, &candidates)
+        ),
+    ))
 }

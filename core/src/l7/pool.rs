@@ -39,6 +39,8 @@ pub(crate) struct SendError {
     pub detail: String,
     /// Nothing reached the upstream: safe to try again elsewhere.
     pub connect: bool,
+    /// The request, when it was not sent (a failed connect gives it back).
+    pub request: Option<Request<ReqBody>>,
 }
 
 /// The idle connections of one lane.
@@ -91,7 +93,13 @@ impl Pool {
                 },
             }
         }
-        let mut s = connect(key, tls, connect_timeout).await?;
+        let mut s = match connect(key, tls, connect_timeout).await {
+            Ok(s) => s,
+            Err(mut e) => {
+                e.request = Some(req);
+                return Err(e);
+            }
+        };
         match s.send_request(req).await {
             Ok(resp) => Ok(self.wrap(key, s, resp)),
             Err(e) => Err(request_error(e)),
@@ -136,6 +144,7 @@ fn request_error(e: hyper::Error) -> SendError {
             e.to_string()
         },
         connect: e.is_canceled(),
+        request: None,
     }
 }
 
@@ -161,6 +170,7 @@ fn connect_error(reason: Reason, detail: String) -> SendError {
         reason,
         detail,
         connect: true,
+        request: None,
     }
 }
 
