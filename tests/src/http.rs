@@ -47,10 +47,11 @@ async fn answer(
             .to_string()
     };
     let info = format!(
-        "server: {name}\nx-request-id: {}\nx-forwarded-for: {}\nhost: {}\n",
+        "server: {name}\nx-request-id: {}\nx-forwarded-for: {}\nhost: {}\nx-forwarded-client-cert: {}\n",
         header("x-request-id"),
         header("x-forwarded-for"),
-        header("host")
+        header("host"),
+        header("x-forwarded-client-cert")
     );
     let (status, body) = if let Some(code) = path.strip_prefix("/status/") {
         (code.parse().unwrap_or(500), Bytes::from(info))

@@ -43,10 +43,13 @@ pub(crate) struct SendError {
     pub request: Option<Request<ReqBody>>,
 }
 
+/// Idle connections with the time each went idle.
+type IdleMap = HashMap<Key, Vec<(SendRequest<ReqBody>, Instant)>>;
+
 /// The idle connections of one lane.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<Key, Vec<(SendRequest<ReqBody>, Instant)>>>,
+    idle: Mutex<IdleMap>,
 }
 
 impl Pool {
