@@ -216,7 +216,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                         inbound: Some(InboundConn {
                             port: inbound.port,
                             pod_ip: inbound.pod_ip,
-                            peer_id: peer_id.map(|i| i.to_string()),
+                            peer_id,
                         }),
                     });
                     serve_io(TokioIo::new(tls), conn, &ctx).await;
@@ -290,7 +290,7 @@ struct InboundConn {
     /// The pod's address (the original destination's).
     pod_ip: std::net::IpAddr,
     /// The verified caller.
-    peer_id: Option<String>,
+    peer_id: Option<crate::identity::SpiffeId>,
 }
 
 /// An inbound mesh connection for the L7 path: TLS to terminate, the local app to call.
@@ -413,14 +413,30 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
     let headers = &mut parts.headers;
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let peer_ip = conn.peer.ip().to_string();
-    let forwarded = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert(xff, v);
+    if let Some(inb) = &conn.inbound {
+        // Intentions are evaluated per request on HTTP services, with the configuration in force
+        // now: a change applies to the next request, also on a kept-alive connection.
+        if let (Some(peer), Some(shared)) = (&inb.peer_id, ctx.shared.upgrade()) {
+            let now = shared.snapshot.load();
+            let d = now.intentions.evaluate(&peer.service, &svc.name);
+            if !d.allowed() {
+                return Err((
+                    Reason::IntentionDenied,
+                    format!("{} -> {}: {}", peer.service, svc.name, d.explain()),
+                ));
+            }
+        }
+    } else {
+        // The client's address (the source sidecar appended it on the way in already).
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let peer_ip = conn.peer.ip().to_string();
+        let forwarded = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {peer_ip}"),
+            None => peer_ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert(xff, v);
+        }
     }
     let rid = HeaderName::from_static("x-request-id");
     if !headers.contains_key(&rid) {
