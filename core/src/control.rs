@@ -142,6 +142,9 @@ pub struct ProxyConfig {
     pub services: Vec<CatalogService>,
     /// Intentions.
     pub intentions: Intentions,
+    /// Routers and splitters.
+    #[serde(default)]
+    pub l7: crate::l7::rules::L7Config,
     /// Trust bundle (PEM).
     pub bundle: String,
     /// Certificates issued before this generation must be replaced.
@@ -435,7 +438,7 @@ impl Control {
         let wait = WATCH_WAIT.min(until_renewal);
         let c = self.fetch(wait)?;
         if self.config.as_ref() != Some(&c) {
-            updater.update(c.index, c.services(), c.intentions.clone())?;
+            updater.update(c.index, c.services(), c.intentions.clone(), c.l7.clone())?;
             self.save(&c)?;
             self.config = Some(c.clone());
         }

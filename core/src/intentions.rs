@@ -90,6 +90,10 @@ pub struct Intention {
     pub destination: Pattern,
     /// Allow or deny.
     pub action: Action,
+    /// L7 permissions (HTTP services): the connection is allowed, each request is decided by the
+    /// first permission that matches it (none: denied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<crate::l7::rules::Permission>,
 }
 
 impl Intention {
@@ -102,6 +106,7 @@ impl Intention {
 impl std::fmt::Display for Intention {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let a = match self.action {
+            _ if !self.permissions.is_empty() => "L7 permissions",
             Action::Allow => "allow",
             Action::Deny => "deny",
         };
@@ -206,6 +211,7 @@ mod tests {
             source: src.to_string().into(),
             destination: dst.to_string().into(),
             action,
+            permissions: Vec::new(),
         }
     }
 

@@ -59,6 +59,8 @@ pub struct ConfigSnapshot {
     pub services: Vec<Service>,
     /// Intentions in force.
     pub intentions: Arc<Intentions>,
+    /// Routers and splitters in force.
+    pub l7: Arc<crate::l7::rules::L7Config>,
     /// Upstream state per service (same order as `services`).
     pub clusters: Vec<Arc<Cluster>>,
     /// Original-destination lookup for the sidecar listeners.
@@ -74,6 +76,7 @@ impl ConfigSnapshot {
         version: u64,
         services: Vec<Service>,
         intentions: Intentions,
+        l7: crate::l7::rules::L7Config,
         registry_only: bool,
         sidecar_tls: Option<&crate::mesh::SidecarTls>,
         previous: Option<&ConfigSnapshot>,
@@ -99,6 +102,7 @@ impl ConfigSnapshot {
             routes: crate::route::Routes::new(&services, registry_only),
             services,
             intentions,
+            l7: Arc::new(l7),
             clusters,
             inbound_tls,
         })
@@ -134,6 +138,7 @@ impl Updater {
         version: u64,
         services: Vec<Service>,
         intentions: Intentions,
+        l7: crate::l7::rules::L7Config,
     ) -> anyhow::Result<()> {
         let all: Vec<Service> = self
             .shared
@@ -148,6 +153,7 @@ impl Updater {
             version,
             all,
             intentions,
+            l7,
             self.shared
                 .config
                 .sidecar
@@ -247,7 +253,7 @@ impl Proxy {
     /// control daemon: the proxy is ready only once they are in force.
     pub fn start_with(
         config: Config,
-        initial: Option<(u64, Vec<Service>, Intentions)>,
+        initial: Option<(u64, Vec<Service>, Intentions, crate::l7::rules::L7Config)>,
     ) -> anyhow::Result<Proxy> {
         let driver = resolve_driver(config.proxy.driver)?;
         match crate::sys::raise_nofile_limit() {
@@ -322,12 +328,13 @@ impl Proxy {
             None => None,
             Some(m) => Some(crate::mesh::SidecarTls::load(m).context("sidecar mTLS")?),
         };
-        let (version, pushed, intentions) =
-            initial.unwrap_or_else(|| (0, Vec::new(), config.intentions.clone()));
+        let (version, pushed, intentions, l7) = initial
+            .unwrap_or_else(|| (0, Vec::new(), config.intentions.clone(), Default::default()));
         let snapshot = ConfigSnapshot::build(
             version,
             config.services.iter().cloned().chain(pushed).collect(),
             intentions,
+            l7,
             config.sidecar.as_ref().is_some_and(|s| s.registry_only),
             sidecar_tls.as_ref(),
             None,
@@ -438,8 +445,9 @@ impl Proxy {
         version: u64,
         services: Vec<Service>,
         intentions: Intentions,
+        l7: crate::l7::rules::L7Config,
     ) -> anyhow::Result<()> {
-        self.updater().update(version, services, intentions)
+        self.updater().update(version, services, intentions, l7)
     }
 
     /// Whether the control daemon is unreachable now.

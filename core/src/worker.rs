@@ -796,6 +796,7 @@ mod size_probe {
                         0,
                         config.services.clone(),
                         config.intentions.clone(),
+                        Default::default(),
                         false,
                         None,
                         None,

@@ -30,12 +30,12 @@ pub enum Document {
         /// Its spec.
         spec: ServiceIntentionsSpec,
     },
-    /// L7 routes (stored for the L7 path).
+    /// L7 routes.
     ServiceRouter {
         /// Service name.
         name: String,
-        /// The spec as written.
-        spec: serde_json::Value,
+        /// Its spec.
+        spec: ringside_core::l7::rules::RouterSpec,
     },
     /// Weighted splits (stored for the L7 path; weights checked now).
     ServiceSplitter {
@@ -124,9 +124,9 @@ pub struct IntentionSource {
     /// `allow` or `deny` (absent when `permissions` are given).
     #[serde(default)]
     pub action: Option<Action>,
-    /// L7 permissions (stored for the L7 path).
+    /// L7 permissions (HTTP services): the first that matches a request decides.
     #[serde(default)]
-    pub permissions: Option<serde_json::Value>,
+    pub permissions: Option<Vec<ringside_core::l7::rules::Permission>>,
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
@@ -364,8 +364,8 @@ fn check(doc: &Document) -> Result<(), (String, String, Option<String>)> {
     Ok(())
 }
 
-/// The intentions a set of `ServiceIntentions` documents describe (L4 actions only; sources with
-/// L7 permissions are for the L7 path and are left out here).
+/// The intentions a set of `ServiceIntentions` documents describe. A source with L7
+/// permissions allows the connection; its permissions decide each request.
 pub fn intentions(docs: &[Document]) -> Vec<Intention> {
     docs.iter()
         .filter_map(|d| match d {
@@ -374,14 +374,51 @@ pub fn intentions(docs: &[Document]) -> Vec<Intention> {
         })
         .flat_map(|spec| {
             spec.sources.iter().filter_map(|s| {
-                s.action.map(|action| Intention {
+                let permissions = s.permissions.clone().unwrap_or_default();
+                let action = match (s.action, permissions.is_empty()) {
+                    (Some(a), true) => a,
+                    (_, false) => Action::Allow,
+                    (None, true) => return None,
+                };
+                Some(Intention {
                     source: Pattern::from(s.name.clone()),
                     destination: Pattern::from(spec.destination.name.clone()),
                     action,
+                    permissions,
                 })
             })
         })
         .collect()
+}
+
+/// The routers and splitters, by service, as proxies use them.
+pub fn l7_config(docs: &[Document]) -> ringside_core::l7::rules::L7Config {
+    use ringside_core::l7::rules::{L7Config, SplitTarget, SplitterSpec};
+    let mut c = L7Config::default();
+    for d in docs {
+        match d {
+            Document::ServiceRouter { name, spec } => {
+                c.routers.insert(name.clone(), spec.clone());
+            }
+            Document::ServiceSplitter { name, spec } => {
+                c.splitters.insert(
+                    name.clone(),
+                    SplitterSpec {
+                        splits: spec
+                            .splits
+                            .iter()
+                            .map(|s| SplitTarget {
+                                weight: s.weight,
+                                service: s.service.clone(),
+                            })
+                            .collect(),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    c
 }
 
 /// The protocol a service is declared with (`ServiceDefaults`); `None` when undeclared (proxies

@@ -205,7 +205,8 @@ pub fn proxy_config(state: &State, service: &str) -> Result<serde_json::Value, S
         "service": service,
         "trust_domain": trust_domain,
         "services": catalog,
-        "intentions": intentions,
+                "intentions": intentions,
+        "l7": consul::l7_config(&docs),
         "bundle": bundle,
         "cert_generation": cert_generation(store, service).map_err(|e| e.to_string())?,
     }))

@@ -48,6 +48,62 @@ spec:
       action: allow
 ";
 
+const L7_DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: web-v2
+spec:
+  protocol: http
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceSplitter
+metadata:
+  name: web
+spec:
+  splits:
+    - weight: 75
+    - weight: 25
+      service: web-v2
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceRouter
+metadata:
+  name: web
+spec:
+  routes:
+    - match:
+        http:
+          pathPrefix: /v2/
+      destination:
+        service: web-v2
+        prefixRewrite: /
+    - match:
+        http:
+          header:
+            - name: x-canary
+              present: true
+      destination:
+        service: web-v2
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: web-v2
+spec:
+  destination:
+    name: web-v2
+  sources:
+    - name: frontend
+      permissions:
+        - action: deny
+          http:
+            pathPrefix: /admin
+        - action: allow
+          http:
+            pathPrefix: /
+            methods: [GET]
+";
+
 fn get(pod: &Pod, url: String) -> Result<Got, String> {
     pod.enter(move || Client::new().get(&url)).join().unwrap()
 }
@@ -75,6 +131,7 @@ fn http_between_sidecars_over_mtls() {
     let web = net.pod("web");
     let mail = net.pod("mail");
     let ssh = net.pod("ssh");
+    let web2 = net.pod("web2");
     let range = format!("{}/29", net.virtual_ip(0));
     let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
     daemon.ok(&["register", "service", "web", "--port", "80:8080"]);
@@ -82,12 +139,17 @@ fn http_between_sidecars_over_mtls() {
     daemon.ok(&["register", "service", "banner", "--port", "22:2222"]);
     daemon.ok(&["register", "service", "frontend"]);
     daemon.apply(DEFAULTS);
-    for p in [&front, &web, &mail, &ssh] {
+    daemon.ok(&["register", "service", "web-v2", "--port", "80:8080"]);
+    daemon.apply(L7_DOCS);
+    for p in [&front, &web, &mail, &ssh, &web2] {
         p.install_redirect(&[]);
     }
     // Apps: an HTTP server, a server-first protocol (greets, then echoes a line), and something
     // that is not HTTP behind a service declared http.
     web.enter(|| serve("web-app", "127.0.0.1:8080".parse().unwrap()))
+        .join()
+        .unwrap();
+    web2.enter(|| serve("web-v2-app", "127.0.0.1:8080".parse().unwrap()))
         .join()
         .unwrap();
     mail.enter(|| {
@@ -115,6 +177,7 @@ fn http_between_sidecars_over_mtls() {
     .unwrap();
     let mut sidecars = Vec::new();
     for (pod, service) in [
+        (&web2, "web-v2"),
         (&ssh, "banner"),
         (&web, "web"),
         (&mail, "mail"),
@@ -156,6 +219,51 @@ fn http_between_sidecars_over_mtls() {
     for _ in 0..20 {
         assert_eq!(get(&front, format!("{web_url}/x")).unwrap().status, 200);
     }
+
+    // ServiceSplitter: 75/25 between web and web-v2 (400 requests: 25 % is 100 +- 35 at 4 sd).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = format!("{web_url}/split");
+    front.enter(move || {
+        let c = Client::new();
+        let v2 = (0..400)
+            .filter(|_| c.get(&url).unwrap().header("x-server") == "web-v2-app")
+            .count();
+        tx.send(v2).unwrap();
+    });
+    let v2 = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(
+        (65..=135).contains(&v2),
+        "{v2} of 400 requests went to web-v2 (25 % expected)"
+    );
+
+    // ServiceRouter: /v2/ goes to web-v2 with the prefix rewritten; a header routes too.
+    let r = get(&front, format!("{web_url}/v2/items")).unwrap();
+    assert_eq!(r.header("x-server"), "web-v2-app", "{r:?}");
+    let r = front
+        .enter({
+            let u = format!("{web_url}/plain");
+            move || Client::new().send("GET", &u, &[("x-canary", "1")], Vec::new())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.header("x-server"), "web-v2-app", "{r:?}");
+
+    // L7 permissions on web-v2: GET allowed, /admin denied, other methods denied.
+    let r = get(&front, format!("{web_url}/v2/admin/users")).unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "request_denied");
+    assert!(r.text().contains("frontend -> web-v2"), "{}", r.text());
+    let r = front
+        .enter({
+            let u = format!("{web_url}/v2/items");
+            move || Client::new().send("POST", &u, &[], b"x".to_vec())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.text().contains("no permission matches"), "{}", r.text());
 
     // Deny: 403 with the reason, from the source sidecar.
     daemon.apply(&DEFAULTS.replace(

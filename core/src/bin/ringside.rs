@@ -504,7 +504,12 @@ fn serve(
         Some((control, first)) => {
             let proxy = Proxy::start_with(
                 config,
-                Some((first.index, first.services(), first.intentions.clone())),
+                Some((
+                    first.index,
+                    first.services(),
+                    first.intentions.clone(),
+                    first.l7.clone(),
+                )),
             )?;
             control.spawn(proxy.updater())?;
             proxy

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
 pub(crate) mod pool;
+pub mod rules;
 
 use crate::reason::Reason;
 use crate::server::{ConfigSnapshot, Shared};
@@ -407,26 +408,69 @@ async fn forward(
     conn: &Conn,
     ctx: &Ctx,
 ) -> Result<Response<RespBody>, (Reason, String)> {
-    let svc = &conn.snap.services[conn.service];
-    let cluster = &conn.snap.clusters[conn.service];
-    let deadline = tokio::time::Instant::now() + svc.request_timeout;
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
-    let headers = &mut parts.headers;
+    // Requests follow the configuration in force now (routes, splits, intentions); the
+    // connection's snapshot only names the service it was opened for.
+    let now = ctx
+        .shared
+        .upgrade()
+        .map(|s| s.snapshot.load_full())
+        .unwrap_or_else(|| conn.snap.clone());
+    let base = &conn.snap.services[conn.service];
+    let mut policy = Policy {
+        request_timeout: base.request_timeout,
+        retries: base.retries,
+        retry_on: base.retry_on.clone(),
+    };
+    let target = if conn.inbound.is_some() {
+        None
+    } else {
+        Some(choose_target(&now, base, &mut parts, &mut policy)?)
+    };
+    let (snap, index) = match target {
+        Some(i) => (&now, i),
+        None => (&conn.snap, conn.service),
+    };
+    let svc = &snap.services[index];
+    let cluster = &snap.clusters[index];
+    let deadline = tokio::time::Instant::now() + policy.request_timeout;
     if let Some(inb) = &conn.inbound {
         // Intentions are evaluated per request on HTTP services, with the configuration in force
         // now: a change applies to the next request, also on a kept-alive connection.
         if let (Some(peer), Some(shared)) = (&inb.peer_id, ctx.shared.upgrade()) {
-            let now = shared.snapshot.load();
-            let d = now.intentions.evaluate(&peer.service, &svc.name);
+            let current = shared.snapshot.load();
+            let d = current.intentions.evaluate(&peer.service, &svc.name);
             if !d.allowed() {
                 return Err((
                     Reason::IntentionDenied,
                     format!("{} -> {}: {}", peer.service, svc.name, d.explain()),
                 ));
             }
+            if let Some(rule) = d.rule.filter(|r| !r.permissions.is_empty()) {
+                let (ok, why) = rules::permit(
+                    &rule.permissions,
+                    parts.method.as_str(),
+                    parts.uri.path(),
+                    &parts.headers,
+                );
+                if !ok {
+                    return Err((
+                        Reason::RequestDenied,
+                        format!(
+                            "{} -> {}: {} {}: {why} of {}",
+                            peer.service,
+                            svc.name,
+                            parts.method,
+                            parts.uri.path(),
+                            d.explain()
+                        ),
+                    ));
+                }
+            }
         }
     } else {
+        let headers = &mut parts.headers;
         // The client's address (the source sidecar appended it on the way in already).
         let xff = HeaderName::from_static("x-forwarded-for");
         let peer_ip = conn.peer.ip().to_string();
@@ -439,8 +483,8 @@ async fn forward(
         }
     }
     let rid = HeaderName::from_static("x-request-id");
-    if !headers.contains_key(&rid) {
-        headers.insert(rid, request_id());
+    if !parts.headers.contains_key(&rid) {
+        parts.headers.insert(rid, request_id());
     }
     // Upstream requests carry the origin form (path and query); the host goes in `Host`.
     let path = parts
@@ -555,14 +599,14 @@ async fn forward(
             ctx.pool.send(&key, tls.clone(), svc.connect_timeout, up),
         )
         .await;
-        let can_retry = tries < svc.retries;
+        let can_retry = tries < policy.retries;
         match attempt {
             Err(_) => {
                 return Err((
                     Reason::UpstreamRequestTimeout,
                     format!(
                         "{} ({addr}) did not answer within {:?}",
-                        svc.name, svc.request_timeout
+                        svc.name, policy.request_timeout
                     ),
                 ))
             }
@@ -587,7 +631,7 @@ async fn forward(
             Ok(Ok(resp)) => {
                 cluster.report_success(i);
                 let code = resp.status().as_u16();
-                if can_retry && replay.is_some() && svc.retry_on.contains(&code) {
+                if can_retry && replay.is_some() && policy.retry_on.contains(&code) {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
                     // Another endpoint first, if there is one.
@@ -601,6 +645,106 @@ async fn forward(
             }
         }
     }
+}
+
+/// Timeouts and retries for one request (the service's, or its route's).
+struct Policy {
+    request_timeout: std::time::Duration,
+    retries: u32,
+    retry_on: Vec<u16>,
+}
+
+/// A number in [0, 100) for weighted splits.
+fn roll() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(0x9e37_79b9_7f4a_7c15);
+            h.finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        // xorshift64*
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (r >> 11) as f64 / (1u64 << 53) as f64 * 100.0
+    })
+}
+
+/// Outbound: the service a request goes to after its `ServiceRouter` route and the target's
+/// `ServiceSplitter`; the route's rewrite, timeout and retries apply.
+fn choose_target(
+    snap: &ConfigSnapshot,
+    base: &crate::config::Service,
+    parts: &mut hyper::http::request::Parts,
+    policy: &mut Policy,
+) -> Result<usize, (Reason, String)> {
+    let route = snap.l7.route(
+        &base.name,
+        parts.method.as_str(),
+        parts.uri.path(),
+        &parts.headers,
+    );
+    let mut name = base.name.as_str();
+    if let Some(r) = route {
+        let d = &r.destination;
+        if let Some(s) = &d.service {
+            name = s;
+        }
+        if let Some(t) = d.request_timeout {
+            policy.request_timeout = t;
+        }
+        if let Some(n) = d.num_retries {
+            policy.retries = n;
+        }
+        if !d.retry_on_status_codes.is_empty() {
+            policy.retry_on = d.retry_on_status_codes.clone();
+        }
+        let prefix = r
+            .match_
+            .as_ref()
+            .and_then(|m| m.http.path_prefix.as_deref());
+        if let (Some(prefix), Some(rewrite)) = (prefix, &d.prefix_rewrite) {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(rest) = pq.strip_prefix(prefix) {
+                let joined = if rewrite.ends_with('/') && rest.starts_with('/') {
+                    format!("{rewrite}{}", &rest[1..])
+                } else {
+                    format!("{rewrite}{rest}")
+                };
+                if let Ok(u) = joined.parse() {
+                    parts.uri = u;
+                }
+            }
+        }
+    }
+    let chosen = snap.l7.split(name, roll());
+    let candidates: Vec<usize> = snap
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.name == chosen)
+        .map(|(i, _)| i)
+        .collect();
+    candidates
+        .iter()
+        .copied()
+        .find(|&i| snap.services[i].port == base.port)
+        .or(candidates.first().copied())
+        .ok_or_else(|| {
+            (
+                Reason::NoHealthyEndpoint,
+                format!(
+                    "'{chosen}' (chosen by the route/split of '{}') is not in the catalog: register it",
+                    base.name
+                ),
+            )
+        })
 }
 
 /// The upstream's response, to the client's HTTP version.

@@ -1,0 +1,365 @@
+//! L7 rules in Consul's vocabulary, as the control daemon stores them: request matches (path
+//! exact/prefix/regex, methods, headers), `ServiceRouter` routes, `ServiceSplitter` weights and
+//! `ServiceIntentions` permissions. Pure code: the L7 path asks, per request.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::intentions::Action;
+
+/// A regular expression, compiled when the document is read (an invalid one is refused there).
+/// It must match the whole value, as Envoy's `safe_regex`.
+#[derive(Debug, Clone)]
+pub struct Re {
+    src: String,
+    re: regex::Regex,
+}
+
+impl Re {
+    /// Whether the whole `v` matches.
+    pub fn is_match(&self, v: &str) -> bool {
+        self.re.is_match(v)
+    }
+}
+
+impl PartialEq for Re {
+    fn eq(&self, other: &Self) -> bool {
+        self.src == other.src
+    }
+}
+impl Eq for Re {}
+
+impl Serialize for Re {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.src)
+    }
+}
+
+impl<'de> Deserialize<'de> for Re {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let src = String::deserialize(d)?;
+        let re = regex::Regex::new(&format!("^(?:{src})$")).map_err(|e| {
+            serde::de::Error::custom(format!("invalid regular expression '{src}': {e}"))
+        })?;
+        Ok(Re { src, re })
+    }
+}
+
+/// A header condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Header name.
+    pub name: String,
+    /// Only that it is (or is not) there.
+    #[serde(default)]
+    pub present: Option<bool>,
+    /// Whole value.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Value prefix.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Value suffix.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Value regex (whole value).
+    #[serde(default)]
+    pub regex: Option<Re>,
+    /// Negate.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+/// What a request must look like (every given condition holds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatch {
+    /// Whole path.
+    #[serde(default)]
+    pub path_exact: Option<String>,
+    /// Path prefix.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Path regex (whole path).
+    #[serde(default)]
+    pub path_regex: Option<Re>,
+    /// Any of these methods.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header conditions.
+    #[serde(default)]
+    pub header: Vec<HeaderMatch>,
+}
+
+impl HttpMatch {
+    /// Whether a request (method, path without query, headers) matches.
+    pub fn matches(&self, method: &str, path: &str, headers: &hyper::HeaderMap) -> bool {
+        if self.path_exact.as_ref().is_some_and(|p| p != path)
+            || self
+                .path_prefix
+                .as_ref()
+                .is_some_and(|p| !path.starts_with(p.as_str()))
+            || self.path_regex.as_ref().is_some_and(|r| !r.is_match(path))
+            || (!self.methods.is_empty()
+                && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+        {
+            return false;
+        }
+        self.header.iter().all(|h| {
+            let v = headers.get(h.name.as_str()).and_then(|v| v.to_str().ok());
+            let ok = match v {
+                None => h.present == Some(false),
+                Some(v) => {
+                    h.present != Some(false)
+                        && h.exact.as_ref().is_none_or(|e| e == v)
+                        && h.prefix.as_ref().is_none_or(|p| v.starts_with(p.as_str()))
+                        && h.suffix.as_ref().is_none_or(|p| v.ends_with(p.as_str()))
+                        && h.regex.as_ref().is_none_or(|r| r.is_match(v))
+                }
+            };
+            ok != h.invert
+        })
+    }
+}
+
+/// An L7 permission of an intention source: the first that matches decides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Permission {
+    /// Allow or deny.
+    pub action: Action,
+    /// The request condition.
+    #[serde(default)]
+    pub http: HttpMatch,
+}
+
+/// `ServiceRouter.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Routes, first match wins; no match goes to the service itself.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// The condition (none: every request).
+    #[serde(default, rename = "match")]
+    pub match_: Option<RouteMatch>,
+    /// Where matching requests go.
+    #[serde(default)]
+    pub destination: RouteDestination,
+}
+
+/// `match:` of a route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// HTTP conditions.
+    #[serde(default)]
+    pub http: HttpMatch,
+}
+
+/// `destination:` of a route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteDestination {
+    /// Target service (default: the routed service).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Replace the matched path prefix with this.
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Time for the whole request.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Retries.
+    #[serde(default)]
+    pub num_retries: Option<u32>,
+    /// Retry on connect failure (always done when retries are left).
+    #[serde(default)]
+    pub retry_on_connect_failure: Option<bool>,
+    /// Statuses to retry on.
+    #[serde(default)]
+    pub retry_on_status_codes: Vec<u16>,
+}
+
+/// `ServiceSplitter.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SplitterSpec {
+    /// Weighted targets (weights add up to 100).
+    #[serde(default)]
+    pub splits: Vec<SplitTarget>,
+}
+
+/// One split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SplitTarget {
+    /// Share in percent.
+    pub weight: f64,
+    /// Target service (default: the split service).
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+/// The L7 documents in force, by service name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct L7Config {
+    /// `ServiceRouter`s.
+    #[serde(default)]
+    pub routers: BTreeMap<String, RouterSpec>,
+    /// `ServiceSplitter`s.
+    #[serde(default)]
+    pub splitters: BTreeMap<String, SplitterSpec>,
+}
+
+impl L7Config {
+    /// The route a request to `service` takes: (index into the router's routes, the route).
+    pub fn route(
+        &self,
+        service: &str,
+        method: &str,
+        path: &str,
+        headers: &hyper::HeaderMap,
+    ) -> Option<&Route> {
+        self.routers.get(service)?.routes.iter().find(|r| {
+            r.match_
+                .as_ref()
+                .is_none_or(|m| m.http.matches(method, path, headers))
+        })
+    }
+
+    /// Apply `service`'s splitter (if any) with `roll` in [0, 100): the service to call.
+    pub fn split<'a>(&'a self, service: &'a str, roll: f64) -> &'a str {
+        let Some(s) = self.splitters.get(service) else {
+            return service;
+        };
+        let mut acc = 0.0;
+        for t in &s.splits {
+            acc += t.weight;
+            if roll < acc {
+                return t.service.as_deref().unwrap_or(service);
+            }
+        }
+        s.splits
+            .last()
+            .and_then(|t| t.service.as_deref())
+            .unwrap_or(service)
+    }
+}
+
+/// Decide a request by a source's permissions: the first that matches; none: deny.
+pub fn permit(
+    permissions: &[Permission],
+    method: &str,
+    path: &str,
+    headers: &hyper::HeaderMap,
+) -> (bool, String) {
+    for (k, p) in permissions.iter().enumerate() {
+        if p.http.matches(method, path, headers) {
+            return (
+                p.action == Action::Allow,
+                format!("permission {} ({:?})", k + 1, p.action).to_lowercase(),
+            );
+        }
+    }
+    (false, "no permission matches this request".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> hyper::HeaderMap {
+        let mut m = hyper::HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, hyper::header::HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn matches_paths_methods_and_headers() {
+        let m: HttpMatch = serde_json::from_value(serde_json::json!({
+            "pathPrefix": "/api/", "methods": ["GET", "post"],
+            "header": [{"name": "x-canary", "exact": "1"}, {"name": "x-debug", "present": false}]
+        }))
+        .unwrap();
+        assert!(m.matches("GET", "/api/x", &h(&[("x-canary", "1")])));
+        assert!(m.matches("POST", "/api/x", &h(&[("x-canary", "1")])));
+        assert!(
+            !m.matches("PUT", "/api/x", &h(&[("x-canary", "1")])),
+            "method"
+        );
+        assert!(
+            !m.matches("GET", "/other", &h(&[("x-canary", "1")])),
+            "path"
+        );
+        assert!(
+            !m.matches("GET", "/api/x", &h(&[("x-canary", "2")])),
+            "header value"
+        );
+        assert!(
+            !m.matches("GET", "/api/x", &h(&[("x-canary", "1"), ("x-debug", "y")])),
+            "absent header"
+        );
+        let r: HttpMatch =
+            serde_json::from_value(serde_json::json!({"pathRegex": "/v[0-9]+/items"})).unwrap();
+        assert!(r.matches("GET", "/v2/items", &h(&[])));
+        assert!(
+            !r.matches("GET", "/v2/items/9", &h(&[])),
+            "regex matches the whole path"
+        );
+        let bad = serde_json::from_value::<HttpMatch>(serde_json::json!({"pathRegex": "(["}));
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("invalid regular expression"));
+    }
+
+    #[test]
+    fn routes_first_match_and_splits_by_weight() {
+        let c: L7Config = serde_json::from_value(serde_json::json!({
+            "routers": {"web": {"routes": [
+                {"match": {"http": {"pathPrefix": "/admin"}}, "destination": {"service": "admin", "prefixRewrite": "/"}},
+                {"match": {"http": {"header": [{"name": "x-canary", "present": true}]}}, "destination": {"service": "web-canary"}}
+            ]}},
+            "splitters": {"web": {"splits": [{"weight": 75}, {"weight": 25, "service": "web-v2"}]}}
+        }))
+        .unwrap();
+        let r = c.route("web", "GET", "/admin/users", &h(&[])).unwrap();
+        assert_eq!(r.destination.service.as_deref(), Some("admin"));
+        let r = c
+            .route("web", "GET", "/", &h(&[("x-canary", "yes")]))
+            .unwrap();
+        assert_eq!(r.destination.service.as_deref(), Some("web-canary"));
+        assert!(c.route("web", "GET", "/", &h(&[])).is_none());
+        assert!(c.route("other", "GET", "/admin", &h(&[])).is_none());
+        assert_eq!(c.split("web", 10.0), "web");
+        assert_eq!(c.split("web", 74.9), "web");
+        assert_eq!(c.split("web", 75.0), "web-v2");
+        assert_eq!(c.split("web", 99.9), "web-v2");
+        assert_eq!(c.split("admin", 50.0), "admin");
+    }
+
+    #[test]
+    fn permissions_first_match_decides_and_none_denies() {
+        let p: Vec<Permission> = serde_json::from_value(serde_json::json!([
+            {"action": "deny", "http": {"pathPrefix": "/admin"}},
+            {"action": "allow", "http": {"pathPrefix": "/", "methods": ["GET"]}}
+        ]))
+        .unwrap();
+        assert!(!permit(&p, "GET", "/admin/x", &h(&[])).0);
+        assert!(permit(&p, "GET", "/items", &h(&[])).0);
+        let (ok, why) = permit(&p, "DELETE", "/items", &h(&[]));
+        assert!(!ok && why.contains("no permission"));
+    }
+}
