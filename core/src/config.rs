@@ -336,6 +336,19 @@ pub struct ServiceDoc {
     /// L7: response statuses that are retried (e.g. [503]); connect failures always are.
     #[serde(default)]
     pub retry_on: Vec<u16>,
+    /// L7: consecutive 5xx responses that eject an endpoint (outlier detection; 0: off).
+    #[serde(default = "default_outlier_5xx")]
+    pub outlier_5xx: u32,
+    /// L7: requests in flight to the service above which new ones get 503 `circuit_open`.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: u32,
+}
+
+fn default_outlier_5xx() -> u32 {
+    5
+}
+fn default_max_requests() -> u32 {
+    1024
 }
 
 fn default_request_timeout() -> Duration {
@@ -501,6 +514,10 @@ pub struct Service {
     pub retries: u32,
     /// L7: response statuses that are retried.
     pub retry_on: Vec<u16>,
+    /// L7: consecutive 5xx that eject an endpoint (0: off).
+    pub outlier_5xx: u32,
+    /// L7: requests in flight above which new ones get `circuit_open`.
+    pub max_requests: u32,
 }
 
 impl Service {
@@ -523,6 +540,8 @@ impl Service {
             request_timeout: default_request_timeout(),
             retries: default_retries(),
             retry_on: Vec::new(),
+            outlier_5xx: default_outlier_5xx(),
+            max_requests: default_max_requests(),
         }
     }
 }
@@ -626,6 +645,8 @@ impl Config {
                 request_timeout: default_request_timeout(),
                 retries: default_retries(),
                 retry_on: Vec::new(),
+                outlier_5xx: default_outlier_5xx(),
+                max_requests: default_max_requests(),
             }],
         }
         .validate("")
@@ -822,6 +843,8 @@ impl ConfigFile {
                 request_timeout: s.request_timeout,
                 retries: s.retries,
                 retry_on: s.retry_on,
+                outlier_5xx: s.outlier_5xx,
+                max_requests: s.max_requests,
             });
         }
 

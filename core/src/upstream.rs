@@ -24,7 +24,15 @@ pub struct Endpoint {
     pub consecutive_failures: AtomicU32,
     /// Ejected until this time (milliseconds since the cluster's epoch); 0 = not ejected.
     pub ejected_until_ms: AtomicU64,
+    /// L7: consecutive 5xx responses.
+    pub consecutive_5xx: AtomicU32,
+    /// Half-open: a trial is in flight until this time (one request or connection after an
+    /// ejection ends; its outcome closes or reopens the circuit).
+    pub trial_until_ms: AtomicU64,
 }
+
+/// How long a half-open trial may stay unreported before another one is allowed.
+const TRIAL_FOR_MS: u64 = 10_000;
 
 /// Runtime state of one service's endpoints.
 #[derive(Debug)]
@@ -35,6 +43,10 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     rr: AtomicUsize,
     epoch: Instant,
+    /// L7 requests in flight (for `max_requests`).
+    pub active_requests: AtomicU32,
+    /// Endpoints ejected so far (for the counters).
+    pub ejections: AtomicU64,
 }
 
 /// Holds an endpoint's `active` count up while a connection to it is open.
@@ -63,6 +75,8 @@ impl Cluster {
                 active: AtomicU32::new(0),
                 consecutive_failures: AtomicU32::new(0),
                 ejected_until_ms: AtomicU64::new(0),
+                consecutive_5xx: AtomicU32::new(0),
+                trial_until_ms: AtomicU64::new(0),
             })
             .collect();
         Arc::new(Cluster {
@@ -70,6 +84,8 @@ impl Cluster {
             endpoints,
             rr: AtomicUsize::new(0),
             epoch: Instant::now(),
+            active_requests: AtomicU32::new(0),
+            ejections: AtomicU64::new(0),
         })
     }
 
@@ -99,7 +115,16 @@ impl Cluster {
         let now = self.now_ms();
         let start = self.rr.fetch_add(1, Relaxed) % n;
         let untried = |i: usize| i >= 64 || tried & (1 << i) == 0;
-        let healthy = |i: usize| self.endpoints[i].ejected_until_ms.load(Relaxed) <= now;
+        // Closed (never ejected, or recovered): eligible. Open (ejected): not. Half-open (the
+        // ejection ended, no success since): eligible for one trial at a time.
+        let healthy = |i: usize| {
+            let e = &self.endpoints[i];
+            match e.ejected_until_ms.load(Relaxed) {
+                0 => true,
+                until if until > now => false,
+                _ => e.trial_until_ms.load(Relaxed) <= now,
+            }
+        };
         let order = (0..n).map(|k| (start + k) % n);
         let choose = |require_healthy: bool| -> Option<usize> {
             let mut candidates = order
@@ -112,7 +137,32 @@ impl Cluster {
                 }
             }
         };
-        choose(true).or_else(|| choose(false))
+        match choose(true) {
+            Some(i) => {
+                let e = &self.endpoints[i];
+                let until = e.ejected_until_ms.load(Relaxed);
+                if until != 0 && until <= now {
+                    // Claim the half-open trial; if another request claimed it first, go on
+                    // without this endpoint.
+                    let t = e.trial_until_ms.load(Relaxed);
+                    if t > now
+                        || e.trial_until_ms
+                            .compare_exchange(t, now + TRIAL_FOR_MS, Relaxed, Relaxed)
+                            .is_err()
+                    {
+                        return self.pick(tried | if i < 64 { 1 << i } else { 0 });
+                    }
+                }
+                Some(i)
+            }
+            None => choose(false),
+        }
+    }
+
+    /// Whether endpoint `i` is half-open (its ejection ended, its trial has not succeeded yet).
+    pub fn is_half_open(&self, i: usize) -> bool {
+        let until = self.endpoints[i].ejected_until_ms.load(Relaxed);
+        until != 0 && until <= self.now_ms()
     }
 
     /// Count a connection opening on endpoint `i`; the guard counts it closing.
@@ -127,10 +177,31 @@ impl Cluster {
     /// A connect to endpoint `i` succeeded: it is healthy again.
     pub fn report_success(&self, i: usize) {
         let e = &self.endpoints[i];
-        if e.consecutive_failures.load(Relaxed) != 0 {
+        if e.consecutive_failures.load(Relaxed) != 0 || e.ejected_until_ms.load(Relaxed) != 0 {
             e.consecutive_failures.store(0, Relaxed);
             e.ejected_until_ms.store(0, Relaxed);
+            e.trial_until_ms.store(0, Relaxed);
         }
+    }
+
+    /// L7: a response from endpoint `i`; `outlier_5xx` consecutive 5xx eject it (0: never).
+    /// Returns the ejection period when this response ejected it.
+    pub fn report_status(&self, i: usize, status: u16, outlier_5xx: u32) -> Option<Duration> {
+        let e = &self.endpoints[i];
+        if status < 500 {
+            if e.consecutive_5xx.load(Relaxed) != 0 {
+                e.consecutive_5xx.store(0, Relaxed);
+            }
+            self.report_success(i);
+            return None;
+        }
+        let n = e.consecutive_5xx.fetch_add(1, Relaxed) + 1;
+        // A failed half-open trial reopens at once; otherwise after `outlier_5xx` in a row.
+        if (outlier_5xx > 0 && n >= outlier_5xx) || self.is_half_open(i) {
+            e.consecutive_5xx.store(0, Relaxed);
+            return Some(self.report_failure(i));
+        }
+        None
     }
 
     /// A connect to endpoint `i` failed: eject it for `base * 2^(failures-1)`, capped.
@@ -149,6 +220,8 @@ impl Cluster {
             .min(self.service.max_ejection);
         e.ejected_until_ms
             .store(self.now_ms() + period.as_millis() as u64, Relaxed);
+        e.trial_until_ms.store(0, Relaxed);
+        self.ejections.fetch_add(1, Relaxed);
         period
     }
 }
@@ -217,6 +290,48 @@ mod tests {
         assert!(c.report_failure(0) <= Duration::from_secs(30));
         c.report_success(0);
         assert!(!c.is_ejected(0));
+    }
+
+    #[test]
+    fn consecutive_5xx_open_then_one_trial_then_closed() {
+        let mut s = Service::new(
+            "s",
+            vec![
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+                SocketAddr::from(([127, 0, 0, 1], 2)),
+            ],
+        );
+        s.base_ejection = Duration::from_millis(50);
+        let c = Cluster::new(s);
+        assert_eq!(c.report_status(1, 503, 3), None);
+        assert_eq!(c.report_status(1, 500, 3), None);
+        assert_eq!(
+            c.report_status(1, 502, 3),
+            Some(Duration::from_millis(50)),
+            "open"
+        );
+        for _ in 0..6 {
+            assert_eq!(c.pick(0), Some(0), "an open endpoint gets nothing");
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(c.is_half_open(1));
+        let picks: Vec<_> = (0..6).map(|_| c.pick(0).unwrap()).collect();
+        assert_eq!(
+            picks.iter().filter(|&&i| i == 1).count(),
+            1,
+            "one trial: {picks:?}"
+        );
+        // The trial fails: open again, for twice as long.
+        assert_eq!(c.report_status(1, 500, 3), Some(Duration::from_millis(100)));
+        assert!(c.is_ejected(1));
+        std::thread::sleep(Duration::from_millis(110));
+        let picks: Vec<_> = (0..4).map(|_| c.pick(0).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 1, "{picks:?}");
+        // The trial succeeds: closed, normal share again.
+        assert_eq!(c.report_status(1, 200, 3), None);
+        assert!(!c.is_half_open(1) && !c.is_ejected(1));
+        let picks: Vec<_> = (0..6).map(|_| c.pick(0).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 3, "{picks:?}");
     }
 
     #[test]

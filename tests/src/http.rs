@@ -26,17 +26,21 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Requests answered.
     pub hits: Arc<AtomicUsize>,
+    /// When not 0, every request is answered with this status (change it to turn the server
+    /// unhealthy or healthy).
+    pub status: Arc<std::sync::atomic::AtomicU16>,
 }
 
 async fn answer(
     name: Arc<str>,
     hits: Arc<AtomicUsize>,
-    always: Option<u16>,
+    always: Arc<std::sync::atomic::AtomicU16>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
     let mut path = req.uri().path().to_string();
-    if let Some(code) = always {
+    let code = always.load(Ordering::SeqCst);
+    if code != 0 {
         path = format!("/status/{code}");
     }
     let header = |k: &str| {
@@ -89,6 +93,8 @@ pub fn serve_status(name: &str, addr: SocketAddr, status: u16) -> Server {
 }
 
 fn serve_with(name: &str, addr: SocketAddr, always: Option<u16>) -> Server {
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(always.unwrap_or(0)));
+    let always = status.clone();
     let listener = std::net::TcpListener::bind(addr).expect("bind test HTTP server");
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -105,10 +111,10 @@ fn serve_with(name: &str, addr: SocketAddr, always: Option<u16>) -> Server {
                 let Ok((s, _)) = l.accept().await else {
                     continue;
                 };
-                let (name, hits) = (name.clone(), h2.clone());
+                let (name, hits, always) = (name.clone(), h2.clone(), always.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        answer(name.clone(), hits.clone(), always, req)
+                        answer(name.clone(), hits.clone(), always.clone(), req)
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
@@ -119,7 +125,7 @@ fn serve_with(name: &str, addr: SocketAddr, always: Option<u16>) -> Server {
             }
         });
     });
-    Server { addr, hits }
+    Server { addr, hits, status }
 }
 
 /// A response as the tests look at it.

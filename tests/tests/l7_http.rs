@@ -216,3 +216,89 @@ fn local_replies_name_the_reason() {
     assert!(r.text().contains("declare it tcp"), "{}", r.text());
     drop(child);
 }
+
+#[test]
+fn circuit_opens_on_5xx_half_opens_and_closes() {
+    let good = serve("good", any());
+    let flaky = serve_status("flaky", any(), 500);
+    let (child, url) = proxy(
+        &[good.addr, flaky.addr],
+        &[
+            "--outlier-5xx",
+            "3",
+            "--base-ejection",
+            "400ms",
+            "--retries",
+            "0",
+        ],
+    );
+    let c = Client::new();
+    // Closed: round-robin, the flaky endpoint's 500s pass through until three in a row.
+    let mut fails = 0;
+    for _ in 0..6 {
+        if c.get(&format!("{url}/x")).unwrap().status == 500 {
+            fails += 1;
+        }
+    }
+    assert_eq!(fails, 3, "three 5xx in a row open the circuit");
+    // Open: nothing reaches the flaky endpoint.
+    let hits = flaky.hits.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(c.get(&format!("{url}/x")).unwrap().status, 200);
+    }
+    assert_eq!(
+        flaky.hits.load(Ordering::SeqCst),
+        hits,
+        "open: no request to the ejected endpoint"
+    );
+    // Half-open after the ejection: one trial; it fails, the circuit opens again (800 ms now).
+    std::thread::sleep(Duration::from_millis(450));
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| c.get(&format!("{url}/x")).unwrap().status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 500).count(),
+        1,
+        "one trial: {statuses:?}"
+    );
+    assert_eq!(flaky.hits.load(Ordering::SeqCst), hits + 1);
+    // The endpoint recovers; after the longer ejection its trial succeeds and it is closed again.
+    flaky.status.store(0, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(850));
+    let before = flaky.hits.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        assert_eq!(c.get(&format!("{url}/x")).unwrap().status, 200);
+    }
+    let after = flaky.hits.load(Ordering::SeqCst) - before;
+    assert!(
+        (4..=6).contains(&after),
+        "closed: its share again ({after} of 10)"
+    );
+    drop(child);
+}
+
+#[test]
+fn max_requests_answers_circuit_open() {
+    let slow = serve("slow", any());
+    let (child, url) = proxy(&[slow.addr], &["--max-requests", "2"]);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let u = format!("{url}/slow/600");
+            std::thread::spawn(move || Client::new().get(&u).unwrap())
+        })
+        .collect();
+    let got: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = got.iter().filter(|r| r.status == 200).count();
+    let open: Vec<_> = got.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(ok, 2, "{got:?}");
+    assert_eq!(open.len(), 2, "{got:?}");
+    assert!(open
+        .iter()
+        .all(|r| r.header("x-ringside-reason") == "circuit_open"));
+    // The limit frees up as requests end.
+    assert_eq!(
+        Client::new().get(&format!("{url}/slow/1")).unwrap().status,
+        200
+    );
+    drop(child);
+}

@@ -63,6 +63,15 @@ enum Command {
         /// HTTP: a response status to retry on another endpoint (repeat), e.g. 503.
         #[arg(long)]
         retry_on: Vec<u16>,
+        /// HTTP: consecutive 5xx responses that eject an endpoint (0: never).
+        #[arg(long, default_value_t = 5)]
+        outlier_5xx: u32,
+        /// First ejection period of a failing endpoint (doubles while it keeps failing).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        base_ejection: Duration,
+        /// HTTP: requests in flight above which new ones get 503 circuit_open.
+        #[arg(long, default_value_t = 1024)]
+        max_requests: u32,
         #[command(flatten)]
         tunnel: Tunnel,
         #[command(flatten)]
@@ -288,6 +297,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             request_timeout,
             retries,
             retry_on,
+            outlier_5xx,
+            base_ejection,
+            max_requests,
             tunnel,
             common,
         } => {
@@ -300,6 +312,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             c.services[0].request_timeout = request_timeout;
             c.services[0].retries = retries;
             c.services[0].retry_on = retry_on;
+            c.services[0].outlier_5xx = outlier_5xx;
+            c.services[0].base_ejection = base_ejection;
+            c.services[0].max_requests = max_requests;
             c.listeners[0].protocol = protocol;
             if protocol.is_http() && (tunnel.tls_origin || tunnel.tls_terminate) {
                 anyhow::bail!(

@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex, Weak};
 
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Either, Full};
@@ -550,6 +550,19 @@ async fn forward(
         return to_local_app(parts, replay, stream, inb, svc, deadline, ctx, version).await;
     }
 
+    // Circuit breaker: a bound on requests in flight to the service.
+    let in_flight = cluster.active_requests.fetch_add(1, Relaxed);
+    let _in_flight = InFlight(&cluster.active_requests);
+    if in_flight >= svc.max_requests {
+        return Err((
+            Reason::CircuitOpen,
+            format!(
+                "{} has {in_flight} requests in flight (max_requests {})",
+                svc.name, svc.max_requests
+            ),
+        ));
+    }
+
     let mut tried = 0u64;
     let mut tries = 0u32;
     let mut last: Option<(Reason, String)> = None;
@@ -602,13 +615,15 @@ async fn forward(
         let can_retry = tries < policy.retries;
         match attempt {
             Err(_) => {
+                // A timeout counts as a gateway failure for outlier detection.
+                cluster.report_status(i, 504, svc.outlier_5xx);
                 return Err((
                     Reason::UpstreamRequestTimeout,
                     format!(
                         "{} ({addr}) did not answer within {:?}",
                         svc.name, policy.request_timeout
                     ),
-                ))
+                ));
             }
             Ok(Err(mut e)) => {
                 let reason = e.reason;
@@ -629,8 +644,16 @@ async fn forward(
                 return Err(failure);
             }
             Ok(Ok(resp)) => {
-                cluster.report_success(i);
                 let code = resp.status().as_u16();
+                if let Some(period) = cluster.report_status(i, code, svc.outlier_5xx) {
+                    warn!(
+                        service = %svc.name,
+                        endpoint = %addr,
+                        status = code,
+                        ejected_for_ms = period.as_millis() as u64,
+                        "endpoint ejected after consecutive 5xx (circuit open; one trial request after the ejection)"
+                    );
+                }
                 if can_retry && replay.is_some() && policy.retry_on.contains(&code) {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
@@ -644,6 +667,15 @@ async fn forward(
                 return Ok(respond(resp, version));
             }
         }
+    }
+}
+
+/// Counts a request in flight to a cluster until dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -105,7 +105,21 @@ impl Pool {
         };
         match s.send_request(req).await {
             Ok(resp) => Ok(self.wrap(key, s, resp)),
-            Err(e) => Err(request_error(e)),
+            Err(e) => {
+                let canceled = e.is_canceled();
+                let mut err = request_error(e);
+                if canceled {
+                    // A fresh connection that died before the request went out: the peer spoke
+                    // first with something that is not HTTP, or closed at once.
+                    err.reason = Reason::ProtocolMismatch;
+                    err.connect = false;
+                    err.detail = format!(
+                        "{}: the upstream spoke first or closed before the request was sent: it does not behave like an HTTP server",
+                        key.addr
+                    );
+                }
+                Err(err)
+            }
         }
     }
 
