@@ -31,12 +31,49 @@ pub struct Server {
     pub status: Arc<std::sync::atomic::AtomicU16>,
 }
 
+type Out = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
 async fn answer(
     name: Arc<str>,
     hits: Arc<AtomicUsize>,
     always: Arc<std::sync::atomic::AtomicU16>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Out>, Infallible> {
+    if req.uri().path() == "/grpc" {
+        // gRPC-style: a data frame, then trailers with the status.
+        hits.fetch_add(1, Ordering::SeqCst);
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("grpc-message", "ok".parse().unwrap());
+        let body = DataThenTrailers {
+            data: Some(Bytes::from_static(b"\0\0\0\0\x05hello")),
+            trailers: Some(trailers),
+        };
+        let mut r = Response::new(BodyExt::boxed(body));
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        return Ok(r);
+    }
+    if req.headers().get("upgrade").is_some() {
+        // An upgrade (as WebSocket): 101, then echo raw bytes on the upgraded connection.
+        hits.fetch_add(1, Ordering::SeqCst);
+        let mut req = req;
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = Response::new(BodyExt::boxed(Full::new(Bytes::new())));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r.headers_mut()
+            .insert("upgrade", req.headers()["upgrade"].clone());
+        return Ok(r);
+    }
     hits.fetch_add(1, Ordering::SeqCst);
     let mut path = req.uri().path().to_string();
     let code = always.load(Ordering::SeqCst);
@@ -73,7 +110,7 @@ async fn answer(
     } else {
         (200, Bytes::from(info))
     };
-    let mut r = Response::new(Full::new(body));
+    let mut r = Response::new(BodyExt::boxed(Full::new(body)));
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
     r.headers_mut().insert(
         "x-server",
@@ -128,6 +165,32 @@ fn serve_with(name: &str, addr: SocketAddr, always: Option<u16>) -> Server {
     Server { addr, hits, status }
 }
 
+/// A body of one data frame followed by trailers (as gRPC responses end).
+struct DataThenTrailers {
+    data: Option<Bytes>,
+    trailers: Option<hyper::HeaderMap>,
+}
+
+impl hyper::body::Body for DataThenTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let f = match (self.data.take(), self.trailers.take()) {
+            (Some(d), t) => {
+                self.trailers = t;
+                Some(Ok(hyper::body::Frame::data(d)))
+            }
+            (None, Some(t)) => Some(Ok(hyper::body::Frame::trailers(t))),
+            (None, None) => None,
+        };
+        std::task::Poll::Ready(f)
+    }
+}
+
 /// A response as the tests look at it.
 #[derive(Debug, Clone)]
 pub struct Got {
@@ -137,6 +200,8 @@ pub struct Got {
     pub headers: hyper::HeaderMap,
     /// Body.
     pub body: Bytes,
+    /// Trailers, if any.
+    pub trailers: Option<hyper::HeaderMap>,
 }
 
 impl Got {
@@ -212,16 +277,13 @@ impl Client {
                 .map_err(|e| format!("{e:?}"))?;
             let status = r.status().as_u16();
             let headers = r.headers().clone();
-            let body = r
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let collected = r.into_body().collect().await.map_err(|e| e.to_string())?;
+            let trailers = collected.trailers().cloned();
             Ok(Got {
                 status,
                 headers,
-                body,
+                body: collected.to_bytes(),
+                trailers,
             })
         })
     }

@@ -17,14 +17,10 @@ fn any() -> SocketAddr {
 
 fn proxy(upstreams: &[SocketAddr], extra: &[&str]) -> (ChildGuard, String) {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut args = vec![
-        "--protocol",
-        "http",
-        "--workers",
-        "1",
-        "--stats-interval",
-        "1s",
-    ];
+    let mut args = vec!["--workers", "1", "--stats-interval", "1s"];
+    if !extra.contains(&"--protocol") {
+        args.extend_from_slice(&["--protocol", "http"]);
+    }
     args.extend_from_slice(extra);
     let child = spawn_forward(listen, upstreams, &args);
     (child, format!("http://{listen}"))
@@ -300,5 +296,63 @@ fn max_requests_answers_circuit_open() {
         Client::new().get(&format!("{url}/slow/1")).unwrap().status,
         200
     );
+    drop(child);
+}
+
+#[test]
+fn upgrades_pass_through_and_http2_upstreams_carry_trailers() {
+    // An upgrade (as WebSocket): 101 through the proxy, then raw bytes both ways.
+    let server = serve("ws", any());
+    let (child, url) = proxy(&[server.addr], &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let echoed = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = url.trim_start_matches("http://").to_string();
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        let req = hyper::Request::builder()
+            .uri("/chat")
+            .header("host", "ws.example")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        let up = hyper::upgrade::on(resp).await.unwrap();
+        let mut io = hyper_util::rt::TokioIo::new(up);
+        io.write_all(b"hello over the upgrade").await.unwrap();
+        let mut buf = vec![0u8; 22];
+        tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        buf
+    });
+    assert_eq!(&echoed, b"hello over the upgrade");
+    drop(child);
+
+    // HTTP/2 to the upstream (prior knowledge), trailers passed to an HTTP/2 client.
+    let (child, url) = proxy(&[server.addr], &["--protocol", "http2"]);
+    let h2 = Client::with_h2(true);
+    for _ in 0..3 {
+        let r = h2.get(&format!("{url}/grpc")).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let t = r.trailers.clone().unwrap_or_default();
+        assert_eq!(
+            t.get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("0"),
+            "{r:?}"
+        );
+        assert_eq!(&r.body[..], b"\0\0\0\0\x05hello");
+    }
+    drop(h2);
     drop(child);
 }

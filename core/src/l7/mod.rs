@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 pub(crate) mod pool;
 pub mod rules;
 
+use crate::config::Protocol;
 use crate::reason::Reason;
 use crate::server::{ConfigSnapshot, Shared};
 use crate::stats::HttpStats;
@@ -404,10 +405,16 @@ async fn proxy(
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: &Conn,
     ctx: &Ctx,
 ) -> Result<Response<RespBody>, (Reason, String)> {
+    // An upgrade (WebSocket and the like): once the upstream answers 101, both connections are
+    // joined and bytes pass through as they are.
+    let mut down_upgrade = req
+        .headers()
+        .contains_key(hyper::header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
     // Requests follow the configuration in force now (routes, splits, intentions); the
@@ -509,6 +516,20 @@ async fn forward(
     parts.uri = path
         .parse()
         .map_err(|e| (Reason::DownstreamReset, format!("bad request target: {e}")))?;
+    if matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc) {
+        // HTTP/2 upstream: absolute URI (for :scheme and :authority), HTTP/2 version.
+        let authority = parts
+            .headers
+            .get(hyper::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&svc.name)
+            .to_string();
+        parts.uri = format!("http://{authority}{path}")
+            .parse()
+            .map_err(|e| (Reason::DownstreamReset, format!("bad request target: {e}")))?;
+        parts.version = hyper::Version::HTTP_2;
+        parts.headers.remove(hyper::header::HOST);
+    }
     // To a mesh service: mTLS to its sidecar, which checks the intentions.
     let (mesh, tls) = match (&conn.mesh_out, ctx.shared.upgrade()) {
         (true, Some(shared)) => match &shared.sidecar_tls {
@@ -605,6 +626,7 @@ async fn forward(
         let key = pool::Key {
             addr,
             mesh: mesh.clone(),
+            h2: matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc),
         };
         let _guard = cluster.open(i);
         let attempt = tokio::time::timeout_at(
@@ -664,9 +686,29 @@ async fn forward(
                     drop(resp);
                     continue;
                 }
+                let mut resp = resp;
+                if code == 101 {
+                    if let Some(down) = down_upgrade.take() {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(join_upgraded(down, up));
+                    }
+                }
                 return Ok(respond(resp, version));
             }
         }
+    }
+}
+
+/// Join an upgraded client connection with the upgraded upstream one.
+async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (Ok(d), Ok(u)) = tokio::join!(down, up) else {
+        debug!("an upgrade did not complete on both sides");
+        return;
+    };
+    let mut d = TokioIo::new(d);
+    let mut u = TokioIo::new(u);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+        debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 
@@ -814,6 +856,7 @@ async fn to_local_app(
         let key = pool::Key {
             addr: *addr,
             mesh: None,
+            h2: matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc),
         };
         let Some(r) = req.take() else { break };
         match tokio::time::timeout_at(

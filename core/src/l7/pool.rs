@@ -30,6 +30,8 @@ pub(crate) struct Key {
     pub addr: SocketAddr,
     /// Mesh mTLS to this service's sidecar, or plaintext.
     pub mesh: Option<Arc<str>>,
+    /// HTTP/2 (prior knowledge): one multiplexed connection per key.
+    pub h2: bool,
 }
 
 /// Why a request could not be sent.
@@ -50,6 +52,7 @@ type IdleMap = HashMap<Key, Vec<(SendRequest<ReqBody>, Instant)>>;
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: Mutex<IdleMap>,
+    h2: Mutex<HashMap<Key, hyper::client::conn::http2::SendRequest<ReqBody>>>,
 }
 
 impl Pool {
@@ -83,6 +86,9 @@ impl Pool {
         connect_timeout: Duration,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        if key.h2 {
+            return self.send_h2(key, tls, connect_timeout, req).await;
+        }
         // Idle connections first; one the server closed meanwhile gives the request back.
         while let Some(mut s) = self.take(key) {
             if s.ready().await.is_err() {
@@ -120,6 +126,76 @@ impl Pool {
                 }
                 Err(err)
             }
+        }
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        key: &Key,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        connect_timeout: Duration,
+        req: Request<ReqBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let shared = {
+            let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(key).filter(|s| !s.is_closed()).cloned()
+        };
+        let mut s = match shared {
+            Some(s) => s,
+            None => {
+                let io = match connect_io(key, tls, connect_timeout).await {
+                    Ok(io) => io,
+                    Err(mut e) => {
+                        e.request = Some(req);
+                        return Err(e);
+                    }
+                };
+                let addr = key.addr;
+                let (s, conn) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await
+                        .map_err(|e| {
+                            connect_error(
+                                Reason::ProtocolMismatch,
+                                format!("{addr}: HTTP/2 handshake: {e}"),
+                            )
+                        })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                self.h2
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), s.clone());
+                s
+            }
+        };
+        if s.ready().await.is_err() {
+            self.h2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(key);
+            return Err(SendError {
+                reason: Reason::UpstreamReset,
+                detail: format!("{}: the HTTP/2 connection closed", key.addr),
+                connect: true,
+                request: Some(req),
+            });
+        }
+        match s.send_request(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                Ok(Response::from_parts(
+                    parts,
+                    PooledBody {
+                        inner: body,
+                        back: None,
+                    },
+                ))
+            }
+            Err(e) => Err(request_error(e)),
         }
     }
 
@@ -191,12 +267,68 @@ fn connect_error(reason: Reason, detail: String) -> SendError {
     }
 }
 
-/// A new connection (TCP, then mesh mTLS when asked), handshaken for HTTP/1.1.
+/// Either a plain or a mesh-TLS upstream stream.
+pub(crate) enum Io {
+    Plain(TokioIo<tokio::net::TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>),
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A new HTTP/1.1 connection.
 async fn connect(
     key: &Key,
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
 ) -> Result<SendRequest<ReqBody>, SendError> {
+    let io = connect_io(key, tls, timeout).await?;
+    handshake(io, key.addr).await
+}
+
+/// A new stream: TCP, then mesh mTLS when asked.
+async fn connect_io(
+    key: &Key,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<Io, SendError> {
     let addr = key.addr;
     let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => {
@@ -240,9 +372,9 @@ async fn connect(
                     format!("mesh TLS handshake with {service} at {addr}: {e}"),
                 )
             })?;
-            handshake(TokioIo::new(tls), addr).await
+            Ok(Io::Tls(Box::new(TokioIo::new(tls))))
         }
-        _ => handshake(TokioIo::new(tcp), addr).await,
+        _ => Ok(Io::Plain(TokioIo::new(tcp))),
     }
 }
 
