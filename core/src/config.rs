@@ -160,6 +160,12 @@ pub struct ProxyDoc {
     pub pin_workers: bool,
     /// Threads of the L7 (HTTP) path; 0: one per core. Started only when something is HTTP.
     pub l7_threads: usize,
+    /// Admin server (`/stats`, `/config_dump`, ...); sidecars default to 127.0.0.1:15000.
+    pub admin: Option<SocketAddr>,
+    /// Health server (`/healthz/ready`); sidecars default to 0.0.0.0:15021.
+    pub health: Option<SocketAddr>,
+    /// No admin and health servers (also not the sidecar defaults).
+    pub no_admin: bool,
     /// Write this file once every listener is bound and the config is loaded; remove it on exit.
     /// `ringside wait-ready` waits for it.
     pub ready_file: Option<std::path::PathBuf>,
@@ -179,6 +185,9 @@ impl Default for ProxyDoc {
             buffer_size: 16 * 1024,
             pin_workers: true,
             l7_threads: 0,
+            admin: None,
+            health: None,
+            no_admin: false,
             ready_file: None,
         }
     }
@@ -420,6 +429,10 @@ pub struct ProxySettings {
     pub pin_workers: bool,
     /// L7 threads.
     pub l7_threads: usize,
+    /// Admin server address.
+    pub admin: Option<SocketAddr>,
+    /// Health server address.
+    pub health: Option<SocketAddr>,
 }
 
 /// A validated listener.
@@ -761,6 +774,22 @@ impl ConfigFile {
             } else {
                 p.l7_threads
             },
+            admin: p
+                .admin
+                .or_else(|| {
+                    self.sidecar
+                        .as_ref()
+                        .map(|_| SocketAddr::from(([127, 0, 0, 1], 15000)))
+                })
+                .filter(|_| !p.no_admin),
+            health: p
+                .health
+                .or_else(|| {
+                    self.sidecar
+                        .as_ref()
+                        .map(|_| SocketAddr::from(([0, 0, 0, 0], 15021)))
+                })
+                .filter(|_| !p.no_admin),
             ready_file: p.ready_file,
         };
 

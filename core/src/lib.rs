@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`admin`]: the admin (`/stats`, `/config_dump`, `/clusters`, `/certs`, `/events`, `/logging`)
+//!   and health servers.
 //! - [`config`]: the configuration document (TOML/YAML) and its validation into a typed [`Config`].
 //! - [`control`]: the client of the control daemon (`run --ctl`): certificate, config watch, reports.
 //! - [`server`]: [`Proxy::start`] binds listeners and starts one worker per core; drain on shutdown.
@@ -21,6 +23,7 @@
 //! - [`stats`]: per-worker counters summed on demand.
 //! - [`reason`]: failure reason codes: every failed connection carries exactly one.
 
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod identity;

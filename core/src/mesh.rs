@@ -259,6 +259,18 @@ pub(crate) async fn handle(
         Err((reason, detail)) => {
             w.stats().fail(reason);
             warn!(reason = reason.as_str(), client = %peer, detail = %detail, hint = reason.hint(), "connection failed");
+            let destination = match route {
+                Route::Cluster(i)
+                | Route::Local {
+                    service: Some(i), ..
+                } => snap.services[i].name.clone(),
+                Route::Local { port, .. } => format!("port {port}"),
+                Route::Passthrough(a) => a.to_string(),
+                Route::Refuse(_) => String::new(),
+            };
+            w.shared
+                .events
+                .push(reason, peer.to_string(), destination, detail.clone());
             sys::close_after_failure(cfd, reason);
         }
         Ok(s) => {

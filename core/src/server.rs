@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub ctl_unreachable: AtomicBool,
     /// The L7 (HTTP) path, when something is HTTP.
     pub l7: std::sync::OnceLock<crate::l7::L7>,
+    /// Recent failures (`/events`).
+    pub events: crate::admin::Events,
     /// The drain deadline passed: close what is left.
     pub force_close: AtomicBool,
 }
@@ -107,6 +109,71 @@ impl ConfigSnapshot {
             inbound_tls,
         })
     }
+}
+
+/// Endpoint states of every service.
+pub(crate) fn cluster_status(shared: &Shared) -> Vec<ClusterStatus> {
+    shared
+        .snapshot
+        .load()
+        .clusters
+        .iter()
+        .map(|c| ClusterStatus {
+            service: c.service.name.clone(),
+            endpoints: (0..c.endpoints.len())
+                .map(|i| {
+                    let e = &c.endpoints[i];
+                    EndpointStatus {
+                        addr: e.addr,
+                        active: e.active.load(Relaxed),
+                        consecutive_failures: e.consecutive_failures.load(Relaxed),
+                        ejected: c.is_ejected(i),
+                        half_open: c.is_half_open(i),
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Seconds until each certificate in use expires.
+pub(crate) fn cert_expiry(shared: &Shared) -> Vec<(String, i64)> {
+    shared
+        .config
+        .listeners
+        .iter()
+        .zip(&shared.tls)
+        .filter_map(|(l, m)| m.as_ref().map(|m| (l.name.clone(), m.expires_in_secs())))
+        .chain(
+            shared
+                .sidecar_tls
+                .iter()
+                .map(|s| ("sidecar".to_string(), s.outbound.expires_in_secs())),
+        )
+        .collect()
+}
+
+/// The certificates in use, for `/certs`.
+pub(crate) fn cert_status(shared: &Shared) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut add = |name: String, m: &crate::tls::MeshTls| {
+        let b = m.current();
+        out.push(serde_json::json!({
+            "name": name,
+            "identity": b.material.id.as_ref().map(|i| i.to_string()),
+            "not_after_unix": b.material.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "expires_in_s": m.expires_in_secs(),
+        }));
+    };
+    for (l, m) in shared.config.listeners.iter().zip(&shared.tls) {
+        if let Some(m) = m {
+            add(l.name.clone(), m);
+        }
+    }
+    if let Some(st) = &shared.sidecar_tls {
+        add("sidecar".into(), &st.outbound);
+    }
+    out
 }
 
 impl Shared {
@@ -213,6 +280,8 @@ pub struct EndpointStatus {
     pub consecutive_failures: u32,
     /// Ejected by passive health now.
     pub ejected: bool,
+    /// Its ejection ended and no request has succeeded since (one trial at a time).
+    pub half_open: bool,
 }
 
 /// How a drain ended.
@@ -349,6 +418,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             ctl_unreachable: AtomicBool::new(false),
             l7: std::sync::OnceLock::new(),
+            events: Default::default(),
             force_close: AtomicBool::new(false),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
@@ -465,45 +535,24 @@ impl Proxy {
         self.shared.reload_certs();
     }
 
-    /// Endpoint states of every service (what `/clusters` will show).
+    /// Endpoint states of every service (what `/clusters` shows).
     pub fn clusters(&self) -> Vec<ClusterStatus> {
-        self.shared
-            .snapshot
-            .load()
-            .clusters
-            .iter()
-            .map(|c| ClusterStatus {
-                service: c.service.name.clone(),
-                endpoints: (0..c.endpoints.len())
-                    .map(|i| {
-                        let e = &c.endpoints[i];
-                        EndpointStatus {
-                            addr: e.addr,
-                            active: e.active.load(Relaxed),
-                            consecutive_failures: e.consecutive_failures.load(Relaxed),
-                            ejected: c.is_ejected(i),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect()
+        cluster_status(&self.shared)
     }
 
     /// Seconds until each certificate in use expires: (listener name or `sidecar`, seconds).
     pub fn cert_expiry(&self) -> Vec<(String, i64)> {
-        self.shared
-            .config
-            .listeners
-            .iter()
-            .zip(&self.shared.tls)
-            .filter_map(|(l, m)| m.as_ref().map(|m| (l.name.clone(), m.expires_in_secs())))
-            .chain(
-                self.shared
-                    .sidecar_tls
-                    .iter()
-                    .map(|s| ("sidecar".to_string(), s.outbound.expires_in_secs())),
-            )
-            .collect()
+        cert_expiry(&self.shared)
+    }
+
+    /// Start the admin and health servers; returns their bound addresses.
+    pub fn start_admin(&self, opts: crate::admin::AdminOptions) -> anyhow::Result<Vec<SocketAddr>> {
+        crate::admin::start(&self.shared, opts)
+    }
+
+    /// Recent failures (what `/events` shows).
+    pub fn events(&self) -> Vec<crate::admin::Event> {
+        self.shared.events.list()
     }
 
     /// The running configuration.

@@ -94,6 +94,131 @@ pub struct HttpStats {
     pub local_replies: AtomicU64,
     /// Failures by reason.
     pub failures: [AtomicU64; Reason::ALL.len()],
+    /// Per service and route: requests by class and method, retries, latency.
+    pub services: std::sync::Mutex<std::collections::BTreeMap<(String, String), ServiceHttp>>,
+}
+
+/// L7 counters of one service and route.
+#[derive(Debug)]
+pub struct ServiceHttp {
+    /// Responses by status class (1xx..5xx).
+    pub class: [u64; 5],
+    /// Requests by method.
+    pub methods: std::collections::BTreeMap<String, u64>,
+    /// Latency to the response headers, microseconds.
+    pub latency_us: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for ServiceHttp {
+    fn default() -> Self {
+        ServiceHttp {
+            class: [0; 5],
+            methods: Default::default(),
+            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                .expect("valid histogram bounds"),
+        }
+    }
+}
+
+/// Latency buckets of the `/stats` histogram, in milliseconds.
+const LATENCY_BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+/// Encode the per-service HTTP metrics.
+pub fn encode_http_services(
+    http: &HttpStats,
+    e: &mut prometheus_client::encoding::DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::encoding::EncodeMetric;
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::MetricType;
+    let map = http.services.lock().unwrap_or_else(|p| p.into_inner());
+    {
+        let mut m = e.encode_descriptor(
+            "http_service_rq",
+            "HTTP requests by service, route, method and response code class",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((service, route), st) in map.iter() {
+            for (k, v) in st.class.iter().enumerate() {
+                if *v == 0 {
+                    continue;
+                }
+                let class = format!("{}xx", k + 1);
+                let labels = [
+                    ("service", service.as_str()),
+                    ("route", route.as_str()),
+                    ("response_code_class", class.as_str()),
+                ];
+                ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+            }
+        }
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "http_service_rq_method",
+            "HTTP requests by service, route and method",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((service, route), st) in map.iter() {
+            for (method, v) in &st.methods {
+                let labels = [
+                    ("service", service.as_str()),
+                    ("route", route.as_str()),
+                    ("method", method.as_str()),
+                ];
+                ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+            }
+        }
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "http_service_rq_time_ms",
+            "Time to the response headers, by service and route",
+            None,
+            MetricType::Histogram,
+        )?;
+        for ((service, route), st) in map.iter() {
+            let h = &st.latency_us;
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
+                .iter()
+                .map(|&ms| (ms, h.count_between(0, (ms * 1000.0) as u64)))
+                .chain(std::iter::once((f64::INFINITY, h.len())))
+                .collect();
+            let sum_ms = h.mean() * h.len() as f64 / 1000.0;
+            let labels = [("service", service.as_str()), ("route", route.as_str())];
+            m.encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum_ms,
+                    h.len(),
+                    &buckets,
+                    None,
+                )?;
+        }
+    }
+    Ok(())
+}
+
+impl HttpStats {
+    /// Record one request of `service` on `route`.
+    pub fn record(
+        &self,
+        service: &str,
+        route: &str,
+        method: &str,
+        status: u16,
+        latency: std::time::Duration,
+    ) {
+        let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (service.to_string(), route.to_string());
+        let st = map.entry(key).or_default();
+        st.class[((status / 100).clamp(1, 5) - 1) as usize] += 1;
+        *st.methods.entry(method.to_string()).or_default() += 1;
+        let _ = st.latency_us.record((latency.as_micros() as u64).max(1));
+    }
 }
 
 impl HttpStats {

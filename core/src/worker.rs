@@ -248,6 +248,14 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
                 hint = f.hint.as_deref().unwrap_or(f.reason.hint()),
                 "connection failed"
             );
+            w.shared.events.push(
+                f.reason,
+                peer.to_string(),
+                f.destination.clone(),
+                f.hint
+                    .clone()
+                    .unwrap_or_else(|| f.reason.hint().to_string()),
+            );
             sys::close_after_failure(cfd, f.reason);
         }
         Ok(up) => {
@@ -516,6 +524,12 @@ async fn handle_tls(
                 detail = %detail,
                 hint = reason.hint(),
                 "connection failed"
+            );
+            w.shared.events.push(
+                reason,
+                peer.to_string(),
+                w.shared.config.listeners[listener].name.clone(),
+                detail.clone(),
             );
             sys::close_after_failure(cfd, reason);
         }
@@ -809,6 +823,7 @@ mod size_probe {
                 draining: Default::default(),
                 ctl_unreachable: Default::default(),
                 l7: Default::default(),
+                events: Default::default(),
                 force_close: Default::default(),
             });
             let w = std::rc::Rc::new(super::Worker {

@@ -187,6 +187,16 @@ struct Common {
     /// Threads of the L7 (HTTP) path (default: one per core).
     #[arg(long)]
     l7_threads: Option<usize>,
+    /// Admin server address (/stats, /config_dump, /clusters, /certs, /events, /logging);
+    /// sidecars default to 127.0.0.1:15000.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Health server address (/healthz/ready); sidecars default to 0.0.0.0:15021.
+    #[arg(long)]
+    health: Option<SocketAddr>,
+    /// No admin and health servers.
+    #[arg(long)]
+    no_admin: bool,
     /// Event driver.
     #[arg(long, value_enum)]
     driver: Option<DriverKind>,
@@ -223,6 +233,15 @@ impl Common {
         }
         if let Some(v) = self.l7_threads {
             p.l7_threads = v;
+        }
+        if let Some(v) = self.admin {
+            p.admin = Some(v);
+        }
+        if let Some(v) = self.health {
+            p.health = Some(v);
+        }
+        if self.no_admin {
+            p.no_admin = true;
         }
         if let Some(v) = self.driver {
             p.driver = v;
@@ -269,17 +288,33 @@ extern "C" fn lazy_arena_commit() {
 #[link_section = ".init_array"]
 static LAZY_ARENA_COMMIT: extern "C" fn() = lazy_arena_commit;
 
+/// Changes the log filter at runtime (set once the subscriber is installed).
+static LOG_LEVEL: std::sync::OnceLock<ringside_core::admin::SetLogLevel> =
+    std::sync::OnceLock::new();
+
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
-    // Colours only on a terminal: logs written to files stay plain text.
+    // Colours only on a terminal: logs written to files stay plain text. The filter can be
+    // changed at runtime (admin `POST /logging?level=`).
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
+    let _ = LOG_LEVEL.set(std::sync::Arc::new(move |level: &str| {
+        let f = tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| format!("bad filter '{level}': {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }));
     if let Err(e) = run(cli.command) {
         eprintln!("ringside: {e:#}");
         std::process::exit(1);
@@ -512,8 +547,16 @@ fn serve(
         ringside_core::control::ProxyConfig,
     )>,
 ) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the ready file appears must drain, not kill.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("cannot install signal handlers")?;
     let drain_timeout = config.proxy.drain_timeout;
     let stats_interval = config.proxy.stats_interval;
+    let admin = ringside_core::admin::AdminOptions {
+        admin: config.proxy.admin,
+        health: config.proxy.health,
+        set_log_level: LOG_LEVEL.get().cloned(),
+    };
     let proxy = match control {
         None => Proxy::start(config)?,
         Some((control, first)) => {
@@ -530,8 +573,11 @@ fn serve(
             proxy
         }
     };
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("cannot install signal handlers")?;
+    let bound = proxy.start_admin(admin)?;
+    if !bound.is_empty() {
+        info!(admin = ?bound, "admin and health servers listening");
+    }
+
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("ringside-signals".into())

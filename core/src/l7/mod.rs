@@ -229,6 +229,14 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                         .and_then(|i| i.downcast_ref::<rustls::Error>())
                         .map_or(Reason::TlsHandshakeFailed, crate::tls::reason_for);
                     ctx.stats.fail(reason);
+                    if let Some(shared) = ctx.shared.upgrade() {
+                        shared.events.push(
+                            reason,
+                            peer.to_string(),
+                            h.snap.services[h.service].name.clone(),
+                            e.to_string(),
+                        );
+                    }
                     warn!(reason = reason.as_str(), client = %peer, detail = %e, hint = reason.hint(), "connection failed");
                 }
                 Err(_) => {
@@ -384,30 +392,57 @@ async fn proxy(
 ) -> Result<Response<RespBody>, Infallible> {
     let stats = &ctx.stats;
     HttpStats::inc(&stats.rq_total);
-    let resp = forward(req, &conn, &ctx).await;
+    let start = std::time::Instant::now();
+    let method = req.method().as_str().to_string();
+    let mut meta = RqMeta {
+        service: conn.snap.services[conn.service].name.clone(),
+        route: "default".into(),
+    };
+    let resp = forward(req, &conn, &ctx, &mut meta).await;
     let resp = match resp {
         Ok(r) => r,
         Err((reason, detail)) => {
             stats.fail(reason);
             HttpStats::inc(&stats.local_replies);
+            let source = conn
+                .inbound
+                .as_ref()
+                .and_then(|i| i.peer_id.as_ref().map(|p| p.to_string()))
+                .unwrap_or_else(|| conn.peer.to_string());
             warn!(
                 reason = reason.as_str(),
-                client = %conn.peer,
-                service = %conn.snap.services[conn.service].name,
+                client = %source,
+                service = %meta.service,
                 detail = %detail,
                 "request failed"
             );
+            if let Some(shared) = ctx.shared.upgrade() {
+                shared
+                    .events
+                    .push(reason, source, meta.service.clone(), detail.clone());
+            }
             local_reply(status_for(reason), reason, &detail)
         }
     };
-    stats.status(resp.status().as_u16());
+    let status = resp.status().as_u16();
+    stats.status(status);
+    stats.record(&meta.service, &meta.route, &method, status, start.elapsed());
     Ok(resp)
+}
+
+/// What a request turned out to be, for its metrics.
+struct RqMeta {
+    /// The service it went to (after routes and splits).
+    service: String,
+    /// The route that matched (`route-N`) or `default`.
+    route: String,
 }
 
 async fn forward(
     mut req: Request<Incoming>,
     conn: &Conn,
     ctx: &Ctx,
+    meta: &mut RqMeta,
 ) -> Result<Response<RespBody>, (Reason, String)> {
     // An upgrade (WebSocket and the like): once the upstream answers 101, both connections are
     // joined and bytes pass through as they are.
@@ -433,7 +468,7 @@ async fn forward(
     let target = if conn.inbound.is_some() {
         None
     } else {
-        Some(choose_target(&now, base, &mut parts, &mut policy)?)
+        Some(choose_target(&now, base, &mut parts, &mut policy, meta)?)
     };
     let (snap, index) = match target {
         Some(i) => (&now, i),
@@ -441,6 +476,7 @@ async fn forward(
     };
     let svc = &snap.services[index];
     let cluster = &snap.clusters[index];
+    meta.service.clone_from(&svc.name);
     let deadline = tokio::time::Instant::now() + policy.request_timeout;
     if let Some(inb) = &conn.inbound {
         // Intentions are evaluated per request on HTTP services, with the configuration in force
@@ -757,6 +793,7 @@ fn choose_target(
     base: &crate::config::Service,
     parts: &mut hyper::http::request::Parts,
     policy: &mut Policy,
+    meta: &mut RqMeta,
 ) -> Result<usize, (Reason, String)> {
     let route = snap.l7.route(
         &base.name,
@@ -764,6 +801,14 @@ fn choose_target(
         parts.uri.path(),
         &parts.headers,
     );
+    if let Some(r) = route {
+        let k = snap.l7.routers[&base.name]
+            .routes
+            .iter()
+            .position(|x| std::ptr::eq(x, r))
+            .unwrap_or(0);
+        meta.route = format!("{}-route-{}", base.name, k + 1);
+    }
     let mut name = base.name.as_str();
     if let Some(r) = route {
         let d = &r.destination;
