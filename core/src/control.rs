@@ -242,6 +242,12 @@ pub struct Control {
     /// When to renew the certificate.
     renew_at: i64,
     bundle: String,
+    /// When this proxy started (Unix seconds).
+    started_at: i64,
+    /// Events up to this time were reported.
+    last_event_ms: u64,
+    /// Since when the daemon has been unreachable (Unix seconds; 0: reachable).
+    unreachable_since: i64,
 }
 
 impl Control {
@@ -255,6 +261,9 @@ impl Control {
             cert: CertState::default(),
             renew_at: 0,
             bundle: String::new(),
+            started_at: unix_now(),
+            last_event_ms: 0,
+            unreachable_since: 0,
         })
     }
 
@@ -404,7 +413,14 @@ impl Control {
         }
     }
 
-    fn report(&self) -> anyhow::Result<()> {
+    fn report(&mut self, updater: &Updater) -> anyhow::Result<()> {
+        // Failures since the last report go with it (the daemon keeps the recent ones per proxy
+        // for `ringctl why`).
+        let events: Vec<_> = updater
+            .events()
+            .into_iter()
+            .filter(|e| e.time_ms > self.last_event_ms)
+            .collect();
         let issuer = std::fs::read(self.opts.tls_files().cert)
             .ok()
             .and_then(|pem| {
@@ -420,8 +436,11 @@ impl Control {
             "applied_index": self.config.as_ref().map_or(0, |c| c.index),
             "cert_generation": self.cert.generation,
             "cert_not_after": self.cert.not_after,
-            "cert_issuer": issuer,
+                        "cert_issuer": issuer,
             "clock": unix_now(),
+            "started_at": self.started_at,
+            "ctl_unreachable_since": self.unreachable_since,
+            "events": events,
         });
         self.call(
             "POST",
@@ -429,6 +448,9 @@ impl Control {
             Some(body.to_string()),
             Duration::ZERO,
         )?;
+        if let Some(last) = events.last() {
+            self.last_event_ms = last.time_ms;
+        }
         Ok(())
     }
 
@@ -461,7 +483,7 @@ impl Control {
             self.issue(c.cert_generation)?;
             updater.reload_certs();
         }
-        self.report()
+        self.report(updater)
     }
 
     /// Watch and apply until the proxy drains (runs on its own thread).
@@ -470,17 +492,21 @@ impl Control {
             .name("ringside-ctl".into())
             .spawn(move || {
                 let mut backoff = BACKOFF.0;
-                // A first report right away (the endpoint registers before any config watch).
-                let _ = self.report();
+                                // A first report right away (the endpoint registers before any config watch).
+                let _ = self.report(&updater);
                 while !updater.is_draining() {
                     match self.round(&updater) {
-                        Ok(()) => {
+                                                Ok(()) => {
+                            self.unreachable_since = 0;
                             if updater.set_ctl_unreachable(false) {
                                 info!("control daemon reachable again");
                             }
                             backoff = BACKOFF.0;
                         }
-                        Err(e) => {
+                                                Err(e) => {
+                            if self.unreachable_since == 0 {
+                                self.unreachable_since = unix_now();
+                            }
                             if !updater.set_ctl_unreachable(true) {
                                 warn!(
                                     reason = "ctl_unreachable",

@@ -239,6 +239,11 @@ impl Updater {
         self.shared.reload_certs();
     }
 
+    /// Recent failures.
+    pub fn events(&self) -> Vec<crate::admin::Event> {
+        self.shared.events.list()
+    }
+
     /// Whether the proxy is draining (the control client stops then).
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(SeqCst)

@@ -12,6 +12,7 @@ mod ca;
 mod consul;
 mod daemon;
 mod store;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -154,6 +155,33 @@ enum Command {
         /// The daemon's socket.
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
+    },
+    /// Why connections from SRC to DST fail (or that they should not): catalog, ports,
+    /// intentions, endpoints, both proxies, certificates, their recent failures, and the pods
+    /// themselves when their network namespaces are given. Prints the cause and the fix.
+    Why {
+        /// Source service.
+        src: String,
+        /// Destination service, optionally with the service port (DST:PORT).
+        dst: String,
+        /// The source pod's network namespace (checks its redirect rules and sidecar).
+        #[arg(long)]
+        src_netns: Option<String>,
+        /// The destination pod's network namespace (rules, sidecar, what the app listens on).
+        #[arg(long)]
+        dst_netns: Option<String>,
+        /// `json` for JSON.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// GET an HTTP URL and print the body (used by `why` inside a pod's namespace).
+    #[command(hide = true)]
+    AdminGet {
+        /// The URL.
+        url: String,
     },
     /// Workload certificates.
     Cert {
@@ -924,6 +952,56 @@ fn main() -> ExitCode {
                     }
                 },
             )
+        }
+        Command::AdminGet { url } => match why::http_get(&url) {
+            Ok(body) => {
+                print!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ringctl admin-get: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Why {
+            src,
+            dst,
+            src_netns,
+            dst_netns,
+            output,
+            socket,
+        } => {
+            let (dst, port) = match dst.rsplit_once(':') {
+                Some((d, p)) => match p.parse::<u16>() {
+                    Ok(p) => (d.to_string(), Some(p)),
+                    Err(_) => {
+                        eprintln!("ringctl why: '{p}' is not a port (DST or DST:PORT)");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => (dst, None),
+            };
+            match why::why(
+                &socket,
+                &src,
+                &dst,
+                port,
+                src_netns.as_deref(),
+                dst_netns.as_deref(),
+            ) {
+                Ok(v) => {
+                    if output.as_deref() == Some("json") {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        why::print(&v);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringctl why: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Describe {
             service,

@@ -126,6 +126,12 @@ pub struct Service {
     pub ports: Vec<PortMap>,
     /// Virtual IP allocated from the daemon's range.
     pub virtual_ip: std::net::Ipv4Addr,
+    /// Configuration index of its first registration.
+    #[serde(default)]
+    pub registered_index: u64,
+    /// When it was first registered (Unix seconds).
+    #[serde(default)]
+    pub registered_at: i64,
 }
 
 /// A catalog endpoint.
@@ -158,6 +164,9 @@ impl Store {
                 Some(v) => Some(serde_json::from_str(v.value()).map_err(e)?),
                 None => None,
             };
+            let first = existing
+                .as_ref()
+                .map(|s| (s.registered_index, s.registered_at));
             let virtual_ip = match existing {
                 Some(s) => s.virtual_ip,
                 None => {
@@ -178,10 +187,24 @@ impl Store {
                     std::net::Ipv4Addr::from(u32::from(range.0) + next as u32)
                 }
             };
+            let (registered_index, registered_at) = match first {
+                Some(f) => f,
+                None => {
+                    let m = tx.open_table(META).map_err(e)?;
+                    let index = m.get("index").map_err(e)?.map(|v| v.value()).unwrap_or(0) + 1;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    (index, now)
+                }
+            };
             svc = Service {
                 name: name.to_string(),
                 ports,
                 virtual_ip,
+                registered_index,
+                registered_at,
             };
             t.insert(name, serde_json::to_string(&svc).map_err(e)?.as_str())
                 .map_err(e)?;
@@ -294,7 +317,19 @@ pub struct ProxyRecord {
     /// Its own clock when it reported (Unix seconds), for skew checks.
     #[serde(default)]
     pub clock: i64,
+    /// When the proxy started (Unix seconds, its clock).
+    #[serde(default)]
+    pub started_at: i64,
+    /// Since when it could not reach the daemon, as it said once back (0: it could).
+    #[serde(default)]
+    pub ctl_unreachable_since: i64,
+    /// Its recent failures (reason, source, destination, detail), newest last.
+    #[serde(default)]
+    pub events: Vec<serde_json::Value>,
 }
+
+/// Failures kept per proxy.
+const EVENTS_PER_PROXY: usize = 64;
 
 impl Store {
     /// A counter in the metadata (0 when unset).
@@ -334,9 +369,20 @@ impl Store {
         let mut changed = false;
         {
             let mut t = tx.open_table(PROXIES).map_err(e)?;
+            let mut rec = rec.clone();
+            let old: Option<ProxyRecord> = match t.get(rec.id.as_str()).map_err(e)? {
+                Some(v) => serde_json::from_str(v.value()).ok(),
+                None => None,
+            };
+            if let Some(old) = old.filter(|o| o.started_at == rec.started_at) {
+                let mut all = old.events;
+                all.append(&mut rec.events);
+                let skip = all.len().saturating_sub(EVENTS_PER_PROXY);
+                rec.events = all.split_off(skip);
+            }
             t.insert(
                 rec.id.as_str(),
-                serde_json::to_string(rec).map_err(e)?.as_str(),
+                serde_json::to_string(&rec).map_err(e)?.as_str(),
             )
             .map_err(e)?;
             if let Some(address) = rec.address {

@@ -1,0 +1,256 @@
+//! `ringctl why` names the right cause in each situation operators meet (real pods, sidecars
+//! configured by the daemon, redirect rules installed): the destination not registered, an
+//! intention that denies, the app on another port than targetPort, the app on an address the
+//! sidecar cannot reach, PostgreSQL declared http, the destination's or the source's sidecar not
+//! running while its redirect rules are in place, the source's sidecar cut off from the daemon when
+//! the destination was registered, an expired destination certificate, and an app that started
+//! before its sidecar. Needs root.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use ringside_tests::ctl::Daemon;
+use ringside_tests::http::{serve, Client};
+use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
+use ringside_tests::postgres::Postgres;
+
+const DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: from-frontend
+spec:
+  destination:
+    name: '*'
+  sources:
+    - name: frontend
+      action: allow
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: pg
+spec:
+  protocol: http
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: web
+spec:
+  protocol: http
+";
+
+fn why(d: &Daemon, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["why"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    serde_json::from_str(&d.ok(&a)).unwrap()
+}
+
+fn assert_cause(v: &serde_json::Value, reason: &str, words: &[&str]) {
+    let pretty = serde_json::to_string_pretty(v).unwrap();
+    assert_eq!(v["reason"], reason, "{pretty}");
+    let cause = v["cause"].as_str().unwrap_or("");
+    for w in words {
+        assert!(
+            cause.contains(w),
+            "the cause lacks '{w}': {cause}\n{pretty}"
+        );
+    }
+    assert!(!v["fix"].as_str().unwrap_or("").is_empty());
+}
+
+fn try_connect(pod: &Pod, to: SocketAddr) -> bool {
+    pod.enter(move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .map(|s| {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let _ = std::io::Write::write_all(&mut &s, b"x");
+                let mut b = [0u8; 1];
+                let _ = std::io::Read::read(&mut &s, &mut b);
+            })
+            .is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+fn vip(d: &Daemon, name: &str) -> IpAddr {
+    d.get_json("services")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["virtual_ip"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn why_names_the_cause() {
+    if !pods_available("why_names_the_cause") {
+        return;
+    }
+    let mut net = Net::new();
+    let front = net.pod("front");
+    let web = net.pod("web");
+    let pay = net.pod("pay");
+    let ledger = net.pod("ledger");
+    let pgpod = net.pod("pg");
+    let range = format!("{}/28", net.virtual_ip(0));
+    // Short leaves: a sidecar cut off from the daemon lets its certificate expire within the test.
+    let mut daemon = Daemon::start(&net.id, &["--vip-range", &range, "--leaf-lifetime", "20s"]);
+    for (svc, port) in [
+        ("web", "80:8080"),
+        ("payments", "1800:1800"),
+        ("ledger", "1900:1900"),
+        ("pg", "5432:5432"),
+    ] {
+        daemon.ok(&["register", "service", svc, "--port", port]);
+    }
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.apply(DOCS);
+    for p in [&front, &web, &pay, &ledger, &pgpod] {
+        p.install_redirect(&[]);
+    }
+    web.enter(|| serve("web", "127.0.0.1:8080".parse().unwrap()))
+        .join()
+        .unwrap();
+    // payments is mapped 1800 -> 1800 but its app listens on 8080.
+    let _pay_app = pay.echo_app("0.0.0.0:8080".parse().unwrap());
+    // ledger's app listens only on 127.0.0.2, which the sidecar never tries.
+    let _ledger_app = ledger.echo_app("127.0.0.2:1900".parse().unwrap());
+    let _pg = Postgres::start_in(Some(&pgpod.name), 5432);
+
+    let start_sidecar = |pod: &Pod, service: &str| {
+        let args = daemon.sidecar_args(service, IpAddr::V4(pod.ip4), PROXY_UID);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Sidecar::start_with(pod, "sidecar: {}\n", &args)
+    };
+    let mut web_sc = Some(start_sidecar(&web, "web"));
+    let _pay_sc = start_sidecar(&pay, "payments");
+    let _ledger_sc = start_sidecar(&ledger, "ledger");
+    let _pg_sc = start_sidecar(&pgpod, "pg");
+
+    // The app starts before its sidecar: its first connection is refused by the redirect rules.
+    let web_vip = SocketAddr::new(vip(&daemon, "web"), 80);
+    assert!(!try_connect(&front, web_vip), "nothing should answer yet");
+    let mut front_sc = Some(start_sidecar(&front, "frontend"));
+    let v = why(
+        &daemon,
+        &[
+            "frontend",
+            "web:80",
+            "--src-netns",
+            &front.name,
+            "--dst-netns",
+            &web.name,
+        ],
+    );
+    assert_cause(
+        &v,
+        "proxy_not_running",
+        &["frontend's sidecar started only"],
+    );
+    assert!(v["fix"].as_str().unwrap().contains("wait-ready"));
+
+    // Not registered.
+    let v = why(&daemon, &["frontend", "ghost"]);
+    assert_cause(&v, "unknown_destination", &["ghost is not registered"]);
+
+    // An intention denies.
+    daemon.apply(
+        "apiVersion: consul.hashicorp.com/v1alpha1\nkind: ServiceIntentions\nmetadata:\n  name: web\nspec:\n  destination:\n    name: web\n  sources:\n    - name: frontend\n      action: deny\n",
+    );
+    let v = why(&daemon, &["frontend", "web"]);
+    assert_cause(&v, "intention_denied", &["frontend -> web: deny"]);
+    daemon.ok(&["delete", "ServiceIntentions", "web"]);
+
+    // The app listens on another port than targetPort.
+    let pay_vip = SocketAddr::new(vip(&daemon, "payments"), 1800);
+    try_connect(&front, pay_vip);
+    let v = why(
+        &daemon,
+        &["frontend", "payments:1800", "--dst-netns", &pay.name],
+    );
+    assert_cause(&v, "app_not_listening", &["8080"]);
+
+    // The app listens only on an address the sidecar cannot reach.
+    let ledger_vip = SocketAddr::new(vip(&daemon, "ledger"), 1900);
+    try_connect(&front, ledger_vip);
+    let v = why(
+        &daemon,
+        &["frontend", "ledger:1900", "--dst-netns", &ledger.name],
+    );
+    assert_cause(&v, "app_not_listening", &["127.0.0.2"]);
+
+    // PostgreSQL behind a service declared http.
+    let url = format!("http://{}/", SocketAddr::new(vip(&daemon, "pg"), 5432));
+    let r = front
+        .enter(move || Client::new().get(&url))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.header("x-ringside-reason"), "protocol_mismatch", "{r:?}");
+    let v = why(
+        &daemon,
+        &["frontend", "pg:5432", "--dst-netns", &pgpod.name],
+    );
+    assert_cause(
+        &v,
+        "protocol_mismatch",
+        &["declared HTTP", "does not speak HTTP"],
+    );
+
+    // The destination's sidecar is down while its redirect rules are in place.
+    web_sc.take().unwrap().stop();
+    let v = why(&daemon, &["frontend", "web:80", "--dst-netns", &web.name]);
+    assert_cause(
+        &v,
+        "proxy_not_running",
+        &["web's sidecar is not running", "15006"],
+    );
+    web_sc = Some(start_sidecar(&web, "web"));
+
+    // The source's sidecar is down while its redirect rules are in place.
+    front_sc.take().unwrap().stop();
+    let v = why(&daemon, &["frontend", "web:80", "--src-netns", &front.name]);
+    assert_cause(
+        &v,
+        "proxy_not_running",
+        &["frontend's sidecar is not running", "15001"],
+    );
+    front_sc = Some(start_sidecar(&front, "frontend"));
+    let _ = &front_sc;
+
+    // The sidecars lose the daemon (its proxy socket becomes unusable for them); a destination
+    // registered afterwards is unknown to the source, and certificates expire.
+    std::fs::set_permissions(&daemon.proxy_socket, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let cut = Instant::now();
+    daemon.ok(&["register", "service", "late", "--port", "7000:7000"]);
+    daemon.ok(&[
+        "register",
+        "endpoint",
+        "late",
+        &web.ip4.to_string(),
+        "--node",
+        "web",
+    ]);
+    std::thread::sleep(Duration::from_secs(21).saturating_sub(cut.elapsed()));
+    let v = why(
+        &daemon,
+        &["frontend", "late:7000", "--src-netns", &front.name],
+    );
+    assert_cause(
+        &v,
+        "ctl_unreachable",
+        &["cannot reach the control daemon", "registered after"],
+    );
+    let v = why(&daemon, &["frontend", "web:80"]);
+    assert_cause(&v, "tls_cert_expired", &["web's certificate expired"]);
+    std::fs::set_permissions(&daemon.proxy_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    daemon.kill9();
+    drop(web_sc);
+}
