@@ -11,6 +11,7 @@
 mod ca;
 mod consul;
 mod daemon;
+mod doctor;
 mod store;
 mod why;
 
@@ -170,6 +171,18 @@ enum Command {
         /// The destination pod's network namespace (rules, sidecar, what the app listens on).
         #[arg(long)]
         dst_netns: Option<String>,
+        /// `json` for JSON.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+        /// The daemon's socket.
+        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Checks of the mesh and, with --netns, of one pod: each passes or fails with the fix.
+    Doctor {
+        /// The pod's network namespace.
+        #[arg(long)]
+        netns: Option<String>,
         /// `json` for JSON.
         #[arg(short = 'o', long)]
         output: Option<String>,
@@ -952,6 +965,26 @@ fn main() -> ExitCode {
                     }
                 },
             )
+        }
+        Command::Doctor {
+            netns,
+            output,
+            socket,
+        } => {
+            let items = doctor::doctor(&socket, netns.as_deref());
+            if output.as_deref() == Some("json") {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&items).unwrap_or_default()
+                );
+            } else {
+                doctor::print(&items);
+            }
+            if items.iter().all(|i| i.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::AdminGet { url } => match why::http_get(&url) {
             Ok(body) => {

@@ -254,3 +254,77 @@ fn why_names_the_cause() {
     daemon.kill9();
     drop(web_sc);
 }
+
+fn doctor(d: &Daemon, ns: &str) -> Vec<serde_json::Value> {
+    let (_, out, err) = d.ringctl(&["doctor", "--netns", ns, "-o", "json"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap_or_else(|e| panic!("{e}: {out}{err}"))
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn item<'a>(items: &'a [serde_json::Value], check: &str) -> &'a serde_json::Value {
+    items
+        .iter()
+        .find(|i| i["check"].as_str().unwrap().contains(check))
+        .unwrap_or_else(|| panic!("no check '{check}' in {items:#?}"))
+}
+
+#[test]
+fn doctor_checks_the_mesh_and_a_pod() {
+    if !pods_available("doctor_checks_the_mesh_and_a_pod") {
+        return;
+    }
+    let mut net = Net::new();
+    let api = net.pod("api");
+    let bare = net.pod("bare");
+    let range = format!("{}/29", net.virtual_ip(0));
+    let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
+    daemon.ok(&["register", "service", "api", "--port", "8080:8080"]);
+    api.install_redirect(&[]);
+    bare.install_redirect(&[]);
+    // localhost resolves to ::1 first in the api pod, whose app listens on 127.0.0.1 only.
+    let hosts = format!("/etc/netns/{}/hosts", api.name);
+    std::fs::create_dir_all(format!("/etc/netns/{}", api.name)).unwrap();
+    std::fs::write(&hosts, "::1 localhost\n127.0.0.1 localhost\n").unwrap();
+    let _app = api.echo_app("127.0.0.1:8080".parse().unwrap());
+    let args = daemon.sidecar_args("api", IpAddr::V4(api.ip4), PROXY_UID);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _sc = Sidecar::start_with(&api, "sidecar: {}\n", &args);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let items = doctor(&daemon, &api.name);
+    for ok in [
+        "control daemon reachable",
+        "redirect rules in pod",
+        "outbound listener on 15001",
+        "inbound listener on 15006",
+        "sidecar ready",
+        "api: the app listens on targetPort 8080",
+        "clock agrees",
+        "certificate valid and not close to expiry",
+    ] {
+        assert_eq!(item(&items, ok)["ok"], true, "{:#?}", item(&items, ok));
+    }
+    let trap = item(&items, "localhost resolves");
+    assert_eq!(trap["ok"], false, "{trap:#?}");
+    assert!(
+        trap["found"].as_str().unwrap().contains("8080"),
+        "{trap:#?}"
+    );
+    assert!(trap["fix"].as_str().unwrap().contains("::1"));
+
+    // A pod with the rules but no sidecar.
+    let items = doctor(&daemon, &bare.name);
+    for fail in [
+        "outbound listener on 15001",
+        "inbound listener on 15006",
+        "sidecar ready",
+    ] {
+        let i = item(&items, fail);
+        assert_eq!(i["ok"], false, "{i:#?}");
+        assert!(i["fix"].as_str().is_some());
+    }
+    let _ = std::fs::remove_file(hosts);
+}
