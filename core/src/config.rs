@@ -166,6 +166,8 @@ pub struct ProxyDoc {
     pub health: Option<SocketAddr>,
     /// No admin and health servers (also not the sidecar defaults).
     pub no_admin: bool,
+    /// Access log: a JSON line per connection and per HTTP request (`-`: stderr).
+    pub access_log: Option<std::path::PathBuf>,
     /// Write this file once every listener is bound and the config is loaded; remove it on exit.
     /// `ringside wait-ready` waits for it.
     pub ready_file: Option<std::path::PathBuf>,
@@ -188,6 +190,7 @@ impl Default for ProxyDoc {
             admin: None,
             health: None,
             no_admin: false,
+            access_log: None,
             ready_file: None,
         }
     }
@@ -433,6 +436,8 @@ pub struct ProxySettings {
     pub admin: Option<SocketAddr>,
     /// Health server address.
     pub health: Option<SocketAddr>,
+    /// Access log file (`-`: stderr).
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 /// A validated listener.
@@ -790,6 +795,7 @@ impl ConfigFile {
                         .map(|_| SocketAddr::from(([0, 0, 0, 0], 15021)))
                 })
                 .filter(|_| !p.no_admin),
+            access_log: p.access_log.clone(),
             ready_file: p.ready_file,
         };
 

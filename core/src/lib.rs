@@ -23,6 +23,7 @@
 //! - [`stats`]: per-worker counters summed on demand.
 //! - [`reason`]: failure reason codes: every failed connection carries exactly one.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod control;

@@ -268,6 +268,13 @@ pub(crate) async fn handle(
                 Route::Passthrough(a) => a.to_string(),
                 Route::Refuse(_) => String::new(),
             };
+            if let Some(log) = &w.shared.access_log {
+                log.write(serde_json::json!({
+                    "kind": "tcp", "mesh": true, "client": peer.to_string(), "destination": destination,
+                    "reason": reason.as_str(), "detail": detail,
+                    "duration_ms": start.elapsed().as_millis() as u64,
+                }));
+            }
             w.shared
                 .events
                 .push(reason, peer.to_string(), destination, detail.clone());
@@ -286,9 +293,18 @@ pub(crate) async fn handle(
                 up_bytes = s.up_bytes,
                 down_bytes = s.down_bytes,
                 duration_ms = start.elapsed().as_millis() as u64,
-                close = s.failure.as_ref().map_or("eof", |(r, _)| r.as_str()),
+                                close = s.failure.as_ref().map_or("eof", |(r, _)| r.as_str()),
                 "connection closed"
             );
+            if let Some(log) = &w.shared.access_log {
+                log.write(serde_json::json!({
+                    "kind": "tcp", "mesh": true, "client": peer.to_string(),
+                    "upstream": s.upstream.to_string(), "peer_id": s.peer_id,
+                    "bytes_up": s.up_bytes, "bytes_down": s.down_bytes,
+                    "duration_ms": start.elapsed().as_millis() as u64,
+                    "reason": s.failure.as_ref().map(|(r, _)| r.as_str()),
+                }));
+            }
         }
     }
 }

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub l7: std::sync::OnceLock<crate::l7::L7>,
     /// Recent failures (`/events`).
     pub events: crate::admin::Events,
+    /// The access log, when on.
+    pub access_log: Option<crate::access_log::AccessLog>,
     /// The drain deadline passed: close what is left.
     pub force_close: AtomicBool,
 }
@@ -413,6 +415,13 @@ impl Proxy {
             sidecar_tls.as_ref(),
             None,
         )?;
+        let access_log = match &config.proxy.access_log {
+            Some(p) => Some(
+                crate::access_log::AccessLog::open(p)
+                    .with_context(|| format!("cannot open the access log {}", p.display()))?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             tls,
             sidecar_tls,
@@ -424,6 +433,7 @@ impl Proxy {
             ctl_unreachable: AtomicBool::new(false),
             l7: std::sync::OnceLock::new(),
             events: Default::default(),
+            access_log,
             force_close: AtomicBool::new(false),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {

@@ -256,6 +256,12 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
                     .clone()
                     .unwrap_or_else(|| f.reason.hint().to_string()),
             );
+            if let Some(log) = &w.shared.access_log {
+                log.write(serde_json::json!({
+                    "kind": "tcp", "client": peer.to_string(), "destination": f.destination,
+                    "reason": f.reason.as_str(), "duration_ms": start.elapsed().as_millis() as u64,
+                }));
+            }
             sys::close_after_failure(cfd, f.reason);
         }
         Ok(up) => {
@@ -278,6 +284,14 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
                 close = end.reason.map_or("eof", |r| r.as_str()),
                 "connection closed"
             );
+            if let Some(log) = &w.shared.access_log {
+                log.write(serde_json::json!({
+                    "kind": "tcp", "client": peer.to_string(), "upstream": up.addr.to_string(),
+                    "bytes_up": end.up_bytes, "bytes_down": end.down_bytes,
+                    "duration_ms": start.elapsed().as_millis() as u64,
+                    "reason": end.reason.map(|r| r.as_str()),
+                }));
+            }
             drop(up);
         }
     }
@@ -824,6 +838,7 @@ mod size_probe {
                 ctl_unreachable: Default::default(),
                 l7: Default::default(),
                 events: Default::default(),
+                access_log: None,
                 force_close: Default::default(),
             });
             let w = std::rc::Rc::new(super::Worker {

@@ -136,3 +136,76 @@ fn events_name_reason_source_and_destination() {
     );
     drop(child);
 }
+
+#[test]
+fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("ringside-accesslog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let http_log = dir.join("http.log");
+    let tcp_log = dir.join("tcp.log");
+    let app = serve("app", "127.0.0.1:0".parse().unwrap());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = spawn_forward(
+        listen,
+        &[app.addr],
+        &[
+            "--protocol",
+            "http",
+            "--access-log",
+            http_log.to_str().unwrap(),
+        ],
+    );
+    let c = Client::new();
+    assert_eq!(c.get(&format!("http://{listen}/a")).unwrap().status, 200);
+    assert_eq!(
+        c.get(&format!("http://{listen}/status/404"))
+            .unwrap()
+            .status,
+        404
+    );
+    drop(c);
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_timeout(Duration::from_secs(20)).success());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&http_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["kind"], "http");
+    assert_eq!(lines[0]["path"], "/a");
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["method"], "GET");
+    assert!(lines[0]["time_ms"].as_u64().unwrap() > 0);
+    assert_eq!(lines[1]["status"], 404);
+    assert!(
+        lines[1]["reason"].is_null(),
+        "the app's 404 is not a proxy failure"
+    );
+
+    // L4: a refused connection carries its reason.
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = spawn_forward(
+        listen,
+        &[refusing_addr()],
+        &["--access-log", tcp_log.to_str().unwrap()],
+    );
+    let s = std::net::TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    let _ = std::io::Read::read(&mut &s, &mut b);
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_timeout(Duration::from_secs(20)).success());
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&tcp_log)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line["kind"], "tcp");
+    assert_eq!(line["reason"], "upstream_connect_refused");
+    assert_eq!(line["destination"], "upstream");
+    let _ = std::fs::remove_dir_all(&dir);
+}

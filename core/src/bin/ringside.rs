@@ -197,6 +197,9 @@ struct Common {
     /// No admin and health servers.
     #[arg(long)]
     no_admin: bool,
+    /// Access log: one JSON line per connection and per HTTP request (`-`: stderr).
+    #[arg(long)]
+    access_log: Option<PathBuf>,
     /// Event driver.
     #[arg(long, value_enum)]
     driver: Option<DriverKind>,
@@ -242,6 +245,9 @@ impl Common {
         }
         if self.no_admin {
             p.no_admin = true;
+        }
+        if let Some(v) = &self.access_log {
+            p.access_log = Some(v.clone());
         }
         if let Some(v) = self.driver {
             p.driver = v;

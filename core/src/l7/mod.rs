@@ -394,6 +394,12 @@ async fn proxy(
     HttpStats::inc(&stats.rq_total);
     let start = std::time::Instant::now();
     let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let request_id_of = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let mut meta = RqMeta {
         service: conn.snap.services[conn.service].name.clone(),
         route: "default".into(),
@@ -427,6 +433,17 @@ async fn proxy(
     let status = resp.status().as_u16();
     stats.status(status);
     stats.record(&meta.service, &meta.route, &method, status, start.elapsed());
+    if let Some(shared) = ctx.shared.upgrade() {
+        if let Some(log) = &shared.access_log {
+            log.write(serde_json::json!({
+                "kind": "http", "client": conn.peer.to_string(), "service": meta.service,
+                "route": meta.route, "method": method, "path": path, "status": status,
+                "request_id": request_id_of,
+                "reason": resp.headers().get("x-ringside-reason").and_then(|v| v.to_str().ok()),
+                "duration_ms": start.elapsed().as_millis() as u64,
+            }));
+        }
+    }
     Ok(resp)
 }
 
