@@ -1,0 +1,47 @@
+//! docs/reference.md names every reason code and every metric the proxy exports.
+
+#[test]
+fn every_reason_code_is_documented() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reference.md"))
+        .expect("docs/reference.md");
+    for r in ringside_core::Reason::ALL {
+        assert!(
+            doc.contains(&format!("`{}`", r.as_str())),
+            "docs/reference.md lacks the reason code {r}"
+        );
+    }
+}
+
+#[test]
+fn every_exported_metric_is_documented() {
+    use std::net::SocketAddr;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reference.md"))
+        .expect("docs/reference.md");
+    let listen: SocketAddr = format!("127.0.0.1:{}", ringside_tests::free_port())
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", ringside_tests::free_port())
+        .parse()
+        .unwrap();
+    let _p = ringside_tests::spawn_forward(
+        listen,
+        &[ringside_tests::refusing_addr()],
+        &["--protocol", "http", "--admin", &admin.to_string()],
+    );
+    let c = ringside_tests::http::Client::new();
+    let _ = c.get(&format!("http://{listen}/x"));
+    let stats = c.get(&format!("http://{admin}/stats")).unwrap().text();
+    for line in stats.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut it = line.split_whitespace().skip(2);
+        let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+        let exported = if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name.to_string()
+        };
+        assert!(
+            doc.contains(&format!("`{exported}`")),
+            "docs/reference.md lacks the metric {exported}"
+        );
+    }
+}
