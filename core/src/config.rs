@@ -47,6 +47,9 @@ pub enum LbPolicy {
     RoundRobin,
     /// The endpoint with the fewest open connections (ties broken in round-robin order).
     LeastConnections,
+    /// Power of two choices: of two random endpoints, the one with fewer requests in flight
+    /// weighted by its latency (EWMA). The L7 path's default for mesh services.
+    LeastRequest,
 }
 
 // ---------------------------------------------------------------------------------------------

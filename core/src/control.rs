@@ -170,6 +170,8 @@ impl ProxyConfig {
                 svc.target_port = Some(p.target_port);
                 svc.local = s.name == self.service;
                 svc.protocol = crate::config::Protocol::from_declared(s.protocol.as_deref());
+                // Requests (HTTP, or detected HTTP) are balanced by least request with latency.
+                svc.lb = crate::config::LbPolicy::LeastRequest;
                 out.push(svc);
             }
         }

@@ -29,6 +29,8 @@ pub struct Endpoint {
     /// Half-open: a trial is in flight until this time (one request or connection after an
     /// ejection ends; its outcome closes or reopens the circuit).
     pub trial_until_ms: AtomicU64,
+    /// L7: moving average of the time to response headers, in microseconds (0: none yet).
+    pub ewma_us: AtomicU64,
 }
 
 /// How long a half-open trial may stay unreported before another one is allowed.
@@ -77,6 +79,7 @@ impl Cluster {
                 ejected_until_ms: AtomicU64::new(0),
                 consecutive_5xx: AtomicU32::new(0),
                 trial_until_ms: AtomicU64::new(0),
+                ewma_us: AtomicU64::new(0),
             })
             .collect();
         Arc::new(Cluster {
@@ -135,6 +138,29 @@ impl Cluster {
                 LbPolicy::LeastConnections => {
                     candidates.min_by_key(|&i| self.endpoints[i].active.load(Relaxed))
                 }
+                LbPolicy::LeastRequest => {
+                    let all: Vec<usize> = candidates.collect();
+                    match all.len() {
+                        0 => None,
+                        1 => Some(all[0]),
+                        n => {
+                            // Two distinct random candidates; the lighter one wins.
+                            let r = self.rr.fetch_add(0x9e37_79b9, Relaxed) as u64;
+                            let x = r.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ now;
+                            let a = (x % n as u64) as usize;
+                            let b = (a + 1 + ((x >> 32) % (n as u64 - 1)) as usize) % n;
+                            let cost = |i: usize| {
+                                let e = &self.endpoints[i];
+                                (e.active.load(Relaxed) as u64 + 1) * e.ewma_us.load(Relaxed).max(1)
+                            };
+                            Some(if cost(all[b]) < cost(all[a]) {
+                                all[b]
+                            } else {
+                                all[a]
+                            })
+                        }
+                    }
+                }
             }
         };
         match choose(true) {
@@ -157,6 +183,15 @@ impl Cluster {
             }
             None => choose(false),
         }
+    }
+
+    /// L7: fold a response time into endpoint `i`'s moving average (weight 1/5 for the new one).
+    pub fn observe_latency(&self, i: usize, d: Duration) {
+        let e = &self.endpoints[i];
+        let v = (d.as_micros() as u64).max(1);
+        let old = e.ewma_us.load(Relaxed);
+        let new = if old == 0 { v } else { (old * 4 + v) / 5 };
+        e.ewma_us.store(new, Relaxed);
     }
 
     /// Whether endpoint `i` is half-open (its ejection ended, its trial has not succeeded yet).
@@ -332,6 +367,26 @@ mod tests {
         assert!(!c.is_half_open(1) && !c.is_ejected(1));
         let picks: Vec<_> = (0..6).map(|_| c.pick(0).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 3, "{picks:?}");
+    }
+
+    #[test]
+    fn least_request_prefers_fast_idle_endpoints() {
+        let c = cluster(LbPolicy::LeastRequest, 3);
+        for _ in 0..20 {
+            c.observe_latency(0, Duration::from_millis(50));
+            c.observe_latency(1, Duration::from_millis(1));
+            c.observe_latency(2, Duration::from_millis(1));
+        }
+        // 2 is fast but has 100 requests in flight: (100+1) x 1 ms costs more than 1 x 50 ms.
+        let _busy = (0..100).map(|_| c.open(2)).collect::<Vec<_>>();
+        let mut counts = [0; 3];
+        for _ in 0..3000 {
+            counts[c.pick(0).unwrap()] += 1;
+        }
+        // 1 (fast, idle) wins both pairs it is in (2/3 of the picks); 0 (slow) beats the busy 2.
+        assert!((1800..2200).contains(&counts[1]), "{counts:?}");
+        assert!((800..1200).contains(&counts[0]), "{counts:?}");
+        assert_eq!(counts[2], 0, "{counts:?}");
     }
 
     #[test]

@@ -44,12 +44,12 @@ pub enum Document {
         /// Its spec.
         spec: ServiceSplitterSpec,
     },
-    /// Subsets and failover (stored for the L7 path).
+    /// Timeouts and failover (subsets are stored, not applied yet).
     ServiceResolver {
         /// Service name.
         name: String,
-        /// The spec as written.
-        spec: serde_json::Value,
+        /// Its spec.
+        spec: ringside_core::l7::rules::ResolverSpec,
     },
 }
 
@@ -399,6 +399,9 @@ pub fn l7_config(docs: &[Document]) -> ringside_core::l7::rules::L7Config {
         match d {
             Document::ServiceRouter { name, spec } => {
                 c.routers.insert(name.clone(), spec.clone());
+            }
+            Document::ServiceResolver { name, spec } => {
+                c.resolvers.insert(name.clone(), spec.clone());
             }
             Document::ServiceSplitter { name, spec } => {
                 c.splitters.insert(

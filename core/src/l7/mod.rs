@@ -682,6 +682,7 @@ async fn forward(
             h2: matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc),
         };
         let _guard = cluster.open(i);
+        let sent = std::time::Instant::now();
         let attempt = tokio::time::timeout_at(
             deadline,
             ctx.pool.send(&key, tls.clone(), svc.connect_timeout, up),
@@ -720,6 +721,7 @@ async fn forward(
             }
             Ok(Ok(resp)) => {
                 let code = resp.status().as_u16();
+                cluster.observe_latency(i, sent.elapsed());
                 if let Some(period) = cluster.report_status(i, code, svc.outlier_5xx) {
                     warn!(
                         service = %svc.name,
@@ -859,7 +861,29 @@ fn choose_target(
             }
         }
     }
-    let chosen = snap.l7.split(name, roll());
+    let mut chosen = snap.l7.split(name, roll());
+    // ServiceResolver: timeouts, and failover when the service has no healthy endpoint.
+    if let Some(r) = snap.l7.resolvers.get(chosen) {
+        if let Some(t) = r.request_timeout {
+            policy.request_timeout = t;
+        }
+    }
+    let healthy = |n: &str| {
+        snap.services
+            .iter()
+            .zip(&snap.clusters)
+            .any(|(s, c)| s.name == n && (0..c.endpoints.len()).any(|i| !c.is_ejected(i)))
+    };
+    if !healthy(chosen) {
+        if let Some(f) = snap.l7.failover(chosen).into_iter().find(|f| healthy(f)) {
+            debug!(
+                service = chosen,
+                failover = f,
+                "no healthy endpoint: failing over"
+            );
+            chosen = f;
+        }
+    }
     let candidates: Vec<usize> = snap
         .services
         .iter()

@@ -210,6 +210,40 @@ pub struct SplitTarget {
     pub service: Option<String>,
 }
 
+/// `ServiceResolver.spec` (the parts ringside applies: timeouts and failover; `subsets` and
+/// `defaultSubset` are kept but not applied, as endpoints carry no metadata yet).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolverSpec {
+    /// Connect timeout for the service's endpoints.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Request timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Where requests go when the service has no healthy endpoint, by subset (`*`: any).
+    #[serde(default)]
+    pub failover: BTreeMap<String, FailoverTarget>,
+    /// Default subset (kept, not applied).
+    #[serde(default)]
+    pub default_subset: Option<String>,
+    /// Subsets (kept, not applied).
+    #[serde(default)]
+    pub subsets: BTreeMap<String, serde_json::Value>,
+}
+
+/// A failover target.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverTarget {
+    /// The service to use instead.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Several, in order (the first with healthy endpoints).
+    #[serde(default)]
+    pub targets: Vec<FailoverTarget>,
+}
+
 /// The L7 documents in force, by service name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct L7Config {
@@ -219,9 +253,27 @@ pub struct L7Config {
     /// `ServiceSplitter`s.
     #[serde(default)]
     pub splitters: BTreeMap<String, SplitterSpec>,
+    /// `ServiceResolver`s.
+    #[serde(default)]
+    pub resolvers: BTreeMap<String, ResolverSpec>,
 }
 
 impl L7Config {
+    /// The failover services of `service`, in order.
+    pub fn failover(&self, service: &str) -> Vec<&str> {
+        let Some(r) = self.resolvers.get(service) else {
+            return Vec::new();
+        };
+        let Some(f) = r.failover.get("*").or_else(|| r.failover.values().next()) else {
+            return Vec::new();
+        };
+        f.service
+            .iter()
+            .map(String::as_str)
+            .chain(f.targets.iter().filter_map(|t| t.service.as_deref()))
+            .collect()
+    }
+
     /// The route a request to `service` takes: (index into the router's routes, the route).
     pub fn route(
         &self,
@@ -348,6 +400,24 @@ mod tests {
         assert_eq!(c.split("web", 75.0), "web-v2");
         assert_eq!(c.split("web", 99.9), "web-v2");
         assert_eq!(c.split("admin", 50.0), "admin");
+    }
+
+    #[test]
+    fn resolver_failover_targets_in_order() {
+        let c: L7Config = serde_json::from_value(serde_json::json!({
+            "resolvers": {
+                "web": {"requestTimeout": "2s", "failover": {"*": {"targets": [{"service": "web-dc2"}, {"service": "web-dc3"}]}}},
+                "api": {"failover": {"*": {"service": "api-backup"}}, "subsets": {"v1": {"filter": "x"}}}
+            }
+        }))
+        .unwrap();
+        assert_eq!(c.failover("web"), vec!["web-dc2", "web-dc3"]);
+        assert_eq!(c.failover("api"), vec!["api-backup"]);
+        assert!(c.failover("other").is_empty());
+        assert_eq!(
+            c.resolvers["web"].request_timeout,
+            Some(Duration::from_secs(2))
+        );
     }
 
     #[test]
