@@ -185,7 +185,31 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
     let snap = w.shared.snapshot.load_full();
     let l = &w.shared.config.listeners[listener];
     if let (true, ListenerKind::Static(service)) = (l.protocol.is_http(), l.kind) {
-        handoff_l7(&w, client, peer, snap, service, false, None);
+        let tunnel = match (&l.tls, &w.shared.tls[listener]) {
+            (Some(lt), Some(mesh)) => {
+                let built = mesh.current();
+                match lt.mode {
+                    TlsMode::Origin => {
+                        built
+                            .client_http
+                            .clone()
+                            .map(|cfg| crate::l7::TunnelTls::Origin {
+                                cfg,
+                                name: lt
+                                    .expect_id
+                                    .as_ref()
+                                    .map_or("ringside-mesh".into(), |i| i.service.as_str().into()),
+                            })
+                    }
+                    TlsMode::Terminate => built
+                        .server
+                        .clone()
+                        .map(|cfg| crate::l7::TunnelTls::Terminate { cfg }),
+                }
+            }
+            _ => None,
+        };
+        handoff_l7(&w, client, peer, snap, service, false, None, tunnel);
         return;
     }
     if matches!(l.kind, ListenerKind::Outbound | ListenerKind::Inbound)
@@ -199,11 +223,11 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
                 return;
             }
             L7Decision::Outbound { service, mesh } => {
-                handoff_l7(&w, client, peer, snap, service, mesh, None);
+                handoff_l7(&w, client, peer, snap, service, mesh, None, None);
                 return;
             }
             L7Decision::Inbound { service, inbound } => {
-                handoff_l7(&w, client, peer, snap, service, false, Some(inbound));
+                handoff_l7(&w, client, peer, snap, service, false, Some(inbound), None);
                 return;
             }
         }
@@ -299,6 +323,7 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
     finish(&w);
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Give an HTTP connection to the L7 path; it leaves this worker (the proxy's open-connection
 /// count keeps it until the L7 path closes it).
 /// How long an undeclared outbound connection may stay silent before it is taken as TCP.
@@ -414,6 +439,7 @@ fn handoff_l7(
     service: usize,
     mesh_out: bool,
     inbound: Option<crate::l7::Inbound>,
+    tunnel: Option<crate::l7::TunnelTls>,
 ) {
     w.stats().downstream_cx_closed.inc();
     w.active.set(w.active.get() - 1);
@@ -429,6 +455,7 @@ fn handoff_l7(
         service,
         mesh_out,
         inbound,
+        tunnel,
     };
     if l7.handoff(h).is_err() {
         w.shared.active.fetch_sub(1, SeqCst);

@@ -356,3 +356,85 @@ fn upgrades_pass_through_and_http2_upstreams_carry_trailers() {
     drop(h2);
     drop(child);
 }
+
+#[test]
+fn http_tunnel_pair_over_mtls() {
+    use ringside_tests::certs::{temp_dir, Ca, Files, Validity};
+    let dir = temp_dir("l7-tunnel");
+    let ca = Ca::new("l7 tunnel CA");
+    let client = Files::write(
+        &dir,
+        "frontend",
+        &ca.leaf("spiffe://dc1/ns/default/sa/frontend", Validity::Valid),
+        &[&ca],
+    );
+    let server = Files::write(
+        &dir,
+        "backend",
+        &ca.leaf("spiffe://dc1/ns/default/sa/backend", Validity::Valid),
+        &[&ca],
+    );
+    let app = serve("app", any());
+    let tls_args = |f: &ringside_tests::certs::Files| {
+        let t = f.tls_files();
+        vec![
+            "--cert".to_string(),
+            t.cert.display().to_string(),
+            "--key".to_string(),
+            t.key.display().to_string(),
+            "--ca".to_string(),
+            t.ca.display().to_string(),
+        ]
+    };
+    let mut term_args: Vec<String> = vec![
+        "--tls-terminate".into(),
+        "--allow-id".into(),
+        "spiffe://dc1/ns/default/sa/frontend".into(),
+    ];
+    term_args.extend(tls_args(&server));
+    let term_args: Vec<&str> = term_args.iter().map(String::as_str).collect();
+    let (term, term_url) = proxy(&[app.addr], &term_args);
+    let term_addr: SocketAddr = term_url.trim_start_matches("http://").parse().unwrap();
+    let mut orig_args: Vec<String> = vec![
+        "--tls-origin".into(),
+        "--expect-id".into(),
+        "spiffe://dc1/ns/default/sa/backend".into(),
+    ];
+    orig_args.extend(tls_args(&client));
+    let orig_args: Vec<&str> = orig_args.iter().map(String::as_str).collect();
+    let (orig, url) = proxy(&[term_addr], &orig_args);
+    let c = Client::new();
+    for _ in 0..5 {
+        let r = c.get(&format!("{url}/hello")).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-server"), "app");
+    }
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let r = c
+        .send("POST", &format!("{url}/echo"), &[], body.clone())
+        .unwrap();
+    assert!(r.body.as_ref() == body.as_slice());
+    drop(orig);
+
+    // An origin expecting another identity: the handshake fails and the request is answered
+    // with the reason.
+    let mut wrong: Vec<String> = vec![
+        "--tls-origin".into(),
+        "--expect-id".into(),
+        "spiffe://dc1/ns/default/sa/other".into(),
+    ];
+    wrong.extend(tls_args(&client));
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    let (w, url) = proxy(&[term_addr], &wrong);
+    let r = c.get(&format!("{url}/hello")).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        r.header("x-ringside-reason"),
+        "tls_identity_mismatch",
+        "{}",
+        r.text()
+    );
+    drop(w);
+    drop(term);
+    let _ = std::fs::remove_dir_all(&dir);
+}

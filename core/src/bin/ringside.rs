@@ -357,11 +357,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             c.services[0].base_ejection = base_ejection;
             c.services[0].max_requests = max_requests;
             c.listeners[0].protocol = protocol;
-            if protocol.is_http() && (tunnel.tls_origin || tunnel.tls_terminate) {
-                anyhow::bail!(
-                    "--protocol http with --tls-origin/--tls-terminate is not supported yet"
-                );
-            }
+
             if tunnel.tls_origin || tunnel.tls_terminate {
                 let parse = |flag: &str, v: &str| {
                     v.parse::<SpiffeId>()

@@ -49,6 +49,26 @@ pub(crate) struct Handoff {
     pub mesh_out: bool,
     /// Inbound mesh TLS to terminate before HTTP (upstream: the local application).
     pub inbound: Option<Inbound>,
+    /// Tunnel mode on a static listener: mTLS to originate towards the upstreams, or to
+    /// terminate from the clients.
+    pub tunnel: Option<TunnelTls>,
+}
+
+/// Tunnel-mode TLS of a static HTTP listener.
+#[derive(Debug)]
+pub(crate) enum TunnelTls {
+    /// Plaintext HTTP in, mTLS out (server name and expected identity in the config).
+    Origin {
+        /// Client config (ALPN `ringside/http`).
+        cfg: Arc<rustls::ClientConfig>,
+        /// Server name sent.
+        name: Arc<str>,
+    },
+    /// mTLS in, plaintext HTTP out.
+    Terminate {
+        /// Server config (client certificates required, allow list).
+        cfg: Arc<rustls::ServerConfig>,
+    },
 }
 
 /// One L7 thread: a current-thread tokio runtime fed through its own channel.
@@ -189,18 +209,48 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         }
     };
     let _ = stream.set_nodelay(true);
-    match h.inbound {
-        None => {
+    let origin = match &h.tunnel {
+        Some(TunnelTls::Origin { cfg, name }) => Some((cfg.clone(), name.clone())),
+        _ => None,
+    };
+    match (h.inbound, h.tunnel) {
+        (None, Some(TunnelTls::Terminate { cfg })) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    let conn = Arc::new(Conn {
+                        peer,
+                        snap: h.snap,
+                        service: h.service,
+                        mesh_out: false,
+                        inbound: None,
+                        origin: None,
+                    });
+                    serve_io(TokioIo::new(tls), conn, &ctx).await;
+                }
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .map_or(Reason::TlsHandshakeFailed, crate::tls::reason_for);
+                    ctx.stats.fail(reason);
+                    warn!(reason = reason.as_str(), client = %peer, detail = %e, hint = reason.hint(), "connection failed");
+                }
+                Err(_) => ctx.stats.fail(Reason::TlsHandshakeFailed),
+            }
+        }
+        (None, _) => {
             let conn = Arc::new(Conn {
                 peer,
                 snap: h.snap,
                 service: h.service,
                 mesh_out: h.mesh_out,
                 inbound: None,
+                origin,
             });
             serve_io(TokioIo::new(stream), conn, &ctx).await;
         }
-        Some(inbound) => {
+        (Some(inbound), _) => {
             // Mesh mTLS from the source sidecar; the verifier asks the intentions.
             let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.clone());
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -215,6 +265,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                         snap: h.snap,
                         service: h.service,
                         mesh_out: false,
+                        origin: None,
                         inbound: Some(InboundConn {
                             port: inbound.port,
                             pod_ip: inbound.pod_ip,
@@ -292,6 +343,8 @@ struct Conn {
     mesh_out: bool,
     /// Inbound from a sidecar: the upstream is the local application.
     inbound: Option<InboundConn>,
+    /// Tunnel origin: mTLS to the upstreams with this config and server name.
+    origin: Option<(Arc<rustls::ClientConfig>, Arc<str>)>,
 }
 
 struct InboundConn {
@@ -584,15 +637,18 @@ async fn forward(
         parts.headers.remove(hyper::header::HOST);
     }
     // To a mesh service: mTLS to its sidecar, which checks the intentions.
-    let (mesh, tls) = match (&conn.mesh_out, ctx.shared.upgrade()) {
-        (true, Some(shared)) => match &shared.sidecar_tls {
-            Some(st) => (
-                Some(Arc::<str>::from(svc.name.as_str())),
-                st.outbound.current().client_http.clone(),
-            ),
-            None => (None, None),
+    let (mesh, tls) = match (&conn.origin, &conn.mesh_out, ctx.shared.upgrade()) {
+        (Some((cfg, name)), _, _) => (Some(name.clone()), Some(cfg.clone())),
+        (None, mesh_out, shared) => match (mesh_out, shared) {
+            (true, Some(shared)) => match &shared.sidecar_tls {
+                Some(st) => (
+                    Some(Arc::<str>::from(svc.name.as_str())),
+                    st.outbound.current().client_http.clone(),
+                ),
+                None => (None, None),
+            },
+            _ => (None, None),
         },
-        _ => (None, None),
     };
 
     // Keep small bodies so that the request can be retried; stream large ones (one try).
