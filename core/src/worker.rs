@@ -431,6 +431,8 @@ async fn l7_decision(
     }
 }
 
+/// Give an HTTP connection to the L7 path with what it needs to know about it.
+#[allow(clippy::too_many_arguments)]
 fn handoff_l7(
     w: &Worker,
     client: TcpStream,
