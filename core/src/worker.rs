@@ -323,9 +323,6 @@ async fn handle(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: us
     finish(&w);
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Give an HTTP connection to the L7 path; it leaves this worker (the proxy's open-connection
-/// count keeps it until the L7 path closes it).
 /// How long an undeclared outbound connection may stay silent before it is taken as TCP.
 const DETECT_HTTP: Duration = Duration::from_millis(100);
 /// How long an inbound mesh connection may take to send its ClientHello.
@@ -431,7 +428,8 @@ async fn l7_decision(
     }
 }
 
-/// Give an HTTP connection to the L7 path with what it needs to know about it.
+/// Give an HTTP connection to the L7 path; it leaves this worker (the proxy's open-connection
+/// count keeps it until the L7 path closes it).
 #[allow(clippy::too_many_arguments)]
 fn handoff_l7(
     w: &Worker,
