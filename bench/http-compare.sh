@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh bench
 for s in haproxy nginx; do systemctl stop "$s" >/dev/null 2>&1 || true; done
-cargo build --release --bin ringside
+cargo build --release --bin ringside --bin ringside-bench
 exec python3 bench/http_compare.py "$@"

@@ -24,6 +24,7 @@ import l4_compare as l4  # noqa: E402
 
 ROOT = l4.ROOT
 RINGSIDE = os.path.join(ROOT, "target/release/ringside")
+BENCH = os.path.join(ROOT, "target/release/ringside-bench")
 FILES = {"small": b"hello\n", "16k": bytes((i * 7) % 251 for i in range(16384))}
 
 
@@ -109,10 +110,45 @@ def main():
         h = procs.start(["haproxy", "-f", hcfg, "-db"], stderr=open(hcfg + ".log", "w"))
         peers["haproxy"] = p
         pids["haproxy"] = h.pid
+                # mTLS pairs: client -> proxy A -> mTLS (TLS 1.3, client certificates, chains verified)
+        # -> proxy B -> origin.
+        certs = os.path.join(work, "certs")
+        subprocess.run([BENCH, "gen-certs", "--out", certs, "frontend", "backend"], check=True,
+                       stdout=subprocess.DEVNULL)
+        c = lambda n: os.path.join(certs, n)  # noqa: E731
+        tport, oport = l4.free_port(), l4.free_port()
+        t = procs.start([RINGSIDE, "forward", f"127.0.0.1:{tport}", f"127.0.0.1:{origin}", "--protocol", "http",
+                         "--workers", "1", "--l7-threads", "1", "--tls-terminate", "--cert", c("backend.crt"),
+                         "--key", c("backend.key"), "--ca", c("ca.pem"),
+                         "--allow-id", "spiffe://dc1/ns/default/sa/frontend"],
+                        stderr=open(os.path.join(work, "ringside-term.log"), "w"))
+        o = procs.start([RINGSIDE, "forward", f"127.0.0.1:{oport}", f"127.0.0.1:{tport}", "--protocol", "http",
+                         "--workers", "1", "--l7-threads", "1", "--tls-origin", "--cert", c("frontend.crt"),
+                         "--key", c("frontend.key"), "--ca", c("ca.pem"),
+                         "--expect-id", "spiffe://dc1/ns/default/sa/backend"],
+                        stderr=open(os.path.join(work, "ringside-orig.log"), "w"))
+        peers["ringside-mtls"] = oport
+        pids["ringside-mtls"] = [t.pid, o.pid]
+        htport, hoport = l4.free_port(), l4.free_port()
+        common = ("global\n  nbthread 1\n  maxconn 5000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n"
+                  "  ssl-default-server-options ssl-min-ver TLSv1.3\n\ndefaults\n  mode http\n  option http-keep-alive\n"
+                  "  http-reuse always\n  timeout connect 5s\n  timeout client 1m\n  timeout server 1m\n\n")
+        ht_cfg, ho_cfg = os.path.join(work, "hap-term.cfg"), os.path.join(work, "hap-orig.cfg")
+        with open(ht_cfg, "w") as f:
+            f.write(common + f"listen web\n  bind 127.0.0.1:{htport} ssl crt {c('backend.pem')} ca-file {c('ca.pem')} verify required\n"
+                    f"  server origin 127.0.0.1:{origin}\n")
+        with open(ho_cfg, "w") as f:
+            f.write(common + f"listen web\n  bind 127.0.0.1:{hoport}\n"
+                    f"  server t 127.0.0.1:{htport} ssl crt {c('frontend.pem')} ca-file {c('ca.pem')} verify required\n")
+        ht = procs.start(["haproxy", "-f", ht_cfg, "-db"], stderr=open(ht_cfg + ".log", "w"))
+        ho = procs.start(["haproxy", "-f", ho_cfg, "-db"], stderr=open(ho_cfg + ".log", "w"))
+        peers["haproxy-mtls"] = hoport
+        pids["haproxy-mtls"] = [ht.pid, ho.pid]
         for port in peers.values():
             l4.wait_port(port)
         time.sleep(0.5)
-        idle_rss = {k: l4.rss_kib(v) for k, v in pids.items()}
+        rss = lambda v: sum(l4.rss_kib(x) for x in v) if isinstance(v, list) else l4.rss_kib(v)  # noqa: E731
+        idle_rss = {k: rss(v) for k, v in pids.items()}
         order = list(peers)
         for rnd in range(args.rounds):
             for peer in order:
@@ -126,7 +162,7 @@ def main():
                 print(f"round {rnd + 1}/{args.rounds} {peer:9s} " +
                       " ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), flush=True)
             order = order[1:] + order[:1]
-        loaded_rss = {k: l4.rss_kib(v) for k, v in pids.items()}
+        loaded_rss = {k: rss(v) for k, v in pids.items()}
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -147,7 +183,10 @@ def main():
         f.write(f"ringside commit `{git}`; {args.rounds} interleaved rounds of {args.seconds} s per test; medians, "
                 f"ratio to the direct path in parentheses. wrk -t2 -c{args.connections}, HTTP/1.1 keep-alive, on loopback, "
                 "to an nginx origin (1 worker) serving a 6-byte response and a 16 KiB file. Each proxy runs one "
-                "worker/thread and keeps upstream connections alive.\n\n")
+                "worker/thread and keeps upstream connections alive. The -mtls rows are pairs: client -> proxy A -> "
+                "mTLS (TLS 1.3, client certificates, chains verified) -> proxy B -> origin (ringside: forward "
+                "--protocol http --tls-origin / --tls-terminate; HAProxy: ssl crt/ca-file/verify required on both sides); "
+                "their RSS is both proxies together.\n\n")
         f.write(table + "\n\n")
         f.write("RSS (KiB): " + ", ".join(f"{p} idle {idle_rss[p]} / after the run {loaded_rss[p]}" for p in idle_rss) + "\n\n")
         f.write("Raw values per round:\n\n```\n" + json.dumps(results, indent=1) + "\n```\n\n")
