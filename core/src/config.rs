@@ -539,6 +539,9 @@ pub struct Service {
     pub outlier_5xx: u32,
     /// L7: requests in flight above which new ones get `circuit_open`.
     pub max_requests: u32,
+    /// A `ServiceResolver` subset of the service (its endpoints filtered by metadata); `None`
+    /// for the whole service.
+    pub subset: Option<String>,
 }
 
 impl Service {
@@ -563,6 +566,7 @@ impl Service {
             retry_on: Vec::new(),
             outlier_5xx: default_outlier_5xx(),
             max_requests: default_max_requests(),
+            subset: None,
         }
     }
 }
@@ -883,6 +887,7 @@ impl ConfigFile {
                 retry_on: s.retry_on,
                 outlier_5xx: s.outlier_5xx,
                 max_requests: s.max_requests,
+                subset: None,
             });
         }
 

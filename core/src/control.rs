@@ -91,6 +91,8 @@ pub struct ControlOptions {
     pub address: Option<IpAddr>,
     /// Where the key, certificate, bundle and last good configuration are kept.
     pub state_dir: PathBuf,
+    /// Metadata of this proxy's endpoint (for `ServiceResolver` subsets).
+    pub meta: std::collections::BTreeMap<String, String>,
 }
 
 impl ControlOptions {
@@ -127,6 +129,9 @@ pub struct CatalogService {
     /// Declared protocol.
     #[serde(default)]
     pub protocol: Option<String>,
+    /// Metadata of each endpoint (same order), for subsets.
+    #[serde(default)]
+    pub endpoint_meta: Vec<std::collections::BTreeMap<String, String>>,
 }
 
 /// What the daemon sends a proxy.
@@ -156,6 +161,7 @@ impl ProxyConfig {
     /// also local (inbound to its `targetPort`).
     pub fn services(&self) -> Vec<Service> {
         let mut out = Vec::new();
+        let mut subsets = Vec::new();
         for s in &self.services {
             for p in &s.ports {
                 let mut svc = Service::new(
@@ -172,9 +178,28 @@ impl ProxyConfig {
                 svc.protocol = crate::config::Protocol::from_declared(s.protocol.as_deref());
                 // Requests (HTTP, or detected HTTP) are balanced by least request with latency.
                 svc.lb = crate::config::LbPolicy::LeastRequest;
+                // One more cluster per ServiceResolver subset: the endpoints its filter selects.
+                if let Some(r) = self.l7.resolvers.get(&s.name) {
+                    for (name, sub) in &r.subsets {
+                        let mut ss = svc.clone();
+                        ss.local = false;
+                        ss.subset = Some(name.clone());
+                        ss.endpoints = s
+                            .endpoints
+                            .iter()
+                            .enumerate()
+                            .filter(|(k, _)| {
+                                sub.matches(&s.endpoint_meta.get(*k).cloned().unwrap_or_default())
+                            })
+                            .map(|(_, a)| SocketAddr::new(*a, p.port))
+                            .collect();
+                        subsets.push(ss);
+                    }
+                }
                 out.push(svc);
             }
         }
+        out.append(&mut subsets);
         out
     }
 }
@@ -442,7 +467,8 @@ impl Control {
             "clock": unix_now(),
             "started_at": self.started_at,
             "ctl_unreachable_since": self.unreachable_since,
-            "events": events,
+                        "events": events,
+            "meta": self.opts.meta,
         });
         self.call(
             "POST",

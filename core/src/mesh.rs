@@ -83,7 +83,7 @@ impl SidecarTls {
         services
             .iter()
             .map(|s| {
-                if s.local && s.mtls == ServiceMtls::Enable {
+                if s.local && s.subset.is_none() && s.mtls == ServiceMtls::Enable {
                     MeshTls::load(
                         self.files.clone(),
                         TlsRole::Terminate {

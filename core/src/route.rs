@@ -47,7 +47,12 @@ impl Routes {
             registry_only,
             ..Routes::default()
         };
-        for (i, s) in services.iter().enumerate() {
+        // Subsets are reached through routes and splits, never by address.
+        for (i, s) in services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.subset.is_none())
+        {
             if let (Some(vip), Some(port)) = (s.virtual_ip, s.port) {
                 r.by_dst.entry(SocketAddr::new(vip, port)).or_insert(i);
             }

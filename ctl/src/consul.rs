@@ -413,6 +413,7 @@ pub fn l7_config(docs: &[Document]) -> ringside_core::l7::rules::L7Config {
                             .map(|s| SplitTarget {
                                 weight: s.weight,
                                 service: s.service.clone(),
+                                service_subset: s.service_subset.clone(),
                             })
                             .collect(),
                     },

@@ -182,16 +182,18 @@ pub fn proxy_config(state: &State, service: &str) -> Result<serde_json::Value, S
     let catalog: Vec<serde_json::Value> = services
         .iter()
         .map(|s| {
-            let eps: Vec<String> = endpoints
+            let healthy: Vec<&crate::store::Endpoint> = endpoints
                 .iter()
                 .filter(|e| e.service == s.name && e.healthy)
-                .map(|e| e.address.to_string())
                 .collect();
+            let eps: Vec<String> = healthy.iter().map(|e| e.address.to_string()).collect();
+            let meta: Vec<_> = healthy.iter().map(|e| e.meta.clone()).collect();
             serde_json::json!({
                 "name": s.name,
                 "virtual_ip": s.virtual_ip,
                 "ports": s.ports,
-                "endpoints": eps,
+                                "endpoints": eps,
+                "endpoint_meta": meta,
                 "protocol": consul::protocol_of(&docs, &s.name),
             })
         })

@@ -231,7 +231,16 @@ enum RegisterCommand {
         /// Node name.
         #[arg(long, default_value = "local")]
         node: String,
+        /// Metadata KEY=VALUE (repeat), e.g. version=v2 for ServiceResolver subsets.
+        #[arg(long, value_parser = parse_kv)]
+        meta: Vec<(String, String)>,
     },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -711,10 +720,12 @@ fn main() -> ExitCode {
                     service,
                     address,
                     node,
+                    meta,
                 },
             socket,
         } => {
-            let body = serde_json::json!({"service": service, "address": address, "node": node, "healthy": true}).to_string();
+            let meta: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
+            let body = serde_json::json!({"service": service, "address": address, "node": node, "healthy": true, "meta": meta}).to_string();
             report(
                 daemon::call(&socket, hyper::Method::POST, "/v1/endpoints", Some(body)),
                 |v| {

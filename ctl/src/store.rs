@@ -145,6 +145,9 @@ pub struct Endpoint {
     pub node: String,
     /// Health as last reported.
     pub healthy: bool,
+    /// Metadata (e.g. `version: v2`), for `ServiceResolver` subsets.
+    #[serde(default)]
+    pub meta: std::collections::BTreeMap<String, String>,
 }
 
 impl Store {
@@ -326,6 +329,9 @@ pub struct ProxyRecord {
     /// Its recent failures (reason, source, destination, detail), newest last.
     #[serde(default)]
     pub events: Vec<serde_json::Value>,
+    /// Metadata of its endpoint (`ringside run --meta k=v`).
+    #[serde(default)]
+    pub meta: std::collections::BTreeMap<String, String>,
 }
 
 /// Failures kept per proxy.
@@ -398,6 +404,7 @@ impl Store {
                         address,
                         node: node.to_string(),
                         healthy: true,
+                        meta: rec.meta.clone(),
                     };
                     let key = format!("{}/{}", ep.service, ep.address);
                     let json = serde_json::to_string(&ep).map_err(e)?;
@@ -466,6 +473,7 @@ mod tests {
                 address: "198.18.0.2".parse().unwrap(),
                 node: "n1".into(),
                 healthy: true,
+                meta: Default::default(),
             };
             s.register_endpoint(&ep).unwrap();
             let bad = Endpoint {

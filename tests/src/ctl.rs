@@ -143,13 +143,24 @@ impl Daemon {
 
     /// `ringside run` arguments for a sidecar of `service` in a pod with address `address`.
     pub fn sidecar_args(&self, service: &str, address: std::net::IpAddr, uid: u32) -> Vec<String> {
+        self.sidecar_args_tagged(service, address, uid, service)
+    }
+
+    /// The same, for another sidecar of the same service (`tag` names its state directory).
+    pub fn sidecar_args_tagged(
+        &self,
+        service: &str,
+        address: std::net::IpAddr,
+        uid: u32,
+        tag: &str,
+    ) -> Vec<String> {
         vec![
             "--ctl".into(),
             self.proxy_socket.display().to_string(),
             "--token-file".into(),
             self.token_file(service, uid).display().to_string(),
             "--state-dir".into(),
-            self.state_dir(service, uid).display().to_string(),
+            self.state_dir(tag, uid).display().to_string(),
             "--proxy-id".into(),
             format!("{service}-{address}"),
             "--address".into(),

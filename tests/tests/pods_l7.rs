@@ -49,6 +49,18 @@ spec:
 ";
 
 const L7_DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceResolver
+metadata:
+  name: web
+spec:
+  defaultSubset: v1
+  subsets:
+    v1:
+      filter: Service.Meta.version != v2
+    v2:
+      filter: Service.Meta.version == v2
+---
+apiVersion: consul.hashicorp.com/v1alpha1
 kind: ServiceDefaults
 metadata:
   name: web-v2
@@ -70,7 +82,14 @@ kind: ServiceRouter
 metadata:
   name: web
 spec:
-  routes:
+    routes:
+    - match:
+        http:
+          header:
+            - name: x-version
+              exact: \"2\"
+      destination:
+        serviceSubset: v2
     - match:
         http:
           pathPrefix: /v2/
@@ -132,6 +151,7 @@ fn http_between_sidecars_over_mtls() {
     let mail = net.pod("mail");
     let ssh = net.pod("ssh");
     let web2 = net.pod("web2");
+    let webb = net.pod("webb");
     let range = format!("{}/29", net.virtual_ip(0));
     let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
     daemon.ok(&["register", "service", "web", "--port", "80:8080"]);
@@ -141,7 +161,7 @@ fn http_between_sidecars_over_mtls() {
     daemon.apply(DEFAULTS);
     daemon.ok(&["register", "service", "web-v2", "--port", "80:8080"]);
     daemon.apply(L7_DOCS);
-    for p in [&front, &web, &mail, &ssh, &web2] {
+    for p in [&front, &web, &mail, &ssh, &web2, &webb] {
         p.install_redirect(&[]);
     }
     // Apps: an HTTP server, a server-first protocol (greets, then echoes a line), and something
@@ -150,6 +170,9 @@ fn http_between_sidecars_over_mtls() {
         .join()
         .unwrap();
     web2.enter(|| serve("web-v2-app", "127.0.0.1:8080".parse().unwrap()))
+        .join()
+        .unwrap();
+    webb.enter(|| serve("web-b-app", "127.0.0.1:8080".parse().unwrap()))
         .join()
         .unwrap();
     mail.enter(|| {
@@ -176,6 +199,14 @@ fn http_between_sidecars_over_mtls() {
     .join()
     .unwrap();
     let mut sidecars = Vec::new();
+    let mut sidecars_b = Vec::new();
+    // A second endpoint of web, marked version v2 (a ServiceResolver subset selects it).
+    {
+        let mut args = daemon.sidecar_args_tagged("web", IpAddr::V4(webb.ip4), PROXY_UID, "web-b");
+        args.extend(["--meta".to_string(), "version=v2".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sidecars_b.push(Sidecar::start_with(&webb, "sidecar: {}\n", &args));
+    }
     for (pod, service) in [
         (&web2, "web-v2"),
         (&ssh, "banner"),
@@ -239,6 +270,27 @@ fn http_between_sidecars_over_mtls() {
         (65..=135).contains(&v2),
         "{v2} of 400 requests went to web-v2 (25 % expected)"
     );
+
+    // ServiceResolver subsets: web's default subset (version v1, or unmarked) never reaches the
+    // endpoint marked v2; the x-version header routes to subset v2, which only it serves.
+    let from = |pod: &Pod, url: String, headers: Vec<(&'static str, &'static str)>| {
+        pod.enter(move || {
+            let c = Client::new();
+            (0..30)
+                .map(|_| {
+                    c.send("GET", &url, &headers, Vec::new())
+                        .unwrap()
+                        .header("x-server")
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    };
+    let plain = from(&front, format!("{web_url}/s"), vec![]);
+    assert!(!plain.iter().any(|s| s == "web-b-app"), "{plain:?}");
+    let v2 = from(&front, format!("{web_url}/s"), vec![("x-version", "2")]);
+    assert!(v2.iter().all(|s| s == "web-b-app"), "{v2:?}");
 
     // ServiceRouter: /v2/ goes to web-v2 with the prefix rewritten; a header routes too.
     let r = get(&front, format!("{web_url}/v2/items")).unwrap();

@@ -173,6 +173,10 @@ struct CtlArgs {
     /// Where the key, certificate and last good configuration are kept.
     #[arg(long, default_value = "/run/ringside/proxy")]
     state_dir: PathBuf,
+    /// Metadata of this pod's endpoint, KEY=VALUE (repeat), e.g. version=v2 (ServiceResolver
+    /// subsets select endpoints by it).
+    #[arg(long, value_parser = parse_kv)]
+    meta: Vec<(String, String)>,
     /// Without a saved configuration, how long to wait for the daemon at start.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     ctl_wait: Duration,
@@ -293,6 +297,12 @@ extern "C" fn lazy_arena_commit() {
 #[used]
 #[link_section = ".init_array"]
 static LAZY_ARENA_COMMIT: extern "C" fn() = lazy_arena_commit;
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+}
 
 /// Changes the log filter at runtime (set once the subscriber is installed).
 static LOG_LEVEL: std::sync::OnceLock<ringside_core::admin::SetLogLevel> =
@@ -439,6 +449,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     .unwrap_or_else(ringside_core::control::default_proxy_id),
                 address: ctl.address,
                 state_dir: ctl.state_dir.clone(),
+                meta: ctl.meta.iter().cloned().collect(),
             };
             let files = opts.tls_files();
             let sidecar = doc.sidecar.as_mut().ok_or_else(|| {

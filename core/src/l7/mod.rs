@@ -885,11 +885,13 @@ fn choose_target(
         meta.route = format!("{}-route-{}", base.name, k + 1);
     }
     let mut name = base.name.as_str();
+    let mut subset: Option<&str> = None;
     if let Some(r) = route {
         let d = &r.destination;
         if let Some(s) = &d.service {
             name = s;
         }
+        subset = d.service_subset.as_deref();
         if let Some(t) = d.request_timeout {
             policy.request_timeout = t;
         }
@@ -917,34 +919,54 @@ fn choose_target(
             }
         }
     }
-    let mut chosen = snap.l7.split(name, roll());
+    let mut chosen = name;
+    if subset.is_none() {
+        let (n, sub) = snap.l7.split_subset(name, roll());
+        chosen = n;
+        subset = sub;
+    }
+    // The resolver's default subset when none was asked for.
+    if subset.is_none() {
+        subset = snap
+            .l7
+            .resolvers
+            .get(chosen)
+            .and_then(|r| r.default_subset.as_deref());
+    }
     // ServiceResolver: timeouts, and failover when the service has no healthy endpoint.
     if let Some(r) = snap.l7.resolvers.get(chosen) {
         if let Some(t) = r.request_timeout {
             policy.request_timeout = t;
         }
     }
-    let healthy = |n: &str| {
-        snap.services
-            .iter()
-            .zip(&snap.clusters)
-            .any(|(s, c)| s.name == n && (0..c.endpoints.len()).any(|i| !c.is_ejected(i)))
+    let healthy = |n: &str, sub: Option<&str>| {
+        snap.services.iter().zip(&snap.clusters).any(|(s, c)| {
+            s.name == n
+                && s.subset.as_deref() == sub
+                && (0..c.endpoints.len()).any(|i| !c.is_ejected(i))
+        })
     };
-    if !healthy(chosen) {
-        if let Some(f) = snap.l7.failover(chosen).into_iter().find(|f| healthy(f)) {
+    if !healthy(chosen, subset) {
+        if let Some(f) = snap
+            .l7
+            .failover(chosen)
+            .into_iter()
+            .find(|f| healthy(f, None))
+        {
             debug!(
                 service = chosen,
                 failover = f,
                 "no healthy endpoint: failing over"
             );
             chosen = f;
+            subset = None;
         }
     }
     let candidates: Vec<usize> = snap
         .services
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.name == chosen)
+        .filter(|(_, s)| s.name == chosen && s.subset.as_deref() == subset)
         .map(|(i, _)| i)
         .collect();
     candidates
@@ -955,9 +977,11 @@ fn choose_target(
         .ok_or_else(|| {
             (
                 Reason::NoHealthyEndpoint,
-                format!(
-                    "'{chosen}' (chosen by the route/split of '{}') is not in the catalog: register it",
-                    base.name
+                                format!(
+                    "'{chosen}'{} (chosen by the route/split of '{}') is not in the catalog: register it{}",
+                    subset.map(|s| format!(" subset '{s}'")).unwrap_or_default(),
+                    base.name,
+                    if subset.is_some() { ", and check the ServiceResolver's subsets" } else { "" }
                 ),
             )
         })

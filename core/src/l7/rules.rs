@@ -173,6 +173,9 @@ pub struct RouteDestination {
     /// Target service (default: the routed service).
     #[serde(default)]
     pub service: Option<String>,
+    /// Target subset (its `ServiceResolver`).
+    #[serde(default)]
+    pub service_subset: Option<String>,
     /// Replace the matched path prefix with this.
     #[serde(default)]
     pub prefix_rewrite: Option<String>,
@@ -208,6 +211,9 @@ pub struct SplitTarget {
     /// Target service (default: the split service).
     #[serde(default)]
     pub service: Option<String>,
+    /// Target subset.
+    #[serde(default)]
+    pub service_subset: Option<String>,
 }
 
 /// `ServiceResolver.spec` (the parts ringside applies: timeouts and failover; `subsets` and
@@ -224,12 +230,62 @@ pub struct ResolverSpec {
     /// Where requests go when the service has no healthy endpoint, by subset (`*`: any).
     #[serde(default)]
     pub failover: BTreeMap<String, FailoverTarget>,
-    /// Default subset (kept, not applied).
+    /// The subset used when a request names none.
     #[serde(default)]
     pub default_subset: Option<String>,
-    /// Subsets (kept, not applied).
+    /// Subsets: endpoints selected by their metadata.
     #[serde(default)]
-    pub subsets: BTreeMap<String, serde_json::Value>,
+    pub subsets: BTreeMap<String, Subset>,
+}
+
+/// A subset: `filter: "Service.Meta.version == v2"` (`==` or `!=`, one condition).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subset {
+    /// The condition on the endpoint's metadata.
+    #[serde(default, deserialize_with = "filter_checked")]
+    pub filter: String,
+    /// Only healthy endpoints (they all are: unhealthy ones are not sent to proxies).
+    #[serde(default)]
+    pub only_passing: bool,
+}
+
+fn filter_checked<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let f = String::deserialize(d)?;
+    parse_filter(&f).map_err(serde::de::Error::custom)?;
+    Ok(f)
+}
+
+/// `Service.Meta.KEY == VALUE` (or `!=`; the value may be quoted): (key, value, equal).
+pub fn parse_filter(f: &str) -> Result<(String, String, bool), String> {
+    let (lhs, rhs, eq) = if let Some((l, r)) = f.split_once("==") {
+        (l, r, true)
+    } else if let Some((l, r)) = f.split_once("!=") {
+        (l, r, false)
+    } else {
+        return Err(format!(
+            "filter '{f}': expected Service.Meta.KEY == VALUE (or !=)"
+        ));
+    };
+    let key = lhs
+        .trim()
+        .strip_prefix("Service.Meta.")
+        .ok_or_else(|| format!("filter '{f}': only Service.Meta.KEY is supported on the left"))?;
+    let value = rhs.trim().trim_matches(|c| c == '"' || c == '`');
+    if key.is_empty() || value.is_empty() {
+        return Err(format!("filter '{f}': key and value must not be empty"));
+    }
+    Ok((key.to_string(), value.to_string(), eq))
+}
+
+impl Subset {
+    /// Whether an endpoint with `meta` belongs to the subset.
+    pub fn matches(&self, meta: &BTreeMap<String, String>) -> bool {
+        match parse_filter(&self.filter) {
+            Ok((k, v, eq)) => (meta.get(&k) == Some(&v)) == eq,
+            Err(_) => self.filter.is_empty(),
+        }
+    }
 }
 
 /// A failover target.
@@ -291,20 +347,30 @@ impl L7Config {
 
     /// Apply `service`'s splitter (if any) with `roll` in [0, 100): the service to call.
     pub fn split<'a>(&'a self, service: &'a str, roll: f64) -> &'a str {
+        self.split_subset(service, roll).0
+    }
+
+    /// Apply `service`'s splitter: the service and subset to call.
+    pub fn split_subset<'a>(&'a self, service: &'a str, roll: f64) -> (&'a str, Option<&'a str>) {
         let Some(s) = self.splitters.get(service) else {
-            return service;
+            return (service, None);
         };
         let mut acc = 0.0;
+        let mut last = None;
         for t in &s.splits {
             acc += t.weight;
+            last = Some(t);
             if roll < acc {
-                return t.service.as_deref().unwrap_or(service);
+                break;
             }
         }
-        s.splits
-            .last()
-            .and_then(|t| t.service.as_deref())
-            .unwrap_or(service)
+        match last {
+            Some(t) => (
+                t.service.as_deref().unwrap_or(service),
+                t.service_subset.as_deref(),
+            ),
+            None => (service, None),
+        }
     }
 }
 
@@ -407,7 +473,7 @@ mod tests {
         let c: L7Config = serde_json::from_value(serde_json::json!({
             "resolvers": {
                 "web": {"requestTimeout": "2s", "failover": {"*": {"targets": [{"service": "web-dc2"}, {"service": "web-dc3"}]}}},
-                "api": {"failover": {"*": {"service": "api-backup"}}, "subsets": {"v1": {"filter": "x"}}}
+                "api": {"failover": {"*": {"service": "api-backup"}}, "subsets": {"v1": {"filter": "Service.Meta.v == 1"}}}
             }
         }))
         .unwrap();
@@ -418,6 +484,23 @@ mod tests {
             c.resolvers["web"].request_timeout,
             Some(Duration::from_secs(2))
         );
+    }
+
+    #[test]
+    fn subsets_select_endpoints_by_metadata() {
+        let r: ResolverSpec = serde_json::from_value(serde_json::json!({
+            "defaultSubset": "v1",
+            "subsets": {"v1": {"filter": "Service.Meta.version == v1"}, "not-v1": {"filter": "Service.Meta.version != \"v1\""}}
+        }))
+        .unwrap();
+        let m = |v: &str| BTreeMap::from([("version".to_string(), v.to_string())]);
+        assert!(r.subsets["v1"].matches(&m("v1")));
+        assert!(!r.subsets["v1"].matches(&m("v2")));
+        assert!(r.subsets["not-v1"].matches(&m("v2")));
+        let bad = serde_json::from_value::<ResolverSpec>(
+            serde_json::json!({"subsets": {"x": {"filter": "Service.Tags contains y"}}}),
+        );
+        assert!(bad.unwrap_err().to_string().contains("Service.Meta.KEY"));
     }
 
     #[test]
