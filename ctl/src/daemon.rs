@@ -214,28 +214,34 @@ pub fn proxy_config(state: &State, service: &str) -> Result<serde_json::Value, S
     }))
 }
 
+/// The service of the request's proxy token (`Authorization: Bearer`), or the error answer.
+#[allow(clippy::result_large_err)] // the error is the answer itself, sent once
+fn token_service(req: &Request<Incoming>, store: &Store) -> Result<String, Response<Full<Bytes>>> {
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token.map(|t| store.token_service(&token_hash(t))) {
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "a proxy token is required (Authorization: Bearer)",
+        )),
+        Some(Err(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Some(Ok(None)) => Err(error(StatusCode::FORBIDDEN, "unknown token")),
+        Some(Ok(Some(s))) => Ok(s),
+    }
+}
+
 /// The proxy API: config watch, certificate signing, reports. Every request carries a token.
 async fn handle_proxy(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let store = &state.store;
-    let token = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let service = match token.map(|t| store.token_service(&token_hash(&t))) {
-        None => {
-            return Ok(error(
-                StatusCode::UNAUTHORIZED,
-                "a proxy token is required (Authorization: Bearer)",
-            ))
-        }
-        Some(Err(e)) => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
-        Some(Ok(None)) => return Ok(error(StatusCode::FORBIDDEN, "unknown token")),
-        Some(Ok(Some(s))) => s,
+    let service = match token_service(&req, store) {
+        Ok(s) => s,
+        Err(r) => return Ok(r),
     };
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -502,22 +508,9 @@ async fn handle(
             }
         },
         (Method::POST, "/v1/sign") => {
-            let token = req
-                .headers()
-                .get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::to_string);
-            let service = match token.map(|t| store.token_service(&token_hash(&t))) {
-                None => {
-                    return Ok(error(
-                        StatusCode::UNAUTHORIZED,
-                        "a proxy token is required (Authorization: Bearer)",
-                    ))
-                }
-                Some(Err(e)) => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
-                Some(Ok(None)) => return Ok(error(StatusCode::FORBIDDEN, "unknown token")),
-                Some(Ok(Some(s))) => s,
+            let service = match token_service(&req, store) {
+                Ok(s) => s,
+                Err(r) => return Ok(r),
             };
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),

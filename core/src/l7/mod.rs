@@ -229,10 +229,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                     serve_io(TokioIo::new(tls), conn, &ctx).await;
                 }
                 Ok(Err(e)) => {
-                    let reason = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .map_or(Reason::TlsHandshakeFailed, crate::tls::reason_for);
+                    let reason = pool::io_reason(&e);
                     ctx.stats.fail(reason);
                     warn!(reason = reason.as_str(), client = %peer, detail = %e, hint = reason.hint(), "connection failed");
                 }
@@ -275,10 +272,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                     serve_io(TokioIo::new(tls), conn, &ctx).await;
                 }
                 Ok(Err(e)) => {
-                    let reason = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .map_or(Reason::TlsHandshakeFailed, crate::tls::reason_for);
+                    let reason = pool::io_reason(&e);
                     ctx.stats.fail(reason);
                     if let Some(shared) = ctx.shared.upgrade() {
                         shared.events.push(

@@ -241,7 +241,8 @@ fn request_error(e: hyper::Error) -> SendError {
     }
 }
 
-fn io_reason(e: &std::io::Error) -> Reason {
+/// The reason code of an I/O error (a TLS error inside it first).
+pub(crate) fn io_reason(e: &std::io::Error) -> Reason {
     if let Some(tls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
