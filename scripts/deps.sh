@@ -2,9 +2,9 @@
 # Install the system packages ringside's tests, demo and benchmarks use. Idempotent: installs only
 # what is missing. Usage: scripts/deps.sh [test|bench]
 set -euo pipefail
-want=(postgresql postgresql-contrib iproute2 procps iptables nftables)
+want=(postgresql postgresql-contrib iproute2 procps iptables nftables python3 sockperf util-linux)
 if [ "${1:-test}" = bench ]; then
-  want+=(iperf3 sockperf haproxy nginx-light libnginx-mod-stream socat python3 wrk)
+  want+=(iperf3 haproxy nginx-light libnginx-mod-stream socat wrk)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -1,23 +1,50 @@
-//! `ringside-bench`: a latency load generator.
+//! `ringside-bench`: a latency load generator and the harness that compares ringside with other
+//! proxies.
 //!
-//! - `ringside-bench echo --listen ADDR`: a TCP echo server (one thread per connection), the far end
-//!   of a ping-pong run.
-//! - `ringside-bench pingpong --addr ADDR`: closed-loop TCP ping-pong over N connections; each
-//!   round trip is recorded in an HdrHistogram; prints percentiles as a table or JSON.
+//! Subcommands:
 //!
-//! The side-by-side comparison with HAProxy, nginx, socat and the direct path is `bench/l4-compare.sh`
-//! for now; it uses this tool's echo server and sockperf/iperf3/pgbench as clients.
+//! - `echo --listen ADDR`: a TCP echo server (a thread per connection), the far end of TCP runs.
+//! - `http-serve --listen ADDR [--body-size N] [--name NAME]`: an HTTP/1.1 server answering every
+//!   request with N bytes.
+//! - `run --addr ADDR [--mode tcp|http] [--rate R] [--connection-per-request] ...`: one load run;
+//!   a closed loop by default, an open loop at R requests/s with `--rate` (latency counted from
+//!   the intended send time, which corrects coordinated omission; the service time is reported
+//!   beside it). Prints a table, or one JSON object with `--json`.
+//! - `pingpong --addr ADDR`: `run` in TCP mode (closed loop unless `--rate`).
+//! - `connrate --addr ADDR [--concurrency N]`: `run` with a new connection per request; reports
+//!   connections/s.
+//! - `compare [--peers direct,ringside,haproxy,nginx,socat] [--rounds N] [--out FILE]`: starts a
+//!   backend and the proxies in front of it and measures them interleaved over rounds.
+//! - `report --input FILE [--input FILE...] --out-dir DIR`: a dated markdown report with SVG plots
+//!   from `compare` results, and the index in DIR/README.md.
+//! - `sockperf-check`: measures the direct path with this tool and with sockperf, interleaved,
+//!   and fails when their p50 or p99 differ by more than 10 %.
+//! - `gen-certs --out DIR NAME...`: a test PKI for the TLS benchmarks.
+//!
+//! # Layout
+//!
+//! - [`load`]: the load generator (closed and open loop, TCP, HTTP, connection per request).
+//! - [`http`]: the HTTP client and server.
+//! - [`compare`]: peers, processes, rounds and the comparison JSON.
+//! - [`sockperf`]: the agreement check against sockperf.
+//! - [`report`] and [`plot`]: the markdown report and its SVG plots.
+
+mod compare;
+mod http;
+mod load;
+mod plot;
+mod report;
+mod sockperf;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use hdrhistogram::Histogram;
-use serde::Serialize;
+use clap::{Args, Parser, Subcommand};
+
+use load::{LoadSpec, Mode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +57,74 @@ struct Cli {
     command: Command,
 }
 
+/// Options of the load commands (`run`, `pingpong`, `connrate`); defaults depend on the command.
+#[derive(Args, Debug)]
+struct LoadArgs {
+    /// Address of the target (an echo server, an HTTP server, or a proxy in front of one).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Protocol.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Shorthand for `--mode http`.
+    #[arg(long)]
+    http: bool,
+    /// HTTP request path.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// TCP message size in bytes [default: 64; connrate: 1].
+    #[arg(long)]
+    size: Option<usize>,
+    /// Concurrent connections, one thread each [default: 1; connrate: 4].
+    #[arg(long, alias = "concurrency")]
+    connections: Option<usize>,
+    /// Measured duration.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Warm-up before measuring [default: 500ms; connrate: 0s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// Open loop: requests per second in total, spread over the connections.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// A new TCP connection for every request.
+    #[arg(long)]
+    connection_per_request: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl LoadArgs {
+    /// The run these options describe; `connrate` sets a connection per request and its defaults.
+    fn spec(self, connrate: bool) -> LoadSpec {
+        LoadSpec {
+            addr: self.addr,
+            mode: if self.http {
+                Mode::Http
+            } else {
+                self.mode.unwrap_or(Mode::Tcp)
+            },
+            size: self.size.unwrap_or(if connrate { 1 } else { 64 }),
+            connections: self.connections.unwrap_or(if connrate { 4 } else { 1 }),
+            duration: self.duration,
+            warmup: self.warmup.unwrap_or(if connrate {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(500)
+            }),
+            rate: self.rate,
+            connection_per_request: connrate || self.connection_per_request,
+            path: self.path,
+            sockperf_frames: false,
+            quiet: self.quiet,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// TCP echo server.
@@ -38,18 +133,40 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// New connections per second: connect, send a byte, read it back, close; N loops at once.
-    Connrate {
-        /// Address of an echo server (or a proxy in front of one).
+    /// HTTP/1.1 server answering every request with `--body-size` bytes.
+    HttpServe {
+        /// Address to listen on.
         #[arg(long)]
-        addr: SocketAddr,
-        /// Concurrent loops, one thread each.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// Measured duration.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        listen: SocketAddr,
+        /// Response body size in bytes.
+        #[arg(long, default_value_t = 64)]
+        body_size: usize,
+        /// Value of the `server` response header.
+        #[arg(long, default_value = "ringside-bench")]
+        name: String,
+        /// Runtime worker threads.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+    /// One load run: closed loop, or open loop with `--rate`; TCP or HTTP.
+    Run(LoadArgs),
+    /// TCP ping-pong (closed loop unless `--rate`).
+    Pingpong(LoadArgs),
+    /// New connections per second: connect, send, read the answer, close; N loops at once.
+    Connrate(LoadArgs),
+    /// Start a backend and proxies in front of it, measure them interleaved over rounds.
+    Compare(compare::CompareArgs),
+    /// Write a dated markdown report with SVG plots from `compare` results.
+    Report(report::ReportArgs),
+    /// Measure the direct path with this tool and with sockperf; fail if they disagree by >10 %.
+    SockperfCheck {
+        /// Interleaved rounds (each tool once per round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Duration of each measurement (whole seconds for sockperf).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
         duration: Duration,
-        /// Print JSON.
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -58,7 +175,7 @@ enum Command {
     GenCerts {
         /// Output directory.
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: PathBuf,
         /// Trust domain.
         #[arg(long, default_value = "dc1")]
         trust_domain: String,
@@ -66,63 +183,33 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Closed-loop TCP ping-pong.
-    Pingpong {
-        /// Address of an echo server (or a proxy in front of one).
-        #[arg(long)]
-        addr: SocketAddr,
-        /// Message size in bytes.
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Concurrent connections, one thread each.
-        #[arg(long, default_value_t = 1)]
-        connections: usize,
-        /// Measured duration.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
-        duration: Duration,
-        /// Warm-up before measuring.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
-        warmup: Duration,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Serialize, Debug)]
-struct PingpongResult {
-    addr: SocketAddr,
-    size: usize,
-    connections: usize,
-    round_trips: u64,
-    round_trips_per_sec: f64,
-    p50_us: f64,
-    p90_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
-    mean_us: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { listen } => echo(listen),
-        Command::Connrate {
-            addr,
-            concurrency,
+        Command::HttpServe {
+            listen,
+            body_size,
+            name,
+            workers,
+        } => http::serve(listen, body_size, &name, workers),
+        Command::Run(a) | Command::Pingpong(a) => load_command(a, false),
+        Command::Connrate(a) => load_command(a, true),
+        Command::Compare(a) => compare::main(a),
+        Command::Report(a) => report::main(a),
+        Command::SockperfCheck {
+            rounds,
             duration,
             json,
         } => {
-            let (n, errors, secs) = connrate(addr, concurrency, duration)?;
-            let rate = n as f64 / secs;
+            let c = sockperf::check(rounds, duration)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"addr": addr, "connections": n, "errors": errors, "connections_per_sec": rate})
-                );
+                println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
-                println!("{rate:.0} connections/s ({n} in {secs:.1} s, {errors} errors)");
+                sockperf::print(&c);
             }
+            anyhow::ensure!(c.pass, "{}", c.summary());
             Ok(())
         }
         Command::GenCerts {
@@ -130,82 +217,22 @@ fn main() -> anyhow::Result<()> {
             trust_domain,
             names,
         } => gen_certs(&out, &trust_domain, &names),
-        Command::Pingpong {
-            addr,
-            size,
-            connections,
-            duration,
-            warmup,
-            json,
-        } => {
-            let r = pingpong(addr, size, connections, duration, warmup)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
-                    "p50_us", "p90_us", "p99_us", "p99.9_us", "max_us", "mean_us", "rtt/s"
-                );
-                println!(
-                    "{:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12.0}",
-                    r.p50_us,
-                    r.p90_us,
-                    r.p99_us,
-                    r.p999_us,
-                    r.max_us,
-                    r.mean_us,
-                    r.round_trips_per_sec
-                );
-            }
-            Ok(())
-        }
     }
 }
 
-fn connrate(
-    addr: SocketAddr,
-    concurrency: usize,
-    duration: Duration,
-) -> anyhow::Result<(u64, u64, f64)> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let threads: Vec<_> = (0..concurrency.max(1))
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut ok, mut err) = (0u64, 0u64);
-                while !stop.load(Ordering::Relaxed) {
-                    let r = (|| -> std::io::Result<()> {
-                        let mut s = TcpStream::connect(addr)?;
-                        s.set_nodelay(true)?;
-                        s.write_all(b"x")?;
-                        let mut b = [0u8; 1];
-                        s.read_exact(&mut b)?;
-                        Ok(())
-                    })();
-                    match r {
-                        Ok(()) => ok += 1,
-                        Err(_) => err += 1,
-                    }
-                }
-                (ok, err)
-            })
-        })
-        .collect();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let secs = start.elapsed().as_secs_f64();
-    let (mut ok, mut err) = (0, 0);
-    for t in threads {
-        let (o, e) = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
-        ok += o;
-        err += e;
+/// `run`, `pingpong` and `connrate`.
+fn load_command(args: LoadArgs, connrate: bool) -> anyhow::Result<()> {
+    let json = args.json;
+    let r = load::run(&args.spec(connrate))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        load::print_table(&r);
     }
-    Ok((ok, err, secs))
+    Ok(())
 }
 
+/// Write a CA and one leaf certificate per name into `out`.
 fn gen_certs(out: &std::path::Path, trust_domain: &str, names: &[String]) -> anyhow::Result<()> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -240,6 +267,7 @@ fn gen_certs(out: &std::path::Path, trust_domain: &str, names: &[String]) -> any
     Ok(())
 }
 
+/// The TCP echo server: a thread per connection, until the process is stopped.
 fn echo(listen: SocketAddr) -> anyhow::Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     for s in l.incoming() {
@@ -260,67 +288,4 @@ fn echo(listen: SocketAddr) -> anyhow::Result<()> {
         });
     }
     Ok(())
-}
-
-fn pingpong(
-    addr: SocketAddr,
-    size: usize,
-    connections: usize,
-    duration: Duration,
-    warmup: Duration,
-) -> anyhow::Result<PingpongResult> {
-    anyhow::ensure!(size > 0, "--size must be at least 1");
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
-    for _ in 0..connections.max(1) {
-        let mut s =
-            TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
-        s.set_nodelay(true)?;
-        let (measuring, stop) = (measuring.clone(), stop.clone());
-        threads.push(std::thread::spawn(
-            move || -> anyhow::Result<Histogram<u64>> {
-                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-                let msg = vec![0x5au8; size];
-                let mut back = vec![0u8; size];
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    s.write_all(&msg)?;
-                    s.read_exact(&mut back)?;
-                    if measuring.load(Ordering::Relaxed) {
-                        h.record(t.elapsed().as_nanos().max(1) as u64)?;
-                    }
-                }
-                Ok(h)
-            },
-        ));
-    }
-    std::thread::sleep(warmup);
-    measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    std::thread::sleep(duration);
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    for t in threads {
-        let h = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
-        total.add(&h)?;
-    }
-    let us = |ns: u64| ns as f64 / 1000.0;
-    Ok(PingpongResult {
-        addr,
-        size,
-        connections,
-        round_trips: total.len(),
-        round_trips_per_sec: total.len() as f64 / elapsed.as_secs_f64(),
-        p50_us: us(total.value_at_quantile(0.50)),
-        p90_us: us(total.value_at_quantile(0.90)),
-        p99_us: us(total.value_at_quantile(0.99)),
-        p999_us: us(total.value_at_quantile(0.999)),
-        max_us: us(total.max()),
-        mean_us: total.mean() / 1000.0,
-    })
 }

@@ -190,11 +190,12 @@ pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
 /// The test command builds the binaries first (see README.md).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("profile directory");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a binary of this crate lives in
+    // target/<profile> itself.
+    let mut dir = exe.parent().expect("profile directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("profile directory");
+    }
     let p = dir.join(name);
     assert!(
         p.exists(),

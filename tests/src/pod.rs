@@ -58,6 +58,7 @@ pub struct Net {
     pub subnet: u8,
     switch: String,
     pods: Vec<String>,
+    host_link: Option<String>,
 }
 
 /// One pod.
@@ -79,6 +80,13 @@ impl Net {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let id = format!("rs{}x{n}", std::process::id() % 100_000);
         let subnet = ((std::process::id() * 7 + n * 13) % 250 + 1) as u8;
+        Net::named(&id, subnet)
+    }
+
+    /// A new network with a chosen name prefix (at least 3 characters) and subnet (tests use
+    /// 1..=250).
+    pub fn named(id: &str, subnet: u8) -> Net {
+        let id = id.to_string();
         let switch = format!("{id}-sw");
         sh(&["ip", "netns", "add", &switch]);
         let net = Net {
@@ -86,6 +94,7 @@ impl Net {
             subnet,
             switch,
             pods: Vec::new(),
+            host_link: None,
         };
         net.exec_ok(&net.switch, &["ip", "link", "add", "br0", "type", "bridge"]);
         net.exec_ok(&net.switch, &["ip", "link", "set", "br0", "up"]);
@@ -150,6 +159,31 @@ impl Net {
         }
     }
 
+    /// Names of the network namespaces created so far (the switch first).
+    pub fn namespaces(&self) -> Vec<String> {
+        std::iter::once(self.switch.clone())
+            .chain(self.pods.iter().cloned())
+            .collect()
+    }
+
+    /// Join the host to the bridge: a veth pair `NAME` (host side, given 198.18.S.1/24) whose
+    /// peer is a bridge port, so the host reaches the pods' IPv4 addresses. Removed on drop.
+    pub fn link_host(&mut self, name: &str) -> Ipv4Addr {
+        let peer = format!("{name}p");
+        assert!(peer.len() <= 15, "interface name too long: {peer}");
+        sh(&[
+            "ip", "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]);
+        self.host_link = Some(name.to_string());
+        sh(&["ip", "link", "set", &peer, "netns", &self.switch]);
+        self.exec_ok(&self.switch, &["ip", "link", "set", &peer, "master", "br0"]);
+        self.exec_ok(&self.switch, &["ip", "link", "set", &peer, "up"]);
+        let ip = Ipv4Addr::new(198, 18, self.subnet, 1);
+        sh(&["ip", "addr", "add", &format!("{ip}/24"), "dev", name]);
+        sh(&["ip", "link", "set", name, "up"]);
+        ip
+    }
+
     /// An address in the pods' IPv4 subnet that no pod has (for virtual IPs).
     pub fn virtual_ip(&self, k: u8) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.subnet, 200 + k)
@@ -180,6 +214,9 @@ impl Default for Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        if let Some(link) = &self.host_link {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
         for p in self.pods.iter().chain(std::iter::once(&self.switch)) {
             let _ = Command::new("ip").args(["netns", "del", p]).output();
             let _ = std::fs::remove_dir_all(format!("/etc/netns/{p}"));

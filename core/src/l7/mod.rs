@@ -216,7 +216,9 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
     match (h.inbound, h.tunnel) {
         (None, Some(TunnelTls::Terminate { cfg })) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible())
+                .await
+            {
                 Ok(Ok(tls)) => {
                     let conn = Arc::new(Conn {
                         peer,
@@ -228,7 +230,8 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                     });
                     serve_io(TokioIo::new(tls), conn, &ctx).await;
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, io))) => {
+                    linger_after_alert(io);
                     let reason = pool::io_reason(&e);
                     ctx.stats.fail(reason);
                     warn!(reason = reason.as_str(), client = %peer, detail = %e, hint = reason.hint(), "connection failed");
@@ -250,7 +253,9 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         (Some(inbound), _) => {
             // Mesh mTLS from the source sidecar; the verifier asks the intentions.
             let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.clone());
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible())
+                .await
+            {
                 Ok(Ok(tls)) => {
                     let peer_id = tls
                         .get_ref()
@@ -271,7 +276,8 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                     });
                     serve_io(TokioIo::new(tls), conn, &ctx).await;
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, io))) => {
+                    linger_after_alert(io);
                     let reason = pool::io_reason(&e);
                     ctx.stats.fail(reason);
                     if let Some(shared) = ctx.shared.upgrade() {
@@ -293,6 +299,23 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
     }
     HttpStats::inc(&ctx.stats.cx_closed);
     release(&ctx);
+}
+
+/// After refusing a handshake (the alert is written): stop writing and read what the client still
+/// sends for a moment before closing. With TLS 1.3 the client has finished its side of the
+/// handshake and may already have sent its request; closing with that unread would answer with a
+/// reset, and the reset makes the client's kernel drop the alert it has not read yet, so the
+/// source would see `upstream_reset` instead of `denied_by_destination`.
+fn linger_after_alert(mut io: tokio::net::TcpStream) {
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    });
 }
 
 /// How long an inbound mesh TLS handshake may take.

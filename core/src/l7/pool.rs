@@ -223,16 +223,26 @@ impl Pool {
 fn request_error(e: hyper::Error) -> SendError {
     let mismatch =
         e.is_parse() || e.is_parse_status() || e.is_parse_too_large() || e.is_incomplete_message();
+    // A TLS alert from the destination (an intention refused this caller after the TLS 1.3
+    // handshake finished on our side) says more than the closed connection that carried it.
+    let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
     SendError {
         reason: if mismatch {
             Reason::ProtocolMismatch
         } else if e.is_timeout() {
             Reason::UpstreamRequestTimeout
+        } else if let Some(io) = io {
+            match io_reason(io) {
+                Reason::UpstreamUnreachable => Reason::UpstreamReset,
+                r => r,
+            }
         } else {
             Reason::UpstreamReset
         },
         detail: if mismatch {
             format!("the upstream's answer is not HTTP ({e})")
+        } else if let Some(io) = io {
+            format!("{e}: {io}")
         } else {
             e.to_string()
         },

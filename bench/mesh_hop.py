@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""The mesh hop: client pod -> its sidecar -> mTLS -> the server pod's sidecar -> server pod,
+measured with `ringside-bench compare` at fixed request rates (open loop, coordinated-omission
+corrected), interleaved with:
+
+- direct: a client pod talking to a server pod, no sidecars;
+- ringside: the real redirect rules (ringside-init) and a ringside sidecar in each pod doing mesh
+  mTLS (TLS 1.3, SPIFFE certificates, intentions checked at the destination); the client is
+  unmodified and connects to the server pod's address;
+- haproxy: an HAProxy sidecar in each pod doing mutual TLS 1.3 (the client talks to its local
+  HAProxy explicitly: HAProxy has no transparent original-destination listener).
+
+The server in each server pod is `ringside-bench echo`. The sidecars' resident memory is sampled
+during each run (the larger of the two is reported). Each sidecar gets one worker/thread.
+Then `ringside-bench report` writes perf-reports/<date>-mesh-hop.md with the plots. Needs root.
+
+Usage: bench/mesh-hop.sh [--rounds N] [--seconds S] [--rates 1000,10000] [--connections C]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import l4_compare as l4  # noqa: E402
+import pods_compare as pc  # noqa: E402
+
+ROOT = l4.ROOT
+PORT = 7000
+HAPROXY_TLS_PORT = 7443
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rates", default="1000,10000")
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--out", default=os.path.join(ROOT, "perf-reports"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("mesh-hop needs root (network namespaces, redirect rules)")
+    release = os.path.join(ROOT, "target/release")
+    bench = os.path.join(release, "ringside-bench")
+    ringside = os.path.join(release, "ringside")
+    init = os.path.join(release, "ringside-init")
+
+    work = tempfile.mkdtemp(prefix="ringside-meshhop-")
+    os.chmod(work, 0o755)
+    procs = l4.Procs()
+    net = pc.Net()
+    try:
+        pairs = {}
+        for peer in ["direct", "ringside", "haproxy"]:
+            a, _ = net.pod(f"{peer[:4]}a")
+            b, bip = net.pod(f"{peer[:4]}b")
+            pairs[peer] = (a, b, bip)
+            procs.start(pc.in_pod(b, bench, "echo", "--listen", f"0.0.0.0:{PORT}"))
+
+        certs = os.path.join(work, "certs")
+        pc.sh(bench, "gen-certs", "--out", certs, "client", "server")
+        for f in os.listdir(certs):
+            os.chown(os.path.join(certs, f), 1337, 1337)
+        os.chown(certs, 1337, 1337)
+        c = lambda name: os.path.join(certs, name)  # noqa: E731
+
+        # ringside sidecars: redirect rules, mesh mTLS, an intention at the destination.
+        a, b, bip = pairs["ringside"]
+        for pod in (a, b):
+            pc.sh(init, "install", "--netns", pod)
+        mtls = "  mtls:\n    mode: strict\n    cert: {}\n    key: {}\n    ca: {}\n"
+        conf_a = os.path.join(work, "ringside-client.yaml")
+        conf_b = os.path.join(work, "ringside-server.yaml")
+        with open(conf_a, "w") as f:
+            f.write("sidecar:\n" + mtls.format(c("client.crt"), c("client.key"), c("ca.pem")))
+            f.write(f"services:\n  - name: server\n    port: {PORT}\n    endpoints: [\"{bip}:{PORT}\"]\n")
+        with open(conf_b, "w") as f:
+            f.write("sidecar:\n" + mtls.format(c("server.crt"), c("server.key"), c("ca.pem")))
+            f.write(f"services:\n  - name: server\n    port: {PORT}\n    local: true\n")
+            f.write("intentions:\n  default: deny\n  rules:\n"
+                    "    - { source: client, destination: server, action: allow }\n")
+        ringside_pids = []
+        for pod, conf in ((a, conf_a), (b, conf_b)):
+            p = procs.start(pc.in_pod(pod, ringside, "run", "--config", conf, "--workers", "1", user=1337),
+                            stderr=open(conf + ".log", "w"))
+            ringside_pids.append(p.pid)
+
+        # HAProxy sidecars doing mutual TLS 1.3.
+        a, b, bip = pairs["haproxy"]
+        common = ("global\n  nbthread 1\n  maxconn 7000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n"
+                  "  ssl-default-server-options ssl-min-ver TLSv1.3\n\ndefaults\n  mode tcp\n"
+                  "  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\n")
+        hap = {
+            "client": common + f"listen server\n  bind 127.0.0.1:{PORT}\n"
+                               f"  server s {bip}:{HAPROXY_TLS_PORT} ssl crt {c('client.pem')} ca-file {c('ca.pem')} "
+                               "verify required\n",
+            "server": common + f"listen server\n  bind {bip}:{HAPROXY_TLS_PORT} ssl crt {c('server.pem')} "
+                               f"ca-file {c('ca.pem')} verify required\n  server s 127.0.0.1:{PORT}\n",
+        }
+        haproxy_pids = []
+        for pod, role in ((a, "client"), (b, "server")):
+            conf = os.path.join(work, f"haproxy-{role}.cfg")
+            with open(conf, "w") as f:
+                f.write(hap[role])
+            p = procs.start(pc.in_pod(pod, "haproxy", "-f", conf, "-db"), stderr=open(conf + ".log", "w"))
+            haproxy_pids.append(p.pid)
+
+        targets = [
+            ("direct", pairs["direct"][0], f"{pairs['direct'][2]}:{PORT}", []),
+            ("ringside", pairs["ringside"][0], f"{pairs['ringside'][2]}:{PORT}", ringside_pids),
+            ("haproxy", pairs["haproxy"][0], f"127.0.0.1:{PORT}", haproxy_pids),
+        ]
+        for _, pod, addr, _ in targets:
+            host, port = addr.rsplit(":", 1)
+            pc.wait_in(pod, host, int(port))
+
+        inputs = []
+        for i, rate in enumerate(int(r) for r in args.rates.split(",")):
+            out = os.path.join(work, f"mesh-hop-{rate}.json")
+            cmd = [bench, "compare", "--rounds", str(args.rounds), "--duration", f"{args.seconds}s",
+                   "--rate", str(rate), "--connections", str(args.connections), "--size", str(args.size),
+                   "--sockperf-check", "auto" if i == 0 else "off", "--quiet", "--out", out]
+            for name, pod, addr, pids in targets:
+                spec = f"{name}={addr},netns={pod}"
+                if pids:
+                    spec += ",pids=" + "+".join(str(p) for p in pids)
+                cmd += ["--target", spec]
+            print("$ " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            inputs.append(out)
+        report = [bench, "report", "--name", "mesh-hop", "--out-dir", args.out]
+        for f in inputs:
+            report += ["--input", f]
+        subprocess.run(report, check=True)
+    finally:
+        procs.stop_all()
+        net.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
