@@ -18,6 +18,7 @@ Usage: bench/mesh-hop.sh [--rounds N] [--seconds S] [--rates 1000,10000] [--conn
 """
 
 import argparse
+import datetime
 import os
 import shutil
 import subprocess
@@ -31,6 +32,16 @@ import pods_compare as pc  # noqa: E402
 ROOT = l4.ROOT
 PORT = 7000
 HAPROXY_TLS_PORT = 7443
+NOTE = (
+    "Client pod -> its sidecar -> mTLS -> the server pod's sidecar -> `ringside-bench echo` in the server pod "
+    "(network namespaces on one bridge, veth), 64-byte request/response over keep-alive TCP connections at a "
+    "fixed rate. **direct**: pod to pod, no sidecars. **ringside**: `ringside-init` redirect rules in both pods, "
+    "`ringside run` sidecars (one worker each) doing mesh mTLS (TLS 1.3, SPIFFE certificates, an intention "
+    "checked at the destination); the client is unmodified. **haproxy**: one HAProxy per pod (nbthread 1) doing "
+    "mutual TLS 1.3 with the same certificates; the client connects to its local HAProxy explicitly. "
+    "The added latency is the path's percentile minus the direct path's. RSS: the larger of the path's two "
+    "sidecars, sampled every 100 ms under load (largest value over all rounds). Written by `bench/mesh-hop.sh`."
+)
 
 
 def main():
@@ -119,8 +130,11 @@ def main():
             pc.wait_in(pod, host, int(port))
 
         inputs = []
+        today = datetime.date.today().isoformat()
+        # The raw results go next to the report (relative paths: the commands are quoted in it).
+        out_dir = os.path.relpath(args.out, ROOT)
         for i, rate in enumerate(int(r) for r in args.rates.split(",")):
-            out = os.path.join(work, f"mesh-hop-{rate}.json")
+            out = os.path.join(out_dir, f"{today}-mesh-hop-{rate}.json")
             cmd = [bench, "compare", "--rounds", str(args.rounds), "--duration", f"{args.seconds}s",
                    "--rate", str(rate), "--connections", str(args.connections), "--size", str(args.size),
                    "--sockperf-check", "auto" if i == 0 else "off", "--quiet", "--out", out]
@@ -130,12 +144,12 @@ def main():
                     spec += ",pids=" + "+".join(str(p) for p in pids)
                 cmd += ["--target", spec]
             print("$ " + " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
             inputs.append(out)
-        report = [bench, "report", "--name", "mesh-hop", "--out-dir", args.out]
+        report = [bench, "report", "--name", "mesh-hop", "--out-dir", out_dir, "--title", "Mesh hop", "--note", NOTE]
         for f in inputs:
             report += ["--input", f]
-        subprocess.run(report, check=True)
+        subprocess.run(report, check=True, cwd=ROOT)
     finally:
         procs.stop_all()
         net.destroy()

@@ -161,10 +161,10 @@ enum Command {
     /// Measure the direct path with this tool and with sockperf; fail if they disagree by >10 %.
     SockperfCheck {
         /// Interleaved rounds (each tool once per round).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 7)]
         rounds: usize,
         /// Duration of each measurement (whole seconds for sockperf).
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
         duration: Duration,
         /// Print JSON instead of a table.
         #[arg(long)]

@@ -28,6 +28,12 @@ pub struct ReportArgs {
     /// Report name: files are DATE-NAME.md, DATE-NAME-cdf.svg, ...
     #[arg(long, default_value = "latency")]
     name: String,
+    /// Title of the report (and its line in the index) [default: "Latency: PEERS"].
+    #[arg(long)]
+    title: Option<String>,
+    /// A paragraph placed under the title (what was measured, how the paths are built).
+    #[arg(long)]
+    note: Option<String>,
 }
 
 /// The load of a result in a few words, e.g. "tcp closed loop, 64 B, 1 connection".
@@ -152,13 +158,20 @@ pub fn main(args: ReportArgs) -> anyhow::Result<()> {
     )?;
     plot::bars(
         &args.out_dir.join(file("-memory.svg")),
-        "Resident memory after the run (VmRSS)",
+        "Resident memory (VmRSS; paths in pods: largest sidecar under load)",
         "MiB",
         &rss,
     )?;
 
     let peers: Vec<&str> = results[0].peers.iter().map(|p| p.name.as_str()).collect();
-    let mut md = format!("# Latency: {} ({date})\n\n", peers.join(", "));
+    let title = args
+        .title
+        .clone()
+        .unwrap_or_else(|| format!("Latency: {}", peers.join(", ")));
+    let mut md = format!("# {title} ({date})\n\n");
+    if let Some(note) = &args.note {
+        md += &format!("{note}\n\n");
+    }
     let mut tables = String::new();
     for r in &results {
         if several {
@@ -204,7 +217,8 @@ pub fn main(args: ReportArgs) -> anyhow::Result<()> {
     let md_path = args.out_dir.join(file(".md"));
     std::fs::write(&md_path, md)?;
     let what = format!(
-        "latency: {} ({})",
+        "{}: {} ({})",
+        title,
         peers.join(", "),
         results
             .iter()
@@ -213,7 +227,7 @@ pub fn main(args: ReportArgs) -> anyhow::Result<()> {
             .join("; ")
     );
     let latest = format!(
-        "## Latest latency headline ({date}, [{0}]({0}))\n\n{tables}",
+        "## Latest latency headline: {title} ({date}, [{0}]({0}))\n\n{tables}",
         file(".md")
     );
     update_index(

@@ -141,9 +141,9 @@ fn agrees_with_sockperf_on_the_direct_path() {
         .args([
             "sockperf-check",
             "--rounds",
-            "3",
+            "7",
             "--duration",
-            "2s",
+            "1s",
             "--json",
         ])
         .output()
