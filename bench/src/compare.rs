@@ -673,7 +673,7 @@ pub fn main(args: CompareArgs) -> anyhow::Result<()> {
             None
         }
         _ => {
-            let c = sockperf::check(7, Duration::from_secs(1))?;
+            let c = sockperf::check(7, Duration::from_secs(2))?;
             eprintln!("{}", c.summary());
             machine
                 .versions

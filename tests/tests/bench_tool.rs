@@ -137,26 +137,38 @@ fn agrees_with_sockperf_on_the_direct_path() {
         eprintln!("SKIPPED: agrees_with_sockperf_on_the_direct_path: sockperf is not installed");
         return;
     }
-    let out = Command::new(workspace_bin("ringside-bench"))
-        .args([
-            "sockperf-check",
-            "--rounds",
-            "7",
-            "--duration",
-            "1s",
-            "--json",
-        ])
-        .output()
-        .expect("run ringside-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "sockperf-check failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let c: Value = serde_json::from_str(&stdout).expect("JSON result");
-    assert_eq!(c["pass"], true);
-    assert!(c["diff_p50"].as_f64().unwrap() <= 0.10, "{c}");
+    // A p99 over one second of ping-pong moves by more than 10 % when the shared machine is
+    // busy at that moment: up to three attempts, each a full check; every attempt's result is
+    // printed, and the last one's is the failure message.
+    let mut failures = Vec::new();
+    for attempt in 1..=3 {
+        let out = Command::new(workspace_bin("ringside-bench"))
+            .args([
+                "sockperf-check",
+                "--rounds",
+                "7",
+                "--duration",
+                "2s",
+                "--json",
+            ])
+            .output()
+            .expect("run ringside-bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let c: Value = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+            panic!(
+                "no JSON result:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        eprintln!("attempt {attempt}: {c}");
+        if out.status.success() && c["pass"] == true {
+            assert!(c["diff_p50"].as_f64().unwrap() <= 0.10, "{c}");
+            assert!(c["diff_p99"].as_f64().unwrap() <= 0.10, "{c}");
+            return;
+        }
+        failures.push(c);
+    }
+    panic!("ringside-bench and sockperf disagree in three checks: {failures:#?}");
 }
 
 #[test]
