@@ -768,8 +768,8 @@ pub fn main(args: CompareArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(!peers.is_empty(), "no peer to measure");
 
-    let spec = |port: u16| LoadSpec {
-        addr: ([127, 0, 0, 1], port).into(),
+    let spec = |addr: std::net::SocketAddr| LoadSpec {
+        addr,
         mode: args.mode,
         size: args.size,
         connections: args.connections,
@@ -788,16 +788,13 @@ pub fn main(args: CompareArgs) -> anyhow::Result<()> {
             check_stop()?;
             let r = match &p.external {
                 Some(t) => {
-                    let mut spec = spec(p.port);
-                    spec.addr = t.addr;
-                    let (r, rss) =
-                        run_external(&spec, t).with_context(|| format!("measuring {}", p.name))?;
+                    let (r, rss) = run_external(&spec(t.addr), t)
+                        .with_context(|| format!("measuring {}", p.name))?;
                     external_rss[i] = external_rss[i].max(rss);
                     r
                 }
-                None => {
-                    load::run(&spec(p.port)).with_context(|| format!("measuring {}", p.name))?
-                }
+                None => load::run(&spec(([127, 0, 0, 1], p.port).into()))
+                    .with_context(|| format!("measuring {}", p.name))?,
             };
             eprintln!(
                 "round {}/{} {:<9} p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.0} req/s  {} errors",
