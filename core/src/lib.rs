@@ -2,48 +2,47 @@
 //!
 //! # Layout
 //!
+//! Folders follow the stages of a connection; a folder only uses the ones listed before it
+//! (checked by a test, `tests/tests/layout.rs`), top-level modules (`reason`, `server`) excepted.
+//!
+//! - [`policy`]: who may call whom and what requests may do: intentions (Consul's precedence),
+//!   L7 rules (routes, splits, permissions), SPIFFE IDs, request-path normalization. Pure.
+//! - [`config`]: the configuration document (TOML/YAML) and its validation into a typed [`Config`].
+//! - [`decide`]: the sans-IO decision core: protocol detection fed with bytes and `now`, routing by
+//!   original destination, authorization, endpoint choice (the `Cluster` state machine, clock
+//!   passed in) and [`decide::plan`], which turns one connection into what to do with it.
+//! - [`telemetry`]: per-worker counters, the ring of recent failures, the access log.
+//! - [`tls`]: mesh TLS (rustls, TLS 1.3) with SPIFFE identities: certificates, verifiers, the
+//!   sidecar's per-role configs, and the one place rustls connections are set up.
+//! - [`io`]: what touches the kernel: worker threads and their runtimes, connects, the splice/copy
+//!   relay, the TLS relay, raw syscalls (the only `unsafe` code), `/proc` readers.
+//! - [`l7`]: the L7 path: HTTP connections handed over from the workers to hyper on tokio
+//!   (routing, retries, timeouts, permissions per request, local replies that explain).
+//! - [`conn`]: a connection's whole life, one file per direction (`outbound`, `inbound`,
+//!   `tunnel`): accept, plan, connect, relay, end; one outcome record per connection.
 //! - [`admin`]: the admin (`/stats`, `/config_dump`, `/clusters`, `/certs`, `/events`, `/logging`)
 //!   and health servers.
-//! - [`config`]: the configuration document (TOML/YAML) and its validation into a typed [`Config`].
 //! - [`control`]: the client of the control daemon (`run --ctl`): certificate, config watch, reports.
 //! - [`server`]: [`Proxy::start`] binds listeners and starts one worker per core; drain on shutdown.
-//! - `worker`: a worker thread — monoio runtime (io_uring or epoll), accept loop, per-connection task.
-//! - [`route`]: where a redirected connection goes (outbound by original destination, inbound to
-//!   the local app on its `targetPort`).
-//! - [`l7`]: the L7 path: HTTP connections handed over from the workers to hyper on tokio
-//!   (routing, retries, timeouts, local replies that explain).
-//! - [`listening`]: what listens in the pod (`/proc/net/tcp`), for `app_not_listening` hints.
-//! - [`upstream`]: endpoint choice (round-robin, least-connections) and passive health (ejection).
-//! - [`relay`]: moving bytes both ways with splice through pooled pipes (or a pooled buffer for small
-//!   messages), exact half-close, reset propagation, idle timeout.
-//! - [`sys`]: the raw kernel calls (splice, recv/send, socket options); the only `unsafe` code.
-//! - [`tls`], [`tls_relay`]: mesh TLS (rustls, ring, TLS 1.3) with SPIFFE identities; the relay
-//!   between a plaintext and a TLS socket driven from the workers.
-//! - [`intentions`], [`identity`]: who may call whom (Consul's precedence), SPIFFE IDs.
-//! - [`stats`]: per-worker counters summed on demand.
 //! - [`reason`]: failure reason codes: every failed connection carries exactly one.
 
-pub mod access_log;
 pub mod admin;
 pub mod config;
+pub mod conn;
 pub mod control;
-pub mod identity;
-pub mod intentions;
+pub mod decide;
+pub mod io;
 pub mod l7;
-pub mod listening;
-mod mesh;
+pub mod policy;
 pub mod reason;
-pub mod relay;
-pub mod route;
 pub mod server;
-pub mod sniff;
-pub mod stats;
-pub mod sys;
+pub mod telemetry;
 pub mod tls;
-pub mod tls_relay;
-pub mod upstream;
-mod worker;
 
 pub use config::Config;
+pub use decide::cluster as upstream;
+pub use io::{listening, relay, sys, tls_relay};
+pub use policy::{identity, intentions};
 pub use reason::Reason;
 pub use server::{ClusterStatus, ConfigSnapshot, DrainReport, EndpointStatus, Proxy, Updater};
+pub use telemetry::{access_log, stats};

@@ -57,11 +57,24 @@ pub enum Reason {
     CircuitOpen,
     /// L7: an L7 intention (path, method, header permission) denies the request.
     RequestDenied,
+    /// The original destination is one of the proxy's own listeners: serving it would loop.
+    ProxyLoop,
+    /// The client did not send enough to tell its protocol before the detection deadline (a
+    /// strict mTLS port waiting for a ClientHello).
+    DetectTimeout,
+    /// The control daemon cannot be reached: the last good configuration and certificate stay
+    /// in force.
+    CtlUnreachable,
+    /// L7: every retry was used and the last attempt failed too.
+    RetriesExhausted,
+    /// L7: the request is malformed or evades path rules (an encoded `/` or `\`, a bad
+    /// percent-encoding).
+    BadRequest,
 }
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 28] = [
         Reason::UnknownDestination,
         Reason::AppNotListening,
         Reason::IntentionDenied,
@@ -85,6 +98,11 @@ impl Reason {
         Reason::ProtocolMismatch,
         Reason::CircuitOpen,
         Reason::RequestDenied,
+        Reason::ProxyLoop,
+        Reason::DetectTimeout,
+        Reason::CtlUnreachable,
+        Reason::RetriesExhausted,
+        Reason::BadRequest,
     ];
 
     /// The stable code, as used in logs and metrics labels.
@@ -113,6 +131,11 @@ impl Reason {
             Reason::ProtocolMismatch => "protocol_mismatch",
             Reason::CircuitOpen => "circuit_open",
             Reason::RequestDenied => "request_denied",
+            Reason::ProxyLoop => "proxy_loop",
+            Reason::DetectTimeout => "detect_timeout",
+            Reason::CtlUnreachable => "ctl_unreachable",
+            Reason::RetriesExhausted => "retries_exhausted",
+            Reason::BadRequest => "bad_request",
         }
     }
 
@@ -170,11 +193,16 @@ impl Reason {
             Reason::DownstreamReset => "the client reset the connection",
             Reason::Overloaded => "the proxy is at max_connections: raise it or add capacity",
             Reason::IdleTimeout => "no data moved for idle_timeout: raise it if the protocol has long pauses",
-                        Reason::DrainTimeout => "the proxy was shutting down and the drain deadline passed",
+            Reason::DrainTimeout => "the proxy was shutting down and the drain deadline passed",
             Reason::UpstreamRequestTimeout => "the upstream did not answer within the request timeout: check the upstream's latency, or raise request_timeout",
             Reason::ProtocolMismatch => "the service is declared HTTP but its peer does not speak HTTP: declare it tcp (ServiceDefaults protocol: tcp)",
             Reason::CircuitOpen => "the upstream's circuit breaker is open (connection or request limits reached, or endpoints ejected after failures): check the upstream's health",
             Reason::RequestDenied => "an L7 intention denies this request (path, method or header): add a permission if the call is expected",
+            Reason::ProxyLoop => "the connection was addressed to the sidecar's own port (15001, 15006, 15000, 15021): call the service's address instead",
+            Reason::DetectTimeout => "the client sent too little to tell its protocol before the deadline: a slow or stuck client, or a non-mesh client on a strict mTLS port",
+            Reason::CtlUnreachable => "the sidecar cannot reach the control daemon (ringctl daemon): check that it runs and that its proxy socket is mounted in the pod; the last good config stays in force",
+            Reason::RetriesExhausted => "every retry failed (the detail names the last failure): check the upstream's health, or raise numRetries",
+            Reason::BadRequest => "the request path has an encoded slash or backslash or a bad percent-encoding, refused because an app may read it differently from the permissions: send a plain path",
         }
     }
 }

@@ -17,10 +17,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::{Config, DriverKind, Service};
-use crate::intentions::Intentions;
-use crate::stats::{Snapshot, StatsRegistry};
-use crate::upstream::Cluster;
-use crate::worker;
+use crate::policy::intentions::Intentions;
+use crate::telemetry::stats::{Snapshot, StatsRegistry};
+use crate::decide::cluster::Cluster;
+use crate::io::worker;
 
 /// State shared by all workers and the control thread.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ pub(crate) struct Shared {
     /// Mesh TLS material per listener (same order as `config.listeners`).
     pub tls: Vec<Option<Arc<crate::tls::MeshTls>>>,
     /// The sidecar's mesh mTLS, when on.
-    pub sidecar_tls: Option<crate::mesh::SidecarTls>,
+    pub sidecar_tls: Option<crate::tls::sidecar::SidecarTls>,
     /// Counters.
     pub stats: StatsRegistry,
     /// Connections open across all workers (for `max_connections`).
@@ -46,11 +46,14 @@ pub(crate) struct Shared {
     /// The L7 (HTTP) path, when something is HTTP.
     pub l7: std::sync::OnceLock<crate::l7::L7>,
     /// Recent failures (`/events`).
-    pub events: crate::admin::Events,
+    pub events: crate::telemetry::events::Events,
     /// The access log, when on.
-    pub access_log: Option<crate::access_log::AccessLog>,
+    pub access_log: Option<crate::telemetry::access_log::AccessLog>,
     /// The drain deadline passed: close what is left.
     pub force_close: AtomicBool,
+    /// The proxy's own listening ports and the host's addresses (a connection headed there is
+    /// refused: it would loop through the proxy).
+    pub own: arc_swap::ArcSwap<crate::decide::plan::OwnAddrs>,
 }
 
 /// Services, intentions and what is built from them, swapped as one piece on a config update.
@@ -64,13 +67,13 @@ pub struct ConfigSnapshot {
     /// Intentions in force.
     pub intentions: Arc<Intentions>,
     /// Routers and splitters in force.
-    pub l7: Arc<crate::l7::rules::L7Config>,
+    pub l7: Arc<crate::policy::rules::L7Config>,
     /// Upstream state per service (same order as `services`).
     pub clusters: Vec<Arc<Cluster>>,
     /// Original-destination lookup for the sidecar listeners.
-    pub routes: crate::route::Routes,
+    pub routes: crate::decide::route::Routes,
     /// Sidecar inbound TLS per service (same order as `services`), for local mesh services.
-    pub inbound_tls: Vec<Option<Arc<crate::tls::MeshTls>>>,
+    pub inbound_tls: Vec<crate::tls::sidecar::InboundTls>,
 }
 
 impl ConfigSnapshot {
@@ -80,9 +83,9 @@ impl ConfigSnapshot {
         version: u64,
         services: Vec<Service>,
         intentions: Intentions,
-        l7: crate::l7::rules::L7Config,
+        l7: crate::policy::rules::L7Config,
         registry_only: bool,
-        sidecar_tls: Option<&crate::mesh::SidecarTls>,
+        sidecar_tls: Option<&crate::tls::sidecar::SidecarTls>,
         previous: Option<&ConfigSnapshot>,
     ) -> anyhow::Result<ConfigSnapshot> {
         let intentions = Arc::new(intentions);
@@ -99,11 +102,11 @@ impl ConfigSnapshot {
             Some(st) => st
                 .inbound_for(&services, &intentions)
                 .context("sidecar mTLS")?,
-            None => vec![None; services.len()],
+            None => vec![Default::default(); services.len()],
         };
         Ok(ConfigSnapshot {
             version,
-            routes: crate::route::Routes::new(&services, registry_only),
+            routes: crate::decide::route::Routes::new(&services, registry_only),
             services,
             intentions,
             l7: Arc::new(l7),
@@ -115,6 +118,7 @@ impl ConfigSnapshot {
 
 /// Endpoint states of every service.
 pub(crate) fn cluster_status(shared: &Shared) -> Vec<ClusterStatus> {
+    let now = Instant::now();
     shared
         .snapshot
         .load()
@@ -129,8 +133,8 @@ pub(crate) fn cluster_status(shared: &Shared) -> Vec<ClusterStatus> {
                         addr: e.addr,
                         active: e.active.load(Relaxed),
                         consecutive_failures: e.consecutive_failures.load(Relaxed),
-                        ejected: c.is_ejected(i),
-                        half_open: c.is_half_open(i),
+                        ejected: c.is_ejected(i, now),
+                        half_open: c.is_half_open(i, now),
                     }
                 })
                 .collect(),
@@ -185,8 +189,10 @@ impl Shared {
         }
         if let Some(st) = &self.sidecar_tls {
             st.outbound.reload_if_changed();
-            for m in self.snapshot.load().inbound_tls.iter().flatten() {
-                m.reload_if_changed();
+            for t in self.snapshot.load().inbound_tls.iter() {
+                for m in t.l4.iter().chain(&t.l7) {
+                    m.reload_if_changed();
+                }
             }
         }
     }
@@ -207,7 +213,7 @@ impl Updater {
         version: u64,
         services: Vec<Service>,
         intentions: Intentions,
-        l7: crate::l7::rules::L7Config,
+        l7: crate::policy::rules::L7Config,
     ) -> anyhow::Result<()> {
         let all: Vec<Service> = self
             .shared
@@ -242,7 +248,7 @@ impl Updater {
     }
 
     /// Recent failures.
-    pub fn events(&self) -> Vec<crate::admin::Event> {
+    pub fn events(&self) -> Vec<crate::telemetry::events::Event> {
         self.shared.events.list()
     }
 
@@ -329,10 +335,10 @@ impl Proxy {
     /// control daemon: the proxy is ready only once they are in force.
     pub fn start_with(
         config: Config,
-        initial: Option<(u64, Vec<Service>, Intentions, crate::l7::rules::L7Config)>,
+        initial: Option<(u64, Vec<Service>, Intentions, crate::policy::rules::L7Config)>,
     ) -> anyhow::Result<Proxy> {
         let driver = resolve_driver(config.proxy.driver)?;
-        match crate::sys::raise_nofile_limit() {
+        match crate::io::sys::raise_nofile_limit() {
             Ok(n) if (n as usize) < config.proxy.max_connections * 2 + 64 => warn!(
                 open_files = n,
                 max_connections = config.proxy.max_connections,
@@ -353,7 +359,7 @@ impl Proxy {
             for slot in per_worker.iter_mut() {
                 let sock = bind_reuseport(addr).map_err(|e| {
                     let holder = if e.kind() == std::io::ErrorKind::AddrInUse {
-                        crate::listening::who_holds(addr)
+                        crate::io::listening::who_holds(addr)
                             .map(|h| format!(" ({h})"))
                             .unwrap_or_default()
                     } else {
@@ -402,7 +408,7 @@ impl Proxy {
         }
         let sidecar_tls = match config.sidecar.as_ref().and_then(|s| s.mtls.as_ref()) {
             None => None,
-            Some(m) => Some(crate::mesh::SidecarTls::load(m).context("sidecar mTLS")?),
+            Some(m) => Some(crate::tls::sidecar::SidecarTls::load(m).context("sidecar mTLS")?),
         };
         let (version, pushed, intentions, l7) = initial
             .unwrap_or_else(|| (0, Vec::new(), config.intentions.clone(), Default::default()));
@@ -417,10 +423,19 @@ impl Proxy {
         )?;
         let access_log = match &config.proxy.access_log {
             Some(p) => Some(
-                crate::access_log::AccessLog::open(p)
+                crate::telemetry::access_log::AccessLog::open(p)
                     .with_context(|| format!("cannot open the access log {}", p.display()))?,
             ),
             None => None,
+        };
+        let own = crate::decide::plan::OwnAddrs {
+            ports: local_addrs
+                .iter()
+                .map(|a| a.port())
+                .chain(config.proxy.admin.map(|a| a.port()))
+                .chain(config.proxy.health.map(|a| a.port()))
+                .collect(),
+            ips: crate::io::sys::local_ips(),
         };
         let shared = Arc::new(Shared {
             tls,
@@ -435,6 +450,7 @@ impl Proxy {
             events: Default::default(),
             access_log,
             force_close: AtomicBool::new(false),
+            own: arc_swap::ArcSwap::from_pointee(own),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
             // Certificate files are polled four times a second; a change is loaded for new handshakes.
@@ -463,7 +479,7 @@ impl Proxy {
             let t = std::thread::Builder::new()
                 .name(format!("ringside-w{id}"))
                 .spawn(move || {
-                    if let Err(e) = worker::run(id, shared.clone(), listeners, driver) {
+                    if let Err(e) = worker::run(id, shared.clone(), listeners, driver, crate::conn::serve) {
                         tracing::error!(worker = id, error = %e, "worker failed");
                         // A worker that cannot run must not leave a half-working proxy behind.
                         shared.draining.store(true, SeqCst);
@@ -530,7 +546,7 @@ impl Proxy {
         version: u64,
         services: Vec<Service>,
         intentions: Intentions,
-        l7: crate::l7::rules::L7Config,
+        l7: crate::policy::rules::L7Config,
     ) -> anyhow::Result<()> {
         self.updater().update(version, services, intentions, l7)
     }
@@ -566,7 +582,7 @@ impl Proxy {
     }
 
     /// Recent failures (what `/events` shows).
-    pub fn events(&self) -> Vec<crate::admin::Event> {
+    pub fn events(&self) -> Vec<crate::telemetry::events::Event> {
         self.shared.events.list()
     }
 
@@ -591,7 +607,7 @@ impl Proxy {
             l7.drain();
         }
         for &fd in &self.listener_fds {
-            crate::sys::shutdown_listener(fd);
+            crate::io::sys::shutdown_listener(fd);
         }
         let forced_before = self
             .shared

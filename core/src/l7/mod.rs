@@ -20,12 +20,40 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
 pub(crate) mod pool;
-pub mod rules;
+pub use crate::policy::rules;
 
 use crate::config::Protocol;
 use crate::reason::Reason;
 use crate::server::{ConfigSnapshot, Shared};
-use crate::stats::HttpStats;
+use crate::telemetry::stats::HttpStats;
+
+/// The identity header the proxy sets (Envoy's name, which apps already read).
+const XFCC: &str = "x-forwarded-client-cert";
+
+/// Replace the request's path with its normalized form (RFC 3986 dot segments, merged slashes,
+/// unreserved characters decoded); an encoded `/` or `\` is refused.
+fn normalize_target(parts: &mut hyper::http::request::Parts) -> Result<(), (Reason, String)> {
+    if parts.method == hyper::Method::CONNECT {
+        return Ok(());
+    }
+    let path = parts.uri.path();
+    let norm = crate::policy::path::normalize(path)
+        .map_err(|e| (Reason::BadRequest, format!("{} {path}: {e}", parts.method)))?;
+    if norm != path {
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{norm}?{q}"),
+            None => norm,
+        };
+        let mut up = parts.uri.clone().into_parts();
+        up.path_and_query = Some(
+            pq.parse()
+                .map_err(|e| (Reason::BadRequest, format!("normalized path {pq}: {e}")))?,
+        );
+        parts.uri = hyper::Uri::from_parts(up)
+            .map_err(|e| (Reason::BadRequest, format!("normalized path {pq}: {e}")))?;
+    }
+    Ok(())
+}
 
 /// Request bodies up to this size are kept so that the request can be retried.
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -45,18 +73,38 @@ pub(crate) struct Handoff {
     pub snap: Arc<ConfigSnapshot>,
     /// The service it is for (index into `snap.services`).
     pub service: usize,
-    /// Upstreams are sidecars: originate mesh mTLS to them.
-    pub mesh_out: bool,
-    /// Inbound mesh TLS to terminate before HTTP (upstream: the local application).
-    pub inbound: Option<Inbound>,
-    /// Tunnel mode on a static listener: mTLS to originate towards the upstreams, or to
-    /// terminate from the clients.
-    pub tunnel: Option<TunnelTls>,
+    /// How it came in.
+    pub entry: Entry,
+}
+
+/// How a connection came to the L7 path.
+#[derive(Debug)]
+pub enum Entry {
+    /// From the pod's application; upstreams are sidecars reached with mesh mTLS when `mesh`.
+    Outbound {
+        /// Originate mesh mTLS.
+        mesh: bool,
+    },
+    /// To the pod's application: mesh TLS to terminate first (`None`: permissive plaintext, no
+    /// identity), then every request is checked against the intentions and sent to the app.
+    Inbound {
+        /// Server config of the local service (its verifier asks the intentions).
+        tls: Option<Arc<rustls::ServerConfig>>,
+        /// The application's port.
+        port: u16,
+        /// The pod's address.
+        pod_ip: std::net::IpAddr,
+    },
+    /// A static listener: a reverse proxy, or a tunnel end with the listener's TLS.
+    Static {
+        /// The listener's TLS end, if any.
+        tunnel: Option<TunnelTls>,
+    },
 }
 
 /// Tunnel-mode TLS of a static HTTP listener.
 #[derive(Debug)]
-pub(crate) enum TunnelTls {
+pub enum TunnelTls {
     /// Plaintext HTTP in, mTLS out (server name and expected identity in the config).
     Origin {
         /// Client config (ALPN `ringside/http`).
@@ -209,72 +257,48 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         }
     };
     let _ = stream.set_nodelay(true);
-    let origin = match &h.tunnel {
-        Some(TunnelTls::Origin { cfg, name }) => Some((cfg.clone(), name.clone())),
-        _ => None,
+    let mut conn = Conn {
+        peer,
+        snap: h.snap,
+        service: h.service,
+        mesh_out: false,
+        inbound: None,
+        peer_id: None,
+        origin: None,
     };
-    match (h.inbound, h.tunnel) {
-        (None, Some(TunnelTls::Terminate { cfg })) => {
+    // Mesh TLS to terminate first: the inbound side of a sidecar, or a tunnel's terminating end.
+    let terminate = match h.entry {
+        Entry::Outbound { mesh } => {
+            conn.mesh_out = mesh;
+            None
+        }
+        Entry::Inbound { tls, port, pod_ip } => {
+            conn.inbound = Some(InboundConn {
+                port,
+                pod_ip,
+                authenticated: tls.is_some(),
+            });
+            tls
+        }
+        Entry::Static { tunnel } => match tunnel {
+            Some(TunnelTls::Origin { cfg, name }) => {
+                conn.origin = Some((cfg, name));
+                None
+            }
+            Some(TunnelTls::Terminate { cfg }) => Some(cfg),
+            None => None,
+        },
+    };
+    match terminate {
+        None => serve_io(TokioIo::new(stream), Arc::new(conn), &ctx).await,
+        Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible())
                 .await
             {
                 Ok(Ok(tls)) => {
-                    let conn = Arc::new(Conn {
-                        peer,
-                        snap: h.snap,
-                        service: h.service,
-                        mesh_out: false,
-                        inbound: None,
-                        origin: None,
-                    });
-                    serve_io(TokioIo::new(tls), conn, &ctx).await;
-                }
-                Ok(Err((e, io))) => {
-                    linger_after_alert(io);
-                    let reason = pool::io_reason(&e);
-                    ctx.stats.fail(reason);
-                    warn!(reason = reason.as_str(), client = %peer, detail = %e, hint = reason.hint(), "connection failed");
-                }
-                Err(_) => ctx.stats.fail(Reason::TlsHandshakeFailed),
-            }
-        }
-        (None, _) => {
-            let conn = Arc::new(Conn {
-                peer,
-                snap: h.snap,
-                service: h.service,
-                mesh_out: h.mesh_out,
-                inbound: None,
-                origin,
-            });
-            serve_io(TokioIo::new(stream), conn, &ctx).await;
-        }
-        (Some(inbound), _) => {
-            // Mesh mTLS from the source sidecar; the verifier asks the intentions.
-            let acceptor = tokio_rustls::TlsAcceptor::from(inbound.tls.clone());
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible())
-                .await
-            {
-                Ok(Ok(tls)) => {
-                    let peer_id = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first().and_then(|c| crate::tls::spiffe_of(c)));
-                    let conn = Arc::new(Conn {
-                        peer,
-                        snap: h.snap,
-                        service: h.service,
-                        mesh_out: false,
-                        origin: None,
-                        inbound: Some(InboundConn {
-                            port: inbound.port,
-                            pod_ip: inbound.pod_ip,
-                            peer_id,
-                        }),
-                    });
-                    serve_io(TokioIo::new(tls), conn, &ctx).await;
+                    conn.peer_id = crate::tls::session::peer_id(tls.get_ref().1);
+                    serve_io(TokioIo::new(tls), Arc::new(conn), &ctx).await;
                 }
                 Ok(Err((e, io))) => {
                     linger_after_alert(io);
@@ -284,7 +308,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                         shared.events.push(
                             reason,
                             peer.to_string(),
-                            h.snap.services[h.service].name.clone(),
+                            conn.snap.services[conn.service].name.clone(),
                             e.to_string(),
                         );
                     }
@@ -358,8 +382,10 @@ struct Conn {
     service: usize,
     /// Upstreams are sidecars: originate mesh mTLS.
     mesh_out: bool,
-    /// Inbound from a sidecar: the upstream is the local application.
+    /// Inbound: the upstream is the local application.
     inbound: Option<InboundConn>,
+    /// The verified caller (inbound mesh TLS, or a tunnel's terminating end).
+    peer_id: Option<crate::policy::identity::SpiffeId>,
     /// Tunnel origin: mTLS to the upstreams with this config and server name.
     origin: Option<(Arc<rustls::ClientConfig>, Arc<str>)>,
 }
@@ -369,19 +395,8 @@ struct InboundConn {
     port: u16,
     /// The pod's address (the original destination's).
     pod_ip: std::net::IpAddr,
-    /// The verified caller.
-    peer_id: Option<crate::identity::SpiffeId>,
-}
-
-/// An inbound mesh connection for the L7 path: TLS to terminate, the local app to call.
-#[derive(Debug)]
-pub(crate) struct Inbound {
-    /// Server config of the local service (its verifier asks the intentions).
-    pub tls: Arc<rustls::ServerConfig>,
-    /// The application's port.
-    pub port: u16,
-    /// The pod's address.
-    pub pod_ip: std::net::IpAddr,
+    /// Came over mesh TLS (every request is authorized); `false`: permissive plaintext.
+    authenticated: bool,
 }
 
 /// A response made by the proxy: status, `x-ringside-reason`, one line saying what to check.
@@ -420,7 +435,8 @@ fn status_for(reason: Reason) -> StatusCode {
         Reason::RequestDenied | Reason::IntentionDenied | Reason::DeniedByDestination => {
             StatusCode::FORBIDDEN
         }
-        Reason::AppNotListening => StatusCode::SERVICE_UNAVAILABLE,
+        Reason::AppNotListening | Reason::RetriesExhausted => StatusCode::SERVICE_UNAVAILABLE,
+        Reason::BadRequest => StatusCode::BAD_REQUEST,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
@@ -481,9 +497,9 @@ async fn proxy(
             stats.fail(reason);
             HttpStats::inc(&stats.local_replies);
             let source = conn
-                .inbound
+                .peer_id
                 .as_ref()
-                .and_then(|i| i.peer_id.as_ref().map(|p| p.to_string()))
+                .map(|p| p.to_string())
                 .unwrap_or_else(|| conn.peer.to_string());
             warn!(
                 reason = reason.as_str(),
@@ -539,6 +555,11 @@ async fn forward(
         .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let version = parts.version;
+    // Identity headers come from this proxy only: whatever the caller sent is dropped here and
+    // the verified identity, if any, is set below.
+    parts.headers.remove(XFCC);
+    // Routes, permissions and the application see the normalized path.
+    normalize_target(&mut parts)?;
     // Requests follow the configuration in force now (routes, splits, intentions); the
     // connection's snapshot only names the service it was opened for.
     let now = ctx
@@ -566,38 +587,31 @@ async fn forward(
     meta.service.clone_from(&svc.name);
     let deadline = tokio::time::Instant::now() + policy.request_timeout;
     if let Some(inb) = &conn.inbound {
-        // Intentions are evaluated per request on HTTP services, with the configuration in force
-        // now: a change applies to the next request, also on a kept-alive connection.
-        if let (Some(peer), Some(shared)) = (&inb.peer_id, ctx.shared.upgrade()) {
-            let current = shared.snapshot.load();
-            let d = current.intentions.evaluate(&peer.service, &svc.name);
-            if !d.allowed() {
+        // Intentions are evaluated per request, with the configuration in force now: a change
+        // applies to the next request, also on a kept-alive connection. Permissive plaintext
+        // (no identity) is let through as on L4.
+        if inb.authenticated {
+            let shared = ctx.shared.upgrade().ok_or((
+                Reason::Overloaded,
+                "the proxy is shutting down".to_string(),
+            ))?;
+            let Some(scope) = shared.sidecar_tls.as_ref().map(|s| &s.scope) else {
                 return Err((
                     Reason::IntentionDenied,
-                    format!("{} -> {}: {}", peer.service, svc.name, d.explain()),
+                    "mesh TLS without a sidecar identity".into(),
                 ));
-            }
-            if let Some(rule) = d.rule.filter(|r| !r.permissions.is_empty()) {
-                let (ok, why) = rules::permit(
-                    &rule.permissions,
-                    parts.method.as_str(),
-                    parts.uri.path(),
-                    &parts.headers,
-                );
-                if !ok {
-                    return Err((
-                        Reason::RequestDenied,
-                        format!(
-                            "{} -> {}: {} {}: {why} of {}",
-                            peer.service,
-                            svc.name,
-                            parts.method,
-                            parts.uri.path(),
-                            d.explain()
-                        ),
-                    ));
-                }
-            }
+            };
+            let current = shared.snapshot.load();
+            crate::decide::authz::authorize_request(
+                &current.intentions,
+                scope,
+                conn.peer_id.as_ref(),
+                &svc.name,
+                parts.method.as_str(),
+                parts.uri.path(),
+                &parts.headers,
+            )
+            .map_err(|d| (d.reason, d.detail))?;
         }
     } else {
         let headers = &mut parts.headers;
@@ -686,14 +700,15 @@ async fn forward(
         (None, Some(body))
     };
 
-    if let Some(inb) = &conn.inbound {
-        if let Some(id) = &inb.peer_id {
-            if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-                parts
-                    .headers
-                    .insert(HeaderName::from_static("x-forwarded-client-cert"), v);
-            }
+    // The caller's identity, as this proxy verified it; never what the caller wrote.
+    if let Some(id) = &conn.peer_id {
+        if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
+            parts
+                .headers
+                .insert(HeaderName::from_static(XFCC), v);
         }
+    }
+    if let Some(inb) = &conn.inbound {
         return to_local_app(parts, replay, stream, inb, svc, deadline, ctx, version).await;
     }
 
@@ -716,9 +731,9 @@ async fn forward(
     // A request given back by a failed connect (its body not sent) goes out again as it is.
     let mut given_back: Option<Request<ReqBody>> = None;
     loop {
-        let Some(i) = cluster.pick(tried) else {
+        let Some(i) = cluster.pick(tried, std::time::Instant::now()) else {
             if let Some(last) = last {
-                return Err(last);
+                return Err(exhausted(tries, last));
             }
             return Err((
                 Reason::NoHealthyEndpoint,
@@ -765,7 +780,7 @@ async fn forward(
         match attempt {
             Err(_) => {
                 // A timeout counts as a gateway failure for outlier detection.
-                cluster.report_status(i, 504, svc.outlier_5xx);
+                cluster.report_status(i, 504, svc.outlier_5xx, std::time::Instant::now());
                 return Err((
                     Reason::UpstreamRequestTimeout,
                     format!(
@@ -777,7 +792,7 @@ async fn forward(
             Ok(Err(mut e)) => {
                 let reason = e.reason;
                 if e.connect {
-                    cluster.report_failure(i);
+                    cluster.report_failure(i, std::time::Instant::now());
                 }
                 debug!(endpoint = %addr, reason = reason.as_str(), error = %e.detail, "upstream request failed");
                 let failure = (reason, format!("{} ({addr}): {}", svc.name, e.detail));
@@ -790,12 +805,14 @@ async fn forward(
                     last = Some(failure);
                     continue;
                 }
-                return Err(failure);
+                return Err(exhausted(tries, failure));
             }
             Ok(Ok(resp)) => {
                 let code = resp.status().as_u16();
                 cluster.observe_latency(i, sent.elapsed());
-                if let Some(period) = cluster.report_status(i, code, svc.outlier_5xx) {
+                if let Some(period) =
+                    cluster.report_status(i, code, svc.outlier_5xx, std::time::Instant::now())
+                {
                     warn!(
                         service = %svc.name,
                         endpoint = %addr,
@@ -825,6 +842,18 @@ async fn forward(
             }
         }
     }
+}
+
+/// The failure of a request that was retried: `retries_exhausted`, naming the last failure
+/// (Envoy's `URX`). A request that was never retried keeps its own reason.
+fn exhausted(tries: u32, (reason, detail): (Reason, String)) -> (Reason, String) {
+    if tries == 0 {
+        return (reason, detail);
+    }
+    (
+        Reason::RetriesExhausted,
+        format!("{tries} retries; the last attempt failed with {reason}: {detail}"),
+    )
 }
 
 /// Join an upgraded client connection with the upgraded upstream one.
@@ -960,7 +989,7 @@ fn choose_target(
         snap.services.iter().zip(&snap.clusters).any(|(s, c)| {
             s.name == n
                 && s.subset.as_deref() == sub
-                && (0..c.endpoints.len()).any(|i| !c.is_ejected(i))
+                && (0..c.endpoints.len()).any(|i| !c.is_ejected(i, std::time::Instant::now()))
         })
     };
     if !healthy(chosen, subset) {
@@ -1028,7 +1057,7 @@ async fn to_local_app(
     ctx: &Ctx,
     version: hyper::Version,
 ) -> Result<Response<RespBody>, (Reason, String)> {
-    let candidates = crate::route::local_candidates(inb.port, inb.pod_ip);
+    let candidates = crate::decide::route::local_candidates(inb.port, inb.pod_ip, true);
     let body = match (replay, stream) {
         (Some(b), _) => Either::Left(Full::new(b)),
         (None, Some(s)) => Either::Right(s),
@@ -1064,13 +1093,13 @@ async fn to_local_app(
             }
         }
     }
-    let listening = crate::listening::listening();
+    let listening = crate::io::listening::listening();
     Err((
         Reason::AppNotListening,
         format!(
             "{}: {}",
             svc.name,
-            crate::listening::app_hint(inb.port, &listening, &candidates)
+            crate::io::listening::app_hint(inb.port, &listening, &candidates)
         ),
     ))
 }

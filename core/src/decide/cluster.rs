@@ -92,13 +92,15 @@ impl Cluster {
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+    /// `now` in the cluster's milliseconds (0 is "never"). Time is passed in, so the state machine
+    /// runs on a virtual clock in tests.
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
     /// Whether endpoint `i` is ejected now.
-    pub fn is_ejected(&self, i: usize) -> bool {
-        self.endpoints[i].ejected_until_ms.load(Relaxed) > self.now_ms()
+    pub fn is_ejected(&self, i: usize, now: Instant) -> bool {
+        self.endpoints[i].ejected_until_ms.load(Relaxed) > self.ms(now)
     }
 
     /// How many endpoints one connection may try.
@@ -110,12 +112,12 @@ impl Cluster {
 
     /// Pick an endpoint not in `tried` (a bit set of indices already tried for this connection).
     /// Returns `None` when every endpoint was tried.
-    pub fn pick(&self, tried: u64) -> Option<usize> {
+    pub fn pick(&self, tried: u64, at: Instant) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 0 {
             return None;
         }
-        let now = self.now_ms();
+        let now = self.ms(at);
         let start = self.rr.fetch_add(1, Relaxed) % n;
         let untried = |i: usize| i >= 64 || tried & (1 << i) == 0;
         // Closed (never ejected, or recovered): eligible. Open (ejected): not. Half-open (the
@@ -176,7 +178,7 @@ impl Cluster {
                             .compare_exchange(t, now + TRIAL_FOR_MS, Relaxed, Relaxed)
                             .is_err()
                     {
-                        return self.pick(tried | if i < 64 { 1 << i } else { 0 });
+                        return self.pick(tried | if i < 64 { 1 << i } else { 0 }, at);
                     }
                 }
                 Some(i)
@@ -195,9 +197,9 @@ impl Cluster {
     }
 
     /// Whether endpoint `i` is half-open (its ejection ended, its trial has not succeeded yet).
-    pub fn is_half_open(&self, i: usize) -> bool {
+    pub fn is_half_open(&self, i: usize, now: Instant) -> bool {
         let until = self.endpoints[i].ejected_until_ms.load(Relaxed);
-        until != 0 && until <= self.now_ms()
+        until != 0 && until <= self.ms(now)
     }
 
     /// Count a connection opening on endpoint `i`; the guard counts it closing.
@@ -221,7 +223,13 @@ impl Cluster {
 
     /// L7: a response from endpoint `i`; `outlier_5xx` consecutive 5xx eject it (0: never).
     /// Returns the ejection period when this response ejected it.
-    pub fn report_status(&self, i: usize, status: u16, outlier_5xx: u32) -> Option<Duration> {
+    pub fn report_status(
+        &self,
+        i: usize,
+        status: u16,
+        outlier_5xx: u32,
+        now: Instant,
+    ) -> Option<Duration> {
         let e = &self.endpoints[i];
         if status < 500 {
             if e.consecutive_5xx.load(Relaxed) != 0 {
@@ -232,16 +240,16 @@ impl Cluster {
         }
         let n = e.consecutive_5xx.fetch_add(1, Relaxed) + 1;
         // A failed half-open trial reopens at once; otherwise after `outlier_5xx` in a row.
-        if (outlier_5xx > 0 && n >= outlier_5xx) || self.is_half_open(i) {
+        if (outlier_5xx > 0 && n >= outlier_5xx) || self.is_half_open(i, now) {
             e.consecutive_5xx.store(0, Relaxed);
-            return Some(self.report_failure(i));
+            return Some(self.report_failure(i, now));
         }
         None
     }
 
     /// A connect to endpoint `i` failed: eject it for `base * 2^(failures-1)`, capped.
     /// Returns the ejection period.
-    pub fn report_failure(&self, i: usize) -> Duration {
+    pub fn report_failure(&self, i: usize, now: Instant) -> Duration {
         let e = &self.endpoints[i];
         let failures = e
             .consecutive_failures
@@ -254,7 +262,7 @@ impl Cluster {
             .saturating_mul(factor)
             .min(self.service.max_ejection);
         e.ejected_until_ms
-            .store(self.now_ms() + period.as_millis() as u64, Relaxed);
+            .store(self.ms(now) + period.as_millis() as u64, Relaxed);
         e.trial_until_ms.store(0, Relaxed);
         self.ejections.fetch_add(1, Relaxed);
         period
@@ -276,59 +284,64 @@ mod tests {
 
     #[test]
     fn round_robin_cycles() {
+        let t = std::cell::Cell::new(Instant::now());
         let c = cluster(LbPolicy::RoundRobin, 3);
-        let picks: Vec<_> = (0..6).map(|_| c.pick(0).unwrap()).collect();
+        let picks: Vec<_> = (0..6).map(|_| c.pick(0, t.get()).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn tried_endpoints_are_skipped_and_exhaustion_is_none() {
+        let t = std::cell::Cell::new(Instant::now());
         let c = cluster(LbPolicy::RoundRobin, 3);
-        let a = c.pick(0).unwrap();
-        let b = c.pick(1 << a).unwrap();
+        let a = c.pick(0, t.get()).unwrap();
+        let b = c.pick(1 << a, t.get()).unwrap();
         assert_ne!(a, b);
-        let d = c.pick((1 << a) | (1 << b)).unwrap();
+        let d = c.pick((1 << a) | (1 << b), t.get()).unwrap();
         assert!(d != a && d != b);
-        assert_eq!(c.pick(0b111), None);
+        assert_eq!(c.pick(0b111, t.get()), None);
     }
 
     #[test]
     fn least_connections_prefers_idle() {
+        let t = std::cell::Cell::new(Instant::now());
         let c = cluster(LbPolicy::LeastConnections, 3);
         let _g0 = c.open(0);
         let _g0b = c.open(0);
         let _g2 = c.open(2);
         for _ in 0..5 {
-            assert_eq!(c.pick(0), Some(1));
+            assert_eq!(c.pick(0, t.get()), Some(1));
         }
         drop(_g0);
         drop(_g0b);
         // 0 and 1 tie at zero; 2 has one.
         for _ in 0..5 {
-            assert_ne!(c.pick(0), Some(2));
+            assert_ne!(c.pick(0, t.get()), Some(2));
         }
     }
 
     #[test]
     fn ejection_backs_off_and_success_restores() {
+        let t = std::cell::Cell::new(Instant::now());
         let c = cluster(LbPolicy::RoundRobin, 2);
-        assert_eq!(c.report_failure(0), Duration::from_secs(1));
-        assert_eq!(c.report_failure(0), Duration::from_secs(2));
-        assert_eq!(c.report_failure(0), Duration::from_secs(4));
-        assert!(c.is_ejected(0));
+        assert_eq!(c.report_failure(0, t.get()), Duration::from_secs(1));
+        assert_eq!(c.report_failure(0, t.get()), Duration::from_secs(2));
+        assert_eq!(c.report_failure(0, t.get()), Duration::from_secs(4));
+        assert!(c.is_ejected(0, t.get()));
         for _ in 0..4 {
-            assert_eq!(c.pick(0), Some(1), "ejected endpoint picked");
+            assert_eq!(c.pick(0, t.get()), Some(1), "ejected endpoint picked");
         }
         for _ in 0..10 {
-            c.report_failure(0);
+            c.report_failure(0, t.get());
         }
-        assert!(c.report_failure(0) <= Duration::from_secs(30));
+        assert!(c.report_failure(0, t.get()) <= Duration::from_secs(30));
         c.report_success(0);
-        assert!(!c.is_ejected(0));
+        assert!(!c.is_ejected(0, t.get()));
     }
 
     #[test]
     fn consecutive_5xx_open_then_one_trial_then_closed() {
+        let t = std::cell::Cell::new(Instant::now());
         let mut s = Service::new(
             "s",
             vec![
@@ -338,39 +351,40 @@ mod tests {
         );
         s.base_ejection = Duration::from_millis(50);
         let c = Cluster::new(s);
-        assert_eq!(c.report_status(1, 503, 3), None);
-        assert_eq!(c.report_status(1, 500, 3), None);
+        assert_eq!(c.report_status(1, 503, 3, t.get()), None);
+        assert_eq!(c.report_status(1, 500, 3, t.get()), None);
         assert_eq!(
-            c.report_status(1, 502, 3),
+            c.report_status(1, 502, 3, t.get()),
             Some(Duration::from_millis(50)),
             "open"
         );
         for _ in 0..6 {
-            assert_eq!(c.pick(0), Some(0), "an open endpoint gets nothing");
+            assert_eq!(c.pick(0, t.get()), Some(0), "an open endpoint gets nothing");
         }
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(c.is_half_open(1));
-        let picks: Vec<_> = (0..6).map(|_| c.pick(0).unwrap()).collect();
+        t.set(t.get() + Duration::from_millis(60));
+        assert!(c.is_half_open(1, t.get()));
+        let picks: Vec<_> = (0..6).map(|_| c.pick(0, t.get()).unwrap()).collect();
         assert_eq!(
             picks.iter().filter(|&&i| i == 1).count(),
             1,
             "one trial: {picks:?}"
         );
         // The trial fails: open again, for twice as long.
-        assert_eq!(c.report_status(1, 500, 3), Some(Duration::from_millis(100)));
-        assert!(c.is_ejected(1));
-        std::thread::sleep(Duration::from_millis(110));
-        let picks: Vec<_> = (0..4).map(|_| c.pick(0).unwrap()).collect();
+        assert_eq!(c.report_status(1, 500, 3, t.get()), Some(Duration::from_millis(100)));
+        assert!(c.is_ejected(1, t.get()));
+        t.set(t.get() + Duration::from_millis(110));
+        let picks: Vec<_> = (0..4).map(|_| c.pick(0, t.get()).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 1, "{picks:?}");
         // The trial succeeds: closed, normal share again.
-        assert_eq!(c.report_status(1, 200, 3), None);
-        assert!(!c.is_half_open(1) && !c.is_ejected(1));
-        let picks: Vec<_> = (0..6).map(|_| c.pick(0).unwrap()).collect();
+        assert_eq!(c.report_status(1, 200, 3, t.get()), None);
+        assert!(!c.is_half_open(1, t.get()) && !c.is_ejected(1, t.get()));
+        let picks: Vec<_> = (0..6).map(|_| c.pick(0, t.get()).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 3, "{picks:?}");
     }
 
     #[test]
     fn least_request_prefers_fast_idle_endpoints() {
+        let t = std::cell::Cell::new(Instant::now());
         let c = cluster(LbPolicy::LeastRequest, 3);
         for _ in 0..20 {
             c.observe_latency(0, Duration::from_millis(50));
@@ -381,7 +395,7 @@ mod tests {
         let _busy = (0..100).map(|_| c.open(2)).collect::<Vec<_>>();
         let mut counts = [0; 3];
         for _ in 0..3000 {
-            counts[c.pick(0).unwrap()] += 1;
+            counts[c.pick(0, t.get()).unwrap()] += 1;
         }
         // 1 (fast, idle) wins both pairs it is in (2/3 of the picks); 0 (slow) beats the busy 2.
         assert!((1800..2200).contains(&counts[1]), "{counts:?}");
@@ -391,10 +405,11 @@ mod tests {
 
     #[test]
     fn all_ejected_falls_back_to_panic_mode() {
+        let t = std::cell::Cell::new(Instant::now());
         let c = cluster(LbPolicy::RoundRobin, 2);
-        c.report_failure(0);
-        c.report_failure(1);
-        assert!(c.pick(0).is_some());
+        c.report_failure(0, t.get());
+        c.report_failure(1, t.get());
+        assert!(c.pick(0, t.get()).is_some());
         assert_eq!(c.max_attempts(), 2);
     }
 }

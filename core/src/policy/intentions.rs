@@ -93,7 +93,7 @@ pub struct Intention {
     /// L7 permissions (HTTP services): the connection is allowed, each request is decided by the
     /// first permission that matches it (none: denied).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub permissions: Vec<crate::l7::rules::Permission>,
+    pub permissions: Vec<crate::policy::rules::Permission>,
 }
 
 impl Intention {

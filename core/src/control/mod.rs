@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::Service;
-use crate::intentions::Intentions;
+use crate::policy::intentions::Intentions;
 use crate::server::Updater;
 
 /// How long one request may take beyond its long-poll wait.
@@ -149,7 +149,7 @@ pub struct ProxyConfig {
     pub intentions: Intentions,
     /// Routers and splitters.
     #[serde(default)]
-    pub l7: crate::l7::rules::L7Config,
+    pub l7: crate::policy::rules::L7Config,
     /// Trust bundle (PEM).
     pub bundle: String,
     /// Certificates issued before this generation must be replaced.

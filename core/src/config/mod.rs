@@ -76,7 +76,7 @@ pub struct ConfigFile {
     /// Who may call the local services (checked at this, the destination, side for every mesh
     /// mTLS connection). Absent: no rules and default deny.
     #[serde(default)]
-    pub intentions: crate::intentions::Intentions,
+    pub intentions: crate::policy::intentions::Intentions,
 }
 
 /// Whether inbound plaintext is accepted when mesh mTLS is on.
@@ -402,7 +402,7 @@ pub struct Config {
     /// Sidecar mode, when enabled.
     pub sidecar: Option<Sidecar>,
     /// Intentions for the local services.
-    pub intentions: crate::intentions::Intentions,
+    pub intentions: crate::policy::intentions::Intentions,
 }
 
 /// Validated process-wide settings.
@@ -464,11 +464,11 @@ pub struct ListenerTls {
     /// Origin or terminate.
     pub mode: TlsMode,
     /// Certificate, key and trust bundle files.
-    pub files: crate::tls::TlsFiles,
+    pub files: TlsFiles,
     /// Origin: required upstream identity.
-    pub expect_id: Option<crate::identity::SpiffeId>,
+    pub expect_id: Option<crate::policy::identity::SpiffeId>,
     /// Terminate: allowed client identities (empty: any).
-    pub allow_ids: Vec<crate::identity::SpiffeId>,
+    pub allow_ids: Vec<crate::policy::identity::SpiffeId>,
 }
 
 /// What a listener does with the connections it accepts.
@@ -919,7 +919,7 @@ impl ConfigFile {
                 None => None,
                 Some(t) => {
                     let parse = |field: String, v: &str| {
-                        v.parse::<crate::identity::SpiffeId>().map_err(|m| {
+                        v.parse::<crate::policy::identity::SpiffeId>().map_err(|m| {
                             err(field, find_nth_value(text, v, 1).or_else(|| at(v)), m)
                         })
                     };
@@ -933,7 +933,7 @@ impl ConfigFile {
                     }
                     Some(ListenerTls {
                         mode: t.mode,
-                        files: crate::tls::TlsFiles {
+                        files: TlsFiles {
                             cert: t.cert,
                             key: t.key,
                             ca: t.ca,
@@ -1201,3 +1201,16 @@ connect_timeout = "250ms"
         assert_eq!(e.field, "services[0].endpoints");
     }
 }
+
+/// Where the certificate material lives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM), leaf first.
+    pub cert: std::path::PathBuf,
+    /// Private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: std::path::PathBuf,
+    /// Trust bundle (PEM): one or more root certificates.
+    pub ca: std::path::PathBuf,
+}
+

@@ -18,8 +18,8 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 
 use crate::reason::Reason;
-use crate::relay::RelayCtx;
-use crate::sys;
+use crate::io::relay::RelayCtx;
+use crate::io::sys;
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -368,7 +368,7 @@ async fn seal(
     conn: &RefCell<rustls::Connection>,
     out: &TlsOut,
     moved: &Cell<u64>,
-    counter: &crate::stats::Counter,
+    counter: &crate::telemetry::stats::Counter,
 ) -> Result<(), LegError> {
     let pfd = plain.as_raw_fd();
     loop {
@@ -413,7 +413,7 @@ async fn open(
     conn: &RefCell<rustls::Connection>,
     out: &TlsOut,
     moved: &Cell<u64>,
-    counter: &crate::stats::Counter,
+    counter: &crate::telemetry::stats::Counter,
 ) -> Result<(), LegError> {
     let tfd = tls.as_raw_fd();
     let pfd = plain.as_raw_fd();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::intentions::Action;
+use crate::policy::intentions::Action;
 
 /// A regular expression, compiled when the document is read (an invalid one is refused there).
 /// It must match the whole value, as Envoy's `safe_regex`.
@@ -92,16 +92,32 @@ pub struct HttpMatch {
     /// Header conditions.
     #[serde(default)]
     pub header: Vec<HeaderMatch>,
+    /// Compare `pathExact` and `pathPrefix` without regard to case (Consul's `caseInsensitive`).
+    #[serde(default)]
+    pub case_insensitive: bool,
 }
 
 impl HttpMatch {
     /// Whether a request (method, path without query, headers) matches.
     pub fn matches(&self, method: &str, path: &str, headers: &hyper::HeaderMap) -> bool {
-        if self.path_exact.as_ref().is_some_and(|p| p != path)
-            || self
-                .path_prefix
-                .as_ref()
-                .is_some_and(|p| !path.starts_with(p.as_str()))
+        let ci = self.case_insensitive;
+        let exact = |p: &String| {
+            if ci {
+                p.eq_ignore_ascii_case(path)
+            } else {
+                p == path
+            }
+        };
+        let prefix = |p: &String| {
+            if ci {
+                path.len() >= p.len()
+                    && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            } else {
+                path.starts_with(p.as_str())
+            }
+        };
+        if self.path_exact.as_ref().is_some_and(|p| !exact(p))
+            || self.path_prefix.as_ref().is_some_and(|p| !prefix(p))
             || self.path_regex.as_ref().is_some_and(|r| !r.is_match(path))
             || (!self.methods.is_empty()
                 && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))

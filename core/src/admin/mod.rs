@@ -11,11 +11,10 @@
 //! - `POST /logging?level=debug`: change the log filter at runtime.
 //! - health port: `GET /healthz/ready`.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -29,58 +28,7 @@ use serde::Serialize;
 use crate::reason::Reason;
 use crate::server::Shared;
 
-/// Failures kept for `/events`.
-const EVENTS_KEPT: usize = 256;
-
-/// A failure, for `/events`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    /// Unix time in milliseconds.
-    pub time_ms: u64,
-    /// Reason code.
-    pub reason: &'static str,
-    /// Who connected (address or identity).
-    pub source: String,
-    /// Where it was going (service or address).
-    pub destination: String,
-    /// What happened, the deciding rule or the hint.
-    pub detail: String,
-}
-
-/// Recent failures (a bounded ring; the oldest go first).
-#[derive(Debug, Default)]
-pub struct Events(Mutex<VecDeque<Event>>);
-
-impl Events {
-    /// Record a failure.
-    pub fn push(&self, reason: Reason, source: String, destination: String, detail: String) {
-        let time_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= EVENTS_KEPT {
-            q.pop_front();
-        }
-        q.push_back(Event {
-            time_ms,
-            reason: reason.as_str(),
-            source,
-            destination,
-            detail,
-        });
-    }
-
-    /// The events kept, oldest first.
-    pub fn list(&self) -> Vec<Event> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
-}
+pub use crate::telemetry::events::{Event, Events};
 
 /// Changes the log filter (given by the binary, which owns the subscriber).
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -113,7 +61,7 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
     for (addr, health) in [(opts.admin, false), (opts.health, true)] {
         let Some(addr) = addr else { continue };
         let l = std::net::TcpListener::bind(addr).map_err(|e| {
-            let holder = crate::listening::who_holds(addr)
+            let holder = crate::io::listening::who_holds(addr)
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default();
             anyhow::anyhow!("cannot listen on {addr} (admin): {e}{holder}")
@@ -414,7 +362,7 @@ impl prometheus_client::collector::Collector for Collector {
             "HTTP responses made by the proxy",
             s.http_local_replies,
         )?;
-        crate::stats::encode_http_services(&shared.stats.http, &mut e)?;
+        crate::telemetry::stats::encode_http_services(&shared.stats.http, &mut e)?;
         {
             let snap = shared.snapshot.load();
             let mut m = e.encode_descriptor(

@@ -29,25 +29,16 @@ use rustls::{
     RootCertStore, ServerConfig, SignatureScheme,
 };
 
-use crate::identity::SpiffeId;
+use crate::decide::authz::{authorize_peer, Denied, Scope, Served};
+use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 
-/// ALPN protocol for plain TCP inside the mesh tunnel.
-pub const ALPN_TCP: &[u8] = b"ringside/tcp";
-/// ALPN of mesh connections that carry HTTP (the L7 path).
-pub const ALPN_HTTP: &[u8] = b"ringside/http";
+pub mod sidecar;
+pub mod session;
 
-/// Where the certificate material lives.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// Certificate chain (PEM), leaf first.
-    pub cert: PathBuf,
-    /// Private key (PEM, PKCS#8, SEC1 or PKCS#1).
-    pub key: PathBuf,
-    /// Trust bundle (PEM): one or more root certificates.
-    pub ca: PathBuf,
-}
+pub use crate::decide::detect::{ALPN_HTTP, ALPN_TCP};
+
+pub use crate::config::TlsFiles;
 
 /// Why loading certificate material failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,9 +107,13 @@ impl CertInfo {
         })
     }
 
-    /// The SPIFFE ID among the URI SANs, if any.
+    /// The SPIFFE ID: the certificate must carry exactly one URI SAN and it must be a mesh
+    /// SPIFFE ID (an X.509-SVID has exactly one; a second URI could smuggle another identity).
     pub fn spiffe_id(&self) -> Option<SpiffeId> {
-        self.uris.iter().find_map(|u| u.parse().ok())
+        match self.uris.as_slice() {
+            [one] => one.parse().ok(),
+            _ => None,
+        }
     }
 }
 
@@ -193,8 +188,9 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Decides whether a verified peer identity may connect (the intentions, or a tunnel's allow list).
 pub trait Authorizer: std::fmt::Debug + Send + Sync {
-    /// `Ok(rule)` to allow (the rule is logged), `Err(rule)` to refuse with `access_denied`.
-    fn authorize(&self, peer: &SpiffeId) -> Result<String, String>;
+    /// `Ok(rule)` to allow (the rule is logged), `Err` to refuse: `intention_denied` is answered
+    /// with the `access_denied` alert, `tls_identity_mismatch` with `bad_certificate`.
+    fn authorize(&self, peer: &SpiffeId) -> Result<String, Denied>;
 }
 
 /// Allow any verified identity, or only the listed ones.
@@ -202,13 +198,16 @@ pub trait Authorizer: std::fmt::Debug + Send + Sync {
 pub struct AllowList(pub Vec<SpiffeId>);
 
 impl Authorizer for AllowList {
-    fn authorize(&self, peer: &SpiffeId) -> Result<String, String> {
+    fn authorize(&self, peer: &SpiffeId) -> Result<String, Denied> {
         if self.0.is_empty() {
             Ok("any identity from the trust bundle".into())
         } else if self.0.contains(peer) {
             Ok(format!("allow-id {peer}"))
         } else {
-            Err(format!("{peer} is not in the allowed identities"))
+            Err(Denied {
+                reason: Reason::IntentionDenied,
+                detail: format!("{peer} is not in the allowed identities"),
+            })
         }
     }
 }
@@ -230,28 +229,28 @@ pub enum Expect {
     },
 }
 
-/// Intentions as the authorizer of one local service.
+/// Intentions as the authorizer of one local service, for connections served as `served`.
 #[derive(Debug)]
 pub struct IntentionAuthorizer {
     /// The rules.
-    pub intentions: Arc<crate::intentions::Intentions>,
+    pub intentions: Arc<crate::policy::intentions::Intentions>,
     /// The local service being called.
     pub destination: String,
+    /// This sidecar's trust domain and namespace.
+    pub scope: Scope,
+    /// L4 connections refuse allows that carry L7 permissions.
+    pub served: Served,
 }
 
 impl Authorizer for IntentionAuthorizer {
-    fn authorize(&self, peer: &SpiffeId) -> Result<String, String> {
-        let d = self.intentions.evaluate(&peer.service, &self.destination);
-        if d.allowed() {
-            Ok(d.explain())
-        } else {
-            Err(format!(
-                "{} -> {}: {}",
-                peer.service,
-                self.destination,
-                d.explain()
-            ))
-        }
+    fn authorize(&self, peer: &SpiffeId) -> Result<String, Denied> {
+        authorize_peer(
+            &self.intentions,
+            &self.scope,
+            Some(peer),
+            &self.destination,
+            self.served,
+        )
     }
 }
 
@@ -400,22 +399,29 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let id = spiffe_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            CertificateError::NotValidForName,
-        ))?;
+        let Some(id) = spiffe_of(end_entity) else {
+            tracing::warn!(
+                reason = Reason::TlsIdentityMismatch.as_str(),
+                "connection denied: the client certificate does not carry exactly one SPIFFE ID"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ));
+        };
         match self.authorizer.authorize(&id) {
             Ok(_) => Ok(ClientCertVerified::assertion()),
-            Err(rule) => {
+            Err(d) => {
                 tracing::warn!(
-                    reason = Reason::IntentionDenied.as_str(),
+                    reason = d.reason.as_str(),
                     peer = %id,
-                    rule = %rule,
+                    rule = %d.detail,
                     "connection denied"
                 );
-                // rustls answers this error with the `access_denied` alert.
-                Err(rustls::Error::InvalidCertificate(
-                    CertificateError::ApplicationVerificationFailure,
-                ))
+                Err(rustls::Error::InvalidCertificate(match d.reason {
+                    Reason::TlsIdentityMismatch => CertificateError::NotValidForName,
+                    // rustls answers this error with the `access_denied` alert.
+                    _ => CertificateError::ApplicationVerificationFailure,
+                }))
             }
         }
     }

@@ -105,13 +105,17 @@ fn normalize(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Where the local application is tried, in order: IPv4 loopback, IPv6 loopback, the pod's own
-/// address (so that `localhost` meaning `::1`, or an app bound to the pod IP only, still works).
-pub fn local_candidates(port: u16, pod_ip: IpAddr) -> Vec<SocketAddr> {
-    let mut v = vec![
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
-    ];
+/// Where the local application is tried, in order. For a declared service's `targetPort`: IPv4
+/// loopback, IPv6 loopback, the pod's own address (so that `localhost` meaning `::1`, or an app
+/// bound to the pod IP only, still works). For any other port only the pod's address: an app
+/// that listens on loopback only chose not to be reachable from outside the pod, and the mesh
+/// must not change that.
+pub fn local_candidates(port: u16, pod_ip: IpAddr, declared: bool) -> Vec<SocketAddr> {
+    let mut v = Vec::with_capacity(3);
+    if declared {
+        v.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        v.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port));
+    }
     let pod = match pod_ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(pod_ip),
         ip => ip,
@@ -209,18 +213,23 @@ mod tests {
 
     #[test]
     fn local_candidates_order() {
-        let v: Vec<String> = local_candidates(8080, "198.18.0.2".parse().unwrap())
+        let v: Vec<String> = local_candidates(8080, "198.18.0.2".parse().unwrap(), true)
             .iter()
             .map(|a| a.to_string())
             .collect();
         assert_eq!(v, vec!["127.0.0.1:8080", "[::1]:8080", "198.18.0.2:8080"]);
         assert_eq!(
-            local_candidates(8080, "127.0.0.1".parse().unwrap()).len(),
+            local_candidates(8080, "127.0.0.1".parse().unwrap(), true).len(),
             2
         );
         assert_eq!(
-            local_candidates(1, "::ffff:198.18.0.2".parse().unwrap())[2].to_string(),
+            local_candidates(1, "::ffff:198.18.0.2".parse().unwrap(), true)[2].to_string(),
             "198.18.0.2:1"
         );
+        let undeclared: Vec<String> = local_candidates(6379, "198.18.0.2".parse().unwrap(), false)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(undeclared, vec!["198.18.0.2:6379"], "loopback-only apps stay private");
     }
 }

@@ -254,6 +254,77 @@ pub fn into_std(stream: monoio::net::TcpStream) -> std::net::TcpStream {
     unsafe { std::net::TcpStream::from_raw_fd(fd) }
 }
 
+/// Set the receive low-water mark: the socket reports readable only once `bytes` are queued (or
+/// the peer closed, or an error is pending). Protocol detection uses it so that a client that
+/// sent part of what is needed wakes nobody until the rest arrives.
+pub fn set_rcvlowat(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let v: libc::c_int = bytes.clamp(1, libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: `v` is a valid c_int for the duration of the call; the length matches its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(ret as isize).map(|_| ())
+}
+
+/// Whether the peer has shut down its sending side (or the socket has an error): a readable
+/// socket with fewer bytes than the low-water mark means one of those.
+pub fn peer_closed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call; the timeout is 0.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// The addresses of this host's (pod's) interfaces.
+pub fn local_ips() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the family it names.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
+            match family {
+                libc::AF_INET => {
+                    // SAFETY: the family says this is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: the family says this is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                        sin6.sin6_addr.s6_addr,
+                    )));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,132 @@
+//! Inbound: a caller reaches the pod's application, and the kernel redirected the connection to
+//! 15006. Accept (the worker) -> plan (original port = which local service; the first bytes say
+//! mesh TLS or plaintext; the service's own declaration says L4 or L7, never the caller's ALPN)
+//! -> terminate mTLS (the verifier asks the intentions) -> connect the local app on its
+//! `targetPort` -> relay -> end. HTTP services go to the L7 path, which checks every request.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use monoio::net::TcpStream;
+
+use crate::conn::{decide, destination, handoff, handshake, refuse, relay_plain, Outcome};
+use crate::decide::plan::{L7Plan, Plan};
+use crate::decide::route::Route;
+use crate::io::connect::connect_to;
+use crate::io::sys;
+use crate::io::worker::Worker;
+use crate::reason::Reason;
+use crate::server::ConfigSnapshot;
+use crate::tls::session;
+
+pub(crate) async fn serve(
+    w: &Rc<Worker>,
+    snap: &Arc<ConfigSnapshot>,
+    client: TcpStream,
+    listener: usize,
+    out: &mut Outcome,
+) {
+    let Ok(plan) = decide(w, snap, &client, listener).await else {
+        return; // gone before saying anything
+    };
+    match plan {
+        Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
+        // Plaintext (permissive mode, no mesh mTLS) or a service with its own TLS.
+        Plan::Relay(route) => relay_plain(w, snap, &client, route, out).await,
+        // Boxed: TLS state is large and only mesh connections need it.
+        Plan::Terminate { service, app } => {
+            Box::pin(terminate(w, snap, &client, service, app, out)).await
+        }
+        Plan::L7(
+            p @ L7Plan::Inbound {
+                service,
+                port,
+                pod_ip,
+                tls,
+            },
+        ) => {
+            out.destination.clone_from(&snap.services[service].name);
+            let cfg = match tls {
+                false => None,
+                true => match snap.inbound_tls[service]
+                    .l7
+                    .as_ref()
+                    .and_then(|m| m.current().server.clone())
+                {
+                    Some(cfg) => Some(cfg),
+                    None => {
+                        return refuse(
+                            &client,
+                            out,
+                            Reason::TlsHandshakeFailed,
+                            "no inbound L7 TLS config for this service".into(),
+                        )
+                    }
+                },
+            };
+            let entry = crate::l7::Entry::Inbound {
+                tls: cfg,
+                port,
+                pod_ip,
+            };
+            handoff(w, client, snap.clone(), p, entry, out)
+        }
+        other => refuse(
+            &client,
+            out,
+            Reason::UnknownDestination,
+            format!("not an inbound plan: {other:?}"),
+        ),
+    }
+}
+
+/// Terminate mesh mTLS for a local TCP service (the handshake fails with `access_denied` when no
+/// intention allows the caller), then connect the app and relay TLS <-> plaintext. Nothing of a
+/// refused caller reaches the app: the app is connected only after the handshake.
+async fn terminate(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    service: usize,
+    app: Route,
+    out: &mut Outcome,
+) {
+    out.destination = destination(snap, app);
+    out.mesh = true;
+    let cfd = std::os::fd::AsRawFd::as_raw_fd(client);
+    if let Err(e) = sys::set_nonblocking(cfd) {
+        return refuse(client, out, Reason::DownstreamReset, e.to_string());
+    }
+    let Some(cfg) = snap.inbound_tls[service]
+        .l4
+        .as_ref()
+        .and_then(|m| m.current().server.clone())
+    else {
+        return refuse(
+            client,
+            out,
+            Reason::TlsHandshakeFailed,
+            "no inbound TLS config for this service".into(),
+        );
+    };
+    let conn = match session::server(cfg) {
+        Ok(s) => handshake(s, client, false).await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err((reason, detail)) => return refuse(client, out, reason, detail),
+    };
+    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
+    let up = match connect_to(w, snap, app).await {
+        Ok(up) => up,
+        Err(f) => {
+            let (reason, detail) = f.detail();
+            return refuse(client, out, reason, detail);
+        }
+    };
+    out.upstream = Some(up.addr);
+    sys::set_nodelay(cfd);
+    let end = crate::io::tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false).await;
+    out.relayed_tls(end, false);
+}

@@ -1,0 +1,336 @@
+//! A connection's whole life, one file per direction, each read top to bottom: accept (the
+//! worker), plan ([`crate::decide::plan`]), connect, relay, end.
+//!
+//! - [`outbound`]: the pod's application calls out (15001).
+//! - [`inbound`]: a caller reaches the pod's application (15006).
+//! - [`tunnel`]: static listeners (`ringside forward`, with or without a TLS end).
+//!
+//! Whatever happens, one [`Outcome`] per connection is recorded in one place ([`record`]):
+//! counters, `/events`, the access log and the log line.
+
+pub(crate) mod inbound;
+pub(crate) mod outbound;
+pub(crate) mod tunnel;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::config::ListenerKind;
+use crate::decide::detect::{Detection, Want};
+use crate::decide::plan::{plan, Input, L7Plan, Plan};
+use crate::decide::route::Route;
+use crate::io::connect::connect_to;
+use crate::io::peek::{detect, Gone};
+use crate::io::relay::relay;
+use crate::io::sys;
+use crate::io::tls_relay::TlsRelayEnd;
+use crate::io::worker::Worker;
+use crate::reason::Reason;
+use crate::server::ConfigSnapshot;
+
+/// Which way a connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// From the pod's application.
+    Outbound,
+    /// To the pod's application.
+    Inbound,
+    /// Through a static listener.
+    Tunnel,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Tunnel => "tunnel",
+        }
+    }
+}
+
+/// What happened to one connection, recorded once when it ends.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    /// Which way.
+    pub direction: Direction,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// When it was accepted.
+    pub started: Instant,
+    /// Where it was headed: service name, or address.
+    pub destination: String,
+    /// The endpoint (or local app address) it was relayed to.
+    pub upstream: Option<SocketAddr>,
+    /// The verified peer identity (the caller inbound, the server outbound).
+    pub peer_id: Option<String>,
+    /// Mesh mTLS on one side.
+    pub mesh: bool,
+    /// Bytes client -> upstream.
+    pub bytes_up: u64,
+    /// Bytes upstream -> client.
+    pub bytes_down: u64,
+    /// Why it failed or was refused (`None`: a clean end).
+    pub reason: Option<Reason>,
+    /// What decided it; a failure with a detail is logged at warn and kept at `/events`.
+    pub detail: Option<String>,
+    /// Handed to the L7 path, which records each request itself.
+    pub handed_off: bool,
+}
+
+impl Outcome {
+    fn new(kind: ListenerKind, client: SocketAddr) -> Outcome {
+        Outcome {
+            direction: match kind {
+                ListenerKind::Outbound => Direction::Outbound,
+                ListenerKind::Inbound => Direction::Inbound,
+                ListenerKind::Static(_) => Direction::Tunnel,
+            },
+            client,
+            started: Instant::now(),
+            destination: String::new(),
+            upstream: None,
+            peer_id: None,
+            mesh: false,
+            bytes_up: 0,
+            bytes_down: 0,
+            reason: None,
+            detail: None,
+            handed_off: false,
+        }
+    }
+
+    /// A failure with what decided it.
+    pub(crate) fn fail(&mut self, reason: Reason, detail: String) {
+        self.reason = Some(reason);
+        self.detail = Some(detail);
+    }
+
+    /// The end of a plain relay.
+    fn relayed(&mut self, end: crate::io::relay::RelayEnd) {
+        self.bytes_up = end.up_bytes;
+        self.bytes_down = end.down_bytes;
+        self.reason = end.reason;
+    }
+
+    /// The end of a TLS relay; `tls_is_upstream`: the client side is plaintext.
+    pub(crate) fn relayed_tls(&mut self, end: TlsRelayEnd, tls_is_upstream: bool) {
+        (self.bytes_up, self.bytes_down) = if tls_is_upstream {
+            (end.sealed, end.opened)
+        } else {
+            (end.opened, end.sealed)
+        };
+        if let Some((reason, err)) = end.failure {
+            self.reason = Some(reason);
+            self.detail = err.map(|e| e.to_string());
+        }
+    }
+}
+
+/// Serve one accepted connection to its end (the function the workers run per connection).
+pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
+    // The configuration this connection lives with, whatever updates arrive meanwhile.
+    let snap = w.shared.snapshot.load_full();
+    let kind = w.shared.config.listeners[listener].kind;
+    let mut out = Outcome::new(kind, peer);
+    match kind {
+        ListenerKind::Outbound => outbound::serve(&w, &snap, client, listener, &mut out).await,
+        ListenerKind::Inbound => inbound::serve(&w, &snap, client, listener, &mut out).await,
+        ListenerKind::Static(_) => tunnel::serve(&w, &snap, client, listener, &mut out).await,
+    }
+    if !out.handed_off {
+        record(&w, &out);
+        w.finish();
+    }
+}
+
+/// Plan the connection: its original destination, then its first bytes if the plan asks.
+/// `Err`: the client went away before saying anything.
+pub(crate) async fn decide(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    listener: usize,
+) -> Result<Plan, Gone> {
+    let l = &w.shared.config.listeners[listener];
+    let orig = match l.kind {
+        ListenerKind::Static(_) => None,
+        _ => Some(
+            sys::original_dst(client.as_raw_fd(), l.address.is_ipv6()).map_err(|e| e.to_string()),
+        ),
+    };
+    let mut own = w.shared.own.load_full();
+    if let Some(Ok(a)) = &orig {
+        if own.needs_refresh(*a) {
+            // Rare: the port is one of ours; make sure the host's addresses are current.
+            let mut fresh = (*own).clone();
+            fresh.ips = sys::local_ips();
+            own = Arc::new(fresh);
+            w.shared.own.store(own.clone());
+        }
+    }
+    let input = Input {
+        listener: l,
+        orig_dst: orig
+            .as_ref()
+            .map(|r| r.as_ref().copied().map_err(String::as_str)),
+        own: &own,
+        services: &snap.services,
+        routes: &snap.routes,
+        mesh: w.shared.sidecar_tls.as_ref().map(|s| s.mode),
+        l7: w.shared.l7.get().is_some(),
+    };
+    match plan(&input, None) {
+        Plan::Detect { want, wait } => {
+            let d = Box::pin(detect(client, want, wait)).await?;
+            if d == Detection::Timeout && want == Want::Http {
+                w.stats().protocol_detect_timeout.inc();
+            }
+            Ok(plan(&input, Some(&d)))
+        }
+        p => Ok(p),
+    }
+}
+
+/// The name operators know the destination by.
+pub(crate) fn destination(snap: &ConfigSnapshot, route: Route) -> String {
+    match route {
+        Route::Cluster(i)
+        | Route::Local {
+            service: Some(i), ..
+        } => snap.services[i].name.clone(),
+        Route::Local { port, .. } => format!("port {port}"),
+        Route::Passthrough(a) => a.to_string(),
+        Route::Refuse(_) => String::new(),
+    }
+}
+
+/// Refuse the client: a reset, or after a TLS failure a FIN (so the alert arrives first).
+pub(crate) fn refuse(client: &TcpStream, out: &mut Outcome, reason: Reason, detail: String) {
+    sys::close_after_failure(client.as_raw_fd(), reason);
+    out.fail(reason, detail);
+}
+
+/// Plain bytes both ways: connect where the route says, then splice or copy.
+pub(crate) async fn relay_plain(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    route: Route,
+    out: &mut Outcome,
+) {
+    out.destination = destination(snap, route);
+    let cfd = client.as_raw_fd();
+    if let Err(e) = sys::set_nonblocking(cfd) {
+        return refuse(client, out, Reason::DownstreamReset, e.to_string());
+    }
+    // Boxed: connecting is short, and inline its state would size the task for the
+    // connection's whole life.
+    let up = match Box::pin(connect_to(w, snap, route)).await {
+        Ok(up) => up,
+        Err(f) => {
+            let (reason, detail) = f.detail();
+            return refuse(client, out, reason, detail);
+        }
+    };
+    sys::set_nodelay(cfd);
+    out.upstream = Some(up.addr);
+    let end = relay(w.relay_ctx(), client, &up.stream).await;
+    out.relayed(end);
+}
+
+/// Drive a TLS session's handshake on `sock`; the session, or the failure's reason and detail.
+pub(crate) async fn handshake(
+    session: rustls::Connection,
+    sock: &TcpStream,
+    peer_is_upstream: bool,
+) -> Result<RefCell<rustls::Connection>, (Reason, String)> {
+    let conn = RefCell::new(session);
+    crate::io::tls_relay::handshake(&conn, sock)
+        .await
+        .map_err(|f| (f.reason(peer_is_upstream), f.to_string()))?;
+    Ok(conn)
+}
+
+/// Give an HTTP connection to the L7 path; it leaves this worker.
+pub(crate) fn handoff(
+    w: &Worker,
+    client: TcpStream,
+    snap: Arc<ConfigSnapshot>,
+    plan: L7Plan,
+    entry: crate::l7::Entry,
+    out: &mut Outcome,
+) {
+    out.handed_off = true;
+    let service = match plan {
+        L7Plan::Outbound { service, .. }
+        | L7Plan::Inbound { service, .. }
+        | L7Plan::Static { service } => service,
+    };
+    let Some(l7) = w.shared.l7.get() else {
+        w.stats().fail(Reason::Overloaded);
+        w.left(false);
+        return;
+    };
+    let h = crate::l7::Handoff {
+        stream: sys::into_std(client),
+        peer: out.client,
+        snap,
+        service,
+        entry,
+    };
+    w.left(l7.handoff(h).is_ok());
+}
+
+/// Record a connection's end: counters, `/events`, the access log and the log line.
+pub(crate) fn record(w: &Worker, o: &Outcome) {
+    let duration_ms = o.started.elapsed().as_millis() as u64;
+    if let Some(r) = o.reason {
+        w.stats().fail(r);
+    }
+    let source = o.peer_id.clone().unwrap_or_else(|| o.client.to_string());
+    match (o.reason, &o.detail) {
+        (Some(reason), Some(detail)) => {
+            warn!(
+                reason = reason.as_str(),
+                direction = o.direction.as_str(),
+                client = %o.client,
+                peer_id = o.peer_id.as_deref().unwrap_or(""),
+                destination = %o.destination,
+                detail = %detail,
+                hint = reason.hint(),
+                "connection failed"
+            );
+            w.shared
+                .events
+                .push(reason, source, o.destination.clone(), detail.clone());
+        }
+        _ => debug!(
+            direction = o.direction.as_str(),
+            destination = %o.destination,
+            upstream = %o.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            peer_id = o.peer_id.as_deref().unwrap_or(""),
+            up_bytes = o.bytes_up,
+            down_bytes = o.bytes_down,
+            duration_ms,
+            close = o.reason.map_or("eof", |r| r.as_str()),
+            "connection closed"
+        ),
+    }
+    if let Some(log) = &w.shared.access_log {
+        log.write(serde_json::json!({
+            "kind": "tcp", "direction": o.direction.as_str(), "mesh": o.mesh,
+            "client": o.client.to_string(), "destination": o.destination,
+            "upstream": o.upstream.map(|a| a.to_string()), "peer_id": o.peer_id,
+            "bytes_up": o.bytes_up, "bytes_down": o.bytes_down, "duration_ms": duration_ms,
+            "reason": o.reason.map(|r| r.as_str()), "detail": o.detail,
+        }));
+    }
+}

@@ -1,0 +1,175 @@
+//! Connecting where a plan's route says: a service's endpoints (chosen by its `Cluster`, the next
+//! one tried when one refuses or times out), the original destination (passthrough), or the local
+//! application (127.0.0.1, ::1, then the pod address for a declared service; the pod address
+//! only for any other port, so an app bound to loopback is never exposed by the mesh).
+
+use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::decide::cluster::{ActiveGuard, Cluster};
+use crate::decide::route::{local_candidates, Route};
+use crate::io::sys;
+use crate::io::worker::Worker;
+use crate::reason::Reason;
+use crate::server::ConfigSnapshot;
+
+/// Passthrough destinations are not in the config, so they get a fixed connect timeout.
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The local application answers (or refuses) at once; a long wait means it is stuck.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An upstream connection ready to relay.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) stream: TcpStream,
+    pub(crate) addr: SocketAddr,
+    /// Counts the connection on its endpoint (cluster routes only).
+    _guard: Option<ActiveGuard>,
+}
+
+/// Why no upstream connection could be made.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) reason: Reason,
+    /// A hint specific to this failure (else the reason's generic one).
+    pub(crate) hint: Option<String>,
+}
+
+impl Failure {
+    /// The detail for logs and events: the specific hint, or the reason's.
+    pub(crate) fn detail(self) -> (Reason, String) {
+        let d = self.hint.unwrap_or_else(|| self.reason.hint().to_string());
+        (self.reason, d)
+    }
+}
+
+/// Connect where the route says.
+pub(crate) async fn connect_to(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    route: Route,
+) -> Result<Upstream, Failure> {
+    let fail = |reason| Failure { reason, hint: None };
+    match route {
+        Route::Cluster(i) => connect_upstream(w, &snap.clusters[i]).await.map_err(fail),
+        Route::Passthrough(addr) => {
+            let stats = w.stats();
+            stats.upstream_cx_total.inc();
+            match connect_one(addr, PASSTHROUGH_CONNECT_TIMEOUT).await {
+                Ok(stream) => Ok(Upstream {
+                    stream,
+                    addr,
+                    _guard: None,
+                }),
+                Err(reason) => {
+                    stats.upstream_cx_connect_fail.inc();
+                    if reason == Reason::UpstreamConnectTimeout {
+                        stats.upstream_cx_connect_timeout.inc();
+                    }
+                    Err(fail(reason))
+                }
+            }
+        }
+        Route::Local {
+            service,
+            port,
+            pod_ip,
+        } => {
+            let candidates = local_candidates(port, pod_ip, service.is_some());
+            for &addr in &candidates {
+                if let Ok(stream) = connect_one(addr, LOCAL_CONNECT_TIMEOUT).await {
+                    let via = match addr.ip() {
+                        ip if ip.is_loopback() && ip.is_ipv4() => 0,
+                        ip if ip.is_loopback() => 1,
+                        _ => 2,
+                    };
+                    w.stats().inbound_app_via[via].inc();
+                    debug!(app = %addr, "local app answered");
+                    return Ok(Upstream {
+                        stream,
+                        addr,
+                        _guard: None,
+                    });
+                }
+            }
+            let listening = crate::io::listening::listening();
+            Err(Failure {
+                reason: Reason::AppNotListening,
+                hint: Some(crate::io::listening::app_hint(port, &listening, &candidates)),
+            })
+        }
+        Route::Refuse(reason) => Err(fail(reason)),
+    }
+}
+
+/// One connect with a timeout, made ready for the relay (non-blocking, no Nagle).
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason> {
+    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(stream)) => {
+            sys::set_nonblocking(stream.as_raw_fd()).map_err(|_| Reason::UpstreamReset)?;
+            sys::set_nodelay(stream.as_raw_fd());
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(classify_connect_error(&e)),
+        Err(_) => Err(Reason::UpstreamConnectTimeout),
+    }
+}
+
+/// Connect to an endpoint of `cluster`, trying others (bounded) when one refuses or times out.
+async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream, Reason> {
+    let stats = w.stats();
+    let mut tried = 0u64;
+    let mut last = Reason::NoHealthyEndpoint;
+    for attempt in 0..cluster.max_attempts() {
+        let Some(i) = cluster.pick(tried, Instant::now()) else {
+            break;
+        };
+        if i < 64 {
+            tried |= 1 << i;
+        }
+        let addr = cluster.endpoints[i].addr;
+        stats.upstream_cx_total.inc();
+        let reason = match connect_one(addr, cluster.service.connect_timeout).await {
+            Ok(stream) => {
+                cluster.report_success(i);
+                return Ok(Upstream {
+                    stream,
+                    addr,
+                    _guard: Some(cluster.open(i)),
+                });
+            }
+            Err(reason) => {
+                stats.upstream_cx_connect_fail.inc();
+                if reason == Reason::UpstreamConnectTimeout {
+                    stats.upstream_cx_connect_timeout.inc();
+                }
+                reason
+            }
+        };
+        let ejected_for = cluster.report_failure(i, Instant::now());
+        info!(
+            endpoint = %addr,
+            attempt = attempt + 1,
+            reason = reason.as_str(),
+            ejected_for_ms = ejected_for.as_millis() as u64,
+            "upstream connect failed"
+        );
+        last = reason;
+    }
+    Err(last)
+}
+
+fn classify_connect_error(e: &io::Error) -> Reason {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
+        ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
+        ErrorKind::ConnectionReset => Reason::UpstreamReset,
+        _ => Reason::UpstreamUnreachable,
+    }
+}

@@ -1,0 +1,212 @@
+//! A fast-path worker: one thread, one monoio runtime (io_uring or epoll), pinned to a core, with
+//! its own `SO_REUSEPORT` copy of every listener. A connection is accepted here and served on this
+//! thread by the function the server passes in (`conn::serve`); nothing on the path takes a lock.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn, Instrument};
+
+use crate::config::DriverKind;
+use crate::io::relay::{Pools, RelayCtx};
+use crate::reason::Reason;
+use crate::server::Shared;
+use crate::telemetry::stats::WorkerStats;
+
+/// How often a worker looks at the drain flags.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// Back-off after accept() failed for lack of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Idle pipes and buffers a worker keeps for reuse. Pipes beyond it are closed when returned: the
+/// kernel charges pipe capacity to the proxy's user (fs.pipe-user-pages-soft, 64 MiB by default),
+/// so 2 workers x 64 pipes x 256 KiB stay within it.
+const POOL_IDLE: usize = 64;
+
+/// State of one worker, shared by its tasks (single-threaded, hence `Rc` and `Cell`).
+pub(crate) struct Worker {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) pools: Pools,
+    /// Connections this worker is relaying now.
+    active: Cell<usize>,
+    /// Sequence for connection ids.
+    next_id: Cell<u64>,
+}
+
+impl Worker {
+    pub(crate) fn stats(&self) -> &WorkerStats {
+        self.shared.stats.worker(self.id)
+    }
+
+    /// The relay settings of this worker.
+    pub(crate) fn relay_ctx(&self) -> RelayCtx<'_> {
+        RelayCtx {
+            pools: &self.pools,
+            stats: self.stats(),
+            mode: self.shared.config.proxy.copy_mode,
+            idle_timeout: self.shared.config.proxy.idle_timeout,
+        }
+    }
+
+    /// A connection ended on this worker.
+    pub(crate) fn finish(&self) {
+        self.stats().downstream_cx_closed.inc();
+        self.active.set(self.active.get() - 1);
+        self.shared.active.fetch_sub(1, SeqCst);
+    }
+
+    /// A connection left this worker for the L7 path; the proxy's open-connection count keeps it
+    /// until the L7 path closes it (`handed: false`: it could not be handed over and is gone).
+    pub(crate) fn left(&self, handed: bool) {
+        self.stats().downstream_cx_closed.inc();
+        self.active.set(self.active.get() - 1);
+        if !handed {
+            self.shared.active.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+/// Run worker `id` on the calling thread until the proxy drains; `serve` serves one accepted
+/// connection (client, its address, the listener's index) to its end.
+pub(crate) fn run<F, Fut>(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
+    driver: DriverKind,
+    serve: F,
+) -> io::Result<()>
+where
+    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize) -> Fut + Copy + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let settings = &shared.config.proxy;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // Pin only when the workers cover every core. A sidecar with fewer workers than cores shares
+    // the node with other sidecars: pinning every pod's worker 0 to core 0 would stack them all on
+    // one core (measured: two 1-worker sidecars on one core doubled the pod-to-pod RTT).
+    if settings.pin_workers && settings.workers == cores {
+        if let Err(e) = monoio::utils::bind_to_cpu_set([id % cores]) {
+            debug!(worker = id, error = ?e, "cannot pin worker to a core");
+        }
+    }
+    let pools = Pools::new(settings.pipe_size, settings.buffer_size, POOL_IDLE);
+    let main = async move {
+        let w = Rc::new(Worker {
+            id,
+            shared,
+            pools,
+            active: Cell::new(0),
+            next_id: Cell::new(0),
+        });
+        for (index, std_listener) in listeners {
+            let listener = TcpListener::from_std(std_listener)?;
+            monoio::spawn(accept_loop(w.clone(), listener, index, serve));
+        }
+        // Wait for a drain to begin and finish (or be cut short at its deadline).
+        loop {
+            monoio::time::sleep(DRAIN_POLL).await;
+            if !w.shared.draining.load(Relaxed) {
+                continue;
+            }
+            if w.active.get() == 0 {
+                break;
+            }
+            if w.shared.force_close.load(Relaxed) {
+                let left = w.active.get() as u64;
+                w.stats().failures[Reason::DrainTimeout.index()].add(left);
+                w.stats().downstream_cx_closed.add(left);
+                w.shared.active.fetch_sub(left as usize, SeqCst);
+                break;
+            }
+        }
+        Ok::<(), io::Error>(())
+    };
+    match driver {
+        DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(main),
+        DriverKind::Uring | DriverKind::Auto => {
+            // COOP_TASKRUN: completions are handed over when the worker next enters the kernel
+            // instead of interrupting it with an IPI; SINGLE_ISSUER: only this thread submits.
+            // With 8 ping-pong connections through the proxy the difference was within this
+            // machine's noise (46-58k round trips/s either way); kept because it removes IPIs.
+            // Kernels before 6.0 refuse the flags; then the ring is built without them.
+            let mut ring = io_uring::IoUring::builder();
+            ring.setup_coop_taskrun().setup_single_issuer();
+            let rt = match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .uring_builder(ring)
+                .enable_timer()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    debug!(worker = id, error = %e, "io_uring without COOP_TASKRUN/SINGLE_ISSUER");
+                    monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .enable_timer()
+                        .build()?
+                }
+            };
+            let mut rt = rt;
+            rt.block_on(main)
+        }
+    }
+}
+
+async fn accept_loop<F, Fut>(w: Rc<Worker>, listener: TcpListener, index: usize, serve: F)
+where
+    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize) -> Fut + Copy + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(_) if w.shared.draining.load(Relaxed) => return,
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        // Out of descriptors: the pending connection stays in the backlog; retry
+                        // after a pause instead of spinning on the same error.
+                        w.stats().downstream_cx_accept_fd_exhausted.inc();
+                        if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                            warn!(worker = w.id, error = %e, "accept failed: out of file descriptors or memory; backing off");
+                            last_warn = Some(Instant::now());
+                        }
+                        monoio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN | libc::EPROTO) => {}
+                    _ => {
+                        warn!(worker = w.id, error = %e, "accept failed");
+                        monoio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let shared = &w.shared;
+        if shared.active.fetch_add(1, SeqCst) >= shared.config.proxy.max_connections {
+            shared.active.fetch_sub(1, SeqCst);
+            w.stats().fail(Reason::Overloaded);
+            debug!(client = %peer, reason = Reason::Overloaded.as_str(), "connection refused");
+            drop(stream);
+            continue;
+        }
+        w.stats().downstream_cx_total.inc();
+        w.active.set(w.active.get() + 1);
+        let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
+        let listener_cfg = &shared.config.listeners[index];
+        let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
+        monoio::spawn(serve(w.clone(), stream, peer, index).instrument(span));
+    }
+}
+

@@ -1,0 +1,6 @@
+//! What a proxy tells operators: per-worker counters, the ring of recent failures (`/events`) and
+//! the access log.
+
+pub mod access_log;
+pub mod events;
+pub mod stats;
