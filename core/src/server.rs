@@ -17,10 +17,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::config::{Config, DriverKind, Service};
-use crate::policy::intentions::Intentions;
-use crate::telemetry::stats::{Snapshot, StatsRegistry};
 use crate::decide::cluster::Cluster;
 use crate::io::worker;
+use crate::policy::intentions::Intentions;
+use crate::telemetry::stats::{Snapshot, StatsRegistry};
 
 /// State shared by all workers and the control thread.
 #[derive(Debug)]
@@ -95,7 +95,7 @@ impl ConfigSnapshot {
                 previous
                     .and_then(|p| p.clusters.iter().find(|c| c.service == *s))
                     .cloned()
-                    .unwrap_or_else(|| Cluster::new(s.clone()))
+                    .unwrap_or_else(|| Cluster::new(s.clone(), Instant::now()))
             })
             .collect();
         let inbound_tls = match sidecar_tls {
@@ -257,9 +257,21 @@ impl Updater {
         self.shared.draining.load(SeqCst)
     }
 
-    /// Record whether the control daemon is reachable; returns the previous state.
-    pub fn set_ctl_unreachable(&self, unreachable: bool) -> bool {
-        self.shared.ctl_unreachable.swap(unreachable, SeqCst)
+    /// Record whether the control daemon is reachable; returns the previous state. Losing it is a
+    /// failure with reason `ctl_unreachable` (counted, and at `/events` with `detail`).
+    pub fn set_ctl_unreachable(&self, unreachable: bool, detail: &str) -> bool {
+        let was = self.shared.ctl_unreachable.swap(unreachable, SeqCst);
+        if unreachable && !was {
+            let r = crate::Reason::CtlUnreachable;
+            self.shared.stats.http.fail(r);
+            self.shared.events.push(
+                r,
+                "this proxy".into(),
+                "ringctl daemon".into(),
+                detail.to_string(),
+            );
+        }
+        was
     }
 }
 
@@ -335,7 +347,12 @@ impl Proxy {
     /// control daemon: the proxy is ready only once they are in force.
     pub fn start_with(
         config: Config,
-        initial: Option<(u64, Vec<Service>, Intentions, crate::policy::rules::L7Config)>,
+        initial: Option<(
+            u64,
+            Vec<Service>,
+            Intentions,
+            crate::policy::rules::L7Config,
+        )>,
     ) -> anyhow::Result<Proxy> {
         let driver = resolve_driver(config.proxy.driver)?;
         match crate::io::sys::raise_nofile_limit() {
@@ -479,7 +496,9 @@ impl Proxy {
             let t = std::thread::Builder::new()
                 .name(format!("ringside-w{id}"))
                 .spawn(move || {
-                    if let Err(e) = worker::run(id, shared.clone(), listeners, driver, crate::conn::serve) {
+                    if let Err(e) =
+                        worker::run(id, shared.clone(), listeners, driver, crate::conn::serve)
+                    {
                         tracing::error!(worker = id, error = %e, "worker failed");
                         // A worker that cannot run must not leave a half-working proxy behind.
                         shared.draining.store(true, SeqCst);

@@ -8,12 +8,16 @@ use rcgen::{
 };
 
 /// A test certificate authority.
-#[derive(Debug)]
 pub struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     /// The CA certificate (PEM).
     pub pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("pem", &self.pem).finish()
+    }
 }
 
 /// Validity of a leaf.
@@ -42,15 +46,35 @@ impl Ca {
         params.not_after = date_time_ymd(2099, 1, 1);
         let key = KeyPair::generate().unwrap();
         let pem = params.self_signed(&key).unwrap().pem();
-        Ca { params, key, pem }
+        Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// An existing CA from its certificate and key (PEM), e.g. a control daemon's root.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Ca {
+        let key = KeyPair::from_pem(key_pem).unwrap();
+        Ca {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key).unwrap(),
+            pem: cert_pem.to_string(),
+        }
     }
 
     /// A leaf for `spiffe_id`; returns (certificate PEM, key PEM).
     pub fn leaf(&self, spiffe_id: &str, validity: Validity) -> (String, String) {
+        self.leaf_with_uris(&[spiffe_id], validity)
+    }
+
+    /// A leaf whose URI SANs are `uris` (a valid X.509-SVID has exactly one).
+    pub fn leaf_with_uris(&self, uris: &[&str], validity: Validity) -> (String, String) {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
-            .push(DnType::CommonName, spiffe_id.rsplit('/').next().unwrap());
-        p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+            .push(DnType::CommonName, uris[0].rsplit('/').next().unwrap());
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -64,8 +88,7 @@ impl Ca {
         p.not_before = nb;
         p.not_after = na;
         let key = KeyPair::generate().unwrap();
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = p.signed_by(&key, &issuer).unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
 }

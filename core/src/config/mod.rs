@@ -1213,4 +1213,3 @@ pub struct TlsFiles {
     /// Trust bundle (PEM): one or more root certificates.
     pub ca: std::path::PathBuf,
 }
-

@@ -25,9 +25,9 @@ pub(crate) async fn serve(
     client: TcpStream,
     listener: usize,
     out: &mut Outcome,
-) {
+) -> Option<TcpStream> {
     let Ok(plan) = decide(w, snap, &client, listener).await else {
-        return; // gone before saying anything
+        return Some(client); // gone before saying anything
     };
     match plan {
         Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
@@ -55,12 +55,13 @@ pub(crate) async fn serve(
                 {
                     Some(cfg) => Some(cfg),
                     None => {
-                        return refuse(
+                        refuse(
                             &client,
                             out,
                             Reason::TlsHandshakeFailed,
                             "no inbound L7 TLS config for this service".into(),
-                        )
+                        );
+                        return Some(client);
                     }
                 },
             };
@@ -69,7 +70,8 @@ pub(crate) async fn serve(
                 port,
                 pod_ip,
             };
-            handoff(w, client, snap.clone(), p, entry, out)
+            handoff(w, client, snap.clone(), p, entry, out);
+            return None;
         }
         other => refuse(
             &client,
@@ -78,6 +80,7 @@ pub(crate) async fn serve(
             format!("not an inbound plan: {other:?}"),
         ),
     }
+    Some(client)
 }
 
 /// Terminate mesh mTLS for a local TCP service (the handshake fails with `access_denied` when no

@@ -140,13 +140,16 @@ pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, li
     let snap = w.shared.snapshot.load_full();
     let kind = w.shared.config.listeners[listener].kind;
     let mut out = Outcome::new(kind, peer);
-    match kind {
+    // The client comes back unless the L7 path took it; it is closed only after the outcome is
+    // recorded, so whoever sees the close also sees the counters.
+    let client = match kind {
         ListenerKind::Outbound => outbound::serve(&w, &snap, client, listener, &mut out).await,
         ListenerKind::Inbound => inbound::serve(&w, &snap, client, listener, &mut out).await,
         ListenerKind::Static(_) => tunnel::serve(&w, &snap, client, listener, &mut out).await,
-    }
-    if !out.handed_off {
+    };
+    if let Some(client) = client {
         record(&w, &out);
+        drop(client);
         w.finish();
     }
 }

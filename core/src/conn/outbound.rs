@@ -24,9 +24,9 @@ pub(crate) async fn serve(
     client: TcpStream,
     listener: usize,
     out: &mut Outcome,
-) {
+) -> Option<TcpStream> {
     let Ok(plan) = decide(w, snap, &client, listener).await else {
-        return; // gone before saying anything
+        return Some(client); // gone before saying anything
     };
     match plan {
         Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
@@ -35,14 +35,9 @@ pub(crate) async fn serve(
         Plan::Originate { service } => Box::pin(originate(w, snap, &client, service, out)).await,
         Plan::L7(p @ L7Plan::Outbound { service, mesh }) => {
             out.destination.clone_from(&snap.services[service].name);
-            handoff(
-                w,
-                client,
-                snap.clone(),
-                p,
-                crate::l7::Entry::Outbound { mesh },
-                out,
-            )
+            let entry = crate::l7::Entry::Outbound { mesh };
+            handoff(w, client, snap.clone(), p, entry, out);
+            return None;
         }
         other => refuse(
             &client,
@@ -51,6 +46,7 @@ pub(crate) async fn serve(
             format!("not an outbound plan: {other:?}"),
         ),
     }
+    Some(client)
 }
 
 /// Connect to an endpoint of `service`, originate mTLS (the server must prove it is that service),
@@ -66,7 +62,12 @@ async fn originate(
     out.destination.clone_from(name);
     out.mesh = true;
     let Some(st) = &w.shared.sidecar_tls else {
-        return refuse(client, out, Reason::TlsHandshakeFailed, "no mesh TLS".into());
+        return refuse(
+            client,
+            out,
+            Reason::TlsHandshakeFailed,
+            "no mesh TLS".into(),
+        );
     };
     let cfd = std::os::fd::AsRawFd::as_raw_fd(client);
     if let Err(e) = sys::set_nonblocking(cfd) {
@@ -82,7 +83,14 @@ async fn originate(
     out.upstream = Some(up.addr);
     let cfg = match st.outbound.current().client.clone() {
         Some(cfg) => cfg,
-        None => return refuse(client, out, Reason::TlsHandshakeFailed, "no client config".into()),
+        None => {
+            return refuse(
+                client,
+                out,
+                Reason::TlsHandshakeFailed,
+                "no client config".into(),
+            )
+        }
     };
     let conn = match session::client(cfg, name) {
         Ok(s) => handshake(s, &up.stream, true).await,

@@ -26,9 +26,9 @@ pub(crate) async fn serve(
     client: TcpStream,
     listener: usize,
     out: &mut Outcome,
-) {
+) -> Option<TcpStream> {
     let Ok(plan) = decide(w, snap, &client, listener).await else {
-        return;
+        return Some(client);
     };
     match plan {
         Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
@@ -40,14 +40,9 @@ pub(crate) async fn serve(
         Plan::L7(p @ L7Plan::Static { service }) => {
             out.destination.clone_from(&snap.services[service].name);
             let tunnel = l7_tunnel(w, listener);
-            handoff(
-                w,
-                client,
-                snap.clone(),
-                p,
-                crate::l7::Entry::Static { tunnel },
-                out,
-            )
+            let entry = crate::l7::Entry::Static { tunnel };
+            handoff(w, client, snap.clone(), p, entry, out);
+            return None;
         }
         other => refuse(
             &client,
@@ -56,6 +51,7 @@ pub(crate) async fn serve(
             format!("not a static-listener plan: {other:?}"),
         ),
     }
+    Some(client)
 }
 
 /// The listener's TLS end, for the L7 path.
@@ -64,10 +60,13 @@ fn l7_tunnel(w: &Worker, listener: usize) -> Option<crate::l7::TunnelTls> {
     let (lt, mesh) = (l.tls.as_ref()?, w.shared.tls[listener].as_ref()?);
     let built = mesh.current();
     match lt.mode {
-        TlsMode::Origin => built.client_http.clone().map(|cfg| crate::l7::TunnelTls::Origin {
-            cfg,
-            name: expected_name(w, listener).into(),
-        }),
+        TlsMode::Origin => built
+            .client_http
+            .clone()
+            .map(|cfg| crate::l7::TunnelTls::Origin {
+                cfg,
+                name: expected_name(w, listener).into(),
+            }),
         TlsMode::Terminate => built
             .server
             .clone()
@@ -99,7 +98,12 @@ async fn tls_end(
     out.destination.clone_from(&snap.services[service].name);
     out.mesh = true;
     let Some(mesh) = w.shared.tls[listener].clone() else {
-        return refuse(client, out, Reason::TlsHandshakeFailed, "no TLS material".into());
+        return refuse(
+            client,
+            out,
+            Reason::TlsHandshakeFailed,
+            "no TLS material".into(),
+        );
     };
     let built = mesh.current();
     let cfd = client.as_raw_fd();
@@ -110,7 +114,12 @@ async fn tls_end(
     match mode {
         TlsMode::Terminate => {
             let Some(cfg) = built.server.clone() else {
-                return refuse(client, out, Reason::TlsHandshakeFailed, "no server config".into());
+                return refuse(
+                    client,
+                    out,
+                    Reason::TlsHandshakeFailed,
+                    "no server config".into(),
+                );
             };
             let conn = match session::server(cfg) {
                 Ok(s) => handshake(s, client, false).await,
@@ -131,8 +140,7 @@ async fn tls_end(
             out.upstream = Some(up.addr);
             sys::set_nodelay(cfd);
             let end =
-                crate::io::tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false)
-                    .await;
+                crate::io::tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false).await;
             out.relayed_tls(end, false);
         }
         TlsMode::Origin => {
@@ -145,7 +153,12 @@ async fn tls_end(
             };
             out.upstream = Some(up.addr);
             let Some(cfg) = built.client.clone() else {
-                return refuse(client, out, Reason::TlsHandshakeFailed, "no client config".into());
+                return refuse(
+                    client,
+                    out,
+                    Reason::TlsHandshakeFailed,
+                    "no client config".into(),
+                );
             };
             let conn = match session::client(cfg, &expected_name(w, listener)) {
                 Ok(s) => handshake(s, &up.stream, true).await,
@@ -158,8 +171,7 @@ async fn tls_end(
             out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
             sys::set_nodelay(cfd);
             let end =
-                crate::io::tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true)
-                    .await;
+                crate::io::tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
             out.relayed_tls(end, true);
         }
     }

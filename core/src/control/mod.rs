@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::Service;
 use crate::policy::intentions::Intentions;
+use crate::reason::Reason;
 use crate::server::Updater;
 
 /// How long one request may take beyond its long-poll wait.
@@ -419,7 +420,7 @@ impl Control {
                 Err(e) => {
                     if let Some(saved) = self.load_saved() {
                         warn!(
-                            reason = "ctl_unreachable",
+                            reason = Reason::CtlUnreachable.as_str(),
                             error = %format!("{e:#}"),
                             version = saved.index,
                             "control daemon unreachable: starting with the last good configuration and certificate"
@@ -432,7 +433,7 @@ impl Control {
                             e.context("no configuration from the control daemon and none saved")
                         );
                     }
-                    warn!(reason = "ctl_unreachable", error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "waiting for the control daemon");
+                    warn!(reason = Reason::CtlUnreachable.as_str(), error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "waiting for the control daemon");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(BACKOFF.1);
                 }
@@ -526,7 +527,7 @@ impl Control {
                     match self.round(&updater) {
                                                 Ok(()) => {
                             self.unreachable_since = 0;
-                            if updater.set_ctl_unreachable(false) {
+                            if updater.set_ctl_unreachable(false, "") {
                                 info!("control daemon reachable again");
                             }
                             backoff = BACKOFF.0;
@@ -535,9 +536,9 @@ impl Control {
                             if self.unreachable_since == 0 {
                                 self.unreachable_since = unix_now();
                             }
-                            if !updater.set_ctl_unreachable(true) {
+                            if !updater.set_ctl_unreachable(true, &format!("{e:#}")) {
                                 warn!(
-                                    reason = "ctl_unreachable",
+                                    reason = Reason::CtlUnreachable.as_str(),
                                     error = %format!("{e:#}"),
                                     version = self.config.as_ref().map_or(0, |c| c.index),
                                     "control daemon unreachable: keeping the last good configuration and certificate"

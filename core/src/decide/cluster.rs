@@ -67,8 +67,8 @@ impl Drop for ActiveGuard {
 }
 
 impl Cluster {
-    /// Fresh state for a service.
-    pub fn new(service: Service) -> Arc<Cluster> {
+    /// Fresh state for a service, created at `now` (the clock is passed in, never read here).
+    pub fn new(service: Service, now: Instant) -> Arc<Cluster> {
         let endpoints = service
             .endpoints
             .iter()
@@ -86,7 +86,7 @@ impl Cluster {
             service,
             endpoints,
             rr: AtomicUsize::new(0),
-            epoch: Instant::now(),
+            epoch: now,
             active_requests: AtomicU32::new(0),
             ejections: AtomicU64::new(0),
         })
@@ -279,7 +279,7 @@ mod tests {
             .collect();
         let mut s = Service::new("s", eps);
         s.lb = lb;
-        Cluster::new(s)
+        Cluster::new(s, Instant::now())
     }
 
     #[test]
@@ -350,7 +350,7 @@ mod tests {
             ],
         );
         s.base_ejection = Duration::from_millis(50);
-        let c = Cluster::new(s);
+        let c = Cluster::new(s, Instant::now());
         assert_eq!(c.report_status(1, 503, 3, t.get()), None);
         assert_eq!(c.report_status(1, 500, 3, t.get()), None);
         assert_eq!(
@@ -370,7 +370,10 @@ mod tests {
             "one trial: {picks:?}"
         );
         // The trial fails: open again, for twice as long.
-        assert_eq!(c.report_status(1, 500, 3, t.get()), Some(Duration::from_millis(100)));
+        assert_eq!(
+            c.report_status(1, 500, 3, t.get()),
+            Some(Duration::from_millis(100))
+        );
         assert!(c.is_ejected(1, t.get()));
         t.set(t.get() + Duration::from_millis(110));
         let picks: Vec<_> = (0..4).map(|_| c.pick(0, t.get()).unwrap()).collect();

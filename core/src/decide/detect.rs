@@ -148,8 +148,7 @@ fn client_hello(b: &[u8]) -> Detection {
         if b.len() < off + RECORD_HEADER {
             // A prefix that can still become a record header.
             let have = &b[off..];
-            if have.first().is_some_and(|&t| t != 0x16) || have.get(1).is_some_and(|&v| v != 3)
-            {
+            if have.first().is_some_and(|&t| t != 0x16) || have.get(1).is_some_and(|&v| v != 3) {
                 return not_hello(off);
             }
             return Detection::NeedMore(off + RECORD_HEADER);
@@ -246,7 +245,8 @@ mod tests {
                 _: &[u8],
                 _: &rustls::pki_types::CertificateDer<'_>,
                 _: &rustls::DigitallySignedStruct,
-            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
                 Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
             }
             fn verify_tls13_signature(
@@ -254,7 +254,8 @@ mod tests {
                 _: &[u8],
                 _: &rustls::pki_types::CertificateDer<'_>,
                 _: &rustls::DigitallySignedStruct,
-            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error>
+            {
                 Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
             }
             fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -273,7 +274,8 @@ mod tests {
             // A long ALPN list is the simplest way to make the hello large.
             let n = pad / 250 + 1;
             for k in 0..n {
-                c.alpn_protocols.push(format!("pad{k:04}-{}", "x".repeat(240)).into_bytes());
+                c.alpn_protocols
+                    .push(format!("pad{k:04}-{}", "x".repeat(240)).into_bytes());
             }
         }
         let name = rustls::pki_types::ServerName::try_from("products").unwrap();
@@ -292,7 +294,11 @@ mod tests {
         assert_eq!(c(b"POST /x"), Detection::Http);
         assert_eq!(c(b"PRI * HTTP/2.0\r\n\r\nSM"), Detection::Http);
         assert_eq!(c(b"GE"), Detection::NeedMore(4), "a partial token waits");
-        assert_eq!(c(b"P"), Detection::NeedMore(4), "PUT is the shortest P-method");
+        assert_eq!(
+            c(b"P"),
+            Detection::NeedMore(4),
+            "PUT is the shortest P-method"
+        );
         assert_eq!(c(b"PRI * HT"), Detection::NeedMore(16));
         assert_eq!(c(b"\x16\x03\x01"), Detection::Other, "TLS is not HTTP");
         assert_eq!(
@@ -315,7 +321,11 @@ mod tests {
         loop {
             match classify(Want::TlsOrPlain, &h[..fed]) {
                 Detection::NeedMore(n) => {
-                    assert!(n > fed && n <= h.len(), "asks {n} with {fed} of {}", h.len());
+                    assert!(
+                        n > fed && n <= h.len(),
+                        "asks {n} with {fed} of {}",
+                        h.len()
+                    );
                     fed = n;
                     asks += 1;
                 }
@@ -334,7 +344,10 @@ mod tests {
     #[test]
     fn alpn_variants() {
         for (alpn, want) in [
-            (vec![&b"ringside/tcp"[..]], Some(vec![b"ringside/tcp".to_vec()])),
+            (
+                vec![&b"ringside/tcp"[..]],
+                Some(vec![b"ringside/tcp".to_vec()]),
+            ),
             (vec![], None),
             (
                 vec![&b"h2"[..], &b"ringside/http"[..]],
@@ -381,7 +394,10 @@ mod tests {
             d.feed(&header, t0 + Duration::from_secs(5), false),
             Detection::Timeout
         );
-        assert_eq!(d.feed(&[], t0 + Duration::from_secs(6), false), Detection::Timeout);
+        assert_eq!(
+            d.feed(&[], t0 + Duration::from_secs(6), false),
+            Detection::Timeout
+        );
         assert_eq!(
             d.feed(&header, t0, true),
             Detection::Tls { alpn: None },
@@ -392,7 +408,10 @@ mod tests {
 
     #[test]
     fn plaintext_on_a_tls_listener_is_told_http_or_not() {
-        assert_eq!(classify(Want::TlsOrPlain, b"GET / HTTP/1.1"), Detection::Http);
+        assert_eq!(
+            classify(Want::TlsOrPlain, b"GET / HTTP/1.1"),
+            Detection::Http
+        );
         assert_eq!(classify(Want::TlsOrPlain, b"SSH-2.0-x"), Detection::Other);
         assert_eq!(
             classify(Want::TlsOrPlain, &[0x16, 0x00, 0x00]),

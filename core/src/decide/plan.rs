@@ -598,7 +598,13 @@ services:
             pod_ip: pod,
         };
         assert_eq!(
-            run(&w, i, "198.18.0.2:5432", STRICT, tls(Some(b"ringside/http"))),
+            run(
+                &w,
+                i,
+                "198.18.0.2:5432",
+                STRICT,
+                tls(Some(b"ringside/http"))
+            ),
             Plan::Terminate {
                 service: db,
                 app: local(db, 5432)
@@ -606,7 +612,13 @@ services:
             "a tcp service stays L4 even when the caller asks for HTTP"
         );
         assert_eq!(
-            run(&w, i, "198.18.0.2:7000", STRICT, tls(Some(b"ringside/http"))),
+            run(
+                &w,
+                i,
+                "198.18.0.2:7000",
+                STRICT,
+                tls(Some(b"ringside/http"))
+            ),
             Plan::L7(L7Plan::Inbound {
                 service: misc,
                 port: 7000,
@@ -677,7 +689,13 @@ services:
         );
         let db = idx(&w, "db");
         assert_eq!(
-            run(&w, i, "198.18.0.2:5432", PERMISSIVE, Some(Detection::Timeout)),
+            run(
+                &w,
+                i,
+                "198.18.0.2:5432",
+                PERMISSIVE,
+                Some(Detection::Timeout)
+            ),
             Plan::Relay(Route::Local {
                 service: Some(db),
                 port: 5432,

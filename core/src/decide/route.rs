@@ -230,6 +230,10 @@ mod tests {
             .iter()
             .map(|a| a.to_string())
             .collect();
-        assert_eq!(undeclared, vec!["198.18.0.2:6379"], "loopback-only apps stay private");
+        assert_eq!(
+            undeclared,
+            vec!["198.18.0.2:6379"],
+            "loopback-only apps stay private"
+        );
     }
 }

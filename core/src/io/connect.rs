@@ -101,7 +101,11 @@ pub(crate) async fn connect_to(
             let listening = crate::io::listening::listening();
             Err(Failure {
                 reason: Reason::AppNotListening,
-                hint: Some(crate::io::listening::app_hint(port, &listening, &candidates)),
+                hint: Some(crate::io::listening::app_hint(
+                    port,
+                    &listening,
+                    &candidates,
+                )),
             })
         }
         Route::Refuse(reason) => Err(fail(reason)),

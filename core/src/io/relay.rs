@@ -28,9 +28,9 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 
 use crate::config::CopyMode;
+use crate::io::sys::{self, Pipe};
 use crate::reason::Reason;
 use crate::telemetry::stats::{Counter, WorkerStats};
-use crate::io::sys::{self, Pipe};
 
 /// Bytes moved in one readiness episode before a pump yields to other connections.
 const EPISODE_BUDGET: usize = 4 * 1024 * 1024;

@@ -304,9 +304,9 @@ pub fn local_ips() -> Vec<std::net::IpAddr> {
                 libc::AF_INET => {
                     // SAFETY: the family says this is a sockaddr_in.
                     let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    out.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
-                        sin.sin_addr.s_addr,
-                    ))));
+                    out.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                        u32::from_be(sin.sin_addr.s_addr),
+                    )));
                 }
                 libc::AF_INET6 => {
                     // SAFETY: the family says this is a sockaddr_in6.

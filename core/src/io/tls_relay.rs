@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 
-use crate::reason::Reason;
 use crate::io::relay::RelayCtx;
 use crate::io::sys;
+use crate::reason::Reason;
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

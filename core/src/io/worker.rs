@@ -209,4 +209,3 @@ where
         monoio::spawn(serve(w.clone(), stream, peer, index).instrument(span));
     }
 }
-

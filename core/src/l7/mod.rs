@@ -591,10 +591,10 @@ async fn forward(
         // applies to the next request, also on a kept-alive connection. Permissive plaintext
         // (no identity) is let through as on L4.
         if inb.authenticated {
-            let shared = ctx.shared.upgrade().ok_or((
-                Reason::Overloaded,
-                "the proxy is shutting down".to_string(),
-            ))?;
+            let shared = ctx
+                .shared
+                .upgrade()
+                .ok_or((Reason::Overloaded, "the proxy is shutting down".to_string()))?;
             let Some(scope) = shared.sidecar_tls.as_ref().map(|s| &s.scope) else {
                 return Err((
                     Reason::IntentionDenied,
@@ -703,9 +703,7 @@ async fn forward(
     // The caller's identity, as this proxy verified it; never what the caller wrote.
     if let Some(id) = &conn.peer_id {
         if let Ok(v) = HeaderValue::from_str(&format!("URI={id}")) {
-            parts
-                .headers
-                .insert(HeaderName::from_static(XFCC), v);
+            parts.headers.insert(HeaderName::from_static(XFCC), v);
         }
     }
     if let Some(inb) = &conn.inbound {
@@ -798,7 +796,8 @@ async fn forward(
                 let failure = (reason, format!("{} ({addr}): {}", svc.name, e.detail));
                 // Connect failures are safe to retry (nothing was sent), also with a streamed
                 // body, which the failed connect gave back.
-                if can_retry && e.connect && reason != Reason::DeniedByDestination {
+                // A TLS refusal (identity, CA, intentions) would only fail again.
+                if can_retry && e.connect && !reason.is_tls() {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
                     given_back = e.request.take();
@@ -845,9 +844,18 @@ async fn forward(
 }
 
 /// The failure of a request that was retried: `retries_exhausted`, naming the last failure
-/// (Envoy's `URX`). A request that was never retried keeps its own reason.
+/// (Envoy's `URX`). A request that was never retried, and a failure to connect (refused, timed
+/// out, unreachable, TLS), keep their own reason: it names the fix, and `ringctl why` reads it.
 fn exhausted(tries: u32, (reason, detail): (Reason, String)) -> (Reason, String) {
-    if tries == 0 {
+    let connect_phase = reason.is_tls()
+        || matches!(
+            reason,
+            Reason::UpstreamConnectRefused
+                | Reason::UpstreamConnectTimeout
+                | Reason::UpstreamUnreachable
+                | Reason::NoHealthyEndpoint
+        );
+    if tries == 0 || connect_phase {
         return (reason, detail);
     }
     (

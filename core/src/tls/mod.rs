@@ -33,8 +33,8 @@ use crate::decide::authz::{authorize_peer, Denied, Scope, Served};
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 
-pub mod sidecar;
 pub mod session;
+pub mod sidecar;
 
 pub use crate::decide::detect::{ALPN_HTTP, ALPN_TCP};
 

@@ -1,0 +1,588 @@
+//! The destination's boundary, attacked the way a caller would: a client holding a valid
+//! certificate of an allowed source (issued by the daemon) talks to the destination's sidecar
+//! directly, with other ALPNs, no ALPN, a ClientHello over several records, forged identity
+//! headers and disguised paths; certificates signed by the mesh CA for a foreign trust domain or
+//! with two identities; connections to the proxy's own ports; loopback-only apps; thousands of
+//! clients that start a ClientHello and go quiet. Needs root (pods).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringside_tests::certs::{Ca, Validity};
+use ringside_tests::ctl::Daemon;
+use ringside_tests::http::{serve, Client};
+use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
+
+const DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: api
+spec:
+  protocol: http
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: api
+spec:
+  destination:
+    name: api
+  sources:
+    - name: frontend
+      permissions:
+        - action: deny
+          http:
+            pathPrefix: /admin
+            caseInsensitive: true
+        - action: allow
+          http:
+            methods: [GET]
+";
+
+/// A client that checks nothing about the server (an attacker only needs to be accepted).
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config presenting `cert`/`key`, offering `alpn`.
+fn client_config(cert_pem: &str, key_pem: &str, alpn: Vec<Vec<u8>>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer))
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    c.alpn_protocols = alpn;
+    Arc::new(c)
+}
+
+/// ALPN lists: one protocol, none, and a list long enough that the ClientHello is ~17 KiB (it
+/// spans two TLS records).
+fn alpn_variants() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let mut big = vec![b"ringside/tcp".to_vec()];
+    for k in 0..70 {
+        big.push(format!("pad{k:03}-{}", "x".repeat(240)).into_bytes());
+    }
+    vec![
+        ("ringside/tcp", vec![b"ringside/tcp".to_vec()]),
+        ("no ALPN", vec![]),
+        ("17 KiB ClientHello", big),
+    ]
+}
+
+/// From `pod`, open TLS to `to` with `cfg`, send `request`, read until the server closes (or 5 s).
+/// Returns what came back (empty when refused).
+fn tls_exchange(
+    pod: &Pod,
+    to: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    request: Vec<u8>,
+) -> Result<String, String> {
+    pod.enter(move || {
+        let sock = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("api").unwrap();
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(&request).map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        let r = tls.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        match r {
+            Ok(_) => Ok(text),
+            Err(_) if !text.is_empty() => Ok(text),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+fn request(method: &str, path: &str, extra: &str) -> Vec<u8> {
+    format!("{method} {path} HTTP/1.1\r\nhost: api\r\n{extra}connection: close\r\n\r\n")
+        .into_bytes()
+}
+
+fn vip(daemon: &Daemon, name: &str) -> IpAddr {
+    daemon
+        .get_json("services")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["virtual_ip"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A counter from a sidecar's admin `/stats` (read inside its pod).
+fn stat(pod: &Pod, name: &str) -> u64 {
+    let text = pod
+        .enter(|| Client::new().get("http://127.0.0.1:15000/stats"))
+        .join()
+        .unwrap()
+        .unwrap()
+        .text();
+    let key = format!("ringside_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of a process, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The daemon's signing root (certificate and key), to forge what a compromised issuer could.
+fn daemon_root(dir: &Path) -> Ca {
+    let ca_dir = dir.join("data").join("ca");
+    let key: PathBuf = std::fs::read_dir(&ca_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "key"))
+        .unwrap_or_else(|| panic!("no root key in {}", ca_dir.display()));
+    Ca::from_pem(
+        &std::fs::read_to_string(key.with_extension("pem")).unwrap(),
+        &std::fs::read_to_string(&key).unwrap(),
+    )
+}
+
+#[test]
+fn the_destination_boundary_holds() {
+    if !pods_available("the_destination_boundary_holds") {
+        return;
+    }
+    // Enough descriptors for 2,000 attacking connections from this process.
+    let lim = libc::rlimit {
+        rlim_cur: 8192,
+        rlim_max: 8192,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+
+    let mut net = Net::new();
+    let front = net.pod("front");
+    let api = net.pod("api");
+    let att = net.pod("att");
+    let range = format!("{}/29", net.virtual_ip(0));
+    let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
+    daemon.ok(&["register", "service", "api", "--port", "80:8080"]);
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.apply(DOCS);
+    for p in [&front, &api] {
+        p.install_redirect(&[]);
+    }
+    let app = api
+        .enter(|| serve("api-app", "127.0.0.1:8080".parse().unwrap()))
+        .join()
+        .unwrap();
+    // An app that chose to listen on loopback only, on a port no service declares.
+    let secret = api.echo_app("127.0.0.1:6379".parse().unwrap());
+    let start_sidecar = |pod: &Pod, service: &str, yaml: &str| {
+        let args = daemon.sidecar_args(service, IpAddr::V4(pod.ip4), PROXY_UID);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Sidecar::start_with(pod, yaml, &args)
+    };
+    let s_api = start_sidecar(&api, "api", "sidecar: {}\n");
+    let s_front = start_sidecar(&front, "frontend", "sidecar: {}\n");
+    let api_url = format!("http://{}", SocketAddr::new(vip(&daemon, "api"), 80));
+
+    // The legitimate caller works, with its identity.
+    let t0 = Instant::now();
+    let ok = loop {
+        let u = format!("{api_url}/items");
+        match front.enter(move || Client::new().get(&u)).join().unwrap() {
+            Ok(r) if r.status == 200 => break r,
+            other if t0.elapsed() > Duration::from_secs(10) => {
+                panic!("{other:?}\n{}", s_api.log_text())
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert!(
+        ok.text()
+            .contains("x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/frontend"),
+        "{}",
+        ok.text()
+    );
+
+    // The attacker holds a real certificate of the allowed source.
+    let dir = daemon.dir.join("attacker");
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = std::fs::read_to_string(daemon.token_file("frontend", 0)).unwrap();
+    let (k, c, b) = (dir.join("k.pem"), dir.join("c.pem"), dir.join("b.pem"));
+    daemon.ok(&[
+        "issue",
+        "--token",
+        token.trim(),
+        "--key-out",
+        k.to_str().unwrap(),
+        "--cert-out",
+        c.to_str().unwrap(),
+        "--bundle-out",
+        b.to_str().unwrap(),
+    ]);
+    let (cert, key) = (
+        std::fs::read_to_string(&c).unwrap(),
+        std::fs::read_to_string(&k).unwrap(),
+    );
+    let direct = SocketAddr::new(IpAddr::V4(api.ip4), 80);
+    let served = app.hits.load(Ordering::SeqCst);
+
+    // 1. L7 permissions cannot be skipped: whatever the ClientHello offers, the service is
+    //    declared http, so every request is checked; DELETE is not allowed.
+    for (what, alpn) in alpn_variants() {
+        let cfg = client_config(&cert, &key, alpn);
+        let r = tls_exchange(&att, direct, cfg, request("DELETE", "/x", ""))
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", s_api.log_text()));
+        assert!(
+            r.starts_with("HTTP/1.1 403") && r.contains("request_denied"),
+            "{what}: {r}"
+        );
+        assert_eq!(
+            app.hits.load(Ordering::SeqCst),
+            served,
+            "{what}: the app saw the request"
+        );
+    }
+    // Bytes that are not HTTP inside the allowed TLS: nothing reaches the app either.
+    let cfg = client_config(&cert, &key, vec![b"ringside/tcp".to_vec()]);
+    let _ = tls_exchange(
+        &att,
+        direct,
+        cfg.clone(),
+        b"\x00\x01 not http \r\n\r\n".to_vec(),
+    );
+    assert_eq!(app.hits.load(Ordering::SeqCst), served);
+
+    // 2. Identity headers cannot be forged: the app sees who the proxy verified.
+    let forged = "x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/admin\r\n";
+    let r = tls_exchange(&att, direct, cfg.clone(), request("GET", "/who", forged)).unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains("x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/frontend")
+            && !r.contains("sa/admin"),
+        "{r}"
+    );
+    let u = format!("{api_url}/who");
+    let r = front
+        .enter(move || {
+            Client::new().send(
+                "GET",
+                &u,
+                &[(
+                    "x-forwarded-client-cert",
+                    "URI=spiffe://dc1/ns/default/sa/admin",
+                )],
+                Vec::new(),
+            )
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(
+        r.text()
+            .contains("x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/frontend")
+            && !r.text().contains("sa/admin"),
+        "{}",
+        r.text()
+    );
+    let served = app.hits.load(Ordering::SeqCst);
+
+    // 3. Paths are normalized before permissions match.
+    for p in [
+        "/admin",
+        "//admin",
+        "/%61dmin",
+        "/a/../admin",
+        "/./admin",
+        "/admin/",
+        "/ADMIN",
+    ] {
+        let r = tls_exchange(&att, direct, cfg.clone(), request("GET", p, "")).unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 403") && r.contains("request_denied"),
+            "{p}: {r}"
+        );
+    }
+    let r = tls_exchange(
+        &att,
+        direct,
+        cfg.clone(),
+        request("GET", "/x%2F..%2Fadmin", ""),
+    )
+    .unwrap();
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("bad_request"),
+        "encoded slash: {r}"
+    );
+    assert_eq!(
+        app.hits.load(Ordering::SeqCst),
+        served,
+        "no disguised path got through"
+    );
+
+    // 6. SPIFFE checked whole: certificates from the mesh's own root, for a foreign trust
+    //    domain, for another namespace, or with two identities, are refused in the handshake.
+    let root = daemon_root(&daemon.dir);
+    for uris in [
+        vec!["spiffe://evil/ns/default/sa/frontend"],
+        vec!["spiffe://dc1/ns/other/sa/frontend"],
+        vec![
+            "spiffe://dc1/ns/default/sa/frontend",
+            "spiffe://dc1/ns/default/sa/admin",
+        ],
+    ] {
+        let (c2, k2) = root.leaf_with_uris(&uris, Validity::Valid);
+        let cfg = client_config(&c2, &k2, vec![b"ringside/http".to_vec()]);
+        let r = tls_exchange(&att, direct, cfg, request("GET", "/items", ""));
+        assert!(
+            !r.as_deref().is_ok_and(|t| t.contains("HTTP/1.1 200")),
+            "{uris:?} was served: {r:?}"
+        );
+    }
+    assert_eq!(app.hits.load(Ordering::SeqCst), served);
+
+    // 4. No loops through the proxy's own ports: from the app's pod, to every local address of
+    //    the sidecar's ports; and from another pod straight to the inbound port.
+    let before = stat(&front, "upstream_cx_total");
+    let targets: Vec<SocketAddr> = vec![
+        "127.0.0.1:15001".parse().unwrap(),
+        "127.0.0.1:15006".parse().unwrap(),
+        "[::1]:15001".parse().unwrap(),
+        SocketAddr::new(IpAddr::V4(front.ip4), 15001),
+        SocketAddr::new(IpAddr::V4(front.ip4), 15006),
+        SocketAddr::new(IpAddr::V4(front.ip4), 15000),
+        SocketAddr::new(IpAddr::V4(front.ip4), 15021),
+        SocketAddr::new(IpAddr::V6(front.ip6), 15006),
+    ];
+    let poke = |pod: &Pod, to: Vec<SocketAddr>| {
+        pod.enter(move || {
+            for a in to {
+                for _ in 0..3 {
+                    if let Ok(mut s) = TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+                        let mut buf = [0u8; 64];
+                        let _ = s.read(&mut buf);
+                    }
+                }
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    poke(&front, targets);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        stat(&front, "upstream_cx_total"),
+        before,
+        "a connection to the proxy's own port made the proxy connect somewhere"
+    );
+    let loops = stat(&front, "failures_total{reason=\"proxy_loop\"}");
+    let before_api = stat(&api, "upstream_cx_total");
+    poke(&att, vec![SocketAddr::new(IpAddr::V4(api.ip4), 15006)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(stat(&api, "upstream_cx_total"), before_api);
+
+    // 7. Detection costs nothing while it waits: 2,000 clients send five bytes of a TLS record
+    //    header and go quiet; the sidecar stays idle, the legitimate caller's latency holds, and
+    //    they are closed at the detection deadline with a counted reason.
+    let latency = |n: usize| {
+        let u = format!("{api_url}/items");
+        front
+            .enter(move || {
+                let c = Client::new();
+                (0..n)
+                    .map(|_| {
+                        let t = Instant::now();
+                        assert_eq!(c.get(&u).unwrap().status, 200);
+                        t.elapsed()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap()
+    };
+    let quiet_before = median(latency(30));
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let flood = att.enter(move || {
+        let mut socks = Vec::new();
+        for _ in 0..2000 {
+            let mut s = TcpStream::connect_timeout(&direct, Duration::from_secs(5)).unwrap();
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+            socks.push(s);
+        }
+        let opened = Instant::now();
+        opened_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        // Every one is closed by the sidecar once its deadline (5 s) passes.
+        let mut closed = 0;
+        for mut s in socks {
+            s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+            let mut b = [0u8; 16];
+            if matches!(s.read(&mut b), Ok(0) | Err(_)) {
+                closed += 1;
+            }
+        }
+        (closed, opened.elapsed())
+    });
+    opened_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let pid = s_api.child.pid();
+    let cpu0 = cpu_time(pid);
+    let quiet_during = median(latency(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu = cpu_time(pid) - cpu0;
+    go_tx.send(()).unwrap();
+    let (closed, took) = flood.join().unwrap();
+    assert!(
+        cpu < Duration::from_millis(300),
+        "the sidecar used {cpu:?} of CPU while 2,000 clients waited"
+    );
+    assert!(
+        quiet_during < quiet_before * 3 + Duration::from_millis(5),
+        "legitimate latency went from {quiet_before:?} to {quiet_during:?}"
+    );
+    assert_eq!(closed, 2000, "every quiet client is closed");
+    assert!(took < Duration::from_secs(9), "closed after {took:?}");
+    eprintln!(
+        "2,000 quiet clients: sidecar CPU {cpu:?} over ~2.5 s; legitimate p50 {quiet_before:?} -> {quiet_during:?}"
+    );
+
+    let ca = s_api.stop();
+    assert_eq!(ca.get("fail.detect_timeout"), Some(&2000), "{ca:?}");
+    assert!(
+        ca.get("fail.request_denied").copied().unwrap_or(0) >= 10,
+        "{ca:?}"
+    );
+    assert!(
+        ca.get("fail.bad_request").copied().unwrap_or(0) >= 1,
+        "{ca:?}"
+    );
+    assert!(
+        ca.get("fail.tls_identity_mismatch").copied().unwrap_or(0) >= 3,
+        "{ca:?}"
+    );
+    assert!(
+        ca.get("fail.proxy_loop").copied().unwrap_or(0) >= 3,
+        "{ca:?}"
+    );
+    assert!(loops >= 8, "proxy_loop counted {loops} times");
+
+    // 5. Loopback-only apps are not exposed, also in permissive mode; and permissive plaintext
+    //    HTTP has its forged identity header removed.
+    let s_api = start_sidecar(
+        &api,
+        "api",
+        "sidecar:\n  mtls: { mode: permissive, cert: /x, key: /x, ca: /x }\n",
+    );
+    let secret_addr = SocketAddr::new(IpAddr::V4(api.ip4), 6379);
+    let got = att
+        .enter(move || {
+            let Ok(mut s) = TcpStream::connect_timeout(&secret_addr, Duration::from_secs(2)) else {
+                return Vec::new();
+            };
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let _ = s.write_all(b"PING\r\n");
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            buf
+        })
+        .join()
+        .unwrap();
+    assert!(got.is_empty(), "the loopback-only app answered: {got:?}");
+    assert_eq!(
+        secret.load(Ordering::SeqCst),
+        0,
+        "the loopback-only app was reached"
+    );
+    let plain = att
+        .enter(move || {
+            let mut s = TcpStream::connect_timeout(&direct, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&request("GET", "/who", forged)).unwrap();
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+        .join()
+        .unwrap();
+    assert!(
+        plain.starts_with("HTTP/1.1 200"),
+        "{plain}\n{}",
+        s_api.log_text()
+    );
+    assert!(
+        plain.contains("x-forwarded-client-cert: \n") && !plain.contains("sa/admin"),
+        "{plain}"
+    );
+    let cp = s_api.stop();
+    assert!(
+        cp.get("fail.app_not_listening").copied().unwrap_or(0) >= 1,
+        "{cp:?}"
+    );
+    s_front.stop();
+}
