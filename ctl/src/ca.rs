@@ -141,26 +141,9 @@ impl Ca {
     }
 }
 
-/// Which roots exist and which one signs, kept in `state.json` beside them (replaced atomically).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RootsState {
-    /// The root that signs leaves.
-    pub signer: String,
-    /// Roots proxies trust (the signer among them).
-    pub trusted: Vec<String>,
-}
-
-/// Where a CA rollover stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RotationPhase {
-    /// One root, nothing in progress.
-    Idle,
-    /// A new root is trusted beside the old one, which still signs.
-    NewTrusted,
-    /// The new root signs; the old one is still trusted until every leaf is re-issued.
-    NewSigning,
-}
+/// Which roots exist and which one signs (kept in `state.json` beside them, replaced atomically),
+/// and where a rollover stands: the same types the daemon's API sends.
+pub use ringside_core::control::api::{RootsState, RotationPhase};
 
 /// The mesh CA with its roots: one signs, one or two are trusted (two during a rollover).
 #[derive(Debug)]

@@ -56,14 +56,37 @@ pub enum Document {
 impl Document {
     /// `Kind/name`, as shown in messages.
     pub fn id(&self) -> String {
-        let (k, n) = match self {
-            Document::ServiceDefaults { name, .. } => ("ServiceDefaults", name),
-            Document::ServiceIntentions { name, .. } => ("ServiceIntentions", name),
-            Document::ServiceRouter { name, .. } => ("ServiceRouter", name),
-            Document::ServiceSplitter { name, .. } => ("ServiceSplitter", name),
-            Document::ServiceResolver { name, .. } => ("ServiceResolver", name),
-        };
-        format!("{k}/{n}")
+        format!("{}/{}", self.kind(), self.name())
+    }
+
+    /// The document's kind, e.g. `ServiceDefaults`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Document::ServiceDefaults { .. } => "ServiceDefaults",
+            Document::ServiceIntentions { .. } => "ServiceIntentions",
+            Document::ServiceRouter { .. } => "ServiceRouter",
+            Document::ServiceSplitter { .. } => "ServiceSplitter",
+            Document::ServiceResolver { .. } => "ServiceResolver",
+        }
+    }
+
+    /// The document's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Document::ServiceDefaults { name, .. }
+            | Document::ServiceIntentions { name, .. }
+            | Document::ServiceRouter { name, .. }
+            | Document::ServiceSplitter { name, .. }
+            | Document::ServiceResolver { name, .. } => name,
+        }
+    }
+
+    /// The destination a `ServiceIntentions` is about (other kinds have none).
+    pub fn destination(&self) -> Option<&str> {
+        match self {
+            Document::ServiceIntentions { spec, .. } => Some(&spec.destination.name),
+            _ => None,
+        }
     }
 }
 
@@ -95,6 +118,18 @@ pub enum Protocol {
     Http2,
     /// gRPC.
     Grpc,
+}
+
+impl Protocol {
+    /// The name as written in documents and sent to proxies (`tcp`, `http`, `http2`, `grpc`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
 }
 
 /// `ServiceIntentions.spec`.
@@ -467,6 +502,18 @@ fn find_line_from(text: &str, from: usize, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protocol_names_are_the_serialized_ones() {
+        for p in [
+            Protocol::Tcp,
+            Protocol::Http,
+            Protocol::Http2,
+            Protocol::Grpc,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+    }
 
     const FILE: &str = "apiVersion: consul.hashicorp.com/v1alpha1
 kind: ServiceDefaults

@@ -14,6 +14,15 @@ use std::sync::Arc;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use ringside_core::control::api::{
+    ApplyResponse, CaStatus, CatalogService, CertRotateResponse, DeleteResponse, EndpointRecord,
+    ErrorBody, IndexResponse, IntentionCheck, IntentionList, IntentionRow, ProxyConfig,
+    ProxyReport, ProxyStatus, RegisterService, ReportAck, SignResponse, TokenRequest,
+    TokenResponse,
+};
+use ringside_core::control::AnswerError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::consul;
 use crate::store::Store;
@@ -169,7 +178,7 @@ fn cert_generation(store: &Store, service: &str) -> Result<u64, crate::store::St
 
 /// Everything a proxy of `service` needs: the catalog, the intentions, the trust bundle and the
 /// certificate generation, at the current index.
-pub fn proxy_config(state: &State, service: &str) -> Result<serde_json::Value, String> {
+pub fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, String> {
     let store = &state.store;
     let index = store.index().map_err(|e| e.to_string())?;
     let docs = store.typed().map_err(|e| e.to_string())?;
@@ -179,39 +188,37 @@ pub fn proxy_config(state: &State, service: &str) -> Result<serde_json::Value, S
         rules: consul::intentions(&docs),
         default: ringside_core::intentions::Action::Deny,
     };
-    let catalog: Vec<serde_json::Value> = services
+    let catalog: Vec<CatalogService> = services
         .iter()
         .map(|s| {
-            let healthy: Vec<&crate::store::Endpoint> = endpoints
+            let healthy: Vec<&EndpointRecord> = endpoints
                 .iter()
                 .filter(|e| e.service == s.name && e.healthy)
                 .collect();
-            let eps: Vec<String> = healthy.iter().map(|e| e.address.to_string()).collect();
-            let meta: Vec<_> = healthy.iter().map(|e| e.meta.clone()).collect();
-            serde_json::json!({
-                "name": s.name,
-                "virtual_ip": s.virtual_ip,
-                "ports": s.ports,
-                                "endpoints": eps,
-                "endpoint_meta": meta,
-                "protocol": consul::protocol_of(&docs, &s.name),
-            })
+            CatalogService {
+                name: s.name.clone(),
+                virtual_ip: s.virtual_ip.into(),
+                ports: s.ports.clone(),
+                endpoints: healthy.iter().map(|e| e.address).collect(),
+                protocol: consul::protocol_of(&docs, &s.name).map(|p| p.as_str().to_string()),
+                endpoint_meta: healthy.iter().map(|e| e.meta.clone()).collect(),
+            }
         })
         .collect();
     let (bundle, trust_domain) = {
         let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
         (ca.bundle(), ca.signer().trust_domain.clone())
     };
-    Ok(serde_json::json!({
-        "index": index,
-        "service": service,
-        "trust_domain": trust_domain,
-        "services": catalog,
-                "intentions": intentions,
-        "l7": consul::l7_config(&docs),
-        "bundle": bundle,
-        "cert_generation": cert_generation(store, service).map_err(|e| e.to_string())?,
-    }))
+    Ok(ProxyConfig {
+        index,
+        service: service.to_string(),
+        trust_domain,
+        services: catalog,
+        intentions,
+        l7: consul::l7_config(&docs),
+        bundle,
+        cert_generation: cert_generation(store, service).map_err(|e| e.to_string())?,
+    })
 }
 
 /// The service of the request's proxy token (`Authorization: Bearer`), or the error answer.
@@ -260,7 +267,7 @@ async fn handle_proxy(
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
             let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
             match proxy_config(&state, &service) {
-                Ok(v) => json(StatusCode::OK, v),
+                Ok(c) => json(StatusCode::OK, &c),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
         }
@@ -271,25 +278,26 @@ async fn handle_proxy(
             };
             sign(&state, &service, &String::from_utf8_lossy(&body))
         }
-        (Method::POST, "/v1/proxy/report") => {
-            match body_json::<crate::store::ProxyRecord>(req).await {
-                Err(r) => r,
-                Ok(mut rec) => {
-                    rec.service = service.clone();
-                    rec.last_seen = unix_now();
-                    let node = rec.id.clone();
-                    match store.report_proxy(&rec, &node) {
-                        Ok(changed) => {
-                            if changed {
-                                state.notify();
-                            }
-                            json(StatusCode::OK, serde_json::json!({ "ok": true }))
+        (Method::POST, "/v1/proxy/report") => match body_json::<ProxyReport>(req).await {
+            Err(r) => r,
+            Ok(mut report) => {
+                report.service = service.clone();
+                let rec = crate::store::ProxyRecord {
+                    report,
+                    last_seen: unix_now(),
+                };
+                let node = rec.report.id.clone();
+                match store.report_proxy(&rec, &node) {
+                    Ok(changed) => {
+                        if changed {
+                            state.notify();
                         }
-                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                        json(StatusCode::OK, &ReportAck { ok: true })
                     }
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
                 }
             }
-        }
+        },
         (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),
     };
     Ok(resp)
@@ -307,14 +315,29 @@ fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
     {
         Ok(cert) => json(
             StatusCode::OK,
-            serde_json::json!({ "service": service, "cert": cert, "bundle": ca.bundle(), "cert_generation": generation }),
+            &SignResponse {
+                service: service.to_string(),
+                cert,
+                bundle: ca.bundle(),
+                cert_generation: generation,
+            },
         ),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
 
-fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+/// An answer with a JSON body (one of [`ringside_core::control::api`]'s, or stored documents).
+fn json<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let text = match serde_json::to_string(body) {
+        Ok(t) => t,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot write the answer: {e}"),
+            )
+        }
+    };
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -323,8 +346,14 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// A refusal: `status` with an [`ErrorBody`].
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
-    json(status, serde_json::json!({ "error": message.to_string() }))
+    json(
+        status,
+        &ErrorBody {
+            error: message.to_string(),
+        },
+    )
 }
 
 /// Hex SHA-256 of a token: only hashes are stored.
@@ -336,7 +365,7 @@ pub fn token_hash(token: &str) -> String {
         .collect()
 }
 
-async fn body_json<T: serde::de::DeserializeOwned>(
+async fn body_json<T: DeserializeOwned>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Full<Bytes>>> {
     let body = req
@@ -347,18 +376,6 @@ async fn body_json<T: serde::de::DeserializeOwned>(
         .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
-}
-
-#[derive(serde::Deserialize)]
-struct ServiceReq {
-    name: String,
-    #[serde(default)]
-    ports: Vec<crate::store::PortMap>,
-}
-
-#[derive(serde::Deserialize)]
-struct TokenReq {
-    service: String,
 }
 
 async fn handle(
@@ -383,7 +400,10 @@ async fn handle(
                         state.notify();
                         json(
                             StatusCode::OK,
-                            serde_json::json!({ "applied": docs.iter().map(|d| d.id()).collect::<Vec<_>>(), "index": index }),
+                            &ApplyResponse {
+                                applied: docs.iter().map(|d| d.id()).collect(),
+                                index,
+                            },
                         )
                     }
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -391,7 +411,8 @@ async fn handle(
             }
         }
         (Method::GET, "/v1/config") => match store.documents() {
-            Ok(d) => json(StatusCode::OK, serde_json::Value::Array(d)),
+            // The stored documents are the operators' own (YAML made JSON): passed on untyped.
+            Ok(d) => json(StatusCode::OK, &d),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         (Method::GET, "/v1/intentions") => match store.typed() {
@@ -400,24 +421,23 @@ async fn handle(
                     rules: consul::intentions(&docs),
                     default: ringside_core::intentions::Action::Deny,
                 };
-                let rules: Vec<serde_json::Value> = set
-                    .rules
-                    .iter()
-                    .map(|r| {
-                        let mut v = serde_json::to_value(r).unwrap_or_default();
-                        v["precedence"] = serde_json::json!(r.precedence());
-                        v
-                    })
-                    .collect();
-                json(
-                    StatusCode::OK,
-                    serde_json::json!({ "rules": rules, "default": set.default }),
-                )
+                let list = IntentionList {
+                    rules: set
+                        .rules
+                        .into_iter()
+                        .map(|r| IntentionRow {
+                            precedence: r.precedence(),
+                            intention: r,
+                        })
+                        .collect(),
+                    default: set.default,
+                };
+                json(StatusCode::OK, &list)
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         (Method::GET, "/v1/index") => match store.index() {
-            Ok(i) => json(StatusCode::OK, serde_json::json!({ "index": i })),
+            Ok(index) => json(StatusCode::OK, &IndexResponse { index }),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         (Method::DELETE, p) if p.starts_with("/v1/config/") => {
@@ -425,7 +445,12 @@ async fn handle(
             match store.delete(id) {
                 Ok(true) => {
                     state.notify();
-                    json(StatusCode::OK, serde_json::json!({ "deleted": id }))
+                    json(
+                        StatusCode::OK,
+                        &DeleteResponse {
+                            deleted: id.to_string(),
+                        },
+                    )
                 }
                 Ok(false) => error(StatusCode::NOT_FOUND, format!("{id} is not stored")),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -449,7 +474,10 @@ async fn handle(
                         let d = set.evaluate(&src, &dst);
                         json(
                             StatusCode::OK,
-                            serde_json::json!({ "allowed": d.allowed(), "decided_by": d.explain() }),
+                            &IntentionCheck {
+                                allowed: d.allowed(),
+                                decided_by: d.explain(),
+                            },
                         )
                     }
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -460,35 +488,35 @@ async fn handle(
                 ),
             }
         }
-        (Method::POST, "/v1/services") => match body_json::<ServiceReq>(req).await {
+        (Method::POST, "/v1/services") => match body_json::<RegisterService>(req).await {
             Err(r) => r,
             Ok(r) => match store.register_service(&r.name, r.ports, state.vip_range) {
                 Ok(s) => {
                     state.notify();
-                    json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default())
+                    json(StatusCode::OK, &s)
                 }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
         },
         (Method::GET, "/v1/services") => match store.services() {
-            Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
+            Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
-        (Method::POST, "/v1/endpoints") => match body_json::<crate::store::Endpoint>(req).await {
+        (Method::POST, "/v1/endpoints") => match body_json::<EndpointRecord>(req).await {
             Err(r) => r,
             Ok(ep) => match store.register_endpoint(&ep) {
                 Ok(()) => {
                     state.notify();
-                    json(StatusCode::OK, serde_json::to_value(ep).unwrap_or_default())
+                    json(StatusCode::OK, &ep)
                 }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
         },
         (Method::GET, "/v1/endpoints") => match store.endpoints() {
-            Ok(s) => json(StatusCode::OK, serde_json::to_value(s).unwrap_or_default()),
+            Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
-        (Method::POST, "/v1/tokens") => match body_json::<TokenReq>(req).await {
+        (Method::POST, "/v1/tokens") => match body_json::<TokenRequest>(req).await {
             Err(r) => r,
             Ok(r) => {
                 let mut raw = [0u8; 32];
@@ -499,7 +527,10 @@ async fn handle(
                         match store.add_token(&token_hash(&token), &r.service) {
                             Ok(()) => json(
                                 StatusCode::OK,
-                                serde_json::json!({ "service": r.service, "token": token }),
+                                &TokenResponse {
+                                    service: r.service,
+                                    token,
+                                },
                             ),
                             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
                         }
@@ -521,16 +552,16 @@ async fn handle(
         (Method::GET, "/v1/proxies") => match store.proxies() {
             Ok(list) => {
                 let now = unix_now();
-                let rows: Vec<serde_json::Value> = list
+                let rows: Vec<ProxyStatus> = list
                     .into_iter()
-                    .map(|p| {
-                        let mut v = serde_json::to_value(&p).unwrap_or_default();
-                        v["live"] = serde_json::Value::Bool(now - p.last_seen <= LIVE_FOR_SECS);
-                        v["cert_expires_in_s"] = serde_json::json!(p.cert_not_after - now);
-                        v
+                    .map(|p| ProxyStatus {
+                        live: now - p.last_seen <= LIVE_FOR_SECS,
+                        cert_expires_in_s: p.report.cert_not_after - now,
+                        last_seen: p.last_seen,
+                        report: p.report,
                     })
                     .collect();
-                json(StatusCode::OK, serde_json::Value::Array(rows))
+                json(StatusCode::OK, &rows)
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
@@ -545,7 +576,10 @@ async fn handle(
                     let index = store.index().unwrap_or(0);
                     json(
                         StatusCode::OK,
-                        serde_json::json!({ "rotated": query_param(&query, "service").unwrap_or_else(|| "*".into()), "index": index }),
+                        &CertRotateResponse {
+                            rotated: query_param(&query, "service").unwrap_or_else(|| "*".into()),
+                            index,
+                        },
                     )
                 }
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -555,7 +589,13 @@ async fn handle(
             let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
             json(
                 StatusCode::OK,
-                serde_json::json!({ "phase": ca.phase(), "roots": ca.state(), "bundle": ca.bundle(), "generation": store.meta("certgen").unwrap_or(0), "index": store.index().unwrap_or(0) }),
+                &CaStatus {
+                    phase: ca.phase(),
+                    roots: ca.state().clone(),
+                    bundle: Some(ca.bundle()),
+                    generation: store.meta("certgen").unwrap_or(0),
+                    index: store.index().unwrap_or(0),
+                },
             )
         }
         (Method::POST, "/v1/ca/rotate") => {
@@ -575,7 +615,13 @@ async fn handle(
                     let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
                     json(
                         StatusCode::OK,
-                        serde_json::json!({ "phase": ca.phase(), "roots": ca.state(), "generation": store.meta("certgen").unwrap_or(0), "index": store.index().unwrap_or(0) }),
+                        &CaStatus {
+                            phase: ca.phase(),
+                            roots: ca.state().clone(),
+                            bundle: None,
+                            generation: store.meta("certgen").unwrap_or(0),
+                            index: store.index().unwrap_or(0),
+                        },
                     )
                 }
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -586,25 +632,43 @@ async fn handle(
     Ok(resp)
 }
 
-/// A request to the daemon's socket; returns (status, JSON body).
-pub fn call(
+/// Why a request to the daemon failed.
+#[derive(Debug)]
+pub enum CallError {
+    /// The daemon could not be reached, or did not answer in time.
+    Unreachable(anyhow::Error),
+    /// It refused the request, or its answer is not the expected body.
+    Answer(AnswerError),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unreachable(e) => write!(f, "{e:#}"),
+            CallError::Answer(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A request to the daemon's socket; its answer read as `T` (see [`ringside_core::control::api`]).
+pub fn call<T: DeserializeOwned>(
     socket: &Path,
     method: Method,
     path: &str,
     body: Option<String>,
-) -> anyhow::Result<(u16, serde_json::Value)> {
+) -> Result<T, CallError> {
     call_with(socket, method, path, body, None)
 }
 
 /// A request with an optional bearer token.
-pub fn call_with(
+pub fn call_with<T: DeserializeOwned>(
     socket: &Path,
     method: Method,
     path: &str,
     body: Option<String>,
     token: Option<&str>,
-) -> anyhow::Result<(u16, serde_json::Value)> {
-    ringside_core::control::http_call(
+) -> Result<T, CallError> {
+    let (status, answer) = ringside_core::control::http_call(
         socket,
         method.as_str(),
         path,
@@ -612,4 +676,6 @@ pub fn call_with(
         token,
         std::time::Duration::from_secs(30),
     )
+    .map_err(CallError::Unreachable)?;
+    ringside_core::control::read_answer(status, &answer).map_err(CallError::Answer)
 }

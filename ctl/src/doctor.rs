@@ -6,9 +6,11 @@
 
 use std::path::Path;
 
+use ringside_core::control::api::ProxyStatus;
+use ringside_core::control::AnswerError;
 use serde::Serialize;
 
-use crate::daemon;
+use crate::daemon::{self, CallError};
 use crate::why::{netns_has_rules, netns_listeners};
 
 /// One check.
@@ -64,45 +66,54 @@ pub fn doctor(socket: &Path, netns: Option<&str>) -> Vec<Item> {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     // The daemon.
-    let proxies = match daemon::call(socket, hyper::Method::GET, "/v1/proxies", None) {
-        Ok((200, v)) => {
-            out.push(item(
-                true,
-                "control daemon reachable",
-                socket.display().to_string(),
-                "",
-            ));
-            v.as_array().cloned().unwrap_or_default()
-        }
-        Ok((s, v)) => {
-            out.push(item(
-                false,
-                "control daemon reachable",
-                format!("{s}: {}", v["error"].as_str().unwrap_or("")),
-                "check the daemon's log",
-            ));
-            Vec::new()
-        }
-        Err(e) => {
-            out.push(item(
-                false,
-                "control daemon reachable",
-                format!("{e:#}"),
-                "start it: ringctl daemon --data-dir DIR (or pass --socket)",
-            ));
-            Vec::new()
-        }
-    };
+    let proxies =
+        match daemon::call::<Vec<ProxyStatus>>(socket, hyper::Method::GET, "/v1/proxies", None) {
+            Ok(list) => {
+                out.push(item(
+                    true,
+                    "control daemon reachable",
+                    socket.display().to_string(),
+                    "",
+                ));
+                list
+            }
+            Err(CallError::Answer(AnswerError::Refused { status, error })) => {
+                out.push(item(
+                    false,
+                    "control daemon reachable",
+                    format!("{status}: {}", error.unwrap_or_default()),
+                    "check the daemon's log",
+                ));
+                Vec::new()
+            }
+            Err(CallError::Answer(e @ AnswerError::Unreadable(_))) => {
+                out.push(item(
+                    false,
+                    "control daemon reachable",
+                    e.to_string(),
+                    "run a ringctl of the same version as the daemon",
+                ));
+                Vec::new()
+            }
+            Err(CallError::Unreachable(e)) => {
+                out.push(item(
+                    false,
+                    "control daemon reachable",
+                    format!("{e:#}"),
+                    "start it: ringctl daemon --data-dir DIR (or pass --socket)",
+                ));
+                Vec::new()
+            }
+        };
     for p in &proxies {
-        let id = p["id"].as_str().unwrap_or("?");
-        let live = p["live"] == true;
+        let id = &p.report.id;
         out.push(item(
-            live,
+            p.live,
             format!("proxy {id} reports to the daemon"),
-            format!("last report {}s ago", now - p["last_seen"].as_i64().unwrap_or(0)),
+            format!("last report {}s ago", now - p.last_seen),
             "check that it runs and can reach the daemon's proxy socket (ctl_unreachable in its log)",
         ));
-        let exp = p["cert_not_after"].as_i64().unwrap_or(0) - now;
+        let exp = p.report.cert_not_after - now;
         out.push(item(
             exp > CERT_MARGIN_S,
             format!("proxy {id}: certificate valid and not close to expiry"),
@@ -113,7 +124,7 @@ pub fn doctor(socket: &Path, netns: Option<&str>) -> Vec<Item> {
             },
             "it renews at half its lifetime: check it reaches the daemon; ringctl cert rotate",
         ));
-        let skew = p["clock"].as_i64().unwrap_or(0) - p["last_seen"].as_i64().unwrap_or(0);
+        let skew = p.report.clock - p.last_seen;
         out.push(item(
             skew.abs() <= MAX_SKEW_S,
             format!("proxy {id}: clock agrees with the daemon's"),

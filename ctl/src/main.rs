@@ -19,7 +19,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ringside_core::control::api::{
+    ApplyResponse, CaStatus, CertRotateResponse, DeleteResponse, EndpointRecord, IntentionCheck,
+    IntentionList, IntentionRow, PortMap, ProxyStatus, RegisterService, RotationPhase,
+    ServiceRecord, SignResponse, TokenRequest, TokenResponse,
+};
+use ringside_core::control::AnswerError;
+use ringside_core::intentions::{Action, Pattern};
 use ringside_core::Config;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(name = "ringctl", version, about = "ringside control CLI")]
@@ -372,21 +381,22 @@ fn wait_proxies(
     socket: &std::path::Path,
     timeout: std::time::Duration,
     what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
+    ok: impl Fn(&ProxyStatus) -> bool,
 ) -> Result<(), String> {
     let start = std::time::Instant::now();
     loop {
-        let (status, v) = daemon::call(socket, hyper::Method::GET, "/v1/proxies", None)
-            .map_err(|e| format!("{e:#}"))?;
-        if status != 200 {
-            return Err(format!("cannot list proxies ({status})"));
-        }
-        let behind: Vec<String> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["live"].as_bool() == Some(true) && !ok(p))
-            .map(|p| p["id"].as_str().unwrap_or("?").to_string())
+        let proxies: Vec<ProxyStatus> =
+            match daemon::call(socket, hyper::Method::GET, "/v1/proxies", None) {
+                Ok(p) => p,
+                Err(daemon::CallError::Answer(AnswerError::Refused { status, .. })) => {
+                    return Err(format!("cannot list proxies ({status})"))
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+        let behind: Vec<String> = proxies
+            .iter()
+            .filter(|p| p.live && !ok(p))
+            .map(|p| p.report.id.clone())
             .collect();
         if behind.is_empty() {
             return Ok(());
@@ -402,111 +412,124 @@ fn wait_proxies(
     }
 }
 
+/// A daemon answer read as `T`, or the error as the CLI prints it.
+fn fetch<T: DeserializeOwned>(
+    socket: &std::path::Path,
+    method: hyper::Method,
+    path: &str,
+) -> Result<T, String> {
+    daemon::call(socket, method, path, None).map_err(|e| e.to_string())
+}
+
 fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(), String> {
-    let get = |method, path: &str| -> Result<serde_json::Value, String> {
-        match daemon::call(socket, method, path, None) {
-            Ok((200, v)) => Ok(v),
-            Ok((status, v)) => Err(format!(
-                "{} ({status})",
-                v["error"].as_str().unwrap_or("request failed")
-            )),
-            Err(e) => Err(format!("{e:#}")),
-        }
-    };
-    let mut state = get(hyper::Method::GET, "/v1/ca")?;
+    let mut state: CaStatus = fetch(socket, hyper::Method::GET, "/v1/ca")?;
     let mut started = false;
     loop {
-        match state["phase"].as_str().unwrap_or("") {
-            "idle" if started => {
-                println!(
-                    "rollover done: signer {}",
-                    state["roots"]["signer"].as_str().unwrap_or("")
-                );
+        match state.phase {
+            RotationPhase::Idle if started => {
+                println!("rollover done: signer {}", state.roots.signer);
                 return Ok(());
             }
-            "idle" => {
-                state = get(hyper::Method::POST, "/v1/ca/rotate")?;
+            RotationPhase::Idle => {
+                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate")?;
                 println!(
                     "1/3 new root {} trusted beside the old one",
-                    state["roots"]["trusted"][1].as_str().unwrap_or("")
+                    state.roots.trusted.get(1).map_or("", |t| t.as_str())
                 );
             }
-            "new_trusted" => {
-                let index = state["index"].as_u64().unwrap_or(0);
+            RotationPhase::NewTrusted => {
+                let index = state.index;
                 wait_proxies(socket, timeout, "taken the new trust bundle", |p| {
-                    p["applied_index"].as_u64().unwrap_or(0) >= index
+                    p.report.applied_index >= index
                 })?;
-                state = get(hyper::Method::POST, "/v1/ca/rotate")?;
+                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate")?;
                 println!(
                     "2/3 every live proxy trusts both roots; the new root {} signs, leaves are being re-issued",
-                    state["roots"]["signer"].as_str().unwrap_or("")
+                    state.roots.signer
                 );
             }
-            "new_signing" => {
-                let generation = state["generation"].as_u64().unwrap_or(0);
+            RotationPhase::NewSigning => {
+                let generation = state.generation;
                 wait_proxies(socket, timeout, "re-issued their certificates", |p| {
-                    p["cert_generation"].as_u64().unwrap_or(0) >= generation
+                    p.report.cert_generation >= generation
                 })?;
-                state = get(hyper::Method::POST, "/v1/ca/rotate")?;
+                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate")?;
                 println!(
                     "3/3 every live proxy has a leaf from the new root; the old root is retired"
                 );
             }
-            other => return Err(format!("unknown rollover phase '{other}'")),
         }
         started = true;
     }
 }
 
+/// An intention's action as the API writes it.
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    }
+}
+
+/// JSON as `-o json` prints it: pretty, with object keys sorted (the order it always had).
+fn print_json<T: Serialize>(v: &T) {
+    let v = serde_json::to_value(v).unwrap_or_default();
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
 fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), String> {
-    let get = |path: &str| -> Result<serde_json::Value, String> {
-        match daemon::call(socket, hyper::Method::GET, path, None) {
-            Ok((200, v)) => Ok(v),
-            Ok((status, v)) => Err(format!(
-                "{} ({status})",
-                v["error"].as_str().unwrap_or("request failed")
-            )),
-            Err(e) => Err(format!("{e:#}")),
-        }
+    let get = hyper::Method::GET;
+    let service = fetch::<Vec<ServiceRecord>>(socket, get.clone(), "/v1/services")?
+        .into_iter()
+        .find(|s| s.name == name);
+    let endpoints: Vec<EndpointRecord> =
+        fetch::<Vec<EndpointRecord>>(socket, get.clone(), "/v1/endpoints")?
+            .into_iter()
+            .filter(|e| e.service == name)
+            .collect();
+    let for_it = |p: &Pattern| match p {
+        Pattern::Any => true,
+        Pattern::Exact(d) => d == name,
     };
-    let list = |v: serde_json::Value| v.as_array().cloned().unwrap_or_default();
-    let service = list(get("/v1/services")?)
+    let intentions: Vec<IntentionRow> =
+        fetch::<IntentionList>(socket, get.clone(), "/v1/intentions")?
+            .rules
+            .into_iter()
+            .filter(|r| for_it(&r.intention.destination))
+            .collect();
+    let proxies: Vec<ProxyStatus> = fetch::<Vec<ProxyStatus>>(socket, get.clone(), "/v1/proxies")?
         .into_iter()
-        .find(|s| s["name"] == name);
-    let endpoints: Vec<_> = list(get("/v1/endpoints")?)
-        .into_iter()
-        .filter(|e| e["service"] == name)
+        .filter(|p| p.report.service == name)
         .collect();
-    let intentions: Vec<_> = get("/v1/intentions")?["rules"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r["destination"] == name || r["destination"] == "*")
-        .collect();
-    let proxies: Vec<_> = list(get("/v1/proxies")?)
-        .into_iter()
-        .filter(|p| p["service"] == name)
-        .collect();
-    let docs: Vec<_> = list(get("/v1/config")?)
-        .into_iter()
-        .filter(|d| d["name"] == name || d["spec"]["destination"]["name"] == name)
-        .collect();
-    if service.is_none() && docs.is_empty() && intentions.iter().all(|r| r["destination"] == "*") {
+    // The stored documents are shown as stored (`-o json`); they are read as documents to pick
+    // the ones about this service.
+    let mut docs: Vec<(consul::Document, serde_json::Value)> = Vec::new();
+    for v in fetch::<Vec<serde_json::Value>>(socket, get, "/v1/config")? {
+        let d: consul::Document = serde_json::from_value(v.clone())
+            .map_err(|e| format!("a stored document cannot be read: {e}"))?;
+        if d.name() == name || d.destination() == Some(name) {
+            docs.push((d, v));
+        }
+    }
+    let everywhere = |r: &IntentionRow| r.intention.destination == Pattern::Any;
+    if service.is_none() && docs.is_empty() && intentions.iter().all(everywhere) {
         return Err(format!(
             "no service '{name}' in the catalog and no document names it (ringctl get services lists them)"
         ));
     }
     let protocol = docs
         .iter()
-        .find(|d| d["kind"] == "ServiceDefaults")
-        .and_then(|d| d["spec"]["protocol"].as_str())
+        .find_map(|(d, _)| match d {
+            consul::Document::ServiceDefaults { spec, .. } => Some(spec.protocol.as_str()),
+            _ => None,
+        })
         .unwrap_or("tcp")
         .to_string();
     if json_out {
+        let documents: Vec<&serde_json::Value> = docs.iter().map(|(_, v)| v).collect();
         let v = serde_json::json!({
             "service": service, "protocol": protocol, "endpoints": endpoints,
-            "intentions": intentions, "proxies": proxies, "documents": docs,
+            "intentions": intentions, "proxies": proxies, "documents": documents,
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -514,12 +537,11 @@ fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), 
     println!("service:     {name}");
     match &service {
         Some(s) => {
-            println!("virtual IP:  {}", s["virtual_ip"].as_str().unwrap_or(""));
-            let ports: Vec<String> = s["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| format!("{} -> {}", p["port"], p["target_port"]))
+            println!("virtual IP:  {}", s.virtual_ip);
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{} -> {}", p.port, p.target_port))
                 .collect();
             println!(
                 "ports:       {}",
@@ -539,44 +561,37 @@ fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), 
     for e in &endpoints {
         println!(
             "  {:<40} node {:<24} {}",
-            e["address"].as_str().unwrap_or(""),
-            e["node"].as_str().unwrap_or(""),
-            if e["healthy"] == true {
-                "healthy"
-            } else {
-                "unhealthy"
-            }
+            e.address.to_string(),
+            e.node,
+            if e.healthy { "healthy" } else { "unhealthy" }
         );
     }
     println!("intentions:  (highest precedence decides; no match: deny)");
     for r in &intentions {
         println!(
             "  {:<20} -> {:<20} {:<6} precedence {}",
-            r["source"].as_str().unwrap_or(""),
-            r["destination"].as_str().unwrap_or(""),
-            r["action"].as_str().unwrap_or(""),
-            r["precedence"]
+            r.intention.source.to_string(),
+            r.intention.destination.to_string(),
+            action_name(r.intention.action),
+            r.precedence
         );
     }
     println!("proxies:     {}", proxies.len());
     for p in &proxies {
+        // The version is not padded: the table has always printed it so.
         println!(
-            "  {:<24} {:<6} version {:<6} cert expires in {}s, issuer {}",
-            p["id"].as_str().unwrap_or(""),
-            if p["live"] == true { "live" } else { "silent" },
-            p["applied_index"],
-            p["cert_expires_in_s"],
-            p["cert_issuer"].as_str().unwrap_or("")
+            "  {:<24} {:<6} version {} cert expires in {}s, issuer {}",
+            p.report.id,
+            if p.live { "live" } else { "silent" },
+            p.report.applied_index,
+            p.cert_expires_in_s,
+            p.report.cert_issuer
         );
     }
     println!(
         "documents:   {}",
         docs.iter()
-            .map(|d| format!(
-                "{}/{}",
-                d["kind"].as_str().unwrap_or(""),
-                d["name"].as_str().unwrap_or("")
-            ))
+            .map(|(d, _)| d.id())
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -587,29 +602,12 @@ fn run_ca(command: CaCommand) -> Result<(), String> {
     match command {
         CaCommand::Rotate { timeout, socket } => ca_rotate(&socket, timeout),
         CaCommand::Show { socket } => {
-            match daemon::call(&socket, hyper::Method::GET, "/v1/ca", None) {
-                Ok((200, v)) => {
-                    println!("phase:   {}", v["phase"].as_str().unwrap_or(""));
-                    println!("signer:  {}", v["roots"]["signer"].as_str().unwrap_or(""));
-                    println!(
-                        "trusted: {}",
-                        v["roots"]["trusted"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|t| t.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                    println!("leaf generation: {}", v["generation"]);
-                    Ok(())
-                }
-                Ok((status, v)) => Err(format!(
-                    "{} ({status})",
-                    v["error"].as_str().unwrap_or("request failed")
-                )),
-                Err(e) => Err(format!("{e:#}")),
-            }
+            let v: CaStatus = fetch(&socket, hyper::Method::GET, "/v1/ca")?;
+            println!("phase:   {}", v.phase.as_str());
+            println!("signer:  {}", v.roots.signer);
+            println!("trusted: {}", v.roots.trusted.join(", "));
+            println!("leaf generation: {}", v.generation);
+            Ok(())
         }
         CaCommand::Init { dir, trust_domain } => {
             let ca = ca::Ca::load_or_create(&dir, &trust_domain).map_err(|e| e.to_string())?;
@@ -663,27 +661,23 @@ enum IntentionCommand {
 }
 
 /// Print a daemon answer, or its error; the exit status says which.
-fn report(
-    r: anyhow::Result<(u16, serde_json::Value)>,
-    ok: impl FnOnce(serde_json::Value),
-) -> ExitCode {
+fn report<T>(r: Result<T, daemon::CallError>, ok: impl FnOnce(T)) -> ExitCode {
     match r {
-        Ok((200, v)) => {
+        Ok(v) => {
             ok(v);
             ExitCode::SUCCESS
         }
-        Ok((status, v)) => {
-            eprintln!(
-                "ringctl: {} ({status})",
-                v["error"].as_str().unwrap_or("request failed")
-            );
-            ExitCode::FAILURE
-        }
         Err(e) => {
-            eprintln!("ringctl: {e:#}");
+            eprintln!("ringctl: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A request body as JSON.
+fn body<T: Serialize>(v: &T) -> Option<String> {
+    // The API's request bodies are plain data: they always serialize.
+    Some(serde_json::to_string(v).unwrap_or_default())
 }
 
 fn read_docs(file: &PathBuf) -> Result<Vec<consul::Document>, String> {
@@ -698,19 +692,17 @@ fn main() -> ExitCode {
             what: RegisterCommand::Service { name, ports },
             socket,
         } => {
-            let ports: Vec<_> = ports
-                .iter()
-                .map(|(p, t)| serde_json::json!({"port": p, "target_port": t}))
-                .collect();
-            let body = serde_json::json!({"name": name, "ports": ports}).to_string();
+            let req = RegisterService {
+                name,
+                ports: ports
+                    .iter()
+                    .map(|&(port, target_port)| PortMap { port, target_port })
+                    .collect(),
+            };
             report(
-                daemon::call(&socket, hyper::Method::POST, "/v1/services", Some(body)),
-                |v| {
-                    println!(
-                        "service {} registered, virtual IP {}",
-                        v["name"].as_str().unwrap_or(""),
-                        v["virtual_ip"].as_str().unwrap_or("")
-                    );
+                daemon::call(&socket, hyper::Method::POST, "/v1/services", body(&req)),
+                |s: ServiceRecord| {
+                    println!("service {} registered, virtual IP {}", s.name, s.virtual_ip);
                 },
             )
         }
@@ -724,16 +716,17 @@ fn main() -> ExitCode {
                 },
             socket,
         } => {
-            let meta: std::collections::BTreeMap<String, String> = meta.into_iter().collect();
-            let body = serde_json::json!({"service": service, "address": address, "node": node, "healthy": true, "meta": meta}).to_string();
+            let req = EndpointRecord {
+                service,
+                address,
+                node,
+                healthy: true,
+                meta: meta.into_iter().collect(),
+            };
             report(
-                daemon::call(&socket, hyper::Method::POST, "/v1/endpoints", Some(body)),
-                |v| {
-                    println!(
-                        "endpoint {} of {} registered",
-                        v["address"].as_str().unwrap_or(""),
-                        v["service"].as_str().unwrap_or("")
-                    );
+                daemon::call(&socket, hyper::Method::POST, "/v1/endpoints", body(&req)),
+                |e: EndpointRecord| {
+                    println!("endpoint {} of {} registered", e.address, e.service);
                 },
             )
         }
@@ -758,19 +751,14 @@ fn main() -> ExitCode {
                 Some(csr),
                 Some(&token),
             );
-            report(r, |v| {
+            report(r, |v: SignResponse| {
                 let write = || -> Result<(), String> {
                     ca::write_private(&key_out, key.as_bytes()).map_err(|e| e.to_string())?;
-                    std::fs::write(&cert_out, v["cert"].as_str().unwrap_or(""))
-                        .map_err(|e| e.to_string())?;
-                    std::fs::write(&bundle_out, v["bundle"].as_str().unwrap_or(""))
-                        .map_err(|e| e.to_string())
+                    std::fs::write(&cert_out, &v.cert).map_err(|e| e.to_string())?;
+                    std::fs::write(&bundle_out, &v.bundle).map_err(|e| e.to_string())
                 };
                 match write() {
-                    Ok(()) => println!(
-                        "certificate issued for {}",
-                        v["service"].as_str().unwrap_or("")
-                    ),
+                    Ok(()) => println!("certificate issued for {}", v.service),
                     Err(e) => eprintln!("ringctl issue: {e}"),
                 }
             })
@@ -820,15 +808,17 @@ fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::Create { service },
             socket,
-        } => {
-            let body = serde_json::json!({"service": service}).to_string();
-            report(
-                daemon::call(&socket, hyper::Method::POST, "/v1/tokens", Some(body)),
-                |v| {
-                    println!("{}", v["token"].as_str().unwrap_or(""));
-                },
-            )
-        }
+        } => report(
+            daemon::call(
+                &socket,
+                hyper::Method::POST,
+                "/v1/tokens",
+                body(&TokenRequest { service }),
+            ),
+            |t: TokenResponse| {
+                println!("{}", t.token);
+            },
+        ),
         Command::Daemon {
             data_dir,
             socket,
@@ -869,11 +859,11 @@ fn main() -> ExitCode {
             };
             report(
                 daemon::call(&socket, hyper::Method::POST, "/v1/apply", Some(text)),
-                |v| {
-                    for id in v["applied"].as_array().into_iter().flatten() {
-                        println!("{} applied", id.as_str().unwrap_or(""));
+                |a: ApplyResponse| {
+                    for id in &a.applied {
+                        println!("{id} applied");
                     }
-                    println!("config index {}", v["index"]);
+                    println!("config index {}", a.index);
                 },
             )
         }
@@ -882,100 +872,98 @@ fn main() -> ExitCode {
             output,
             socket,
         } => {
-            let path = match what.as_str() {
-                "config" => "/v1/config",
-                "services" => "/v1/services",
-                "endpoints" => "/v1/endpoints",
-                "intentions" => "/v1/intentions",
-                "proxies" => "/v1/proxies",
+            let json_out = output.as_deref() == Some("json");
+            let socket = socket.as_path();
+            fn get<T: DeserializeOwned>(
+                socket: &std::path::Path,
+                path: &str,
+            ) -> Result<T, daemon::CallError> {
+                daemon::call(socket, hyper::Method::GET, path, None)
+            }
+            match what.as_str() {
+                // The stored documents are the operators' own: `-o json` shows them as stored.
+                "config" if json_out => {
+                    report(get(socket, "/v1/config"), |docs: Vec<serde_json::Value>| {
+                        print_json(&docs)
+                    })
+                }
+                "config" => report(get(socket, "/v1/config"), |docs: Vec<consul::Document>| {
+                    println!("{:<20} NAME", "KIND");
+                    for d in &docs {
+                        println!("{:<20} {}", d.kind(), d.name());
+                    }
+                }),
+                "services" => report(get(socket, "/v1/services"), |rows: Vec<ServiceRecord>| {
+                    if json_out {
+                        return print_json(&rows);
+                    }
+                    for s in &rows {
+                        println!(
+                            "{:<20} {:<16} {}",
+                            s.name,
+                            s.virtual_ip.to_string(),
+                            s.ports
+                                .iter()
+                                .map(|p| format!("{}->{}", p.port, p.target_port))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        );
+                    }
+                }),
+                "endpoints" => report(get(socket, "/v1/endpoints"), |rows: Vec<EndpointRecord>| {
+                    if json_out {
+                        return print_json(&rows);
+                    }
+                    for e in &rows {
+                        println!("{:<20} {:<40} {}", e.service, e.address.to_string(), e.node);
+                    }
+                }),
+                "intentions" => report(get(socket, "/v1/intentions"), |l: IntentionList| {
+                    if json_out {
+                        return print_json(&l);
+                    }
+                    println!(
+                        "{:<20} {:<20} {:<6} PRECEDENCE",
+                        "SOURCE", "DESTINATION", "ACTION"
+                    );
+                    for r in &l.rules {
+                        println!(
+                            "{:<20} {:<20} {:<6} {}",
+                            r.intention.source.to_string(),
+                            r.intention.destination.to_string(),
+                            action_name(r.intention.action),
+                            r.precedence
+                        );
+                    }
+                    println!("(no match: {})", action_name(l.default));
+                }),
+                "proxies" => report(get(socket, "/v1/proxies"), |rows: Vec<ProxyStatus>| {
+                    if json_out {
+                        return print_json(&rows);
+                    }
+                    println!(
+                        "{:<24} {:<16} {:<8} {:<8} {:<12} {:<5} ISSUER",
+                        "ID", "SERVICE", "STATE", "VERSION", "CERT EXPIRY", "GEN"
+                    );
+                    // VERSION and GEN are not padded: the table has always printed them so.
+                    for p in &rows {
+                        println!(
+                            "{:<24} {:<16} {:<8} {} {:<12} {} {}",
+                            p.report.id,
+                            p.report.service,
+                            if p.live { "live" } else { "silent" },
+                            p.report.applied_index,
+                            format!("{}s", p.cert_expires_in_s),
+                            p.report.cert_generation,
+                            p.report.cert_issuer
+                        );
+                    }
+                }),
                 other => {
                     eprintln!("ringctl get: '{other}' is not known (config, services, endpoints, intentions, proxies)");
-                    return ExitCode::FAILURE;
+                    ExitCode::FAILURE
                 }
-            };
-            let table = what.clone();
-            report(
-                daemon::call(&socket, hyper::Method::GET, path, None),
-                move |v| {
-                    if output.as_deref() != Some("json") && table == "intentions" {
-                        println!(
-                            "{:<20} {:<20} {:<6} PRECEDENCE",
-                            "SOURCE", "DESTINATION", "ACTION"
-                        );
-                        for r in v["rules"].as_array().into_iter().flatten() {
-                            println!(
-                                "{:<20} {:<20} {:<6} {}",
-                                r["source"].as_str().unwrap_or(""),
-                                r["destination"].as_str().unwrap_or(""),
-                                r["action"].as_str().unwrap_or(""),
-                                r["precedence"]
-                            );
-                        }
-                        println!("(no match: {})", v["default"].as_str().unwrap_or("deny"));
-                        return;
-                    }
-                    if output.as_deref() != Some("json") && table == "proxies" {
-                        println!(
-                            "{:<24} {:<16} {:<8} {:<8} {:<12} {:<5} ISSUER",
-                            "ID", "SERVICE", "STATE", "VERSION", "CERT EXPIRY", "GEN"
-                        );
-                        for p in v.as_array().into_iter().flatten() {
-                            println!(
-                                "{:<24} {:<16} {:<8} {:<8} {:<12} {:<5} {}",
-                                p["id"].as_str().unwrap_or(""),
-                                p["service"].as_str().unwrap_or(""),
-                                if p["live"].as_bool() == Some(true) {
-                                    "live"
-                                } else {
-                                    "silent"
-                                },
-                                p["applied_index"],
-                                format!("{}s", p["cert_expires_in_s"]),
-                                p["cert_generation"],
-                                p["cert_issuer"].as_str().unwrap_or("")
-                            );
-                        }
-                        return;
-                    }
-                    if output.as_deref() != Some("json") && table != "config" {
-                        for row in v.as_array().into_iter().flatten() {
-                            match table.as_str() {
-                                "services" => println!(
-                                    "{:<20} {:<16} {}",
-                                    row["name"].as_str().unwrap_or(""),
-                                    row["virtual_ip"].as_str().unwrap_or(""),
-                                    row["ports"]
-                                        .as_array()
-                                        .into_iter()
-                                        .flatten()
-                                        .map(|p| format!("{}->{}", p["port"], p["target_port"]))
-                                        .collect::<Vec<_>>()
-                                        .join(",")
-                                ),
-                                _ => println!(
-                                    "{:<20} {:<40} {}",
-                                    row["service"].as_str().unwrap_or(""),
-                                    row["address"].as_str().unwrap_or(""),
-                                    row["node"].as_str().unwrap_or("")
-                                ),
-                            }
-                        }
-                        return;
-                    }
-                    if output.as_deref() == Some("json") {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                    } else {
-                        println!("{:<20} NAME", "KIND");
-                        for d in v.as_array().into_iter().flatten() {
-                            println!(
-                                "{:<20} {}",
-                                d["kind"].as_str().unwrap_or(""),
-                                d["name"].as_str().unwrap_or("")
-                            );
-                        }
-                    }
-                },
-            )
+            }
         }
         Command::Doctor {
             netns,
@@ -1067,11 +1055,10 @@ fn main() -> ExitCode {
             };
             report(
                 daemon::call(&socket, hyper::Method::POST, &path, None),
-                |v| {
+                |r: CertRotateResponse| {
                     println!(
                         "certificates of {} will be re-issued (config index {})",
-                        v["rotated"].as_str().unwrap_or("*"),
-                        v["index"]
+                        r.rotated, r.index
                     )
                 },
             )
@@ -1083,7 +1070,7 @@ fn main() -> ExitCode {
                 &format!("/v1/config/{kind}/{name}"),
                 None,
             ),
-            |v| println!("{} deleted", v["deleted"].as_str().unwrap_or("")),
+            |d: DeleteResponse| println!("{} deleted", d.deleted),
         ),
         Command::Apply {
             file,
@@ -1123,12 +1110,11 @@ fn main() -> ExitCode {
                 &format!("/v1/intentions/check?source={src}&destination={dst}"),
                 None,
             ),
-            |v| {
-                let allowed = v["allowed"].as_bool().unwrap_or(false);
+            |c: IntentionCheck| {
                 println!(
                     "{}: {}",
-                    if allowed { "allow" } else { "deny" },
-                    v["decided_by"].as_str().unwrap_or("")
+                    if c.allowed { "allow" } else { "deny" },
+                    c.decided_by
                 );
             },
         ),

@@ -108,47 +108,7 @@ const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
 const ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("endpoints");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 
-/// A service port and the port its application listens on.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PortMap {
-    /// Service port.
-    pub port: u16,
-    /// Application port (`targetPort`).
-    pub target_port: u16,
-}
-
-/// A catalog service.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Service {
-    /// Name.
-    pub name: String,
-    /// Ports.
-    pub ports: Vec<PortMap>,
-    /// Virtual IP allocated from the daemon's range.
-    pub virtual_ip: std::net::Ipv4Addr,
-    /// Configuration index of its first registration.
-    #[serde(default)]
-    pub registered_index: u64,
-    /// When it was first registered (Unix seconds).
-    #[serde(default)]
-    pub registered_at: i64,
-}
-
-/// A catalog endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Endpoint {
-    /// Service it serves.
-    pub service: String,
-    /// Address.
-    pub address: std::net::IpAddr,
-    /// Node name.
-    pub node: String,
-    /// Health as last reported.
-    pub healthy: bool,
-    /// Metadata (e.g. `version: v2`), for `ServiceResolver` subsets.
-    #[serde(default)]
-    pub meta: std::collections::BTreeMap<String, String>,
-}
+pub use ringside_core::control::api::{EndpointRecord, PortMap, ServiceRecord};
 
 impl Store {
     /// Register (or update the ports of) a service; a new one gets the next virtual IP of `range`
@@ -158,12 +118,12 @@ impl Store {
         name: &str,
         ports: Vec<PortMap>,
         range: (std::net::Ipv4Addr, u8),
-    ) -> Result<Service, StoreError> {
+    ) -> Result<ServiceRecord, StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         let svc;
         {
             let mut t = tx.open_table(SERVICES).map_err(e)?;
-            let existing: Option<Service> = match t.get(name).map_err(e)? {
+            let existing: Option<ServiceRecord> = match t.get(name).map_err(e)? {
                 Some(v) => Some(serde_json::from_str(v.value()).map_err(e)?),
                 None => None,
             };
@@ -202,7 +162,7 @@ impl Store {
                     (index, now)
                 }
             };
-            svc = Service {
+            svc = ServiceRecord {
                 name: name.to_string(),
                 ports,
                 virtual_ip,
@@ -218,7 +178,7 @@ impl Store {
     }
 
     /// Register an endpoint (keyed by service and address).
-    pub fn register_endpoint(&self, ep: &Endpoint) -> Result<(), StoreError> {
+    pub fn register_endpoint(&self, ep: &EndpointRecord) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         {
             if tx
@@ -244,12 +204,12 @@ impl Store {
     }
 
     /// All services.
-    pub fn services(&self) -> Result<Vec<Service>, StoreError> {
+    pub fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
         self.all(SERVICES)
     }
 
     /// All endpoints.
-    pub fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+    pub fn endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
         self.all(ENDPOINTS)
     }
 
@@ -295,43 +255,15 @@ impl Store {
 
 const PROXIES: TableDefinition<&str, &str> = TableDefinition::new("proxies");
 
-/// What a proxy last reported.
+/// What the store keeps of a proxy: its last report and when it came.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProxyRecord {
-    /// Proxy id (unique per proxy).
-    pub id: String,
-    /// Service of its token.
-    pub service: String,
-    /// Its pod address, when it gave one.
-    #[serde(default)]
-    pub address: Option<std::net::IpAddr>,
-    /// Configuration index it applied.
-    pub applied_index: u64,
-    /// Certificate generation its certificate was issued for.
-    pub cert_generation: u64,
-    /// Its certificate's expiry (Unix seconds).
-    pub cert_not_after: i64,
-    /// Its certificate's issuer.
-    #[serde(default)]
-    pub cert_issuer: String,
+    /// Its last report (stored inline, as the proxy sent it).
+    #[serde(flatten)]
+    pub report: ringside_core::control::api::ProxyReport,
     /// When it last reported (Unix seconds, daemon clock).
     #[serde(default)]
     pub last_seen: i64,
-    /// Its own clock when it reported (Unix seconds), for skew checks.
-    #[serde(default)]
-    pub clock: i64,
-    /// When the proxy started (Unix seconds, its clock).
-    #[serde(default)]
-    pub started_at: i64,
-    /// Since when it could not reach the daemon, as it said once back (0: it could).
-    #[serde(default)]
-    pub ctl_unreachable_since: i64,
-    /// Its recent failures (reason, source, destination, detail), newest last.
-    #[serde(default)]
-    pub events: Vec<serde_json::Value>,
-    /// Metadata of its endpoint (`ringside run --meta k=v`).
-    #[serde(default)]
-    pub meta: std::collections::BTreeMap<String, String>,
 }
 
 /// Failures kept per proxy.
@@ -376,35 +308,35 @@ impl Store {
         {
             let mut t = tx.open_table(PROXIES).map_err(e)?;
             let mut rec = rec.clone();
-            let old: Option<ProxyRecord> = match t.get(rec.id.as_str()).map_err(e)? {
+            let old: Option<ProxyRecord> = match t.get(rec.report.id.as_str()).map_err(e)? {
                 Some(v) => serde_json::from_str(v.value()).ok(),
                 None => None,
             };
-            if let Some(old) = old.filter(|o| o.started_at == rec.started_at) {
-                let mut all = old.events;
-                all.append(&mut rec.events);
+            if let Some(old) = old.filter(|o| o.report.started_at == rec.report.started_at) {
+                let mut all = old.report.events;
+                all.append(&mut rec.report.events);
                 let skip = all.len().saturating_sub(EVENTS_PER_PROXY);
-                rec.events = all.split_off(skip);
+                rec.report.events = all.split_off(skip);
             }
             t.insert(
-                rec.id.as_str(),
+                rec.report.id.as_str(),
                 serde_json::to_string(&rec).map_err(e)?.as_str(),
             )
             .map_err(e)?;
-            if let Some(address) = rec.address {
+            if let Some(address) = rec.report.address {
                 let known = tx
                     .open_table(SERVICES)
                     .map_err(e)?
-                    .get(rec.service.as_str())
+                    .get(rec.report.service.as_str())
                     .map_err(e)?
                     .is_some();
                 if known {
-                    let ep = Endpoint {
-                        service: rec.service.clone(),
+                    let ep = EndpointRecord {
+                        service: rec.report.service.clone(),
                         address,
                         node: node.to_string(),
                         healthy: true,
-                        meta: rec.meta.clone(),
+                        meta: rec.report.meta.clone(),
                     };
                     let key = format!("{}/{}", ep.service, ep.address);
                     let json = serde_json::to_string(&ep).map_err(e)?;
@@ -444,6 +376,24 @@ fn bump(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
+    /// A proxy record is stored flat (the report's fields and `last_seen` side by side), as
+    /// before the API had types; records of older proxies lack the later fields.
+    #[test]
+    fn proxy_records_keep_their_stored_form() {
+        let old = r#"{"id":"p1","service":"a","applied_index":3,"cert_generation":0,
+            "cert_not_after":100,"last_seen":50,"events":[{"time_ms":1,"reason":"r",
+            "source":"s","destination":"d","detail":"x"}]}"#;
+        let rec: ProxyRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.report.id, "p1");
+        assert_eq!(rec.last_seen, 50);
+        assert_eq!(rec.report.events.len(), 1);
+        assert_eq!(rec.report.cert_issuer, "");
+        let v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["last_seen"], 50);
+        assert_eq!(v["applied_index"], 3);
+        assert_eq!(serde_json::from_value::<ProxyRecord>(v).unwrap(), rec);
+    }
+
     #[test]
     fn catalog_allocates_virtual_ips_once_and_persists() {
         let dir = std::env::temp_dir().join(format!("ringctl-store-{}", std::process::id()));
@@ -468,7 +418,7 @@ mod tests {
             assert_eq!(a2.virtual_ip, a.virtual_ip, "re-registering keeps the VIP");
             let err = s.register_service("c", vec![], range).unwrap_err();
             assert!(err.to_string().contains("exhausted"), "{err}");
-            let ep = Endpoint {
+            let ep = EndpointRecord {
                 service: "a".into(),
                 address: "198.18.0.2".parse().unwrap(),
                 node: "n1".into(),
@@ -476,7 +426,7 @@ mod tests {
                 meta: Default::default(),
             };
             s.register_endpoint(&ep).unwrap();
-            let bad = Endpoint {
+            let bad = EndpointRecord {
                 service: "zzz".into(),
                 ..ep.clone()
             };

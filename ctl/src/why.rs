@@ -9,7 +9,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use ringside_core::control::api::{
+    EndpointRecord, IntentionCheck, ProxyEvent, ProxyStatus, ServiceRecord,
+};
 use ringside_core::listening::ListenSocket;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::daemon;
@@ -49,15 +53,8 @@ const RECENT_START_S: i64 = 300;
 /// Longest a live proxy takes to fetch a change (its watch is at most 10 s).
 const UPDATE_WITHIN_S: i64 = 12;
 
-fn get(socket: &Path, path: &str) -> Result<serde_json::Value, String> {
-    match daemon::call(socket, hyper::Method::GET, path, None) {
-        Ok((200, v)) => Ok(v),
-        Ok((status, v)) => Err(format!(
-            "{} ({status})",
-            v["error"].as_str().unwrap_or("request failed")
-        )),
-        Err(e) => Err(format!("{e:#}")),
-    }
+fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, String> {
+    daemon::call(socket, hyper::Method::GET, path, None).map_err(|e| e.to_string())
 }
 
 fn now() -> i64 {
@@ -89,8 +86,8 @@ pub fn netns_listeners(ns: &str) -> Result<Vec<ListenSocket>, String> {
 }
 
 /// A sidecar's live `/events`, read from inside its pod (the admin server listens on the pod's
-/// loopback): ringctl runs itself there with `admin-get`.
-pub fn netns_events(ns: &str) -> Vec<serde_json::Value> {
+/// loopback): ringctl runs itself there with `admin-get`. They have the form proxies report.
+pub fn netns_events(ns: &str) -> Vec<ProxyEvent> {
     let Ok(me) = std::env::current_exe() else {
         return Vec::new();
     };
@@ -101,7 +98,7 @@ pub fn netns_events(ns: &str) -> Vec<serde_json::Value> {
         .output();
     match out {
         Ok(o) if o.status.success() => {
-            serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).unwrap_or_default()
+            serde_json::from_slice::<Vec<ProxyEvent>>(&o.stdout).unwrap_or_default()
         }
         _ => Vec::new(),
     }
@@ -200,13 +197,8 @@ pub fn why(
     let t = now();
 
     // 1. The catalog.
-    let services = get(socket, "/v1/services")?;
-    let dst_svc = services
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["name"] == dst)
-        .cloned();
+    let services: Vec<ServiceRecord> = get(socket, "/v1/services")?;
+    let dst_svc = services.into_iter().find(|s| s.name == dst);
     let Some(dst_svc) = dst_svc else {
         check(
             &mut v,
@@ -221,16 +213,10 @@ pub fn why(
         );
         return Ok(v);
     };
-    let ports: Vec<(u64, u64)> = dst_svc["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            (
-                p["port"].as_u64().unwrap_or(0),
-                p["target_port"].as_u64().unwrap_or(0),
-            )
-        })
+    let ports: Vec<(u16, u16)> = dst_svc
+        .ports
+        .iter()
+        .map(|p| (p.port, p.target_port))
         .collect();
     let ports_text = ports
         .iter()
@@ -243,7 +229,7 @@ pub fn why(
         format!("{dst} is registered"),
         format!(
             "virtual IP {}, ports {}",
-            dst_svc["virtual_ip"].as_str().unwrap_or("?"),
+            dst_svc.virtual_ip,
             if ports_text.is_empty() {
                 "(none)".into()
             } else {
@@ -253,7 +239,7 @@ pub fn why(
         None,
     );
     let target_port = match port {
-        Some(p) => match ports.iter().find(|(sp, _)| *sp == p as u64) {
+        Some(p) => match ports.iter().find(|(sp, _)| *sp == p) {
             Some((_, tp)) => {
                 check(
                     &mut v,
@@ -262,7 +248,7 @@ pub fn why(
                     format!("{p} -> targetPort {tp}"),
                     None,
                 );
-                Some(*tp as u16)
+                Some(*tp)
             }
             None => {
                 check(
@@ -279,16 +265,16 @@ pub fn why(
                 None
             }
         },
-        None => ports.first().map(|(_, tp)| *tp as u16),
+        None => ports.first().map(|(_, tp)| *tp),
     };
 
     // 2. The intention that decides.
-    let ic = get(
+    let ic: IntentionCheck = get(
         socket,
         &format!("/v1/intentions/check?source={src}&destination={dst}"),
     )?;
-    let allowed = ic["allowed"].as_bool().unwrap_or(false);
-    let rule = ic["decided_by"].as_str().unwrap_or("").to_string();
+    let allowed = ic.allowed;
+    let rule = ic.decided_by;
     check(
         &mut v,
         allowed,
@@ -302,14 +288,11 @@ pub fn why(
     );
 
     // 3. Endpoints.
-    let endpoints: Vec<serde_json::Value> = get(socket, "/v1/endpoints")?
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let endpoints: Vec<EndpointRecord> = get::<Vec<EndpointRecord>>(socket, "/v1/endpoints")?
         .into_iter()
-        .filter(|e| e["service"] == dst)
+        .filter(|e| e.service == dst)
         .collect();
-    let healthy = endpoints.iter().filter(|e| e["healthy"] == true).count();
+    let healthy = endpoints.iter().filter(|e| e.healthy).count();
     check(
         &mut v,
         healthy > 0,
@@ -323,15 +306,11 @@ pub fn why(
     );
 
     // 4. The proxies.
-    let proxies: Vec<serde_json::Value> = get(socket, "/v1/proxies")?
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let of = |name: &str| -> Vec<serde_json::Value> {
+    let proxies: Vec<ProxyStatus> = get(socket, "/v1/proxies")?;
+    let of = |name: &str| -> Vec<&ProxyStatus> {
         proxies
             .iter()
-            .filter(|p| p["service"] == name)
-            .cloned()
+            .filter(|p| p.report.service == name)
             .collect()
     };
     let (src_px, dst_px) = (of(src), of(dst));
@@ -364,14 +343,11 @@ pub fn why(
 
     // The source's sidecar must know the destination: it applied a config at least as new as
     // the destination's registration.
-    let registered_index = dst_svc["registered_index"].as_u64().unwrap_or(0);
-    let registered_at = dst_svc["registered_at"].as_i64().unwrap_or(0);
-    if let Some(p) = src_px
-        .iter()
-        .max_by_key(|p| p["last_seen"].as_i64().unwrap_or(0))
-    {
-        let applied = p["applied_index"].as_u64().unwrap_or(0);
-        let last_seen = p["last_seen"].as_i64().unwrap_or(0);
+    let registered_index = dst_svc.registered_index;
+    let registered_at = dst_svc.registered_at;
+    if let Some(p) = src_px.iter().max_by_key(|p| p.last_seen) {
+        let applied = p.report.applied_index;
+        let last_seen = p.last_seen;
         let knows = applied >= registered_index;
         let lost = last_seen <= registered_at && t - registered_at > UPDATE_WITHIN_S;
         check(
@@ -412,11 +388,11 @@ pub fn why(
 
     // 5. The destination's certificate.
     for p in &dst_px {
-        let na = p["cert_not_after"].as_i64().unwrap_or(0);
+        let na = p.report.cert_not_after;
         check(
             &mut v,
             na > t,
-            format!("{dst}'s certificate ({}) is valid", p["id"].as_str().unwrap_or("")),
+            format!("{dst}'s certificate ({}) is valid", p.report.id),
             if na > t { format!("expires in {}s", na - t) } else { format!("EXPIRED {}s ago", t - na) },
             Some((
                 "tls_cert_expired",
@@ -428,26 +404,18 @@ pub fn why(
 
     // 6. What the proxies saw: recent failures between the two (reported to the daemon, and
     // live from the pods when their namespaces are given).
-    let mut events: Vec<(i64, serde_json::Value)> = Vec::new();
-    let mut consider = |e: &serde_json::Value, from_dst: bool| {
-        let at = e["time_ms"].as_i64().unwrap_or(0) / 1000;
-        if t - at <= EVENTS_WITHIN_S && (from_dst || e["destination"] == dst) {
+    let mut events: Vec<(i64, ProxyEvent)> = Vec::new();
+    let mut consider = |e: &ProxyEvent, from_dst: bool| {
+        let at = (e.time_ms / 1000) as i64;
+        if t - at <= EVENTS_WITHIN_S && (from_dst || e.destination == dst) {
             events.push((at, e.clone()));
         }
     };
     for p in &src_px {
-        p["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .for_each(|e| consider(e, false));
+        p.report.events.iter().for_each(|e| consider(e, false));
     }
     for p in &dst_px {
-        p["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .for_each(|e| consider(e, true));
+        p.report.events.iter().for_each(|e| consider(e, true));
     }
     if let Some(ns) = src_ns {
         netns_events(ns).iter().for_each(|e| consider(e, false));
@@ -457,8 +425,8 @@ pub fn why(
     }
     events.sort_by_key(|(at, _)| -at);
     if let Some((at, e)) = events.first() {
-        let reason = e["reason"].as_str().unwrap_or("").to_string();
-        let detail = e["detail"].as_str().unwrap_or("").to_string();
+        let reason = e.reason.clone();
+        let detail = e.detail.clone();
         let (cause, fix) = match reason.as_str() {
             "app_not_listening" => (
                 format!("{dst}'s app does not accept on its targetPort{}: {detail}", target_port.map(|p| format!(" {p}")).unwrap_or_default()),
@@ -469,7 +437,7 @@ pub fn why(
                 format!("declare it tcp: a ServiceDefaults for {dst} with protocol: tcp"),
             ),
             _ => (
-                format!("{} reported {reason}: {detail}", e["destination"].as_str().unwrap_or("")),
+                format!("{} reported {reason}: {detail}", e.destination),
                 ringside_core::Reason::ALL
                     .iter()
                     .find(|r| r.as_str() == reason)
@@ -548,11 +516,8 @@ pub fn why(
     }
 
     // 8. The source's sidecar started recently: its app may have started first.
-    if let Some(p) = src_px
-        .iter()
-        .max_by_key(|p| p["started_at"].as_i64().unwrap_or(0))
-    {
-        let started = p["started_at"].as_i64().unwrap_or(0);
+    if let Some(p) = src_px.iter().max_by_key(|p| p.report.started_at) {
+        let started = p.report.started_at;
         let recent = started > 0 && t - started < RECENT_START_S;
         check(
             &mut v,

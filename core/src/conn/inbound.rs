@@ -9,15 +9,14 @@ use std::sync::Arc;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{decide, destination, handoff, handshake, refuse, relay_plain, Outcome};
+use crate::conn::{
+    decide, destination, handoff, refuse, relay_plain, terminate_then_relay, Outcome,
+};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
-use crate::io::connect::connect_to;
-use crate::io::sys;
 use crate::io::worker::Worker;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
-use crate::tls::session;
 
 pub(crate) async fn serve(
     w: &Rc<Worker>,
@@ -84,8 +83,8 @@ pub(crate) async fn serve(
 }
 
 /// Terminate mesh mTLS for a local TCP service (the handshake fails with `access_denied` when no
-/// intention allows the caller), then connect the app and relay TLS <-> plaintext. Nothing of a
-/// refused caller reaches the app: the app is connected only after the handshake.
+/// intention allows the caller, or when the allowing intention has L7 permissions), then connect
+/// the app and relay.
 async fn terminate(
     w: &Worker,
     snap: &ConfigSnapshot,
@@ -95,11 +94,6 @@ async fn terminate(
     out: &mut Outcome,
 ) {
     out.destination = destination(snap, app);
-    out.mesh = true;
-    let cfd = std::os::fd::AsRawFd::as_raw_fd(client);
-    if let Err(e) = sys::set_nonblocking(cfd) {
-        return refuse(client, out, Reason::DownstreamReset, e.to_string());
-    }
     let Some(cfg) = snap.inbound_tls[service]
         .l4
         .as_ref()
@@ -112,24 +106,5 @@ async fn terminate(
             "no inbound TLS config for this service".into(),
         );
     };
-    let conn = match session::server(cfg) {
-        Ok(s) => handshake(s, client, false).await,
-        Err(e) => Err(e),
-    };
-    let conn = match conn {
-        Ok(c) => c,
-        Err((reason, detail)) => return refuse(client, out, reason, detail),
-    };
-    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
-    let up = match connect_to(w, snap, app).await {
-        Ok(up) => up,
-        Err(f) => {
-            let (reason, detail) = f.detail();
-            return refuse(client, out, reason, detail);
-        }
-    };
-    out.upstream = Some(up.addr);
-    sys::set_nodelay(cfd);
-    let end = crate::io::tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false).await;
-    out.relayed_tls(end, false);
+    terminate_then_relay(w, snap, client, cfg, app, out).await
 }

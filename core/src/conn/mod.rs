@@ -26,14 +26,15 @@ use crate::config::ListenerKind;
 use crate::decide::detect::{Detection, Want};
 use crate::decide::plan::{plan, Input, L7Plan, Plan};
 use crate::decide::route::Route;
-use crate::io::connect::connect_to;
+use crate::io::connect::{connect_to, Upstream};
 use crate::io::peek::{detect, Gone};
 use crate::io::relay::relay;
 use crate::io::sys;
-use crate::io::tls_relay::TlsRelayEnd;
+use crate::io::tls_relay::{self, TlsRelayEnd};
 use crate::io::worker::Worker;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
+use crate::tls::session;
 
 /// Which way a connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,27 +237,109 @@ pub(crate) async fn relay_plain(
     }
     // Boxed: connecting is short, and inline its state would size the task for the
     // connection's whole life.
-    let up = match Box::pin(connect_to(w, snap, route)).await {
-        Ok(up) => up,
-        Err(f) => {
-            let (reason, detail) = f.detail();
-            return refuse(client, out, reason, detail);
-        }
+    let Some(up) = Box::pin(connect(w, snap, client, route, out)).await else {
+        return;
     };
     sys::set_nodelay(cfd);
-    out.upstream = Some(up.addr);
     let end = relay(w.relay_ctx(), client, &up.stream).await;
     out.relayed(end);
 }
 
+/// Mesh TLS from the client: the handshake with `cfg` (its verifier authorizes the caller), then
+/// connect where `route` says and relay TLS <-> plaintext. Nothing of a refused caller reaches the
+/// upstream: it is connected only after the handshake.
+pub(crate) async fn terminate_then_relay(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    route: Route,
+    out: &mut Outcome,
+) {
+    out.mesh = true;
+    let cfd = client.as_raw_fd();
+    if let Err(e) = sys::set_nonblocking(cfd) {
+        return refuse(client, out, Reason::DownstreamReset, e.to_string());
+    }
+    let conn = match session::server(cfg) {
+        Ok(s) => handshake(s, client, false).await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err((reason, detail)) => return refuse(client, out, reason, detail),
+    };
+    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
+    let Some(up) = connect(w, snap, client, route, out).await else {
+        return;
+    };
+    sys::set_nodelay(cfd);
+    let end = tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false).await;
+    out.relayed_tls(end, false);
+}
+
+/// Plaintext from the client: connect where `route` says, originate TLS to `name` with `cfg`
+/// (its verifier requires that identity), then relay plaintext <-> TLS.
+pub(crate) async fn originate_then_relay(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    cfg: Arc<rustls::ClientConfig>,
+    name: &str,
+    route: Route,
+    out: &mut Outcome,
+) {
+    out.mesh = true;
+    let cfd = client.as_raw_fd();
+    if let Err(e) = sys::set_nonblocking(cfd) {
+        return refuse(client, out, Reason::DownstreamReset, e.to_string());
+    }
+    let Some(up) = connect(w, snap, client, route, out).await else {
+        return;
+    };
+    let conn = match session::client(cfg, name) {
+        Ok(s) => handshake(s, &up.stream, true).await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err((reason, detail)) => return refuse(client, out, reason, detail),
+    };
+    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
+    sys::set_nodelay(cfd);
+    let end = tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
+    out.relayed_tls(end, true);
+}
+
+/// Connect where `route` says; when that fails the client is refused with the reason.
+async fn connect(
+    w: &Worker,
+    snap: &ConfigSnapshot,
+    client: &TcpStream,
+    route: Route,
+    out: &mut Outcome,
+) -> Option<Upstream> {
+    match connect_to(w, snap, route).await {
+        Ok(up) => {
+            out.upstream = Some(up.addr);
+            Some(up)
+        }
+        Err(f) => {
+            let (reason, detail) = f.detail();
+            refuse(client, out, reason, detail);
+            None
+        }
+    }
+}
+
 /// Drive a TLS session's handshake on `sock`; the session, or the failure's reason and detail.
-pub(crate) async fn handshake(
+async fn handshake(
     session: rustls::Connection,
     sock: &TcpStream,
     peer_is_upstream: bool,
 ) -> Result<RefCell<rustls::Connection>, (Reason, String)> {
     let conn = RefCell::new(session);
-    crate::io::tls_relay::handshake(&conn, sock)
+    tls_relay::handshake(&conn, sock)
         .await
         .map_err(|f| (f.reason(peer_is_upstream), f.to_string()))?;
     Ok(conn)

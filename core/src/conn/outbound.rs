@@ -8,15 +8,12 @@ use std::sync::Arc;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{decide, handoff, handshake, refuse, relay_plain, Outcome};
+use crate::conn::{decide, handoff, originate_then_relay, refuse, relay_plain, Outcome};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
-use crate::io::connect::connect_to;
-use crate::io::sys;
 use crate::io::worker::Worker;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
-use crate::tls::session;
 
 pub(crate) async fn serve(
     w: &Rc<Worker>,
@@ -60,8 +57,12 @@ async fn originate(
 ) {
     let name = &snap.services[service].name;
     out.destination.clone_from(name);
-    out.mesh = true;
-    let Some(st) = &w.shared.sidecar_tls else {
+    let Some(cfg) = w
+        .shared
+        .sidecar_tls
+        .as_ref()
+        .and_then(|st| st.outbound.current().client.clone())
+    else {
         return refuse(
             client,
             out,
@@ -69,39 +70,5 @@ async fn originate(
             "no mesh TLS".into(),
         );
     };
-    let cfd = std::os::fd::AsRawFd::as_raw_fd(client);
-    if let Err(e) = sys::set_nonblocking(cfd) {
-        return refuse(client, out, Reason::DownstreamReset, e.to_string());
-    }
-    let up = match connect_to(w, snap, Route::Cluster(service)).await {
-        Ok(up) => up,
-        Err(f) => {
-            let (reason, detail) = f.detail();
-            return refuse(client, out, reason, detail);
-        }
-    };
-    out.upstream = Some(up.addr);
-    let cfg = match st.outbound.current().client.clone() {
-        Some(cfg) => cfg,
-        None => {
-            return refuse(
-                client,
-                out,
-                Reason::TlsHandshakeFailed,
-                "no client config".into(),
-            )
-        }
-    };
-    let conn = match session::client(cfg, name) {
-        Ok(s) => handshake(s, &up.stream, true).await,
-        Err(e) => Err(e),
-    };
-    let conn = match conn {
-        Ok(c) => c,
-        Err((reason, detail)) => return refuse(client, out, reason, detail),
-    };
-    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
-    sys::set_nodelay(cfd);
-    let end = crate::io::tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
-    out.relayed_tls(end, true);
+    originate_then_relay(w, snap, client, cfg, name, Route::Cluster(service), out).await
 }

@@ -3,22 +3,20 @@
 //! chosen by the service's balancer) -> originate or terminate mTLS when the listener has TLS ->
 //! relay -> end.
 
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::net::TcpStream;
 
 use crate::config::TlsMode;
-use crate::conn::{decide, handoff, handshake, refuse, relay_plain, Outcome};
+use crate::conn::{
+    decide, handoff, originate_then_relay, refuse, relay_plain, terminate_then_relay, Outcome,
+};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
-use crate::io::connect::connect_to;
-use crate::io::sys;
 use crate::io::worker::Worker;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
-use crate::tls::session;
 
 pub(crate) async fn serve(
     w: &Rc<Worker>,
@@ -96,83 +94,20 @@ async fn tls_end(
     out: &mut Outcome,
 ) {
     out.destination.clone_from(&snap.services[service].name);
-    out.mesh = true;
-    let Some(mesh) = w.shared.tls[listener].clone() else {
-        return refuse(
-            client,
-            out,
-            Reason::TlsHandshakeFailed,
-            "no TLS material".into(),
-        );
-    };
-    let built = mesh.current();
-    let cfd = client.as_raw_fd();
-    if let Err(e) = sys::set_nonblocking(cfd) {
-        return refuse(client, out, Reason::DownstreamReset, e.to_string());
-    }
+    let built = w.shared.tls[listener].as_ref().map(|m| m.current());
     let route = Route::Cluster(service);
+    let missing = "the listener has no TLS material for its mode";
     match mode {
-        TlsMode::Terminate => {
-            let Some(cfg) = built.server.clone() else {
-                return refuse(
-                    client,
-                    out,
-                    Reason::TlsHandshakeFailed,
-                    "no server config".into(),
-                );
-            };
-            let conn = match session::server(cfg) {
-                Ok(s) => handshake(s, client, false).await,
-                Err(e) => Err(e),
-            };
-            let conn = match conn {
-                Ok(c) => c,
-                Err((reason, detail)) => return refuse(client, out, reason, detail),
-            };
-            out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
-            let up = match connect_to(w, snap, route).await {
-                Ok(up) => up,
-                Err(f) => {
-                    let (reason, detail) = f.detail();
-                    return refuse(client, out, reason, detail);
-                }
-            };
-            out.upstream = Some(up.addr);
-            sys::set_nodelay(cfd);
-            let end =
-                crate::io::tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false).await;
-            out.relayed_tls(end, false);
-        }
-        TlsMode::Origin => {
-            let up = match connect_to(w, snap, route).await {
-                Ok(up) => up,
-                Err(f) => {
-                    let (reason, detail) = f.detail();
-                    return refuse(client, out, reason, detail);
-                }
-            };
-            out.upstream = Some(up.addr);
-            let Some(cfg) = built.client.clone() else {
-                return refuse(
-                    client,
-                    out,
-                    Reason::TlsHandshakeFailed,
-                    "no client config".into(),
-                );
-            };
-            let conn = match session::client(cfg, &expected_name(w, listener)) {
-                Ok(s) => handshake(s, &up.stream, true).await,
-                Err(e) => Err(e),
-            };
-            let conn = match conn {
-                Ok(c) => c,
-                Err((reason, detail)) => return refuse(client, out, reason, detail),
-            };
-            out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
-            sys::set_nodelay(cfd);
-            let end =
-                crate::io::tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
-            out.relayed_tls(end, true);
-        }
+        TlsMode::Terminate => match built.and_then(|b| b.server.clone()) {
+            Some(cfg) => terminate_then_relay(w, snap, client, cfg, route, out).await,
+            None => refuse(client, out, Reason::TlsHandshakeFailed, missing.into()),
+        },
+        TlsMode::Origin => match built.and_then(|b| b.client.clone()) {
+            Some(cfg) => {
+                let name = expected_name(w, listener);
+                originate_then_relay(w, snap, client, cfg, &name, route, out).await
+            }
+            None => refuse(client, out, Reason::TlsHandshakeFailed, missing.into()),
+        },
     }
 }

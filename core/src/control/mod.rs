@@ -9,6 +9,8 @@
 //! certificate are kept in the state directory, so a proxy restarted while the daemon is down
 //! starts with them.
 
+pub mod api;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,13 +19,16 @@ use anyhow::{anyhow, bail, Context};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use rustls::pki_types::pem::PemObject;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::Service;
-use crate::policy::intentions::Intentions;
+use crate::control::api::{ErrorBody, ProxyEvent, ProxyReport, ReportAck, SignResponse};
 use crate::reason::Reason;
 use crate::server::Updater;
+
+pub use api::{CatalogService, PortMap, ProxyConfig};
 
 /// How long one request may take beyond its long-poll wait.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,7 +37,7 @@ const WATCH_WAIT: Duration = Duration::from_secs(10);
 /// Back-off after a failed request: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(8));
 
-/// One request to a daemon socket: (status, JSON body).
+/// One request to a daemon socket: (status, body). Read the body with [`read_answer`].
 pub fn http_call(
     socket: &Path,
     method: &str,
@@ -40,7 +45,7 @@ pub fn http_call(
     body: Option<String>,
     token: Option<&str>,
     timeout: Duration,
-) -> anyhow::Result<(u16, serde_json::Value)> {
+) -> anyhow::Result<(u16, Bytes)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -66,8 +71,7 @@ pub fn http_call(
             let resp = sender.send_request(req).await?;
             let status = resp.status().as_u16();
             let bytes = resp.into_body().collect().await?.to_bytes();
-            let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-            Ok::<_, anyhow::Error>((status, v))
+            Ok::<_, anyhow::Error>((status, bytes))
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,
@@ -76,6 +80,35 @@ pub fn http_call(
                 socket.display()
             ),
         }
+    })
+}
+
+/// Why a daemon answer is not the body asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The daemon refused the request: its status and the reason it gave ([`ErrorBody`]).
+    #[error("{} ({status})", error.as_deref().unwrap_or("request failed"))]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The daemon's `error`, when its answer had one.
+        error: Option<String>,
+    },
+    /// A 200 answer that is not the expected body (a field missing, renamed or of another type).
+    #[error("the daemon's answer cannot be read: {0}")]
+    Unreadable(#[from] serde_json::Error),
+}
+
+/// Read a daemon answer: the body as `T` when the status is 200, else the daemon's refusal.
+pub fn read_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, AnswerError> {
+    if status == 200 {
+        return Ok(serde_json::from_slice(body)?);
+    }
+    Err(AnswerError::Refused {
+        status,
+        error: serde_json::from_slice::<ErrorBody>(body)
+            .ok()
+            .map(|b| b.error),
     })
 }
 
@@ -105,56 +138,6 @@ impl ControlOptions {
             ca: self.state_dir.join("bundle.pem"),
         }
     }
-}
-
-/// A port of a catalog service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortMap {
-    /// Service port.
-    pub port: u16,
-    /// Application port.
-    pub target_port: u16,
-}
-
-/// A catalog service as the daemon sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CatalogService {
-    /// Name.
-    pub name: String,
-    /// Virtual IP.
-    pub virtual_ip: IpAddr,
-    /// Ports.
-    pub ports: Vec<PortMap>,
-    /// Healthy endpoint addresses.
-    pub endpoints: Vec<IpAddr>,
-    /// Declared protocol.
-    #[serde(default)]
-    pub protocol: Option<String>,
-    /// Metadata of each endpoint (same order), for subsets.
-    #[serde(default)]
-    pub endpoint_meta: Vec<std::collections::BTreeMap<String, String>>,
-}
-
-/// What the daemon sends a proxy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProxyConfig {
-    /// Configuration index.
-    pub index: u64,
-    /// The token's service (this proxy's).
-    pub service: String,
-    /// Trust domain.
-    pub trust_domain: String,
-    /// The catalog.
-    pub services: Vec<CatalogService>,
-    /// Intentions.
-    pub intentions: Intentions,
-    /// Routers and splitters.
-    #[serde(default)]
-    pub l7: crate::policy::rules::L7Config,
-    /// Trust bundle (PEM).
-    pub bundle: String,
-    /// Certificates issued before this generation must be replaced.
-    pub cert_generation: u64,
 }
 
 impl ProxyConfig {
@@ -295,14 +278,14 @@ impl Control {
         })
     }
 
-    fn call(
+    fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<String>,
         wait: Duration,
-    ) -> anyhow::Result<serde_json::Value> {
-        let (status, v) = http_call(
+    ) -> anyhow::Result<T> {
+        let (status, answer) = http_call(
             &self.opts.socket,
             method,
             path,
@@ -310,40 +293,39 @@ impl Control {
             Some(&self.opts.token),
             wait + REQUEST_TIMEOUT,
         )?;
-        if status != 200 {
-            bail!(
+        read_answer(status, &answer).map_err(|e| match e {
+            AnswerError::Refused { status, error } => anyhow!(
                 "the daemon refused {method} {path} ({status}): {}",
-                v["error"].as_str().unwrap_or("no reason given")
-            );
-        }
-        Ok(v)
+                error.as_deref().unwrap_or("no reason given")
+            ),
+            AnswerError::Unreadable(e) => {
+                anyhow!("the daemon's answer to {method} {path} cannot be read: {e}")
+            }
+        })
     }
 
     /// Get a configuration (waiting up to `wait` for an index above the one applied).
     fn fetch(&self, wait: Duration) -> anyhow::Result<ProxyConfig> {
         let index = self.config.as_ref().map_or(0, |c| c.index);
-        let v = self.call(
+        self.call(
             "GET",
             &format!("/v1/proxy/config?index={index}&wait={}", wait.as_secs()),
             None,
             wait,
-        )?;
-        serde_json::from_value(v).context("the daemon's configuration cannot be read")
+        )
     }
 
     /// Make a key and a CSR, have the daemon sign it, and put key, certificate and bundle in
     /// place (key first, then certificate: each file is replaced whole).
-    fn issue(&mut self, generation: u64) -> anyhow::Result<()> {
+    fn issue(&mut self) -> anyhow::Result<()> {
         let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())
             .and_then(|p| p.serialize_request(&key))
             .and_then(|c| c.pem())
             .context("cannot make a CSR")?;
-        let v = self.call("POST", "/v1/proxy/sign", Some(csr), Duration::ZERO)?;
-        let cert = v["cert"]
-            .as_str()
-            .ok_or_else(|| anyhow!("the daemon's answer has no certificate"))?;
-        let bundle = v["bundle"].as_str().unwrap_or_default();
+        let signed: SignResponse =
+            self.call("POST", "/v1/proxy/sign", Some(csr), Duration::ZERO)?;
+        let (cert, bundle) = (&signed.cert, &signed.bundle);
         let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
             .map_err(|e| anyhow!("the daemon sent an unreadable certificate: {e}"))?;
         let info =
@@ -352,9 +334,9 @@ impl Control {
         write_atomic(&files.ca, bundle.as_bytes(), 0o644)?;
         write_atomic(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
         write_atomic(&files.cert, cert.as_bytes(), 0o644)?;
-        self.bundle = bundle.to_string();
+        self.bundle = bundle.clone();
         self.cert = CertState {
-            generation: v["cert_generation"].as_u64().unwrap_or(generation),
+            generation: signed.cert_generation,
             issued_at: unix_now(),
             not_after: info.not_after,
         };
@@ -408,7 +390,7 @@ impl Control {
         let mut backoff = BACKOFF.0;
         loop {
             let attempt = self.fetch(Duration::ZERO).and_then(|c| {
-                self.issue(c.cert_generation)?;
+                self.issue()?;
                 Ok(c)
             });
             match attempt {
@@ -457,24 +439,28 @@ impl Control {
             })
             .map(|i| i.issuer)
             .unwrap_or_default();
-        let body = serde_json::json!({
-            "id": self.opts.proxy_id,
-            "service": self.config.as_ref().map(|c| c.service.clone()).unwrap_or_default(),
-            "address": self.opts.address,
-            "applied_index": self.config.as_ref().map_or(0, |c| c.index),
-            "cert_generation": self.cert.generation,
-            "cert_not_after": self.cert.not_after,
-                        "cert_issuer": issuer,
-            "clock": unix_now(),
-            "started_at": self.started_at,
-            "ctl_unreachable_since": self.unreachable_since,
-                        "events": events,
-            "meta": self.opts.meta,
-        });
-        self.call(
+        let body = ProxyReport {
+            id: self.opts.proxy_id.clone(),
+            service: self
+                .config
+                .as_ref()
+                .map(|c| c.service.clone())
+                .unwrap_or_default(),
+            address: self.opts.address,
+            applied_index: self.config.as_ref().map_or(0, |c| c.index),
+            cert_generation: self.cert.generation,
+            cert_not_after: self.cert.not_after,
+            cert_issuer: issuer,
+            clock: unix_now(),
+            started_at: self.started_at,
+            ctl_unreachable_since: self.unreachable_since,
+            events: events.iter().map(ProxyEvent::from).collect(),
+            meta: self.opts.meta.clone(),
+        };
+        let _: ReportAck = self.call(
             "POST",
             "/v1/proxy/report",
-            Some(body.to_string()),
+            Some(serde_json::to_string(&body)?),
             Duration::ZERO,
         )?;
         if let Some(last) = events.last() {
@@ -509,7 +495,7 @@ impl Control {
                 "half of its lifetime passed"
             };
             info!(why, "renewing the certificate");
-            self.issue(c.cert_generation)?;
+            self.issue()?;
             updater.reload_certs();
         }
         self.report(updater)
