@@ -261,15 +261,9 @@ pub(crate) async fn terminate_then_relay(
     if let Err(e) = sys::set_nonblocking(cfd) {
         return refuse(client, out, Reason::DownstreamReset, e.to_string());
     }
-    let conn = match session::server(cfg) {
-        Ok(s) => handshake(s, client, false).await,
-        Err(e) => Err(e),
+    let Some(conn) = handshake(session::server(cfg), client, false, client, out).await else {
+        return;
     };
-    let conn = match conn {
-        Ok(c) => c,
-        Err((reason, detail)) => return refuse(client, out, reason, detail),
-    };
-    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
     let Some(up) = connect(w, snap, client, route, out).await else {
         return;
     };
@@ -297,15 +291,10 @@ pub(crate) async fn originate_then_relay(
     let Some(up) = connect(w, snap, client, route, out).await else {
         return;
     };
-    let conn = match session::client(cfg, name) {
-        Ok(s) => handshake(s, &up.stream, true).await,
-        Err(e) => Err(e),
+    let session = session::client(cfg, name);
+    let Some(conn) = handshake(session, &up.stream, true, client, out).await else {
+        return;
     };
-    let conn = match conn {
-        Ok(c) => c,
-        Err((reason, detail)) => return refuse(client, out, reason, detail),
-    };
-    out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
     sys::set_nodelay(cfd);
     let end = tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
     out.relayed_tls(end, true);
@@ -332,17 +321,35 @@ async fn connect(
     }
 }
 
-/// Drive a TLS session's handshake on `sock`; the session, or the failure's reason and detail.
+/// Drive a TLS session's handshake on `sock` and take the peer's verified identity; when it
+/// fails, the client is refused with the reason (the alert was sent first).
 async fn handshake(
-    session: rustls::Connection,
+    session: Result<rustls::Connection, (Reason, String)>,
     sock: &TcpStream,
     peer_is_upstream: bool,
-) -> Result<RefCell<rustls::Connection>, (Reason, String)> {
-    let conn = RefCell::new(session);
-    tls_relay::handshake(&conn, sock)
-        .await
-        .map_err(|f| (f.reason(peer_is_upstream), f.to_string()))?;
-    Ok(conn)
+    client: &TcpStream,
+    out: &mut Outcome,
+) -> Option<RefCell<rustls::Connection>> {
+    let done = match session {
+        Ok(s) => {
+            let conn = RefCell::new(s);
+            match tls_relay::handshake(&conn, sock).await {
+                Ok(()) => Ok(conn),
+                Err(f) => Err((f.reason(peer_is_upstream), f.to_string())),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match done {
+        Ok(conn) => {
+            out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
+            Some(conn)
+        }
+        Err((reason, detail)) => {
+            refuse(client, out, reason, detail);
+            None
+        }
+    }
 }
 
 /// Give an HTTP connection to the L7 path; it leaves this worker.
