@@ -54,6 +54,13 @@ pub(crate) struct Shared {
     /// The proxy's own listening ports and the host's addresses (a connection headed there is
     /// refused: it would loop through the proxy).
     pub own: arc_swap::ArcSwap<crate::decide::plan::OwnAddrs>,
+    /// When the host's addresses were last read (at most once a second, so connections to other
+    /// hosts' mesh ports cannot make every connection read them).
+    pub own_read_at: std::sync::Mutex<Instant>,
+    /// Told every time a new snapshot is in force (the L7 lanes re-authorize their connections;
+    /// the fast-path workers look at the snapshot from their own loop instead, since their
+    /// runtime is woken from its own thread only).
+    pub config_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Services, intentions and what is built from them, swapped as one piece on a config update.
@@ -61,6 +68,9 @@ pub(crate) struct Shared {
 pub struct ConfigSnapshot {
     /// Version of the configuration (the control daemon's index; 0 for a file).
     pub version: u64,
+    /// Which snapshot of this process this is (every build gets the next number): workers compare
+    /// it to notice a change.
+    pub generation: u64,
     /// Services: those of the config file first (static listeners point at them by index), then
     /// those pushed by the control daemon.
     pub services: Vec<Service>,
@@ -104,8 +114,10 @@ impl ConfigSnapshot {
                 .context("sidecar mTLS")?,
             None => vec![Default::default(); services.len()],
         };
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(ConfigSnapshot {
             version,
+            generation: GENERATION.fetch_add(1, SeqCst),
             routes: crate::decide::route::Routes::new(&services, registry_only),
             services,
             intentions,
@@ -237,7 +249,9 @@ impl Updater {
             self.shared.sidecar_tls.as_ref(),
             Some(&previous),
         )?;
+        let generation = snap.generation;
         self.shared.snapshot.store(Arc::new(snap));
+        self.shared.config_changed.send_replace(generation);
         info!(version, "configuration applied");
         Ok(())
     }
@@ -468,6 +482,8 @@ impl Proxy {
             access_log,
             force_close: AtomicBool::new(false),
             own: arc_swap::ArcSwap::from_pointee(own),
+            own_read_at: std::sync::Mutex::new(Instant::now()),
+            config_changed: tokio::sync::watch::Sender::new(0),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
             // Certificate files are polled four times a second; a change is loaded for new handshakes.

@@ -586,3 +586,172 @@ fn the_destination_boundary_holds() {
     );
     s_front.stop();
 }
+
+const REVOKE_DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: db
+spec:
+  protocol: tcp
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: web
+spec:
+  protocol: http
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: db
+spec:
+  destination:
+    name: db
+  sources:
+    - name: frontend
+      action: FRONT
+    - name: batch
+      action: allow
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: web
+spec:
+  destination:
+    name: web
+  sources:
+    - name: frontend
+      action: FRONT
+";
+
+/// Send `ping` and read it back on an established connection.
+fn echo_ok(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 4];
+    s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+}
+
+#[test]
+fn revoking_an_intention_closes_what_it_allowed() {
+    if !pods_available("revoking_an_intention_closes_what_it_allowed") {
+        return;
+    }
+    let mut net = Net::new();
+    let front = net.pod("front");
+    let batch = net.pod("batch");
+    let db = net.pod("db");
+    let web = net.pod("web");
+    let range = format!("{}/29", net.virtual_ip(0));
+    let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
+    daemon.ok(&["register", "service", "db", "--port", "5432:5432"]);
+    daemon.ok(&["register", "service", "web", "--port", "80:8080"]);
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.ok(&["register", "service", "batch"]);
+    daemon.apply(&REVOKE_DOCS.replace("FRONT", "allow"));
+    for p in [&front, &batch, &db, &web] {
+        p.install_redirect(&[]);
+    }
+    db.echo_app("127.0.0.1:5432".parse().unwrap());
+    web.enter(|| serve("web-app", "127.0.0.1:8080".parse().unwrap()))
+        .join()
+        .unwrap();
+    let mut sidecars = Vec::new();
+    for (pod, service) in [
+        (&db, "db"),
+        (&web, "web"),
+        (&front, "frontend"),
+        (&batch, "batch"),
+    ] {
+        let args = daemon.sidecar_args(service, IpAddr::V4(pod.ip4), PROXY_UID);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sidecars.push(Sidecar::start_with(pod, "sidecar: {}\n", &args));
+    }
+    let db_addr = SocketAddr::new(vip(&daemon, "db"), 5432);
+    let web_url = format!("http://{}", SocketAddr::new(vip(&daemon, "web"), 80));
+    let open = |pod: &Pod| {
+        pod.enter(move || {
+            let t0 = Instant::now();
+            loop {
+                let mut s = TcpStream::connect_timeout(&db_addr, Duration::from_secs(2)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                if echo_ok(&mut s) {
+                    return s;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "no echo through the mesh"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    let mut from_front = open(&front);
+    let mut from_batch = open(&batch);
+    // An HTTP exchange leaves a kept-alive mesh connection from front's sidecar to web's.
+    let u = format!("{web_url}/x");
+    let r = front
+        .enter(move || Client::new().get(&u))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Revoke frontend's intentions: its established connections are closed within a second;
+    // batch's connection, still allowed, lives on.
+    daemon.apply(&REVOKE_DOCS.replace("FRONT", "deny"));
+    let t0 = Instant::now();
+    from_front
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    let r = from_front.read(&mut b);
+    let took = t0.elapsed();
+    assert!(matches!(r, Ok(0) | Err(_)), "still open: {r:?}");
+    assert!(
+        r.as_ref()
+            .err()
+            .is_none_or(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "not closed within 3 s"
+    );
+    assert!(took < Duration::from_millis(1500), "closed after {took:?}");
+    assert!(echo_ok(&mut from_batch), "an allowed connection was cut");
+    // A new connection from frontend is refused in the handshake.
+    let refused = front
+        .enter(move || {
+            let mut s = TcpStream::connect_timeout(&db_addr, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            !echo_ok(&mut s)
+        })
+        .join()
+        .unwrap();
+    assert!(refused);
+    eprintln!("an established connection was closed {took:?} after the deny was applied");
+
+    let s_batch = sidecars.pop().unwrap();
+    let _front = sidecars.pop().unwrap();
+    let s_web = sidecars.pop().unwrap();
+    let s_db = sidecars.pop().unwrap();
+    let t1 = Instant::now();
+    while !s_web.log_text().contains("was revoked") {
+        assert!(
+            t1.elapsed() < Duration::from_secs(2),
+            "the kept-alive HTTP mesh connection was not closed:\n{}",
+            s_web.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cdb = s_db.stop();
+    assert!(
+        cdb.get("fail.intention_denied").copied().unwrap_or(0) >= 2,
+        "the revoked connection and the refused one: {cdb:?}"
+    );
+    let cweb = s_web.stop();
+    assert!(
+        cweb.get("fail.intention_denied").copied().unwrap_or(0) >= 1,
+        "{cweb:?}"
+    );
+    drop(s_batch);
+}

@@ -106,5 +106,6 @@ async fn terminate(
             "no inbound TLS config for this service".into(),
         );
     };
-    terminate_then_relay(w, snap, client, cfg, app, out).await
+    let name = &snap.services[service].name;
+    terminate_then_relay(w, snap, client, cfg, app, Some(name), out).await
 }

@@ -23,6 +23,7 @@ use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::config::ListenerKind;
+use crate::decide::authz::{authorize_peer, Denied, Scope, Served};
 use crate::decide::detect::{Detection, Want};
 use crate::decide::plan::{plan, Input, L7Plan, Plan};
 use crate::decide::route::Route;
@@ -32,6 +33,7 @@ use crate::io::relay::relay;
 use crate::io::sys;
 use crate::io::tls_relay::{self, TlsRelayEnd};
 use crate::io::worker::Worker;
+use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
 use crate::tls::session;
@@ -172,8 +174,9 @@ pub(crate) async fn decide(
     };
     let mut own = w.shared.own.load_full();
     if let Some(Ok(a)) = &orig {
-        if own.needs_refresh(*a) {
-            // Rare: the port is one of ours; make sure the host's addresses are current.
+        if own.needs_refresh(*a) && read_due(w) {
+            // Rare: the port is one of ours and the address not known as local: make sure the
+            // host's addresses are current (an address added after start).
             let mut fresh = (*own).clone();
             fresh.ips = sys::local_ips();
             own = Arc::new(fresh);
@@ -201,6 +204,20 @@ pub(crate) async fn decide(
         }
         p => Ok(p),
     }
+}
+
+/// Whether the host's addresses may be read again (at most once a second).
+fn read_due(w: &Worker) -> bool {
+    let mut at = w
+        .shared
+        .own_read_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if at.elapsed() < std::time::Duration::from_secs(1) {
+        return false;
+    }
+    *at = Instant::now();
+    true
 }
 
 /// The name operators know the destination by.
@@ -248,12 +265,16 @@ pub(crate) async fn relay_plain(
 /// Mesh TLS from the client: the handshake with `cfg` (its verifier authorizes the caller), then
 /// connect where `route` says and relay TLS <-> plaintext. Nothing of a refused caller reaches the
 /// upstream: it is connected only after the handshake.
+///
+/// With `recheck` (the local service the intentions authorized the caller for), the connection is
+/// closed with `intention_denied` as soon as the configuration in force no longer allows it.
 pub(crate) async fn terminate_then_relay(
     w: &Worker,
     snap: &ConfigSnapshot,
     client: &TcpStream,
     cfg: Arc<rustls::ServerConfig>,
     route: Route,
+    recheck: Option<&str>,
     out: &mut Outcome,
 ) {
     out.mesh = true;
@@ -268,8 +289,59 @@ pub(crate) async fn terminate_then_relay(
         return;
     };
     sys::set_nodelay(cfd);
-    let end = tls_relay::relay(&w.relay_ctx(), &up.stream, client, &conn, false).await;
-    out.relayed_tls(end, false);
+    let ctx = w.relay_ctx();
+    let relay = tls_relay::relay(&ctx, &up.stream, client, &conn, false);
+    let peer = session::peer_id(&conn.borrow());
+    let watch = match (recheck, peer, &w.shared.sidecar_tls) {
+        (Some(dest), Some(peer), Some(st)) => Some((dest, peer, &st.scope)),
+        _ => None,
+    };
+    let Some((dest, peer, scope)) = watch else {
+        return out.relayed_tls(relay.await, false);
+    };
+    match until_revoked(w, relay, scope, &peer, dest).await {
+        Ok(end) => out.relayed_tls(end, false),
+        Err(d) => {
+            // Both sides get a reset: the connection is cut, not finished.
+            sys::set_linger_zero(up.stream.as_raw_fd());
+            sys::set_linger_zero(cfd);
+            out.fail(d.reason, format!("revoked: {}", d.detail));
+        }
+    }
+}
+
+/// Run `relay` until it ends, or until the configuration in force no longer lets `peer` call
+/// `destination` on L4 (then `Err` with the refusal, and `relay` is dropped).
+async fn until_revoked<F: std::future::Future>(
+    w: &Worker,
+    relay: F,
+    scope: &Scope,
+    peer: &SpiffeId,
+    destination: &str,
+) -> Result<F::Output, Denied> {
+    let revoked = async {
+        loop {
+            // Take the change to wait for before looking, so none slips in between.
+            let change = w.config_change();
+            let snap = w.shared.snapshot.load();
+            if let Err(d) =
+                authorize_peer(&snap.intentions, scope, Some(peer), destination, Served::L4)
+            {
+                return d;
+            }
+            change.await;
+        }
+    };
+    let mut relay = std::pin::pin!(relay);
+    let mut revoked = std::pin::pin!(revoked);
+    std::future::poll_fn(|cx| {
+        use std::future::Future;
+        if let std::task::Poll::Ready(v) = relay.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Ok(v));
+        }
+        revoked.as_mut().poll(cx).map(Err)
+    })
+    .await
 }
 
 /// Plaintext from the client: connect where `route` says, originate TLS to `name` with `cfg`

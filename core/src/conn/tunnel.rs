@@ -99,7 +99,7 @@ async fn tls_end(
     let missing = "the listener has no TLS material for its mode";
     match mode {
         TlsMode::Terminate => match built.and_then(|b| b.server.clone()) {
-            Some(cfg) => terminate_then_relay(w, snap, client, cfg, route, out).await,
+            Some(cfg) => terminate_then_relay(w, snap, client, cfg, route, None, out).await,
             None => refuse(client, out, Reason::TlsHandshakeFailed, missing.into()),
         },
         TlsMode::Origin => match built.and_then(|b| b.client.clone()) {

@@ -2,13 +2,16 @@
 //! its own `SO_REUSEPORT` copy of every listener. A connection is accepted here and served on this
 //! thread by the function the server passes in (`conn::serve`); nothing on the path takes a lock.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
@@ -38,6 +41,11 @@ pub(crate) struct Worker {
     active: Cell<usize>,
     /// Sequence for connection ids.
     next_id: Cell<u64>,
+    /// The generation of the configuration snapshot this worker last saw, and how many changes
+    /// it has seen: connections that must be re-authorized wait on it.
+    config_seen: Cell<(u64, u64)>,
+    /// Connections waiting for the next configuration change, by waiter id.
+    config_waiters: RefCell<HashMap<u64, Waker>>,
 }
 
 impl Worker {
@@ -52,6 +60,29 @@ impl Worker {
             stats: self.stats(),
             mode: self.shared.config.proxy.copy_mode,
             idle_timeout: self.shared.config.proxy.idle_timeout,
+        }
+    }
+
+    /// Resolves at the next change of the configuration in force (seen by this worker within
+    /// `DRAIN_POLL`). Waiting costs nothing: the worker wakes its waiters from its own loop, on
+    /// its own thread.
+    pub(crate) fn config_change(&self) -> ConfigChange<'_> {
+        ConfigChange {
+            w: self,
+            at: self.config_seen.get().1,
+            id: self.next_id.replace(self.next_id.get() + 1) | 1 << 47,
+        }
+    }
+
+    /// Look at the configuration in force; wake the waiters when it changed.
+    fn check_config(&self) {
+        let now = self.shared.snapshot.load().generation;
+        let (seen, n) = self.config_seen.get();
+        if now != seen {
+            self.config_seen.set((now, n + 1));
+            for (_, waker) in self.config_waiters.borrow_mut().drain() {
+                waker.wake();
+            }
         }
     }
 
@@ -70,6 +101,39 @@ impl Worker {
         if !handed {
             self.shared.active.fetch_sub(1, SeqCst);
         }
+    }
+}
+
+/// See [`Worker::config_change`].
+pub(crate) struct ConfigChange<'a> {
+    w: &'a Worker,
+    at: u64,
+    id: u64,
+}
+
+impl Future for ConfigChange<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.w.config_seen.get().1 != self.at {
+            return Poll::Ready(());
+        }
+        // Polled with every wake-up of the connection it belongs to: store the waker only when
+        // it is not the one already there.
+        let mut waiters = self.w.config_waiters.borrow_mut();
+        match waiters.get(&self.id) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => {
+                waiters.insert(self.id, cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ConfigChange<'_> {
+    fn drop(&mut self) {
+        self.w.config_waiters.borrow_mut().remove(&self.id);
     }
 }
 
@@ -99,6 +163,7 @@ where
         }
     }
     let pools = Pools::new(settings.pipe_size, settings.buffer_size, POOL_IDLE);
+    let first_generation = shared.snapshot.load().generation;
     let main = async move {
         let w = Rc::new(Worker {
             id,
@@ -106,6 +171,8 @@ where
             pools,
             active: Cell::new(0),
             next_id: Cell::new(0),
+            config_seen: Cell::new((first_generation, 0)),
+            config_waiters: RefCell::new(HashMap::new()),
         });
         for (index, std_listener) in listeners {
             let listener = TcpListener::from_std(std_listener)?;
@@ -114,6 +181,7 @@ where
         // Wait for a drain to begin and finish (or be cut short at its deadline).
         loop {
             monoio::time::sleep(DRAIN_POLL).await;
+            w.check_config();
             if !w.shared.draining.load(Relaxed) {
                 continue;
             }

@@ -350,6 +350,13 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let peer = conn.peer;
+    // An authenticated inbound connection lives only as long as an intention allows its caller.
+    let watched = match (&conn.inbound, &conn.peer_id) {
+        (Some(i), Some(id)) if i.authenticated => {
+            Some((id.clone(), conn.snap.services[conn.service].name.clone()))
+        }
+        _ => None,
+    };
     let c2 = ctx.clone();
     let svc = hyper::service::service_fn(move |req| proxy(req, conn.clone(), c2.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -357,15 +364,66 @@ where
     let served = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(served);
     let mut draining = ctx.draining.clone();
+    let revoked = async {
+        match &watched {
+            Some((id, dest)) => revocation(ctx, id, dest).await,
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         r = served.as_mut() => r,
         _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
             served.as_mut().graceful_shutdown();
             served.await
         }
+        d = revoked => {
+            // Dropping the connection closes it, requests in flight included.
+            ctx.stats.fail(d.reason);
+            warn!(reason = d.reason.as_str(), client = %peer, detail = %d.detail, "connection closed: the intention that allowed it was revoked");
+            if let Some(shared) = ctx.shared.upgrade() {
+                let (id, dest) = watched.as_ref().map(|(i, d)| (i.to_string(), d.clone())).unwrap_or_default();
+                shared.events.push(d.reason, id, dest, format!("revoked: {}", d.detail));
+            }
+            return;
+        }
     };
     if let Err(e) = result {
         debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Resolves when the configuration in force no longer lets `peer` call `destination` (checked at
+/// every configuration change, pushed by the updater; nothing runs in between).
+async fn revocation(
+    ctx: &Ctx,
+    peer: &crate::policy::identity::SpiffeId,
+    destination: &str,
+) -> crate::decide::authz::Denied {
+    let Some(mut rx) = ctx.shared.upgrade().map(|s| s.config_changed.subscribe()) else {
+        return std::future::pending().await;
+    };
+    let mut first = true;
+    loop {
+        // The first look is at once: a change between the handshake and here is not missed.
+        if !std::mem::take(&mut first) && rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let Some(shared) = ctx.shared.upgrade() else {
+            continue;
+        };
+        let Some(scope) = shared.sidecar_tls.as_ref().map(|s| &s.scope) else {
+            continue;
+        };
+        let snap = shared.snapshot.load();
+        if let Err(d) = crate::decide::authz::authorize_peer(
+            &snap.intentions,
+            scope,
+            Some(peer),
+            destination,
+            crate::decide::authz::Served::L7,
+        ) {
+            return d;
+        }
     }
 }
 
