@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub stats: StatsRegistry,
     /// Connections open across all workers (for `max_connections`).
     pub active: AtomicUsize,
+    /// Inbound connections open (for `max_inbound_connections`).
+    pub active_inbound: AtomicUsize,
     /// Stop accepting; workers exit once their connections end.
     pub draining: AtomicBool,
     /// The control daemon cannot be reached (the last good config stays in force).
@@ -195,6 +197,14 @@ pub(crate) fn cert_status(shared: &Shared) -> Vec<serde_json::Value> {
 }
 
 impl Shared {
+    /// A connection ended: it leaves the open-connection counts.
+    pub(crate) fn release(&self, inbound: bool) {
+        self.active.fetch_sub(1, SeqCst);
+        if inbound {
+            self.active_inbound.fetch_sub(1, SeqCst);
+        }
+    }
+
     fn reload_certs(&self) {
         for m in self.tls.iter().flatten() {
             m.reload_if_changed();
@@ -475,6 +485,7 @@ impl Proxy {
             stats: StatsRegistry::new(workers),
             config,
             active: AtomicUsize::new(0),
+            active_inbound: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             ctl_unreachable: AtomicBool::new(false),
             l7: std::sync::OnceLock::new(),

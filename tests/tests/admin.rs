@@ -209,3 +209,98 @@ fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
     assert_eq!(line["destination"], "upstream");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Slow clients cannot hold the health port: beyond 64 connections at once the port closes new
+/// ones at accept, a client that sends no complete request head is closed at the header timeout
+/// (10 s), and then the port answers again. The L7 path closes a silent client the same way.
+#[test]
+fn slow_clients_cannot_hold_the_health_port() {
+    use std::io::{Read, Write};
+    let app = serve("app", "127.0.0.1:0".parse().unwrap());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = spawn_forward(
+        listen,
+        &[app.addr],
+        &[
+            "--protocol",
+            "http",
+            "--admin",
+            &admin.to_string(),
+            "--health",
+            &health.to_string(),
+        ],
+    );
+    let c = Client::new();
+    wait_for("the health port", Duration::from_secs(10), || {
+        c.get(&format!("http://{health}/healthz/ready"))
+            .is_ok_and(|r| r.status == 200)
+    });
+    // 80 clients that start a request and never finish its head.
+    let t0 = std::time::Instant::now();
+    let mut slow: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(health).unwrap();
+            s.write_all(b"GET /healthz/ready HTTP/1.1\r\nhost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // The ones beyond the cap are closed at once.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut closed_early = 0;
+    for s in &mut slow {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let r = s.read(&mut b);
+        if !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            closed_early += 1;
+        }
+    }
+    assert!(
+        (16..=40).contains(&closed_early),
+        "{closed_early} of 80 closed at once (the cap is 64)"
+    );
+    // The L7 listener closes a client that sends half a head and goes quiet (30 s).
+    let mut half = std::net::TcpStream::connect(listen).unwrap();
+    half.write_all(b"GET /x HTTP/1.1\r\n").unwrap();
+    // The rest are closed at the header timeout.
+    for s in &mut slow {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut b = [0u8; 64];
+        let r = s.read(&mut b);
+        assert!(
+            matches!(r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock),
+            "a slow client stayed: {r:?}"
+        );
+    }
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(13),
+        "slow clients held the port for {took:?}"
+    );
+    // (A new client: the kept-alive connection of the first one was closed when it idled.)
+    assert_eq!(
+        Client::new()
+            .get(&format!("http://{health}/healthz/ready"))
+            .unwrap()
+            .status,
+        200,
+        "the health port answers again"
+    );
+    half.set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    let t1 = std::time::Instant::now();
+    let mut b = [0u8; 256];
+    let r = half.read(&mut b);
+    assert!(
+        t1.elapsed() < Duration::from_secs(35),
+        "a half request held an L7 connection for {:?}: {r:?}",
+        t1.elapsed()
+    );
+    child.signal(libc::SIGTERM);
+    child.wait_timeout(Duration::from_secs(10));
+}

@@ -416,3 +416,127 @@ fn request_response_without_close() {
         term.shutdown(Duration::from_secs(1));
     }
 }
+
+/// A TLS client that verifies nothing about the server (the test only needs to be accepted).
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS peer that stops without `close_notify` has cut the stream: the plaintext side gets a
+/// reset, not a FIN that would make a truncated message look complete. With `close_notify` the
+/// same bytes end with a FIN.
+#[test]
+fn truncation_is_not_a_clean_end() {
+    use rustls::pki_types::pem::PemObject;
+    let pki = Pki::new("trunc");
+    let client = pki.files("client", CLIENT, Validity::Valid);
+    let server = pki.files("server", SERVER, Validity::Valid);
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let term = tunnel_proxy(
+        DriverKind::Uring,
+        up_addr,
+        TlsMode::Terminate,
+        &server,
+        None,
+        &[CLIENT],
+    );
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&client.cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&client.key).unwrap();
+    let cfg = std::sync::Arc::new({
+        let mut c = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer))
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+        c.alpn_protocols = vec![b"ringside/tcp".to_vec()];
+        c
+    });
+    for clean in [true, false] {
+        let sock = std::net::TcpStream::connect(term.local_addrs()[0]).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("products-api").unwrap();
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(b"half a response").unwrap();
+        tls.flush().unwrap();
+        let (mut app, _) = upstream.accept().unwrap();
+        app.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 15];
+        app.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"half a response");
+        if clean {
+            tls.conn.send_close_notify();
+            tls.flush().unwrap();
+        }
+        tls.sock.shutdown(Shutdown::Write).unwrap();
+        let mut b = [0u8; 1];
+        let end = app.read(&mut b);
+        if clean {
+            assert!(
+                matches!(end, Ok(0)),
+                "close_notify then FIN: a clean end, got {end:?}"
+            );
+            // The other direction ends cleanly too, before either side goes away.
+            app.shutdown(Shutdown::Write).unwrap();
+            tls.sock
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest)
+                .expect("close_notify from the proxy");
+        } else {
+            let e = end.expect_err("a cut stream ended cleanly");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+    }
+    let t0 = std::time::Instant::now();
+    while term.stats().failures_for(Reason::DownstreamReset) != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the truncation is counted once, as downstream_reset: {:?}",
+            term.stats().failures
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    term.shutdown(Duration::from_secs(1));
+}

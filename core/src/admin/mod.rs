@@ -30,6 +30,14 @@ use crate::server::Shared;
 
 pub use crate::telemetry::events::{Event, Events};
 
+/// Connections each admin or health port serves at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers, and how long a kept-alive connection
+/// may stay idle.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head accepted (hyper's read buffer; larger heads are refused).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Changes the log filter (given by the binary, which owns the subscriber).
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -96,21 +104,37 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
                         let Ok(l) = tokio::net::TcpListener::from_std(l) else {
                             return;
                         };
+                        // A small cap per port: the health port is reachable from the network,
+                        // and neither may be used to hold the proxy's descriptors.
+                        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
                         loop {
-                            let Ok((s, _)) = l.accept().await else {
-                                continue;
+                            let (s, _) = match l.accept().await {
+                                Ok(x) => x,
+                                Err(_) => {
+                                    // Out of descriptors (or a transient error): back off, never spin.
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    continue;
+                                }
                             };
                             if weak.strong_count() == 0 {
                                 return;
                             }
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                drop(s);
+                                continue;
+                            };
                             let (weak, set_level) = (weak.clone(), set_level.clone());
                             tokio::spawn(async move {
                                 let svc = hyper::service::service_fn(move |req| {
                                     handle(req, weak.clone(), set_level.clone(), health)
                                 });
                                 let _ = hyper::server::conn::http1::Builder::new()
+                                    .timer(hyper_util::rt::TokioTimer::new())
+                                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                                    .max_buf_size(MAX_HEADER_BYTES)
                                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                                     .await;
+                                drop(permit);
                             });
                         }
                     }));

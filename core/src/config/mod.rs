@@ -144,6 +144,9 @@ pub struct ProxyDoc {
     pub driver: DriverKind,
     /// Connections above this number are accepted and closed at once (counted `overloaded`).
     pub max_connections: usize,
+    /// Of those, how many may be inbound (the sidecar's 15006); absent: half of
+    /// `max_connections`, so a flood from outside the pod never takes its own outbound calls.
+    pub max_inbound_connections: Option<usize>,
     /// Connections with no byte moving for this long are closed; absent means never.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
@@ -182,6 +185,7 @@ impl Default for ProxyDoc {
             workers: 0,
             driver: DriverKind::Auto,
             max_connections: 8192,
+            max_inbound_connections: None,
             idle_timeout: None,
             drain_timeout: Duration::from_secs(15),
             stats_interval: None,
@@ -416,6 +420,8 @@ pub struct ProxySettings {
     pub driver: DriverKind,
     /// Connection limit.
     pub max_connections: usize,
+    /// Limit of inbound connections (within `max_connections`).
+    pub max_inbound_connections: usize,
     /// Idle timeout, if any.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
@@ -740,6 +746,19 @@ impl ConfigFile {
                 "must be at least 1".into(),
             ));
         }
+        let max_inbound = p
+            .max_inbound_connections
+            .unwrap_or((p.max_connections / 2).max(1));
+        if max_inbound == 0 || max_inbound > p.max_connections {
+            return Err(err(
+                "proxy.max_inbound_connections".into(),
+                at("max_inbound_connections"),
+                format!(
+                    "{max_inbound} must be between 1 and max_connections ({})",
+                    p.max_connections
+                ),
+            ));
+        }
         if !(4096..=64 * 1024 * 1024).contains(&p.pipe_size) {
             return Err(err(
                 "proxy.pipe_size".into(),
@@ -772,6 +791,7 @@ impl ConfigFile {
             workers,
             driver: p.driver,
             max_connections: p.max_connections,
+            max_inbound_connections: max_inbound,
             idle_timeout: p.idle_timeout,
             drain_timeout: p.drain_timeout,
             stats_interval: p.stats_interval.filter(|d| !d.is_zero()),

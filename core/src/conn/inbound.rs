@@ -9,9 +9,7 @@ use std::sync::Arc;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{
-    decide, destination, handoff, refuse, relay_plain, terminate_then_relay, Outcome,
-};
+use crate::conn::{destination, handoff, refuse, terminate_then_relay, Outcome};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
 use crate::io::worker::Worker;
@@ -22,16 +20,10 @@ pub(crate) async fn serve(
     w: &Rc<Worker>,
     snap: &Arc<ConfigSnapshot>,
     client: TcpStream,
-    listener: usize,
+    plan: Plan,
     out: &mut Outcome,
 ) -> Option<TcpStream> {
-    let Ok(plan) = decide(w, snap, &client, listener).await else {
-        return Some(client); // gone before saying anything
-    };
     match plan {
-        Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
-        // Plaintext (permissive mode, no mesh mTLS) or a service with its own TLS.
-        Plan::Relay(route) => relay_plain(w, snap, &client, route, out).await,
         // Boxed: TLS state is large and only mesh connections need it.
         Plan::Terminate { service, app } => {
             Box::pin(terminate(w, snap, &client, service, app, out)).await

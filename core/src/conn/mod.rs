@@ -5,8 +5,10 @@
 //! - [`inbound`]: a caller reaches the pod's application (15006).
 //! - [`tunnel`]: static listeners (`ringside forward`, with or without a TLS end).
 //!
-//! Whatever happens, one [`Outcome`] per connection is recorded in one place ([`record`]):
-//! counters, `/events`, the access log and the log line.
+//! [`serve`] plans the connection and does what every direction does alike (refuse, or relay
+//! plain bytes); the plans only one direction makes are served in its file. Whatever happens,
+//! one [`Outcome`] per connection is recorded in one place ([`record`]): counters, `/events`, the
+//! access log and the log line.
 
 pub(crate) mod inbound;
 pub(crate) mod outbound;
@@ -145,15 +147,30 @@ pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, li
     let mut out = Outcome::new(kind, peer);
     // The client comes back unless the L7 path took it; it is closed only after the outcome is
     // recorded, so whoever sees the close also sees the counters.
-    let client = match kind {
-        ListenerKind::Outbound => outbound::serve(&w, &snap, client, listener, &mut out).await,
-        ListenerKind::Inbound => inbound::serve(&w, &snap, client, listener, &mut out).await,
-        ListenerKind::Static(_) => tunnel::serve(&w, &snap, client, listener, &mut out).await,
+    let client = match decide(&w, &snap, &client, listener).await {
+        // Gone before saying anything.
+        Err(Gone) => Some(client),
+        // What every direction does alike: refuse, or relay plain bytes.
+        Ok(Plan::Refuse { reason, detail }) => {
+            refuse(&client, &mut out, reason, detail);
+            Some(client)
+        }
+        Ok(Plan::Relay(route)) => {
+            relay_plain(&w, &snap, &client, route, &mut out).await;
+            Some(client)
+        }
+        Ok(plan) => match kind {
+            ListenerKind::Outbound => outbound::serve(&w, &snap, client, plan, &mut out).await,
+            ListenerKind::Inbound => inbound::serve(&w, &snap, client, plan, &mut out).await,
+            ListenerKind::Static(_) => {
+                tunnel::serve(&w, &snap, client, listener, plan, &mut out).await
+            }
+        },
     };
     if let Some(client) = client {
         record(&w, &out);
         drop(client);
-        w.finish();
+        w.finish(kind == ListenerKind::Inbound);
     }
 }
 
@@ -439,9 +456,10 @@ pub(crate) fn handoff(
         | L7Plan::Inbound { service, .. }
         | L7Plan::Static { service } => service,
     };
+    let inbound = out.direction == Direction::Inbound;
     let Some(l7) = w.shared.l7.get() else {
         w.stats().fail(Reason::Overloaded);
-        w.left(false);
+        w.left(false, inbound);
         return;
     };
     let h = crate::l7::Handoff {
@@ -451,7 +469,7 @@ pub(crate) fn handoff(
         service,
         entry,
     };
-    w.left(l7.handoff(h).is_ok());
+    w.left(l7.handoff(h).is_ok(), inbound);
 }
 
 /// Record a connection's end: counters, `/events`, the access log and the log line.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{decide, handoff, originate_then_relay, refuse, relay_plain, Outcome};
+use crate::conn::{handoff, originate_then_relay, refuse, Outcome};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
 use crate::io::worker::Worker;
@@ -19,15 +19,10 @@ pub(crate) async fn serve(
     w: &Rc<Worker>,
     snap: &Arc<ConfigSnapshot>,
     client: TcpStream,
-    listener: usize,
+    plan: Plan,
     out: &mut Outcome,
 ) -> Option<TcpStream> {
-    let Ok(plan) = decide(w, snap, &client, listener).await else {
-        return Some(client); // gone before saying anything
-    };
     match plan {
-        Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
-        Plan::Relay(route) => relay_plain(w, snap, &client, route, out).await,
         // Boxed: TLS state is large and only mesh connections need it.
         Plan::Originate { service } => Box::pin(originate(w, snap, &client, service, out)).await,
         Plan::L7(p @ L7Plan::Outbound { service, mesh }) => {

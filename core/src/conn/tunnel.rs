@@ -9,9 +9,7 @@ use std::sync::Arc;
 use monoio::net::TcpStream;
 
 use crate::config::TlsMode;
-use crate::conn::{
-    decide, handoff, originate_then_relay, refuse, relay_plain, terminate_then_relay, Outcome,
-};
+use crate::conn::{handoff, originate_then_relay, refuse, terminate_then_relay, Outcome};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
 use crate::io::worker::Worker;
@@ -23,14 +21,10 @@ pub(crate) async fn serve(
     snap: &Arc<ConfigSnapshot>,
     client: TcpStream,
     listener: usize,
+    plan: Plan,
     out: &mut Outcome,
 ) -> Option<TcpStream> {
-    let Ok(plan) = decide(w, snap, &client, listener).await else {
-        return Some(client);
-    };
     match plan {
-        Plan::Refuse { reason, detail } => refuse(&client, out, reason, detail),
-        Plan::Relay(route) => relay_plain(w, snap, &client, route, out).await,
         // Boxed: TLS state is large and only TLS listeners need it.
         Plan::Tunnel { service, mode } => {
             Box::pin(tls_end(w, snap, &client, listener, service, mode, out)).await

@@ -4,7 +4,7 @@
 //!
 //! Both directions share one rustls connection (`RefCell`, never borrowed across an await). Close
 //! semantics match the plaintext relay: plaintext EOF becomes `close_notify` plus `shutdown(SHUT_WR)`
-//! on the TLS socket; `close_notify` (or TCP EOF) from the TLS side becomes `shutdown(SHUT_WR)` on
+//! on the TLS socket; `close_notify` from the TLS side becomes `shutdown(SHUT_WR)` on
 //! the plaintext socket; any error resets both.
 
 use std::cell::{Cell, RefCell};
@@ -456,8 +456,13 @@ async fn open(
                     moved.set(moved.get() + n as u64);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
-                // TCP closed without close_notify: treat as the end of the stream.
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => break Some(()),
+                // TCP closed without close_notify: the stream was cut, and a cut must not look
+                // complete on the other side (a truncated response would pass for a whole one):
+                // it fails, and the plaintext side gets a reset instead of a FIN.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                    ctx.pools.give_buf(buf);
+                    return Err(LegError::TlsIo(e));
+                }
                 Err(e) => {
                     ctx.pools.give_buf(buf);
                     return Err(LegError::TlsIo(e));

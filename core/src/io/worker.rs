@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn, Instrument};
 
-use crate::config::DriverKind;
+use crate::config::{DriverKind, ListenerKind};
 use crate::io::relay::{Pools, RelayCtx};
 use crate::reason::Reason;
 use crate::server::Shared;
@@ -87,19 +87,19 @@ impl Worker {
     }
 
     /// A connection ended on this worker.
-    pub(crate) fn finish(&self) {
+    pub(crate) fn finish(&self, inbound: bool) {
         self.stats().downstream_cx_closed.inc();
         self.active.set(self.active.get() - 1);
-        self.shared.active.fetch_sub(1, SeqCst);
+        self.shared.release(inbound);
     }
 
     /// A connection left this worker for the L7 path; the proxy's open-connection count keeps it
     /// until the L7 path closes it (`handed: false`: it could not be handed over and is gone).
-    pub(crate) fn left(&self, handed: bool) {
+    pub(crate) fn left(&self, handed: bool, inbound: bool) {
         self.stats().downstream_cx_closed.inc();
         self.active.set(self.active.get() - 1);
         if !handed {
-            self.shared.active.fetch_sub(1, SeqCst);
+            self.shared.release(inbound);
         }
     }
 }
@@ -262,10 +262,23 @@ where
             }
         };
         let shared = &w.shared;
-        if shared.active.fetch_add(1, SeqCst) >= shared.config.proxy.max_connections {
+        let inbound = shared.config.listeners[index].kind == ListenerKind::Inbound;
+        let over = if shared.active.fetch_add(1, SeqCst) >= shared.config.proxy.max_connections {
             shared.active.fetch_sub(1, SeqCst);
+            true
+        } else if inbound
+            && shared.active_inbound.fetch_add(1, SeqCst)
+                >= shared.config.proxy.max_inbound_connections
+        {
+            shared.active_inbound.fetch_sub(1, SeqCst);
+            shared.active.fetch_sub(1, SeqCst);
+            true
+        } else {
+            false
+        };
+        if over {
             w.stats().fail(Reason::Overloaded);
-            debug!(client = %peer, reason = Reason::Overloaded.as_str(), "connection refused");
+            debug!(client = %peer, reason = Reason::Overloaded.as_str(), inbound, "connection refused");
             drop(stream);
             continue;
         }

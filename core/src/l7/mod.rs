@@ -27,6 +27,12 @@ use crate::reason::Reason;
 use crate::server::{ConfigSnapshot, Shared};
 use crate::telemetry::stats::HttpStats;
 
+/// How long a client may take to send a request's headers; also how long a kept-alive
+/// connection may wait for its next request (hyper runs one timer for both).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The largest request head (HTTP/1 read buffer, HTTP/2 header list) accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// The identity header the proxy sets (Envoy's name, which apps already read).
 const XFCC: &str = "x-forwarded-client-cert";
 
@@ -243,6 +249,7 @@ impl L7 {
 async fn serve(h: Handoff, ctx: Arc<Ctx>) {
     HttpStats::inc(&ctx.stats.cx_total);
     let peer = h.peer;
+    let inbound = matches!(h.entry, Entry::Inbound { .. });
     let stream = match h
         .stream
         .set_nonblocking(true)
@@ -252,7 +259,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         Err(e) => {
             debug!(error = %e, "cannot take over the connection");
             HttpStats::inc(&ctx.stats.cx_closed);
-            release(&ctx);
+            release(&ctx, inbound);
             return;
         }
     };
@@ -322,7 +329,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         }
     }
     HttpStats::inc(&ctx.stats.cx_closed);
-    release(&ctx);
+    release(&ctx, inbound);
 }
 
 /// After refusing a handshake (the alert is written): stop writing and read what the client still
@@ -360,7 +367,21 @@ where
     let c2 = ctx.clone();
     let svc = hyper::service::service_fn(move |req| proxy(req, conn.clone(), c2.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true);
+    // A slow client cannot hold a connection: its headers (and, on a kept-alive connection, the
+    // next request's) must arrive within HEADER_READ_TIMEOUT, and a head is at most
+    // MAX_HEADER_BYTES (Envoy allows 60 KiB by default).
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Some(HEADER_READ_TIMEOUT))
+        .keep_alive_timeout(HEADER_READ_TIMEOUT);
     let served = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(served);
     let mut draining = ctx.draining.clone();
@@ -427,10 +448,10 @@ async fn revocation(
     }
 }
 
-/// The connection leaves the proxy's open-connection count.
-fn release(ctx: &Ctx) {
+/// The connection leaves the proxy's open-connection counts.
+fn release(ctx: &Ctx, inbound: bool) {
     if let Some(shared) = ctx.shared.upgrade() {
-        shared.active.fetch_sub(1, SeqCst);
+        shared.release(inbound);
     }
 }
 
