@@ -438,3 +438,50 @@ fn http_tunnel_pair_over_mtls() {
     drop(term);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A client that does not speak HTTP to an HTTP listener is a counted, explained failure
+/// (`protocol_mismatch`), not a silent close; and an identity header a client sends never
+/// reaches the upstream.
+#[test]
+fn a_client_that_is_not_http_is_reported_and_identity_headers_are_dropped() {
+    use std::io::{Read, Write};
+    let a = serve("a", any());
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (child, url) = proxy(&[a.addr], &["--admin", &admin.to_string()]);
+    let c = Client::new();
+    let r = c
+        .send(
+            "GET",
+            &format!("{url}/who"),
+            &[(
+                "x-forwarded-client-cert",
+                "URI=spiffe://dc1/ns/default/sa/admin",
+            )],
+            Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("x-forwarded-client-cert: \n"),
+        "a forged identity reached the upstream: {}",
+        r.text()
+    );
+    // A PostgreSQL client's first message (SSLRequest), pointed at the HTTP listener.
+    let listen: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let mut s = std::net::TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let mut b = Vec::new();
+    let _ = s.read_to_end(&mut b);
+    let key = "ringside_failures_total{reason=\"protocol_mismatch\"} 1";
+    wait_for("protocol_mismatch counted", Duration::from_secs(5), || {
+        c.get(&format!("http://{admin}/stats"))
+            .is_ok_and(|r| r.text().contains(key))
+    });
+    let events = c.get(&format!("http://{admin}/events")).unwrap().text();
+    assert!(
+        events.contains("protocol_mismatch") && events.contains("not an HTTP request"),
+        "{events}"
+    );
+    stop(child);
+}

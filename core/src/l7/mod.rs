@@ -272,6 +272,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
         inbound: None,
         peer_id: None,
         origin: None,
+        requests: Default::default(),
     };
     // Mesh TLS to terminate first: the inbound side of a sidecar, or a tunnel's terminating end.
     let terminate = match h.entry {
@@ -365,6 +366,7 @@ where
         _ => None,
     };
     let c2 = ctx.clone();
+    let served_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| proxy(req, conn.clone(), c2.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A slow client cannot hold a connection: its headers (and, on a kept-alive connection, the
@@ -409,7 +411,32 @@ where
         }
     };
     if let Err(e) = result {
-        debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+        let not_http = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_parse() || h.is_parse_too_large() || h.is_parse_status());
+        if not_http && served_conn.requests.load(Relaxed) == 0 {
+            // The service is HTTP (declared, or detected), but this client does not speak it: a
+            // failure operators must see (a PostgreSQL client pointed at a service declared
+            // http gets nothing but a closed connection).
+            let reason = Reason::ProtocolMismatch;
+            let service = served_conn.snap.services[served_conn.service].name.clone();
+            let detail = format!("the client's first bytes are not an HTTP request ({e})");
+            ctx.stats.fail(reason);
+            warn!(reason = reason.as_str(), client = %peer, service = %service, detail = %detail, hint = reason.hint(), "connection failed");
+            if let Some(shared) = ctx.shared.upgrade() {
+                shared
+                    .events
+                    .push(reason, peer.to_string(), service.clone(), detail.clone());
+                if let Some(log) = &shared.access_log {
+                    log.write(serde_json::json!({
+                        "kind": "http", "client": peer.to_string(), "service": service,
+                        "reason": reason.as_str(), "detail": detail,
+                    }));
+                }
+            }
+        } else {
+            debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+        }
     }
 }
 
@@ -467,6 +494,9 @@ struct Conn {
     peer_id: Option<crate::policy::identity::SpiffeId>,
     /// Tunnel origin: mTLS to the upstreams with this config and server name.
     origin: Option<(Arc<rustls::ClientConfig>, Arc<str>)>,
+    /// Requests this connection has carried (0 at its end with a parse error: the client does
+    /// not speak HTTP).
+    requests: std::sync::atomic::AtomicU64,
 }
 
 struct InboundConn {
@@ -557,6 +587,7 @@ async fn proxy(
 ) -> Result<Response<RespBody>, Infallible> {
     let stats = &ctx.stats;
     HttpStats::inc(&stats.rq_total);
+    conn.requests.fetch_add(1, Relaxed);
     let start = std::time::Instant::now();
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
