@@ -2,7 +2,8 @@
 # Install the system packages ringside's tests, demo and benchmarks use. Idempotent: installs only
 # what is missing. Usage: scripts/deps.sh [test|bench]
 set -euo pipefail
-want=(postgresql postgresql-contrib iproute2 procps iptables nftables python3 sockperf util-linux)
+want=(postgresql postgresql-contrib iproute2 procps iptables nftables python3 sockperf util-linux
+  protobuf-compiler libprotobuf-dev etcd-server)
 if [ "${1:-test}" = bench ]; then
   want+=(iperf3 haproxy nginx-light libnginx-mod-stream socat wrk)
 fi
@@ -18,3 +19,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The Debian package starts a cluster of its own on 5432; nothing here uses it.
+# Likewise etcd-server's own member (if its package starts one on 2379): tests start their own
+# etcd members on free loopback ports. etcd-client's build runs protoc (protobuf-compiler) on protos
+# that import the well-known types (libprotobuf-dev).

@@ -5,6 +5,11 @@
 //! - `GET /v1/config`: every stored document. `DELETE /v1/config/<Kind>/<name>`.
 //! - `GET /v1/intentions/check?source=S&destination=D`: allow or deny, and the deciding rule.
 //! - `GET /v1/index`: the configuration index.
+//!
+//! The state is in a [`Store`]: the embedded one in `--data-dir` (the default), or etcd
+//! (`--store etcd://...`), shared with the other daemons pointed at it; the daemon then follows
+//! the configuration index in etcd, so its proxies' long-polls answer changes made through any
+//! daemon. The CA stays in files under `--data-dir` with either store.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -25,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::consul;
-use crate::store::Store;
+use crate::store::{EtcdOptions, Store};
 
 /// Default API socket (operators; authorized by its file permissions).
 pub const DEFAULT_SOCKET: &str = "/run/ringside/ctl.sock";
@@ -53,19 +58,31 @@ pub struct State {
 }
 
 impl State {
-    /// Tell watching proxies that the index moved.
-    fn notify(&self) {
-        if let Ok(i) = self.store.index() {
-            self.changed.send_replace(i);
+    /// Tell watching proxies that the index moved (it never goes back: a late read of an older
+    /// index changes nothing).
+    async fn notify(&self) {
+        if let Ok(i) = self.store.index().await {
+            crate::store::advance_index(&self.changed, i);
         }
     }
+}
+
+/// Which store the daemon keeps its state in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded store in the data directory (one daemon).
+    Redb,
+    /// etcd, shared by every daemon pointed at it.
+    Etcd(EtcdOptions),
 }
 
 /// Daemon settings.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Directory of the store and the CA.
+    /// Directory of the CA, and of the store when it is the embedded one.
     pub data_dir: PathBuf,
+    /// Where the state is kept.
+    pub store: StoreChoice,
     /// Operator API socket.
     pub socket: PathBuf,
     /// Proxy API socket.
@@ -80,20 +97,32 @@ pub struct Options {
 
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn run(o: &Options) -> anyhow::Result<()> {
-    let store = Store::open(&o.data_dir)?;
-    let ca = crate::ca::Authority::open(&o.data_dir.join("ca"), &o.trust_domain)?;
-    let index = store.index()?;
-    let state = Arc::new(State {
-        store,
-        ca: std::sync::RwLock::new(ca),
-        vip_range: o.vip_range,
-        leaf_lifetime: o.leaf_lifetime,
-        changed: tokio::sync::watch::Sender::new(index),
-    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(state, o.socket.clone(), o.proxy_socket.clone()))
+    rt.block_on(async {
+        // The etcd client's connections are tasks of this runtime: it is made inside it.
+        let store = match &o.store {
+            StoreChoice::Redb => Store::open_redb(&o.data_dir)?,
+            StoreChoice::Etcd(etcd) => Store::connect_etcd(etcd).await?,
+        };
+        let ca = crate::ca::Authority::open(&o.data_dir.join("ca"), &o.trust_domain)?;
+        let index = store.index().await?;
+        let state = Arc::new(State {
+            store,
+            ca: std::sync::RwLock::new(ca),
+            vip_range: o.vip_range,
+            leaf_lifetime: o.leaf_lifetime,
+            changed: tokio::sync::watch::Sender::new(index),
+        });
+        let follower = {
+            let state = state.clone();
+            tokio::spawn(async move { state.store.follow_index(&state.changed).await })
+        };
+        let served = serve(state, o.socket.clone(), o.proxy_socket.clone()).await;
+        follower.abort();
+        served
+    })
 }
 
 fn bind(socket: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
@@ -119,10 +148,11 @@ async fn serve(state: Arc<State>, socket: PathBuf, proxy_socket: PathBuf) -> any
     // Any local process may connect; every request must carry a proxy token.
     let proxies = bind(&proxy_socket, 0o666)?;
     eprintln!(
-        "ringctl daemon: listening on {} (operators) and {} (proxies), config index {}",
+        "ringctl daemon: listening on {} (operators) and {} (proxies), store {}, config index {}",
         socket.display(),
         proxy_socket.display(),
-        state.store.index()?
+        state.store.describe(),
+        state.store.index().await?
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -172,18 +202,22 @@ fn unix_now() -> i64 {
 
 /// The certificate generation a service's leaves must have: bumped for every service by a CA
 /// rollover or `cert rotate`, for one by `cert rotate --service`.
-fn cert_generation(store: &Store, service: &str) -> Result<u64, crate::store::StoreError> {
-    Ok(store.meta("certgen")? + store.meta(&format!("certgen/{service}"))?)
+async fn cert_generation(store: &Store, service: &str) -> Result<u64, crate::store::StoreError> {
+    Ok(store.meta("certgen").await? + store.meta(&format!("certgen/{service}")).await?)
 }
 
 /// Everything a proxy of `service` needs: the catalog, the intentions, the trust bundle and the
 /// certificate generation, at the current index.
-pub fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, String> {
+pub async fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, String> {
     let store = &state.store;
-    let index = store.index().map_err(|e| e.to_string())?;
-    let docs = store.typed().map_err(|e| e.to_string())?;
-    let services = store.services().map_err(|e| e.to_string())?;
-    let endpoints = store.endpoints().map_err(|e| e.to_string())?;
+    // The index is read first: what follows is at least as new as it says.
+    let index = store.index().await.map_err(|e| e.to_string())?;
+    let docs = store.typed().await.map_err(|e| e.to_string())?;
+    let services = store.services().await.map_err(|e| e.to_string())?;
+    let endpoints = store.endpoints().await.map_err(|e| e.to_string())?;
+    let cert_generation = cert_generation(store, service)
+        .await
+        .map_err(|e| e.to_string())?;
     let intentions = ringside_core::intentions::Intentions {
         rules: consul::intentions(&docs),
         default: ringside_core::intentions::Action::Deny,
@@ -217,26 +251,32 @@ pub fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, String>
         intentions,
         l7: consul::l7_config(&docs),
         bundle,
-        cert_generation: cert_generation(store, service).map_err(|e| e.to_string())?,
+        cert_generation,
     })
 }
 
 /// The service of the request's proxy token (`Authorization: Bearer`), or the error answer.
 #[allow(clippy::result_large_err)] // the error is the answer itself, sent once
-fn token_service(req: &Request<Incoming>, store: &Store) -> Result<String, Response<Full<Bytes>>> {
-    let token = req
+async fn token_service(
+    req: &Request<Incoming>,
+    store: &Store,
+) -> Result<String, Response<Full<Bytes>>> {
+    let Some(hash) = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match token.map(|t| store.token_service(&token_hash(t))) {
-        None => Err(error(
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(token_hash)
+    else {
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "a proxy token is required (Authorization: Bearer)",
-        )),
-        Some(Err(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
-        Some(Ok(None)) => Err(error(StatusCode::FORBIDDEN, "unknown token")),
-        Some(Ok(Some(s))) => Ok(s),
+        ));
+    };
+    match store.token_service(&hash).await {
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Ok(None) => Err(error(StatusCode::FORBIDDEN, "unknown token")),
+        Ok(Some(s)) => Ok(s),
     }
 }
 
@@ -246,7 +286,7 @@ async fn handle_proxy(
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let store = &state.store;
-    let service = match token_service(&req, store) {
+    let service = match token_service(&req, store).await {
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
@@ -266,7 +306,7 @@ async fn handle_proxy(
             let mut rx = state.changed.subscribe();
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
             let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
-            match proxy_config(&state, &service) {
+            match proxy_config(&state, &service).await {
                 Ok(c) => json(StatusCode::OK, &c),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
             }
@@ -276,7 +316,7 @@ async fn handle_proxy(
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
             };
-            sign(&state, &service, &String::from_utf8_lossy(&body))
+            sign(&state, &service, &String::from_utf8_lossy(&body)).await
         }
         (Method::POST, "/v1/proxy/report") => match body_json::<ProxyReport>(req).await {
             Err(r) => r,
@@ -287,10 +327,10 @@ async fn handle_proxy(
                     last_seen: unix_now(),
                 };
                 let node = rec.report.id.clone();
-                match store.report_proxy(&rec, &node) {
+                match store.report_proxy(&rec, &node).await {
                     Ok(changed) => {
                         if changed {
-                            state.notify();
+                            state.notify().await;
                         }
                         json(StatusCode::OK, &ReportAck { ok: true })
                     }
@@ -303,8 +343,8 @@ async fn handle_proxy(
     Ok(resp)
 }
 
-fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
-    let generation = match cert_generation(&state.store, service) {
+async fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
+    let generation = match cert_generation(&state.store, service).await {
         Ok(g) => g,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
@@ -395,9 +435,9 @@ async fn handle(
             let text = String::from_utf8_lossy(&body);
             match consul::parse(&text) {
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("{e}; nothing applied")),
-                Ok(docs) => match store.apply(&docs) {
+                Ok(docs) => match store.apply(&docs).await {
                     Ok(index) => {
-                        state.notify();
+                        state.notify().await;
                         json(
                             StatusCode::OK,
                             &ApplyResponse {
@@ -410,12 +450,12 @@ async fn handle(
                 },
             }
         }
-        (Method::GET, "/v1/config") => match store.documents() {
+        (Method::GET, "/v1/config") => match store.documents().await {
             // The stored documents are the operators' own (YAML made JSON): passed on untyped.
             Ok(d) => json(StatusCode::OK, &d),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
-        (Method::GET, "/v1/intentions") => match store.typed() {
+        (Method::GET, "/v1/intentions") => match store.typed().await {
             Ok(docs) => {
                 let set = ringside_core::intentions::Intentions {
                     rules: consul::intentions(&docs),
@@ -436,15 +476,15 @@ async fn handle(
             }
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
-        (Method::GET, "/v1/index") => match store.index() {
+        (Method::GET, "/v1/index") => match store.index().await {
             Ok(index) => json(StatusCode::OK, &IndexResponse { index }),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         (Method::DELETE, p) if p.starts_with("/v1/config/") => {
             let id = &p["/v1/config/".len()..];
-            match store.delete(id) {
+            match store.delete(id).await {
                 Ok(true) => {
-                    state.notify();
+                    state.notify().await;
                     json(
                         StatusCode::OK,
                         &DeleteResponse {
@@ -465,7 +505,7 @@ async fn handle(
                     .map(|(_, v)| v.to_string())
             };
             match (param("source"), param("destination")) {
-                (Some(src), Some(dst)) => match store.typed() {
+                (Some(src), Some(dst)) => match store.typed().await {
                     Ok(docs) => {
                         let set = ringside_core::intentions::Intentions {
                             rules: consul::intentions(&docs),
@@ -490,29 +530,32 @@ async fn handle(
         }
         (Method::POST, "/v1/services") => match body_json::<RegisterService>(req).await {
             Err(r) => r,
-            Ok(r) => match store.register_service(&r.name, r.ports, state.vip_range) {
+            Ok(r) => match store
+                .register_service(&r.name, r.ports, state.vip_range)
+                .await
+            {
                 Ok(s) => {
-                    state.notify();
+                    state.notify().await;
                     json(StatusCode::OK, &s)
                 }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
         },
-        (Method::GET, "/v1/services") => match store.services() {
+        (Method::GET, "/v1/services") => match store.services().await {
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         (Method::POST, "/v1/endpoints") => match body_json::<EndpointRecord>(req).await {
             Err(r) => r,
-            Ok(ep) => match store.register_endpoint(&ep) {
+            Ok(ep) => match store.register_endpoint(&ep).await {
                 Ok(()) => {
-                    state.notify();
+                    state.notify().await;
                     json(StatusCode::OK, &ep)
                 }
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             },
         },
-        (Method::GET, "/v1/endpoints") => match store.endpoints() {
+        (Method::GET, "/v1/endpoints") => match store.endpoints().await {
             Ok(s) => json(StatusCode::OK, &s),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
@@ -524,7 +567,7 @@ async fn handle(
                     Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"),
                     Ok(()) => {
                         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-                        match store.add_token(&token_hash(&token), &r.service) {
+                        match store.add_token(&token_hash(&token), &r.service).await {
                             Ok(()) => json(
                                 StatusCode::OK,
                                 &TokenResponse {
@@ -539,7 +582,7 @@ async fn handle(
             }
         },
         (Method::POST, "/v1/sign") => {
-            let service = match token_service(&req, store) {
+            let service = match token_service(&req, store).await {
                 Ok(s) => s,
                 Err(r) => return Ok(r),
             };
@@ -547,9 +590,9 @@ async fn handle(
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
             };
-            sign(&state, &service, &String::from_utf8_lossy(&body))
+            sign(&state, &service, &String::from_utf8_lossy(&body)).await
         }
-        (Method::GET, "/v1/proxies") => match store.proxies() {
+        (Method::GET, "/v1/proxies") => match store.proxies().await {
             Ok(list) => {
                 let now = unix_now();
                 let rows: Vec<ProxyStatus> = list
@@ -570,10 +613,10 @@ async fn handle(
                 Some(s) => format!("certgen/{s}"),
                 None => "certgen".to_string(),
             };
-            match store.bump_meta(&key) {
+            match store.bump_meta(&key).await {
                 Ok(_) => {
-                    state.notify();
-                    let index = store.index().unwrap_or(0);
+                    state.notify().await;
+                    let index = store.index().await.unwrap_or(0);
                     json(
                         StatusCode::OK,
                         &CertRotateResponse {
@@ -586,6 +629,8 @@ async fn handle(
             }
         }
         (Method::GET, "/v1/ca") => {
+            let generation = store.meta("certgen").await.unwrap_or(0);
+            let index = store.index().await.unwrap_or(0);
             let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
             json(
                 StatusCode::OK,
@@ -593,8 +638,8 @@ async fn handle(
                     phase: ca.phase(),
                     roots: ca.state().clone(),
                     bundle: Some(ca.bundle()),
-                    generation: store.meta("certgen").unwrap_or(0),
-                    index: store.index().unwrap_or(0),
+                    generation,
+                    index,
                 },
             )
         }
@@ -605,13 +650,17 @@ async fn handle(
                 ca.advance().map_err(|e| e.to_string())
             };
             let bumped = match step {
-                Ok(crate::ca::RotationPhase::NewSigning) => store.bump_meta("certgen").map(|_| ()),
-                Ok(_) => store.bump_index().map(|_| ()),
+                Ok(crate::ca::RotationPhase::NewSigning) => {
+                    store.bump_meta("certgen").await.map(|_| ())
+                }
+                Ok(_) => store.bump_index().await.map(|_| ()),
                 Err(e) => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
             };
             match bumped {
                 Ok(()) => {
-                    state.notify();
+                    state.notify().await;
+                    let generation = store.meta("certgen").await.unwrap_or(0);
+                    let index = store.index().await.unwrap_or(0);
                     let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
                     json(
                         StatusCode::OK,
@@ -619,8 +668,8 @@ async fn handle(
                             phase: ca.phase(),
                             roots: ca.state().clone(),
                             bundle: None,
-                            generation: store.meta("certgen").unwrap_or(0),
-                            index: store.index().unwrap_or(0),
+                            generation,
+                            index,
                         },
                     )
                 }

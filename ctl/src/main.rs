@@ -39,11 +39,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the control daemon: state in DIR, HTTP/JSON API on a Unix socket.
+    /// Run the control daemon: state in DIR (or in etcd with --store), HTTP/JSON API on a Unix
+    /// socket.
     Daemon {
-        /// Directory of the embedded store.
+        /// Directory of the embedded store and of the CA (the CA stays here with --store etcd).
         #[arg(long)]
         data_dir: PathBuf,
+        /// Where the state is kept: `redb` (the embedded store in --data-dir, for one node) or
+        /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (shared by every daemon pointed at it: one
+        /// mesh; keys under PREFIX, /ringside/ by default).
+        #[arg(long, default_value = "redb")]
+        store: String,
+        /// CA certificate (PEM) of etcd's server certificates: etcd is reached over TLS.
+        #[arg(long)]
+        etcd_ca: Option<PathBuf>,
+        /// Client certificate (PEM) for etcd (with --etcd-key and --etcd-ca).
+        #[arg(long)]
+        etcd_cert: Option<PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(long)]
+        etcd_key: Option<PathBuf>,
         /// API socket.
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -410,6 +425,26 @@ fn wait_proxies(
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// The daemon's store from `--store` and the `--etcd-*` files.
+fn store_choice(
+    store: &str,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> anyhow::Result<daemon::StoreChoice> {
+    if store == "redb" {
+        if ca.is_some() || cert.is_some() || key.is_some() {
+            anyhow::bail!("--etcd-ca, --etcd-cert and --etcd-key are for --store etcd://...");
+        }
+        return Ok(daemon::StoreChoice::Redb);
+    }
+    let mut o = store::EtcdOptions::parse(store).map_err(|e| {
+        anyhow::anyhow!("--store: {e} (or `redb`, the embedded store in --data-dir)")
+    })?;
+    (o.ca, o.cert, o.key) = (ca, cert, key);
+    Ok(daemon::StoreChoice::Etcd(o))
 }
 
 /// A daemon answer read as `T`, or the error as the CLI prints it.
@@ -821,23 +856,30 @@ fn main() -> ExitCode {
         ),
         Command::Daemon {
             data_dir,
+            store,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
             socket,
             trust_domain,
             vip_range,
             proxy_socket,
             leaf_lifetime,
-        } => match daemon::run(&daemon::Options {
-            proxy_socket: proxy_socket.unwrap_or_else(|| {
-                socket
-                    .parent()
-                    .map(|d| d.join("proxy.sock"))
-                    .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_PROXY_SOCKET))
-            }),
-            data_dir,
-            socket,
-            trust_domain,
-            vip_range,
-            leaf_lifetime,
+        } => match store_choice(&store, etcd_ca, etcd_cert, etcd_key).and_then(|store| {
+            daemon::run(&daemon::Options {
+                proxy_socket: proxy_socket.unwrap_or_else(|| {
+                    socket
+                        .parent()
+                        .map(|d| d.join("proxy.sock"))
+                        .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_PROXY_SOCKET))
+                }),
+                data_dir,
+                store,
+                socket,
+                trust_domain,
+                vip_range,
+                leaf_lifetime,
+            })
         }) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

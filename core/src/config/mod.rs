@@ -147,7 +147,8 @@ pub struct ProxyDoc {
     /// Of those, how many may be inbound (the sidecar's 15006); absent: half of
     /// `max_connections`, so a flood from outside the pod never takes its own outbound calls.
     pub max_inbound_connections: Option<usize>,
-    /// Connections with no byte moving for this long are closed; absent means never.
+    /// Connections with no byte moving for this long are closed (default 1 h, as Envoy's TCP
+    /// proxy).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     /// On SIGTERM/SIGINT: how long connections may take to finish before they are closed.
@@ -186,7 +187,8 @@ impl Default for ProxyDoc {
             driver: DriverKind::Auto,
             max_connections: 8192,
             max_inbound_connections: None,
-            idle_timeout: None,
+            // Envoy's TCP proxy default: a connection nothing moves on for an hour is closed.
+            idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(15),
             stats_interval: None,
             copy_mode: CopyMode::Adaptive,
@@ -777,7 +779,7 @@ impl ConfigFile {
             return Err(err(
                 "proxy.idle_timeout".into(),
                 at("idle_timeout"),
-                "must be positive (leave it out for no idle timeout)".into(),
+                "must be positive (the default is 1h)".into(),
             ));
         }
         let workers = if p.workers == 0 {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use monoio::net::TcpStream;
 
-use crate::conn::{destination, handoff, refuse, terminate_then_relay, Outcome};
+use crate::conn::{handoff, refuse, terminate_then_relay, Outcome};
 use crate::decide::plan::{L7Plan, Plan};
 use crate::decide::route::Route;
 use crate::io::worker::Worker;
@@ -36,7 +36,7 @@ pub(crate) async fn serve(
                 tls,
             },
         ) => {
-            out.destination.clone_from(&snap.services[service].name);
+            out.headed(Route::Cluster(service));
             let cfg = match tls {
                 false => None,
                 true => match snap.inbound_tls[service]
@@ -85,7 +85,7 @@ async fn terminate(
     app: Route,
     out: &mut Outcome,
 ) {
-    out.destination = destination(snap, app);
+    out.headed(app);
     let Some(cfg) = snap.inbound_tls[service]
         .l4
         .as_ref()

@@ -70,12 +70,12 @@ pub(crate) struct Outcome {
     pub client: SocketAddr,
     /// When it was accepted.
     pub started: Instant,
-    /// Where it was headed: service name, or address.
-    pub destination: String,
+    /// Where it was headed (named when recorded: no string per connection).
+    pub dest: Dest,
     /// The endpoint (or local app address) it was relayed to.
     pub upstream: Option<SocketAddr>,
     /// The verified peer identity (the caller inbound, the server outbound).
-    pub peer_id: Option<String>,
+    pub peer_id: Option<Box<str>>,
     /// Mesh mTLS on one side.
     pub mesh: bool,
     /// Bytes client -> upstream.
@@ -85,7 +85,7 @@ pub(crate) struct Outcome {
     /// Why it failed or was refused (`None`: a clean end).
     pub reason: Option<Reason>,
     /// What decided it; a failure with a detail is logged at warn and kept at `/events`.
-    pub detail: Option<String>,
+    pub detail: Option<Box<str>>,
     /// Handed to the L7 path, which records each request itself.
     pub handed_off: bool,
 }
@@ -100,7 +100,7 @@ impl Outcome {
             },
             client,
             started: Instant::now(),
-            destination: String::new(),
+            dest: Dest::Unknown,
             upstream: None,
             peer_id: None,
             mesh: false,
@@ -115,7 +115,24 @@ impl Outcome {
     /// A failure with what decided it.
     pub(crate) fn fail(&mut self, reason: Reason, detail: String) {
         self.reason = Some(reason);
-        self.detail = Some(detail);
+        self.detail = Some(detail.into());
+    }
+
+    /// Where the connection goes. A passthrough's address is its upstream (so the log names it
+    /// even when the connect fails).
+    pub(crate) fn headed(&mut self, route: Route) {
+        self.dest = match route {
+            Route::Cluster(i)
+            | Route::Local {
+                service: Some(i), ..
+            } => Dest::Service(i as u32),
+            Route::Local { port, .. } => Dest::Port(port),
+            Route::Passthrough(a) => {
+                self.upstream = Some(a);
+                Dest::Passthrough
+            }
+            Route::Refuse(_) => Dest::Unknown,
+        };
     }
 
     /// The end of a plain relay.
@@ -134,7 +151,7 @@ impl Outcome {
         };
         if let Some((reason, err)) = end.failure {
             self.reason = Some(reason);
-            self.detail = err.map(|e| e.to_string());
+            self.detail = err.map(|e| e.to_string().into());
         }
     }
 }
@@ -143,8 +160,7 @@ impl Outcome {
 pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
     // The configuration this connection lives with, whatever updates arrive meanwhile.
     let snap = w.shared.snapshot.load_full();
-    let kind = w.shared.config.listeners[listener].kind;
-    let mut out = Outcome::new(kind, peer);
+    let mut out = Outcome::new(w.shared.config.listeners[listener].kind, peer);
     // The client comes back unless the L7 path took it; it is closed only after the outcome is
     // recorded, so whoever sees the close also sees the counters.
     let client = match decide(&w, &snap, &client, listener).await {
@@ -159,18 +175,16 @@ pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, li
             relay_plain(&w, &snap, &client, route, &mut out).await;
             Some(client)
         }
-        Ok(plan) => match kind {
-            ListenerKind::Outbound => outbound::serve(&w, &snap, client, plan, &mut out).await,
-            ListenerKind::Inbound => inbound::serve(&w, &snap, client, plan, &mut out).await,
-            ListenerKind::Static(_) => {
-                tunnel::serve(&w, &snap, client, listener, plan, &mut out).await
-            }
+        Ok(plan) => match out.direction {
+            Direction::Outbound => outbound::serve(&w, &snap, client, plan, &mut out).await,
+            Direction::Inbound => inbound::serve(&w, &snap, client, plan, &mut out).await,
+            Direction::Tunnel => tunnel::serve(&w, &snap, client, listener, plan, &mut out).await,
         },
     };
     if let Some(client) = client {
-        record(&w, &out);
+        record(&w, &snap, &out);
         drop(client);
-        w.finish(kind == ListenerKind::Inbound);
+        w.finish(out.direction == Direction::Inbound);
     }
 }
 
@@ -237,16 +251,31 @@ fn read_due(w: &Worker) -> bool {
     true
 }
 
+/// Where a connection was headed, compact (it lives as long as the connection): named when the
+/// outcome is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dest {
+    /// Not decided (refused before routing, or gone).
+    Unknown,
+    /// A service (index into the snapshot's services).
+    Service(u32),
+    /// A local port no service declares.
+    Port(u16),
+    /// The original destination, passed through (the outcome's upstream).
+    Passthrough,
+}
+
 /// The name operators know the destination by.
-pub(crate) fn destination(snap: &ConfigSnapshot, route: Route) -> String {
-    match route {
-        Route::Cluster(i)
-        | Route::Local {
-            service: Some(i), ..
-        } => snap.services[i].name.clone(),
-        Route::Local { port, .. } => format!("port {port}"),
-        Route::Passthrough(a) => a.to_string(),
-        Route::Refuse(_) => String::new(),
+fn destination(snap: &ConfigSnapshot, o: &Outcome) -> String {
+    match o.dest {
+        Dest::Unknown => String::new(),
+        Dest::Service(i) => snap
+            .services
+            .get(i as usize)
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        Dest::Port(p) => format!("port {p}"),
+        Dest::Passthrough => o.upstream.map(|a| a.to_string()).unwrap_or_default(),
     }
 }
 
@@ -264,7 +293,7 @@ pub(crate) async fn relay_plain(
     route: Route,
     out: &mut Outcome,
 ) {
-    out.destination = destination(snap, route);
+    out.headed(route);
     let cfd = client.as_raw_fd();
     if let Err(e) = sys::set_nonblocking(cfd) {
         return refuse(client, out, Reason::DownstreamReset, e.to_string());
@@ -275,7 +304,9 @@ pub(crate) async fn relay_plain(
         return;
     };
     sys::set_nodelay(cfd);
-    let end = relay(w.relay_ctx(), client, &up.stream).await;
+    // Only the stream and its endpoint count live on through the relay (the address is in `out`).
+    let (stream, _guard) = up.into_parts();
+    let end = relay(w.relay_ctx(), client, &stream).await;
     out.relayed(end);
 }
 
@@ -431,7 +462,7 @@ async fn handshake(
     };
     match done {
         Ok(conn) => {
-            out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string());
+            out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string().into());
             Some(conn)
         }
         Err((reason, detail)) => {
@@ -473,12 +504,16 @@ pub(crate) fn handoff(
 }
 
 /// Record a connection's end: counters, `/events`, the access log and the log line.
-pub(crate) fn record(w: &Worker, o: &Outcome) {
+pub(crate) fn record(w: &Worker, snap: &ConfigSnapshot, o: &Outcome) {
     let duration_ms = o.started.elapsed().as_millis() as u64;
+    let dest = destination(snap, o);
     if let Some(r) = o.reason {
         w.stats().fail(r);
     }
-    let source = o.peer_id.clone().unwrap_or_else(|| o.client.to_string());
+    let source = o
+        .peer_id
+        .as_deref()
+        .map_or_else(|| o.client.to_string(), str::to_string);
     match (o.reason, &o.detail) {
         (Some(reason), Some(detail)) => {
             warn!(
@@ -486,18 +521,18 @@ pub(crate) fn record(w: &Worker, o: &Outcome) {
                 direction = o.direction.as_str(),
                 client = %o.client,
                 peer_id = o.peer_id.as_deref().unwrap_or(""),
-                destination = %o.destination,
+                destination = %dest,
                 detail = %detail,
                 hint = reason.hint(),
                 "connection failed"
             );
             w.shared
                 .events
-                .push(reason, source, o.destination.clone(), detail.clone());
+                .push(reason, source, dest.clone(), detail.to_string());
         }
         _ => debug!(
             direction = o.direction.as_str(),
-            destination = %o.destination,
+            destination = %dest,
             upstream = %o.upstream.map(|a| a.to_string()).unwrap_or_default(),
             peer_id = o.peer_id.as_deref().unwrap_or(""),
             up_bytes = o.bytes_up,
@@ -510,10 +545,10 @@ pub(crate) fn record(w: &Worker, o: &Outcome) {
     if let Some(log) = &w.shared.access_log {
         log.write(serde_json::json!({
             "kind": "tcp", "direction": o.direction.as_str(), "mesh": o.mesh,
-            "client": o.client.to_string(), "destination": o.destination,
-            "upstream": o.upstream.map(|a| a.to_string()), "peer_id": o.peer_id,
+            "client": o.client.to_string(), "destination": dest,
+            "upstream": o.upstream.map(|a| a.to_string()), "peer_id": o.peer_id.as_deref(),
             "bytes_up": o.bytes_up, "bytes_down": o.bytes_down, "duration_ms": duration_ms,
-            "reason": o.reason.map(|r| r.as_str()), "detail": o.detail,
+            "reason": o.reason.map(|r| r.as_str()), "detail": o.detail.as_deref(),
         }));
     }
 }

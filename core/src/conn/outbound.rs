@@ -26,7 +26,7 @@ pub(crate) async fn serve(
         // Boxed: TLS state is large and only mesh connections need it.
         Plan::Originate { service } => Box::pin(originate(w, snap, &client, service, out)).await,
         Plan::L7(p @ L7Plan::Outbound { service, mesh }) => {
-            out.destination.clone_from(&snap.services[service].name);
+            out.headed(Route::Cluster(service));
             let entry = crate::l7::Entry::Outbound { mesh };
             handoff(w, client, snap.clone(), p, entry, out);
             return None;
@@ -51,7 +51,7 @@ async fn originate(
     out: &mut Outcome,
 ) {
     let name = &snap.services[service].name;
-    out.destination.clone_from(name);
+    out.headed(Route::Cluster(service));
     let Some(cfg) = w
         .shared
         .sidecar_tls

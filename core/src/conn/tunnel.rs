@@ -30,7 +30,7 @@ pub(crate) async fn serve(
             Box::pin(tls_end(w, snap, &client, listener, service, mode, out)).await
         }
         Plan::L7(p @ L7Plan::Static { service }) => {
-            out.destination.clone_from(&snap.services[service].name);
+            out.headed(Route::Cluster(service));
             let tunnel = l7_tunnel(w, listener);
             let entry = crate::l7::Entry::Static { tunnel };
             handoff(w, client, snap.clone(), p, entry, out);
@@ -87,7 +87,7 @@ async fn tls_end(
     mode: TlsMode,
     out: &mut Outcome,
 ) {
-    out.destination.clone_from(&snap.services[service].name);
+    out.headed(Route::Cluster(service));
     let built = w.shared.tls[listener].as_ref().map(|m| m.current());
     let route = Route::Cluster(service);
     let missing = "the listener has no TLS material for its mode";

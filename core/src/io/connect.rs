@@ -33,6 +33,13 @@ pub(crate) struct Upstream {
     _guard: Option<ActiveGuard>,
 }
 
+impl Upstream {
+    /// The stream, and the guard that counts it on its endpoint while it lives.
+    pub(crate) fn into_parts(self) -> (TcpStream, Option<ActiveGuard>) {
+        (self.stream, self._guard)
+    }
+}
+
 /// Why no upstream connection could be made.
 #[derive(Debug)]
 pub(crate) struct Failure {

@@ -21,9 +21,8 @@ use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::Poll;
-use std::time::Duration;
 
 use monoio::net::TcpStream;
 
@@ -131,8 +130,9 @@ pub struct RelayCtx<'a> {
     pub stats: &'a WorkerStats,
     /// Copy strategy.
     pub mode: CopyMode,
-    /// Close after this long without a byte moving.
-    pub idle_timeout: Option<Duration>,
+    /// The worker's idle clock (`None`: no idle timeout): a connection on which no byte moved
+    /// for `IDLE_TICKS` ticks is closed.
+    pub idle: Option<&'a crate::io::worker::Signal>,
 }
 
 /// Relay between `client` and `upstream` until both directions end or one fails.
@@ -156,9 +156,13 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
     ));
     // Boxed, and only when configured: a timer is the largest thing a connection would otherwise
     // carry for its whole life.
-    let mut idle = ctx
-        .idle_timeout
-        .map(|t| Box::pin(idle_watch(t, &up_bytes, &down_bytes)));
+    // No timer per connection: the worker ticks, the connection only counts quiet ticks (inline,
+    // and small: it lives as long as the connection).
+    let mut idle = ctx.idle.map(|tick| IdleWatch {
+        tick: tick.next(),
+        last: 0,
+        quiet: 0,
+    });
     let mut up = Some(up);
     let mut down = Some(down);
 
@@ -193,7 +197,7 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
             return Poll::Ready(None);
         }
         if let Some(idle) = idle.as_mut() {
-            if idle.as_mut().poll(cx).is_ready() {
+            if idle.poll_idle(cx, up_bytes.get() + down_bytes.get()) {
                 return Poll::Ready(Some(Reason::IdleTimeout));
             }
         }
@@ -213,24 +217,31 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
     }
 }
 
-/// Resolves when no byte moved for `timeout`. Checks four times per period, so an idle connection
-/// closes between 1x and 1.25x the timeout.
-async fn idle_watch(timeout: Duration, a: &Cell<u64>, b: &Cell<u64>) {
-    let tick = timeout / 4;
-    let mut last = a.get() + b.get();
-    let mut quiet = Duration::ZERO;
-    loop {
-        monoio::time::sleep(tick).await;
-        let now = a.get() + b.get();
-        if now == last {
-            quiet += tick;
-            if quiet >= timeout {
-                return;
+/// Counts the ticks of the worker's idle clock during which no byte moved.
+struct IdleWatch<'a> {
+    tick: crate::io::worker::Fired<'a>,
+    /// Bytes moved at the last tick.
+    last: u64,
+    /// Ticks in a row without a byte.
+    quiet: u32,
+}
+
+impl IdleWatch<'_> {
+    /// True once no byte moved for `IDLE_TICKS` ticks; `moved` is the bytes moved so far.
+    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>, moved: u64) -> bool {
+        while Pin::new(&mut self.tick).poll(cx).is_ready() {
+            if moved == self.last {
+                self.quiet += 1;
+                if self.quiet >= crate::io::worker::IDLE_TICKS {
+                    return true;
+                }
+            } else {
+                self.last = moved;
+                self.quiet = 0;
             }
-        } else {
-            last = now;
-            quiet = Duration::ZERO;
+            self.tick = self.tick.again();
         }
+        false
     }
 }
 

@@ -3,7 +3,6 @@
 //! thread by the function the server passes in (`conn::serve`); nothing on the path takes a lock.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +22,9 @@ use crate::reason::Reason;
 use crate::server::Shared;
 use crate::telemetry::stats::WorkerStats;
 
+/// Quiet ticks of the idle clock after which a connection is idle (one tick is the idle timeout
+/// divided by this): closed between the timeout and a quarter more.
+pub(crate) const IDLE_TICKS: u32 = 4;
 /// How often a worker looks at the drain flags.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Back-off after accept() failed for lack of descriptors or memory.
@@ -41,13 +43,48 @@ pub(crate) struct Worker {
     active: Cell<usize>,
     /// Sequence for connection ids.
     next_id: Cell<u64>,
-    /// The generation of the configuration snapshot this worker last saw, and how many changes
-    /// it has seen: connections that must be re-authorized wait on it.
-    config_seen: Cell<(u64, u64)>,
-    /// Connections waiting for the next configuration change, by waiter id.
-    config_waiters: RefCell<HashMap<u64, Waker>>,
+    /// The generation of the configuration snapshot this worker last saw.
+    config_seen: Cell<u64>,
+    /// Fired when the configuration in force changed: connections that must be re-authorized
+    /// wait on it.
+    config_changed: Signal,
+    /// Fired every quarter of the idle timeout: relays count quiet ticks on it instead of each
+    /// keeping a timer.
+    pub(crate) idle_tick: Signal,
 }
 
+/// Something that happens now and then on a worker, and the connections waiting for it. Waiting
+/// costs one slot (a waker), no timer; the worker fires it from its own loop, on its own thread
+/// (monoio tasks are woken from their own thread only).
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// How many times it fired.
+    fired: Cell<u64>,
+    /// Waiters' wakers, by slot; freed slots are reused.
+    slots: RefCell<Vec<Option<Waker>>>,
+    /// Free slots.
+    free: RefCell<Vec<u32>>,
+}
+
+impl Signal {
+    /// Resolves the next time the signal fires.
+    pub(crate) fn next(&self) -> Fired<'_> {
+        Fired {
+            s: self,
+            at: self.fired.get(),
+            slot: None,
+        }
+    }
+
+    fn fire(&self) {
+        self.fired.set(self.fired.get() + 1);
+        for w in self.slots.borrow_mut().iter_mut() {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+        }
+    }
+}
 impl Worker {
     pub(crate) fn stats(&self) -> &WorkerStats {
         self.shared.stats.worker(self.id)
@@ -59,30 +96,27 @@ impl Worker {
             pools: &self.pools,
             stats: self.stats(),
             mode: self.shared.config.proxy.copy_mode,
-            idle_timeout: self.shared.config.proxy.idle_timeout,
+            idle: self
+                .shared
+                .config
+                .proxy
+                .idle_timeout
+                .map(|_| &self.idle_tick),
         }
     }
 
     /// Resolves at the next change of the configuration in force (seen by this worker within
-    /// `DRAIN_POLL`). Waiting costs nothing: the worker wakes its waiters from its own loop, on
-    /// its own thread.
-    pub(crate) fn config_change(&self) -> ConfigChange<'_> {
-        ConfigChange {
-            w: self,
-            at: self.config_seen.get().1,
-            id: self.next_id.replace(self.next_id.get() + 1) | 1 << 47,
-        }
+    /// `DRAIN_POLL`).
+    pub(crate) fn config_change(&self) -> Fired<'_> {
+        self.config_changed.next()
     }
 
     /// Look at the configuration in force; wake the waiters when it changed.
     fn check_config(&self) {
         let now = self.shared.snapshot.load().generation;
-        let (seen, n) = self.config_seen.get();
-        if now != seen {
-            self.config_seen.set((now, n + 1));
-            for (_, waker) in self.config_waiters.borrow_mut().drain() {
-                waker.wake();
-            }
+        if now != self.config_seen.get() {
+            self.config_seen.set(now);
+            self.config_changed.fire();
         }
     }
 
@@ -104,36 +138,65 @@ impl Worker {
     }
 }
 
-/// See [`Worker::config_change`].
-pub(crate) struct ConfigChange<'a> {
-    w: &'a Worker,
+/// See [`Signal::next`].
+#[derive(Debug)]
+pub struct Fired<'a> {
+    s: &'a Signal,
     at: u64,
-    id: u64,
+    slot: Option<u32>,
 }
 
-impl Future for ConfigChange<'_> {
+impl<'a> Fired<'a> {
+    /// Wait for the next firing, reusing this waiter's slot.
+    pub(crate) fn again(&mut self) -> Fired<'a> {
+        Fired {
+            s: self.s,
+            at: self.s.fired.get(),
+            slot: self.slot.take(),
+        }
+    }
+}
+
+impl Future for Fired<'_> {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.w.config_seen.get().1 != self.at {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.s.fired.get() != self.at {
             return Poll::Ready(());
         }
         // Polled with every wake-up of the connection it belongs to: store the waker only when
         // it is not the one already there.
-        let mut waiters = self.w.config_waiters.borrow_mut();
-        match waiters.get(&self.id) {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => {
-                waiters.insert(self.id, cx.waker().clone());
+        let mut slots = self.s.slots.borrow_mut();
+        let k = match self.slot {
+            Some(k) => k as usize,
+            None => {
+                let k = self.s.free.borrow_mut().pop().map_or_else(
+                    || {
+                        slots.push(None);
+                        slots.len() - 1
+                    },
+                    |k| k as usize,
+                );
+                drop(slots);
+                self.slot = Some(k as u32);
+                slots = self.s.slots.borrow_mut();
+                k
             }
+        };
+        match &slots[k] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => slots[k] = Some(cx.waker().clone()),
         }
         Poll::Pending
     }
 }
 
-impl Drop for ConfigChange<'_> {
+impl Drop for Fired<'_> {
     fn drop(&mut self) {
-        self.w.config_waiters.borrow_mut().remove(&self.id);
+        if let Some(k) = self.slot {
+            self.s.slots.borrow_mut()[k as usize] = None;
+            self.s.free.borrow_mut().push(k);
+        }
     }
 }
 
@@ -171,17 +234,25 @@ where
             pools,
             active: Cell::new(0),
             next_id: Cell::new(0),
-            config_seen: Cell::new((first_generation, 0)),
-            config_waiters: RefCell::new(HashMap::new()),
+            config_seen: Cell::new(first_generation),
+            config_changed: Signal::default(),
+            idle_tick: Signal::default(),
         });
         for (index, std_listener) in listeners {
             let listener = TcpListener::from_std(std_listener)?;
             monoio::spawn(accept_loop(w.clone(), listener, index, serve));
         }
-        // Wait for a drain to begin and finish (or be cut short at its deadline).
+        // Wait for a drain to begin and finish (or be cut short at its deadline); meanwhile watch
+        // the configuration and tick the idle clock.
+        let idle_tick = w.shared.config.proxy.idle_timeout.map(|t| t / IDLE_TICKS);
+        let mut last_tick = Instant::now();
         loop {
             monoio::time::sleep(DRAIN_POLL).await;
             w.check_config();
+            if idle_tick.is_some_and(|t| last_tick.elapsed() >= t) {
+                last_tick = Instant::now();
+                w.idle_tick.fire();
+            }
             if !w.shared.draining.load(Relaxed) {
                 continue;
             }
@@ -287,6 +358,13 @@ where
         let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
         let listener_cfg = &shared.config.listeners[index];
         let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
-        monoio::spawn(serve(w.clone(), stream, peer, index).instrument(span));
+        let fut = serve(w.clone(), stream, peer, index);
+        // The span is only carried when it records something: a disabled one would still take
+        // its place in every connection's task.
+        if span.is_disabled() {
+            monoio::spawn(fut);
+        } else {
+            monoio::spawn(fut.instrument(span));
+        }
     }
 }

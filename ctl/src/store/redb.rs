@@ -1,44 +1,46 @@
-//! The daemon's state in an embedded transactional store (redb, one file): configuration documents
-//! keyed by `Kind/name`, stored as JSON. An apply writes every document of a file in one
+//! The embedded backend: the daemon's state in one redb file (`DIR/ringctl.redb`), documents keyed
+//! by `Kind/name` and records stored as JSON. An apply writes every document of a file in one
 //! transaction, so a crash leaves either all of it or none; a committed transaction survives
-//! SIGKILL.
+//! SIGKILL. The configuration index is a counter in the `meta` table.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
 
+use super::{
+    e, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord, PortMap,
+    ProxyRecord, ServiceRecord, StoreError,
+};
 use crate::consul::Document;
 
 const DOCS: TableDefinition<&str, &str> = TableDefinition::new("documents");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(String);
-
-fn e(x: impl std::fmt::Display) -> StoreError {
-    StoreError(x.to_string())
-}
-
-/// The store.
+/// The embedded store (see [`super::Store`] for what each operation promises).
 #[derive(Debug)]
-pub struct Store {
+pub struct RedbStore {
     db: Database,
+    path: PathBuf,
 }
 
-impl Store {
+impl RedbStore {
     /// Open (or create) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(e)?;
-        let db = Database::create(dir.join("ringctl.redb")).map_err(e)?;
+        let path = dir.join("ringctl.redb");
+        let db = Database::create(&path).map_err(e)?;
         let tx = db.begin_write().map_err(e)?;
         {
             tx.open_table(DOCS).map_err(e)?;
             tx.open_table(META).map_err(e)?;
         }
         tx.commit().map_err(e)?;
-        Ok(Store { db })
+        Ok(RedbStore { db, path })
+    }
+
+    /// `redb PATH`, for logs.
+    pub fn describe(&self) -> String {
+        format!("redb {}", self.path.display())
     }
 
     /// Store every document in one transaction; returns the new configuration index.
@@ -88,14 +90,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Every stored document, typed.
-    pub fn typed(&self) -> Result<Vec<Document>, StoreError> {
-        self.documents()?
-            .into_iter()
-            .map(|v| serde_json::from_value(v).map_err(e))
-            .collect()
-    }
-
     /// The configuration index (bumped by every change).
     pub fn index(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
@@ -108,9 +102,7 @@ const SERVICES: TableDefinition<&str, &str> = TableDefinition::new("services");
 const ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("endpoints");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 
-pub use ringside_core::control::api::{EndpointRecord, PortMap, ServiceRecord};
-
-impl Store {
+impl RedbStore {
     /// Register (or update the ports of) a service; a new one gets the next virtual IP of `range`
     /// (network address and prefix length).
     pub fn register_service(
@@ -139,15 +131,9 @@ impl Store {
                         .map_err(e)?
                         .map(|v| v.value())
                         .unwrap_or(1);
-                    let size = 1u64 << (32 - range.1 as u32);
-                    if next >= size - 1 {
-                        return Err(StoreError(format!(
-                            "the virtual IP range {}/{} is exhausted",
-                            range.0, range.1
-                        )));
-                    }
+                    let ip = vip_at(range, next)?;
                     m.insert("next_vip", next + 1).map_err(e)?;
-                    std::net::Ipv4Addr::from(u32::from(range.0) + next as u32)
+                    ip
                 }
             };
             let (registered_index, registered_at) = match first {
@@ -155,11 +141,7 @@ impl Store {
                 None => {
                     let m = tx.open_table(META).map_err(e)?;
                     let index = m.get("index").map_err(e)?.map(|v| v.value()).unwrap_or(0) + 1;
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0);
-                    (index, now)
+                    (index, unix_now())
                 }
             };
             svc = ServiceRecord {
@@ -194,7 +176,7 @@ impl Store {
                 )));
             }
             let mut t = tx.open_table(ENDPOINTS).map_err(e)?;
-            let key = format!("{}/{}", ep.service, ep.address);
+            let key = endpoint_key(ep);
             t.insert(key.as_str(), serde_json::to_string(ep).map_err(e)?.as_str())
                 .map_err(e)?;
             bump(&tx)?;
@@ -255,21 +237,7 @@ impl Store {
 
 const PROXIES: TableDefinition<&str, &str> = TableDefinition::new("proxies");
 
-/// What the store keeps of a proxy: its last report and when it came.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProxyRecord {
-    /// Its last report (stored inline, as the proxy sent it).
-    #[serde(flatten)]
-    pub report: ringside_core::control::api::ProxyReport,
-    /// When it last reported (Unix seconds, daemon clock).
-    #[serde(default)]
-    pub last_seen: i64,
-}
-
-/// Failures kept per proxy.
-const EVENTS_PER_PROXY: usize = 64;
-
-impl Store {
+impl RedbStore {
     /// A counter in the metadata (0 when unset).
     pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
@@ -307,38 +275,25 @@ impl Store {
         let mut changed = false;
         {
             let mut t = tx.open_table(PROXIES).map_err(e)?;
-            let mut rec = rec.clone();
             let old: Option<ProxyRecord> = match t.get(rec.report.id.as_str()).map_err(e)? {
                 Some(v) => serde_json::from_str(v.value()).ok(),
                 None => None,
             };
-            if let Some(old) = old.filter(|o| o.report.started_at == rec.report.started_at) {
-                let mut all = old.report.events;
-                all.append(&mut rec.report.events);
-                let skip = all.len().saturating_sub(EVENTS_PER_PROXY);
-                rec.report.events = all.split_off(skip);
-            }
+            let rec = merge_report(old, rec);
             t.insert(
                 rec.report.id.as_str(),
                 serde_json::to_string(&rec).map_err(e)?.as_str(),
             )
             .map_err(e)?;
-            if let Some(address) = rec.report.address {
+            if let Some(ep) = endpoint_of(&rec, node) {
                 let known = tx
                     .open_table(SERVICES)
                     .map_err(e)?
-                    .get(rec.report.service.as_str())
+                    .get(ep.service.as_str())
                     .map_err(e)?
                     .is_some();
                 if known {
-                    let ep = EndpointRecord {
-                        service: rec.report.service.clone(),
-                        address,
-                        node: node.to_string(),
-                        healthy: true,
-                        meta: rec.report.meta.clone(),
-                    };
-                    let key = format!("{}/{}", ep.service, ep.address);
+                    let key = endpoint_key(&ep);
                     let json = serde_json::to_string(&ep).map_err(e)?;
                     let mut eps = tx.open_table(ENDPOINTS).map_err(e)?;
                     let same = eps
@@ -400,7 +355,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let range = ("240.0.0.0".parse().unwrap(), 30);
         {
-            let s = Store::open(&dir).unwrap();
+            let s = RedbStore::open(&dir).unwrap();
             let a = s
                 .register_service(
                     "a",
@@ -437,7 +392,7 @@ mod tests {
                 .contains("no service 'zzz'"));
             s.add_token("h1", "a").unwrap();
         }
-        let s = Store::open(&dir).unwrap();
+        let s = RedbStore::open(&dir).unwrap();
         assert_eq!(s.services().unwrap().len(), 2);
         assert_eq!(s.endpoints().unwrap()[0].node, "n1");
         assert_eq!(s.token_service("h1").unwrap().as_deref(), Some("a"));

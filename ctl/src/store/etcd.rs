@@ -1,0 +1,657 @@
+//! The etcd backend: the daemon's state as keys under a prefix of an etcd cluster, shared by every
+//! daemon pointed at it (`ringctl daemon --store etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`).
+//!
+//! # Key layout
+//!
+//! Under the prefix (`/ringside/` unless the URL names another); every value is JSON.
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `index` | what changed last (a string, for people reading etcd); its `mod_revision` *is* the configuration index |
+//! | `docs/<Kind>/<name>` | a configuration document |
+//! | `services/<name>` | a [`ServiceRecord`]; its `registered_index` is the key's `create_revision` |
+//! | `vips/<ip>` | the name of the service holding that virtual IP |
+//! | `endpoints/<service>/<address>` | an [`EndpointRecord`] |
+//! | `tokens/<sha256 hex>` | the service of a proxy token |
+//! | `proxies/<id>` | a [`ProxyRecord`] (a proxy's last report) |
+//! | `meta/<counter>` | a number, e.g. `certgen`, `certgen/<service>` |
+//!
+//! # Writes
+//!
+//! Every write that changes what proxies are sent is one etcd transaction that also puts `index`,
+//! so the configuration index is the revision of that transaction. Writes that read first are
+//! compare-and-swap on revisions, retried from a fresh read when another daemon won the race
+//! ([`MAX_ATTEMPTS`] times at most):
+//!
+//! - `apply`: every document and `index` in one transaction (no read, so no compare): whole or
+//!   nothing. etcd caps a transaction's operations (`--max-txn-ops`, 128 by default), so one
+//!   apply holds at most [`MAX_APPLY_DOCS`] documents.
+//! - `delete`: succeeds only if the document exists (`create_revision > 0`).
+//! - `register_service`, new service: the lowest virtual IP with no `vips/<ip>` key is claimed by
+//!   a transaction that compares `create_revision == 0` on both `services/<name>` and
+//!   `vips/<ip>`: of two daemons picking the same IP at once, one commits and the other reads
+//!   again and takes the next; of two registering the same name, one allocates. Existing
+//!   service: its record is replaced only if its `mod_revision` is still the one read.
+//! - `register_endpoint`: only if `services/<service>` exists, in the same transaction.
+//! - `bump_meta`: the counter's `mod_revision` (or absence) compared, then counter and `index`.
+//! - `report_proxy`: the proxy's record, and its endpoint when it changed, guarded by the
+//!   `mod_revision`s read (in one transaction of reads) and the service's existence.
+//! - `add_token`: a plain put (a token changes nothing proxies are sent).
+//!
+//! # Following other daemons
+//!
+//! [`EtcdStore::follow_index`] watches the `index` key from a revision, so the daemon's long-polls
+//! see changes made through any daemon; after a disconnect it reads the index again and watches
+//! from the revision of that read, so nothing is missed and nothing replayed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+};
+use serde::de::DeserializeOwned;
+
+use super::{
+    advance_index, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord,
+    PortMap, ProxyRecord, ServiceRecord, StoreError,
+};
+use crate::consul::Document;
+
+/// The key prefix when the store URL names none.
+pub const DEFAULT_PREFIX: &str = "/ringside/";
+
+/// The most documents one apply may hold: etcd's default `--max-txn-ops` is 128, and the
+/// transaction also writes the index key.
+pub const MAX_APPLY_DOCS: usize = 127;
+
+/// How often a compare-and-swap is tried before the write is refused as contended.
+pub const MAX_ATTEMPTS: usize = 64;
+
+/// How long the index watch may be silent before the index is read to check on it.
+const WATCH_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Where etcd is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    /// Client endpoints, `HOST:PORT`.
+    pub endpoints: Vec<String>,
+    /// Key prefix, starting and ending with `/`.
+    pub prefix: String,
+    /// CA certificate (PEM) to verify etcd's server certificates: TLS is used when it is given.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication (with `key`).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    /// Read `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (no TLS files yet).
+    pub fn parse(url: &str) -> Result<EtcdOptions, String> {
+        let rest = url.strip_prefix("etcd://").ok_or_else(|| {
+            format!("'{url}' is not an etcd store (etcd://HOST:PORT[,HOST:PORT...][/PREFIX])")
+        })?;
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) if !p.trim_matches('/').is_empty() => {
+                (h, format!("/{}/", p.trim_matches('/')))
+            }
+            Some((h, _)) => (h, DEFAULT_PREFIX.to_string()),
+            None => (rest, DEFAULT_PREFIX.to_string()),
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("'{url}' names no etcd endpoint"));
+        }
+        if let Some(bad) = endpoints.iter().find(|h| !h.contains(':')) {
+            return Err(format!("etcd endpoint '{bad}' has no port (HOST:PORT)"));
+        }
+        Ok(EtcdOptions {
+            endpoints,
+            prefix,
+            ca: None,
+            cert: None,
+            key: None,
+        })
+    }
+
+    /// The client's TLS settings, from the files given.
+    fn tls(&self) -> Result<Option<TlsOptions>, StoreError> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|x| StoreError(format!("{}: {x}", p.display())));
+        let Some(ca) = &self.ca else {
+            if self.cert.is_some() || self.key.is_some() {
+                return Err(StoreError(
+                    "--etcd-cert and --etcd-key need --etcd-ca (the CA of etcd's certificates)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => return Err(StoreError("--etcd-cert and --etcd-key go together".into())),
+        }
+        Ok(Some(tls))
+    }
+}
+
+/// The etcd store: a client (cheap to clone: one shared connection pool) and the key prefix.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: Arc<str>,
+    endpoints: Arc<[String]>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn etcd_err(x: etcd_client::Error) -> StoreError {
+    StoreError(format!("etcd: {x}"))
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(super::e)
+}
+
+fn from_json<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
+    serde_json::from_slice(kv.value()).map_err(|x| {
+        StoreError(format!(
+            "{} holds something unreadable: {x}",
+            String::from_utf8_lossy(kv.key())
+        ))
+    })
+}
+
+/// The revision a transaction was committed at.
+fn revision(r: &TxnResponse) -> u64 {
+    r.header().map_or(0, |h| h.revision()).max(0) as u64
+}
+
+/// The compare that holds while `key` is as it was read: same `mod_revision`, or still absent.
+fn unchanged(key: &str, read: Option<&KeyValue>) -> Compare {
+    match read {
+        Some(kv) => Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
+        None => Compare::create_revision(key, CompareOp::Equal, 0),
+    }
+}
+
+/// The compare that holds while `key` exists.
+fn exists(key: &str) -> Compare {
+    Compare::create_revision(key, CompareOp::Greater, 0)
+}
+
+fn contended(what: &str) -> StoreError {
+    StoreError(format!(
+        "{what}: other daemons changed the same keys {MAX_ATTEMPTS} times in a row; try again"
+    ))
+}
+
+impl EtcdStore {
+    /// Connect, and read the index once so that an unreachable etcd is reported now. Call it
+    /// inside the tokio runtime that will run the store's calls (the client's connections are
+    /// tasks of that runtime).
+    pub async fn connect(o: &EtcdOptions) -> Result<EtcdStore, StoreError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = o.tls()? {
+            opts = opts.with_tls(tls);
+        }
+        let client = Client::connect(&o.endpoints, Some(opts))
+            .await
+            .map_err(etcd_err)?;
+        let store = EtcdStore {
+            client,
+            prefix: o.prefix.as_str().into(),
+            endpoints: o.endpoints.clone().into(),
+        };
+        store.index_at().await.map_err(|x| {
+            StoreError(format!(
+                "cannot reach etcd at {}: {x}",
+                o.endpoints.join(",")
+            ))
+        })?;
+        Ok(store)
+    }
+
+    /// `etcd HOSTS prefix P`, for logs.
+    pub fn describe(&self) -> String {
+        format!("etcd {} prefix {}", self.endpoints.join(","), self.prefix)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    /// The operation that moves the configuration index, naming the change.
+    fn index_op(&self, what: &str) -> Result<TxnOp, StoreError> {
+        Ok(TxnOp::put(self.key("index"), to_json(what)?, None))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut r = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(etcd_err)?;
+        Ok(r.take_kvs().into_iter().next())
+    }
+
+    /// Several keys read at one revision (one transaction of reads).
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(*k, None)).collect();
+        let r = self.txn(Txn::new().and_then(ops)).await?;
+        Ok(r.op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Every key under `dir` (below the prefix), in key order.
+    async fn list(&self, dir: &str) -> Result<Vec<KeyValue>, StoreError> {
+        let mut r = self
+            .client
+            .kv_client()
+            .get(self.key(dir), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd_err)?;
+        Ok(r.take_kvs())
+    }
+
+    async fn list_json<T: DeserializeOwned>(&self, dir: &str) -> Result<Vec<T>, StoreError> {
+        self.list(dir).await?.iter().map(from_json).collect()
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.client.kv_client().txn(txn).await.map_err(etcd_err)
+    }
+
+    /// The configuration index and the store's revision at the read.
+    async fn index_at(&self) -> Result<(u64, i64), StoreError> {
+        let mut r = self
+            .client
+            .kv_client()
+            .get(self.key("index"), None)
+            .await
+            .map_err(etcd_err)?;
+        let at = r.take_header().map_or(0, |h| h.revision());
+        let index = r
+            .kvs()
+            .first()
+            .map_or(0, |kv| kv.mod_revision().max(0) as u64);
+        Ok((index, at))
+    }
+
+    /// See [`super::Store::apply`]. A document named twice is stored as its last occurrence, as
+    /// with redb.
+    pub async fn apply(&self, docs: &[Document]) -> Result<u64, StoreError> {
+        let by_id: BTreeMap<String, &Document> = docs.iter().map(|d| (d.id(), d)).collect();
+        if by_id.len() > MAX_APPLY_DOCS {
+            return Err(StoreError(format!(
+                "{} documents in one apply: the etcd store takes at most {MAX_APPLY_DOCS} (etcd's --max-txn-ops); nothing applied",
+                by_id.len()
+            )));
+        }
+        let mut ops = Vec::with_capacity(by_id.len() + 1);
+        for (id, d) in &by_id {
+            ops.push(TxnOp::put(
+                self.key(&format!("docs/{id}")),
+                to_json(d)?,
+                None,
+            ));
+        }
+        ops.push(self.index_op("apply")?);
+        let r = self.txn(Txn::new().and_then(ops)).await?;
+        Ok(revision(&r))
+    }
+
+    /// See [`super::Store::delete`].
+    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let k = self.key(&format!("docs/{id}"));
+        let txn = Txn::new().when([exists(&k)]).and_then([
+            TxnOp::delete(k.as_str(), None),
+            self.index_op(&format!("delete {id}"))?,
+        ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
+    /// See [`super::Store::documents`].
+    pub async fn documents(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.list_json("docs/").await
+    }
+
+    /// See [`super::Store::index`]: the revision of the last configuration change.
+    pub async fn index(&self) -> Result<u64, StoreError> {
+        Ok(self.index_at().await?.0)
+    }
+
+    /// See [`super::Store::register_service`].
+    pub async fn register_service(
+        &self,
+        name: &str,
+        ports: Vec<PortMap>,
+        range: (Ipv4Addr, u8),
+    ) -> Result<ServiceRecord, StoreError> {
+        let skey = self.key(&format!("services/{name}"));
+        for _ in 0..MAX_ATTEMPTS {
+            let txn;
+            let mut svc;
+            match self.get(&skey).await? {
+                Some(kv) => {
+                    svc = from_json::<ServiceRecord>(&kv)?;
+                    svc.ports = ports.clone();
+                    svc.registered_index = kv.create_revision().max(0) as u64;
+                    txn = Txn::new().when([unchanged(&skey, Some(&kv))]).and_then([
+                        TxnOp::put(skey.as_str(), to_json(&svc)?, None),
+                        self.index_op(&format!("service {name}"))?,
+                    ]);
+                }
+                None => {
+                    let taken: HashSet<Ipv4Addr> = self
+                        .client
+                        .kv_client()
+                        .get(
+                            self.key("vips/"),
+                            Some(GetOptions::new().with_prefix().with_keys_only()),
+                        )
+                        .await
+                        .map_err(etcd_err)?
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| {
+                            let k = kv.key_str().ok()?;
+                            k.strip_prefix(&self.key("vips/"))?.parse().ok()
+                        })
+                        .collect();
+                    let mut offset = 1;
+                    let ip = loop {
+                        let ip = vip_at(range, offset)?;
+                        if !taken.contains(&ip) {
+                            break ip;
+                        }
+                        offset += 1;
+                    };
+                    svc = ServiceRecord {
+                        name: name.to_string(),
+                        ports: ports.clone(),
+                        virtual_ip: ip,
+                        registered_index: 0,
+                        registered_at: unix_now(),
+                    };
+                    let vkey = self.key(&format!("vips/{ip}"));
+                    txn = Txn::new()
+                        .when([unchanged(&skey, None), unchanged(&vkey, None)])
+                        .and_then([
+                            TxnOp::put(skey.as_str(), to_json(&svc)?, None),
+                            TxnOp::put(vkey.as_str(), to_json(name)?, None),
+                            self.index_op(&format!("service {name}"))?,
+                        ]);
+                }
+            }
+            let r = self.txn(txn).await?;
+            if r.succeeded() {
+                if svc.registered_index == 0 {
+                    svc.registered_index = revision(&r);
+                }
+                return Ok(svc);
+            }
+        }
+        Err(contended(&format!("registering service '{name}'")))
+    }
+
+    /// See [`super::Store::register_endpoint`].
+    pub async fn register_endpoint(&self, ep: &EndpointRecord) -> Result<(), StoreError> {
+        let skey = self.key(&format!("services/{}", ep.service));
+        let txn = Txn::new().when([exists(&skey)]).and_then([
+            TxnOp::put(
+                self.key(&format!("endpoints/{}", endpoint_key(ep))),
+                to_json(ep)?,
+                None,
+            ),
+            self.index_op(&format!("endpoint {}", endpoint_key(ep)))?,
+        ]);
+        if self.txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError(format!(
+                "no service '{}': register it first",
+                ep.service
+            )))
+        }
+    }
+
+    /// See [`super::Store::services`].
+    pub async fn services(&self) -> Result<Vec<ServiceRecord>, StoreError> {
+        self.list("services/")
+            .await?
+            .iter()
+            .map(|kv| {
+                let mut s: ServiceRecord = from_json(kv)?;
+                s.registered_index = kv.create_revision().max(0) as u64;
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// See [`super::Store::endpoints`].
+    pub async fn endpoints(&self) -> Result<Vec<EndpointRecord>, StoreError> {
+        self.list_json("endpoints/").await
+    }
+
+    /// See [`super::Store::add_token`].
+    pub async fn add_token(&self, token_hash: &str, service: &str) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .put(
+                self.key(&format!("tokens/{token_hash}")),
+                to_json(service)?,
+                None,
+            )
+            .await
+            .map_err(etcd_err)?;
+        Ok(())
+    }
+
+    /// See [`super::Store::token_service`].
+    pub async fn token_service(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+        match self.get(&self.key(&format!("tokens/{token_hash}"))).await? {
+            Some(kv) => Ok(Some(from_json(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// See [`super::Store::meta`].
+    pub async fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        match self.get(&self.key(&format!("meta/{key}"))).await? {
+            Some(kv) => from_json(&kv),
+            None => Ok(0),
+        }
+    }
+
+    /// See [`super::Store::bump_meta`].
+    pub async fn bump_meta(&self, key: &str) -> Result<u64, StoreError> {
+        let k = self.key(&format!("meta/{key}"));
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.get(&k).await?;
+            let v = match &read {
+                Some(kv) => from_json::<u64>(kv)? + 1,
+                None => 1,
+            };
+            let txn = Txn::new().when([unchanged(&k, read.as_ref())]).and_then([
+                TxnOp::put(k.as_str(), to_json(&v)?, None),
+                self.index_op(&format!("{key} {v}"))?,
+            ]);
+            if self.txn(txn).await?.succeeded() {
+                return Ok(v);
+            }
+        }
+        Err(contended(&format!("counting {key}")))
+    }
+
+    /// See [`super::Store::bump_index`].
+    pub async fn bump_index(&self) -> Result<u64, StoreError> {
+        let r = self
+            .txn(Txn::new().and_then([self.index_op("bump")?]))
+            .await?;
+        Ok(revision(&r))
+    }
+
+    /// See [`super::Store::report_proxy`].
+    pub async fn report_proxy(&self, rec: &ProxyRecord, node: &str) -> Result<bool, StoreError> {
+        let pkey = self.key(&format!("proxies/{}", rec.report.id));
+        let ep = endpoint_of(rec, node);
+        let skey = self.key(&format!("services/{}", rec.report.service));
+        let ekey = ep
+            .as_ref()
+            .map(|ep| self.key(&format!("endpoints/{}", endpoint_key(ep))));
+        for _ in 0..MAX_ATTEMPTS {
+            let mut keys = vec![pkey.as_str()];
+            if let Some(ekey) = &ekey {
+                keys.extend([skey.as_str(), ekey.as_str()]);
+            }
+            let mut read = self.get_many(&keys).await?.into_iter();
+            let old = read.next().flatten();
+            let merged = merge_report(
+                old.as_ref()
+                    .and_then(|kv| serde_json::from_slice(kv.value()).ok()),
+                rec,
+            );
+            let mut when = vec![unchanged(&pkey, old.as_ref())];
+            let mut then = vec![TxnOp::put(pkey.as_str(), to_json(&merged)?, None)];
+            let mut changed = false;
+            if let (Some(ep), Some(ekey)) = (&ep, &ekey) {
+                let known = read.next().flatten().is_some();
+                let current = read.next().flatten();
+                let json = to_json(ep)?;
+                if known && current.as_ref().is_none_or(|kv| kv.value() != json) {
+                    when.push(exists(&skey));
+                    when.push(unchanged(ekey, current.as_ref()));
+                    then.push(TxnOp::put(ekey.as_str(), json, None));
+                    then.push(self.index_op(&format!("endpoint {}", endpoint_key(ep)))?);
+                    changed = true;
+                }
+            }
+            if self
+                .txn(Txn::new().when(when).and_then(then))
+                .await?
+                .succeeded()
+            {
+                return Ok(changed);
+            }
+        }
+        Err(contended(&format!("recording proxy {}", rec.report.id)))
+    }
+
+    /// See [`super::Store::proxies`].
+    pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, StoreError> {
+        self.list_json("proxies/").await
+    }
+
+    /// Keep `index` at the configuration index, whichever daemon changed it; runs forever.
+    ///
+    /// An etcd watch on the index key, from the revision after the last read: every event is a
+    /// configuration change. When the watch breaks (etcd restarted, connection lost, or its start
+    /// revision compacted away), the index is read again and a new watch starts after the
+    /// revision of that read, so no change is missed and none replayed. A watch silent for
+    /// [`WATCH_CHECK_EVERY`] is checked with a read of the index (a connection that died without
+    /// a word shows there), and restarted if the read fails or finds a change it missed.
+    pub async fn follow_index(&self, index: &tokio::sync::watch::Sender<u64>) {
+        let key = self.key("index");
+        let mut backoff = Duration::from_millis(100);
+        let mut down: Option<String> = None;
+        loop {
+            let (current, at) = match self.index_at().await {
+                Ok(r) => r,
+                Err(x) => {
+                    if down.is_none() {
+                        eprintln!("ringctl daemon: lost etcd ({x}); retrying");
+                    }
+                    down = Some(x.to_string());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            advance_index(index, current);
+            let opts = WatchOptions::new().with_start_revision(at + 1);
+            let mut stream = match self
+                .client
+                .watch_client()
+                .watch(key.as_str(), Some(opts))
+                .await
+            {
+                Ok(s) => s,
+                Err(x) => {
+                    down.get_or_insert_with(|| {
+                        eprintln!("ringctl daemon: cannot watch etcd ({x}); retrying");
+                        x.to_string()
+                    });
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            if down.take().is_some() {
+                eprintln!("ringctl daemon: etcd back; following from revision {at}");
+            }
+            let mut seen = current;
+            loop {
+                match tokio::time::timeout(WATCH_CHECK_EVERY, stream.message()).await {
+                    Ok(Ok(Some(resp))) => {
+                        backoff = Duration::from_millis(100);
+                        for ev in resp.events() {
+                            if let Some(kv) = ev.kv() {
+                                seen = seen.max(kv.mod_revision().max(0) as u64);
+                            }
+                        }
+                        advance_index(index, seen);
+                        if resp.canceled() {
+                            break;
+                        }
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(x)) => {
+                        eprintln!("ringctl daemon: etcd watch broke ({x}); resuming");
+                        break;
+                    }
+                    Err(_silent) => match self.index_at().await {
+                        Ok((i, _)) if i <= seen => {}
+                        Ok(_) => break,
+                        Err(x) => {
+                            eprintln!("ringctl daemon: etcd silent ({x}); resuming");
+                            break;
+                        }
+                    },
+                }
+            }
+            // A watch that keeps ending at once is not retried in a tight loop.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}

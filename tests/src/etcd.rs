@@ -1,0 +1,247 @@
+//! A throw-away etcd for the tests of daemons sharing a store: one member (`etcd`, Debian's
+//! `etcd-server`, installed by `scripts/deps.sh`) in a temporary data directory on free loopback
+//! ports, waited for until it answers `/health` (on a plain-HTTP metrics port, so also when its
+//! clients must use TLS), stopped by its PID and its directory removed on drop.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::ChildGuard;
+
+/// How long a member may take to answer `/health`.
+const START_WITHIN: Duration = Duration::from_secs(30);
+
+/// A running single-member etcd.
+#[derive(Debug)]
+pub struct Etcd {
+    /// Its directory (data and log).
+    pub dir: PathBuf,
+    /// Client port on 127.0.0.1.
+    pub client_port: u16,
+    /// Peer port on 127.0.0.1.
+    pub peer_port: u16,
+    /// Where `/health` answers over plain HTTP.
+    pub metrics_port: u16,
+    /// With TLS: the files of the CA and of a client certificate it accepts.
+    pub tls: Option<EtcdTls>,
+    server: Option<ChildGuard>,
+}
+
+/// The certificates of an etcd that takes clients over TLS only, with client certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA of the server's and the client's certificates (PEM).
+    pub ca: PathBuf,
+    /// A client certificate etcd accepts (PEM).
+    pub client_cert: PathBuf,
+    /// Its key (PEM).
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl EtcdTls {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, written under `dir`.
+    fn make(dir: &std::path::Path) -> EtcdTls {
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "etcd test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |name: &str, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.subject_alt_names = sans;
+            p.extended_key_usages = vec![usage];
+            p.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = leaf(
+            "etcd",
+            vec![
+                SanType::IpAddress([127, 0, 0, 1].into()),
+                SanType::DnsName("localhost".try_into().unwrap()),
+            ],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let client = leaf("ringctl", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        EtcdTls {
+            ca: write("ca.pem", &ca_pem),
+            server_cert: write("server.pem", &server.0),
+            server_key: write("server.key", &server.1),
+            client_cert: write("client.pem", &client.0),
+            client_key: write("client.key", &client.1),
+        }
+    }
+}
+
+impl Etcd {
+    /// Start a member on free ports (new ones if the first are taken meanwhile). Panics with a
+    /// clear message when etcd is not installed or does not come up.
+    pub fn start() -> Etcd {
+        Etcd::start_with(false)
+    }
+
+    /// Start a member that takes clients over TLS only, each with a client certificate from
+    /// its CA (see [`Etcd::tls`]).
+    pub fn start_tls() -> Etcd {
+        Etcd::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Etcd {
+        assert!(
+            Command::new("etcd")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "`etcd` is not installed: scripts/deps.sh installs it (Debian's etcd-server)"
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "ringside-etcd-{}-{}",
+            std::process::id(),
+            crate::free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tls = tls.then(|| EtcdTls::make(&dir));
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut e = Etcd {
+                dir: dir.clone(),
+                client_port: crate::free_port(),
+                peer_port: crate::free_port(),
+                metrics_port: crate::free_port(),
+                tls: tls.clone(),
+                server: None,
+            };
+            match e.run() {
+                Ok(()) => return e,
+                Err(err) => last = err,
+            }
+        }
+        panic!("etcd did not start: {last}");
+    }
+
+    /// `etcd://127.0.0.1:PORT`, as `ringctl daemon --store` takes it.
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Stop the member (SIGKILL, by PID) and reap it; `restart` brings it back.
+    pub fn stop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.signal(libc::SIGKILL);
+            s.wait_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Start it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run()
+            .unwrap_or_else(|e| panic!("etcd did not restart: {e}"));
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "m0", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("m0={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{}", self.metrics_port),
+            ])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        self.server = Some(ChildGuard::spawn(&mut cmd));
+        let start = Instant::now();
+        loop {
+            if self.healthy() {
+                return Ok(());
+            }
+            let exited = self
+                .server
+                .as_mut()
+                .and_then(|s| s.0.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.server = None;
+                return Err(format!("etcd exited ({status}): {}", self.log()));
+            }
+            if start.elapsed() > START_WITHIN {
+                self.stop();
+                return Err(format!(
+                    "etcd not healthy after {START_WITHIN:?}: {}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut answer = String::new();
+        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
