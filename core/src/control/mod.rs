@@ -130,12 +130,14 @@ pub struct ControlOptions {
 }
 
 impl ControlOptions {
-    /// The certificate files the sidecar's mTLS uses.
+    /// The certificate files the sidecar's mTLS uses: in `STATE/tls`, a symbolic link to the
+    /// directory of the current set (see [`install_tls`]).
     pub fn tls_files(&self) -> crate::tls::TlsFiles {
+        let d = self.state_dir.join(TLS_LINK);
         crate::tls::TlsFiles {
-            cert: self.state_dir.join("cert.pem"),
-            key: self.state_dir.join("key.pem"),
-            ca: self.state_dir.join("bundle.pem"),
+            cert: d.join("cert.pem"),
+            key: d.join("key.pem"),
+            ca: d.join("bundle.pem"),
         }
     }
 }
@@ -203,6 +205,88 @@ impl CertState {
         let life = (self.not_after - self.issued_at).max(0) as f64;
         (self.issued_at + (life * (0.45 + 0.1 * jitter())) as i64).max(unix_now() + 1)
     }
+}
+
+/// The link to the current certificate set, in the state directory.
+const TLS_LINK: &str = "tls";
+
+/// A test-only crash point: when `RINGSIDE_FAILPOINT` is `point` (or `point:N`, the N-th time it
+/// is reached), the process aborts there, as a kill would, so tests can stop it between two writes.
+fn failpoint(point: &str) {
+    static REACHED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Ok(v) = std::env::var("RINGSIDE_FAILPOINT") else {
+        return;
+    };
+    let (name, nth) = v
+        .split_once(':')
+        .map_or((v.as_str(), 1), |(n, k)| (n, k.parse().unwrap_or(1)));
+    if name == point && REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
+        tracing::error!(point, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Put a certificate set in place as one step: key, certificate, bundle and their state are
+/// written into a new directory, then the `tls` link is switched to it by one rename. A crash at
+/// any point leaves either the old set or the new one, never a key with another's certificate
+/// (which would keep the proxy from starting while the daemon is down).
+fn install_tls(
+    state_dir: &Path,
+    key: &[u8],
+    cert: &[u8],
+    bundle: &[u8],
+    state: &CertState,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = format!("tls.{stamp}");
+    let dir = state_dir.join(&name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |file: &str, data: &[u8], mode: u32| -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(file);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        Ok(())
+    };
+    write("key.pem", key, 0o600)?;
+    failpoint("tls-after-key");
+    write("cert.pem", cert, 0o644)?;
+    write("bundle.pem", bundle, 0o644)?;
+    write("cert.json", serde_json::to_string(state)?.as_bytes(), 0o644)?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    failpoint("tls-before-switch");
+    let tmp = state_dir.join("tls.link.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&name, &tmp)
+        .with_context(|| format!("cannot link {}", tmp.display()))?;
+    let link = state_dir.join(TLS_LINK);
+    std::fs::rename(&tmp, &link).with_context(|| format!("cannot replace {}", link.display()))?;
+    std::fs::File::open(state_dir)?.sync_all()?;
+    // Older sets go (whatever reads through the link reopens it on the next change).
+    if let Ok(entries) = std::fs::read_dir(state_dir) {
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with("tls.") && n != name && n != "tls.link.tmp" {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Write a file by renaming a complete temporary one over it (readers never see half a file).
@@ -330,21 +414,20 @@ impl Control {
             .map_err(|e| anyhow!("the daemon sent an unreadable certificate: {e}"))?;
         let info =
             crate::tls::CertInfo::from_der(&der).map_err(|e| anyhow!("issued certificate: {e}"))?;
-        let files = self.opts.tls_files();
-        write_atomic(&files.ca, bundle.as_bytes(), 0o644)?;
-        write_atomic(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
-        write_atomic(&files.cert, cert.as_bytes(), 0o644)?;
-        self.bundle = bundle.clone();
-        self.cert = CertState {
+        let state = CertState {
             generation: signed.cert_generation,
             issued_at: unix_now(),
             not_after: info.not_after,
         };
-        write_atomic(
-            &self.opts.state_dir.join("cert.json"),
-            serde_json::to_string(&self.cert)?.as_bytes(),
-            0o644,
+        install_tls(
+            &self.opts.state_dir,
+            key.serialize_pem().as_bytes(),
+            cert.as_bytes(),
+            bundle.as_bytes(),
+            &state,
         )?;
+        self.bundle = bundle.clone();
+        self.cert = state;
         self.renew_at = self.cert.renew_at();
         info!(
             identity = info.spiffe_id().map(|i| i.to_string()).unwrap_or_default(),
@@ -361,7 +444,7 @@ impl Control {
         let text = std::fs::read_to_string(self.opts.state_dir.join("config.json")).ok()?;
         let config: ProxyConfig = serde_json::from_str(&text).ok()?;
         let cert: CertState = serde_json::from_str(
-            &std::fs::read_to_string(self.opts.state_dir.join("cert.json")).ok()?,
+            &std::fs::read_to_string(self.opts.state_dir.join(TLS_LINK).join("cert.json")).ok()?,
         )
         .ok()?;
         let files = self.opts.tls_files();
@@ -480,7 +563,17 @@ impl Control {
             self.config = Some(c.clone());
         }
         if c.bundle != self.bundle && !c.bundle.is_empty() {
-            write_atomic(&self.opts.tls_files().ca, c.bundle.as_bytes(), 0o644)?;
+            // The same key and certificate with the new bundle, switched as one set.
+            let files = self.opts.tls_files();
+            let key = std::fs::read(&files.key).context("cannot read the current key")?;
+            let cert = std::fs::read(&files.cert).context("cannot read the current certificate")?;
+            install_tls(
+                &self.opts.state_dir,
+                &key,
+                &cert,
+                c.bundle.as_bytes(),
+                &self.cert,
+            )?;
             self.bundle = c.bundle.clone();
             info!(
                 roots = c.bundle.matches("BEGIN CERTIFICATE").count(),
