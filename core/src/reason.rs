@@ -70,11 +70,14 @@ pub enum Reason {
     /// L7: the request is malformed or evades path rules (an encoded `/` or `\`, a bad
     /// percent-encoding).
     BadRequest,
+    /// The control daemon cannot reach its store (etcd): it refuses writes and serves its proxies
+    /// the last good state (reported by `ringctl`, not counted by proxies).
+    StoreUnreachable,
 }
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 29] = [
         Reason::UnknownDestination,
         Reason::AppNotListening,
         Reason::IntentionDenied,
@@ -103,6 +106,7 @@ impl Reason {
         Reason::CtlUnreachable,
         Reason::RetriesExhausted,
         Reason::BadRequest,
+        Reason::StoreUnreachable,
     ];
 
     /// The stable code, as used in logs and metrics labels.
@@ -136,6 +140,7 @@ impl Reason {
             Reason::CtlUnreachable => "ctl_unreachable",
             Reason::RetriesExhausted => "retries_exhausted",
             Reason::BadRequest => "bad_request",
+            Reason::StoreUnreachable => "store_unreachable",
         }
     }
 
@@ -203,6 +208,7 @@ impl Reason {
             Reason::CtlUnreachable => "the sidecar cannot reach the control daemon (ringctl daemon): check that it runs and that its proxy socket is mounted in the pod; the last good config stays in force",
             Reason::RetriesExhausted => "every retry failed (the detail names the last failure): check the upstream's health, or raise numRetries",
             Reason::BadRequest => "the request path has an encoded slash or backslash or a bad percent-encoding, refused because an app may read it differently from the permissions: send a plain path",
+            Reason::StoreUnreachable => "the control daemon cannot reach its store (etcd): writes are refused and proxies keep the last good state; check etcd's health and the daemon's --store and --etcd-* settings, it catches up when etcd is back",
         }
     }
 }

@@ -146,7 +146,7 @@ pub(crate) fn cluster_status(shared: &Shared) -> Vec<ClusterStatus> {
                     EndpointStatus {
                         addr: e.addr,
                         active: e.active.load(Relaxed),
-                        consecutive_failures: e.consecutive_failures.load(Relaxed),
+                        consecutive_failures: e.consecutive_failures(),
                         ejected: c.is_ejected(i, now),
                         half_open: c.is_half_open(i, now),
                     }

@@ -14,6 +14,8 @@
 //! `GET /v1/index` → [`IndexResponse`]; `POST /v1/services` ([`RegisterService`]) →
 //! [`ServiceRecord`]; `GET /v1/services` → `[ServiceRecord]`; `POST /v1/endpoints`
 //! ([`EndpointRecord`]) → [`EndpointRecord`]; `GET /v1/endpoints` → `[EndpointRecord]`;
+//! `DELETE /v1/endpoints/<service>/<address>` → [`DeregisterResponse`]; `GET /v1/store` →
+//! [`StoreStatus`];
 //! `POST /v1/tokens` ([`TokenRequest`]) → [`TokenResponse`]; `POST /v1/sign` (a CSR, with a proxy
 //! token) → [`SignResponse`]; `GET /v1/proxies` → `[ProxyStatus]`; `POST /v1/certs/rotate` →
 //! [`CertRotateResponse`]; `GET /v1/ca` and `POST /v1/ca/rotate` → [`CaStatus`].
@@ -169,7 +171,8 @@ pub struct ProxyReport {
 /// The daemon's acknowledgement of a report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportAck {
-    /// Always true: the report was stored.
+    /// Always true: the report was taken (stored, or kept by the daemon until its store can be
+    /// reached again).
     pub ok: bool,
 }
 
@@ -220,6 +223,33 @@ pub struct IntentionList {
 pub struct IndexResponse {
     /// The configuration index (bumped by every change).
     pub index: u64,
+}
+
+/// The answer to `GET /v1/store`: the daemon's store and whether it can reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// What the store is (`redb PATH`, `etcd HOSTS prefix P`).
+    pub store: String,
+    /// Whether the daemon reaches it now.
+    pub reachable: bool,
+    /// Why not (absent when it is reachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For how long it has not been reachable, seconds (0 when it is).
+    #[serde(default)]
+    pub unreachable_for_s: u64,
+    /// The configuration index of what the daemon serves its proxies (the last good state while
+    /// the store cannot be reached).
+    pub served_index: u64,
+}
+
+/// The answer to `DELETE /v1/endpoints/<service>/<address>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeregisterResponse {
+    /// The endpoint's service.
+    pub service: String,
+    /// Its address.
+    pub address: IpAddr,
 }
 
 /// The answer to `DELETE /v1/config/<Kind>/<name>`.

@@ -7,7 +7,14 @@
 //! after its back-off.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
+
+// Under `--cfg ringside_loom` the shared state uses loom's atomics, so the model checker explores every
+// interleaving of workers picking and reporting (core/tests/loom_cluster.rs).
+#[cfg(ringside_loom)]
+pub use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+#[cfg(not(ringside_loom))]
+pub use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,10 +27,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Connections open to it now.
     pub active: AtomicU32,
-    /// Consecutive failed connects.
-    pub consecutive_failures: AtomicU32,
-    /// Ejected until this time (milliseconds since the cluster's epoch); 0 = not ejected.
-    pub ejected_until_ms: AtomicU64,
+    /// Consecutive failed connects (top 16 bits) and the end of the ejection (low 48 bits,
+    /// milliseconds since the cluster's epoch; 0 = not ejected), in one word so that a success
+    /// and a failure racing leave one of them, never half of each (loom-checked).
+    health: AtomicU64,
     /// L7: consecutive 5xx responses.
     pub consecutive_5xx: AtomicU32,
     /// Half-open: a trial is in flight until this time (one request or connection after an
@@ -31,6 +38,21 @@ pub struct Endpoint {
     pub trial_until_ms: AtomicU64,
     /// L7: moving average of the time to response headers, in microseconds (0: none yet).
     pub ewma_us: AtomicU64,
+}
+
+/// The ejection end in `Endpoint::health`.
+const UNTIL: u64 = (1 << 48) - 1;
+
+impl Endpoint {
+    /// Consecutive failed connects.
+    pub fn consecutive_failures(&self) -> u32 {
+        (self.health.load(Relaxed) >> 48) as u32
+    }
+
+    /// End of the ejection (milliseconds since the cluster's epoch); 0 = not ejected.
+    pub fn ejected_until_ms(&self) -> u64 {
+        self.health.load(Relaxed) & UNTIL
+    }
 }
 
 /// How long a half-open trial may stay unreported before another one is allowed.
@@ -75,8 +97,7 @@ impl Cluster {
             .map(|&addr| Endpoint {
                 addr,
                 active: AtomicU32::new(0),
-                consecutive_failures: AtomicU32::new(0),
-                ejected_until_ms: AtomicU64::new(0),
+                health: AtomicU64::new(0),
                 consecutive_5xx: AtomicU32::new(0),
                 trial_until_ms: AtomicU64::new(0),
                 ewma_us: AtomicU64::new(0),
@@ -100,7 +121,7 @@ impl Cluster {
 
     /// Whether endpoint `i` is ejected now.
     pub fn is_ejected(&self, i: usize, now: Instant) -> bool {
-        self.endpoints[i].ejected_until_ms.load(Relaxed) > self.ms(now)
+        self.endpoints[i].ejected_until_ms() > self.ms(now)
     }
 
     /// How many endpoints one connection may try.
@@ -124,7 +145,7 @@ impl Cluster {
         // ejection ended, no success since): eligible for one trial at a time.
         let healthy = |i: usize| {
             let e = &self.endpoints[i];
-            match e.ejected_until_ms.load(Relaxed) {
+            match e.ejected_until_ms() {
                 0 => true,
                 until if until > now => false,
                 _ => e.trial_until_ms.load(Relaxed) <= now,
@@ -168,7 +189,7 @@ impl Cluster {
         match choose(true) {
             Some(i) => {
                 let e = &self.endpoints[i];
-                let until = e.ejected_until_ms.load(Relaxed);
+                let until = e.ejected_until_ms();
                 if until != 0 && until <= now {
                     // Claim the half-open trial; if another request claimed it first, go on
                     // without this endpoint.
@@ -198,7 +219,7 @@ impl Cluster {
 
     /// Whether endpoint `i` is half-open (its ejection ended, its trial has not succeeded yet).
     pub fn is_half_open(&self, i: usize, now: Instant) -> bool {
-        let until = self.endpoints[i].ejected_until_ms.load(Relaxed);
+        let until = self.endpoints[i].ejected_until_ms();
         until != 0 && until <= self.ms(now)
     }
 
@@ -214,9 +235,8 @@ impl Cluster {
     /// A connect to endpoint `i` succeeded: it is healthy again.
     pub fn report_success(&self, i: usize) {
         let e = &self.endpoints[i];
-        if e.consecutive_failures.load(Relaxed) != 0 || e.ejected_until_ms.load(Relaxed) != 0 {
-            e.consecutive_failures.store(0, Relaxed);
-            e.ejected_until_ms.store(0, Relaxed);
+        if e.health.load(Relaxed) != 0 {
+            e.health.store(0, Relaxed);
             e.trial_until_ms.store(0, Relaxed);
         }
     }
@@ -251,18 +271,22 @@ impl Cluster {
     /// Returns the ejection period.
     pub fn report_failure(&self, i: usize, now: Instant) -> Duration {
         let e = &self.endpoints[i];
-        let failures = e
-            .consecutive_failures
-            .fetch_add(1, Relaxed)
-            .saturating_add(1);
-        let factor = 1u32 << (failures - 1).min(16);
-        let period = self
-            .service
-            .base_ejection
-            .saturating_mul(factor)
-            .min(self.service.max_ejection);
-        e.ejected_until_ms
-            .store(self.ms(now) + period.as_millis() as u64, Relaxed);
+        let mut cur = e.health.load(Relaxed);
+        let period = loop {
+            let failures = ((cur >> 48) as u32 + 1).min(0xffff);
+            let factor = 1u32 << (failures - 1).min(16);
+            let period = self
+                .service
+                .base_ejection
+                .saturating_mul(factor)
+                .min(self.service.max_ejection);
+            let until = (self.ms(now) + period.as_millis() as u64).min(UNTIL);
+            let new = (failures as u64) << 48 | until;
+            match e.health.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
+                Ok(_) => break period,
+                Err(seen) => cur = seen,
+            }
+        };
         e.trial_until_ms.store(0, Relaxed);
         self.ejections.fetch_add(1, Relaxed);
         period

@@ -988,7 +988,7 @@ async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUp
 }
 
 /// Counts a request in flight to a cluster until dropped.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+struct InFlight<'a>(&'a crate::decide::cluster::AtomicU32);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
