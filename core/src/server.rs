@@ -475,6 +475,7 @@ impl Proxy {
                 .map(|a| a.port())
                 .chain(config.proxy.admin.map(|a| a.port()))
                 .chain(config.proxy.health.map(|a| a.port()))
+                .chain(config.proxy.metrics.map(|a| a.port()))
                 .collect(),
             ips: crate::io::sys::local_ips(),
         };
@@ -632,6 +633,13 @@ impl Proxy {
         self.shared.events.list()
     }
 
+    /// Reopen the access log (after log rotation moved it away; SIGHUP in the binary).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
+    }
+
     /// The running configuration.
     pub fn config(&self) -> &Config {
         &self.shared.config
@@ -686,6 +694,9 @@ impl Proxy {
             .snapshot()
             .failures_for(crate::Reason::DrainTimeout)
             - forced_before;
+        if let Some(log) = &self.shared.access_log {
+            log.flush(Duration::from_secs(2));
+        }
         DrainReport {
             forced,
             elapsed: start.elapsed(),

@@ -173,6 +173,13 @@ fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
         .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["kind"], "http");
+    assert!(
+        lines[0]["time"]
+            .as_str()
+            .is_some_and(|t| t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T'),
+        "RFC 3339 time: {}",
+        lines[0]["time"]
+    );
     assert_eq!(lines[0]["path"], "/a");
     assert_eq!(lines[0]["status"], 200);
     assert_eq!(lines[0]["method"], "GET");
@@ -303,4 +310,73 @@ fn slow_clients_cannot_hold_the_health_port() {
     );
     child.signal(libc::SIGTERM);
     child.wait_timeout(Duration::from_secs(10));
+}
+
+/// Log rotation: after the access log is moved away, SIGHUP makes the proxy write to a new file
+/// at the configured path, without a restart.
+#[test]
+fn access_log_reopens_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("ringside-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let app = serve("app", "127.0.0.1:0".parse().unwrap());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = spawn_forward(
+        listen,
+        &[app.addr],
+        &[
+            "--protocol",
+            "http",
+            "--access-log",
+            log.to_str().unwrap(),
+            "--metrics",
+            &metrics.to_string(),
+        ],
+    );
+    let c = Client::new();
+    assert_eq!(
+        c.get(&format!("http://{listen}/before")).unwrap().status,
+        200
+    );
+    wait_for("the first line", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/before"))
+    });
+    std::fs::rename(&log, dir.join("access.log.1")).unwrap();
+    child.signal(libc::SIGHUP);
+    let t0 = std::time::Instant::now();
+    loop {
+        assert_eq!(
+            c.get(&format!("http://{listen}/after")).unwrap().status,
+            200
+        );
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/after")) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no new access log after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let old = std::fs::read_to_string(dir.join("access.log.1")).unwrap();
+    assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+    // The metrics port answers /metrics only.
+    let m = c.get(&format!("http://{metrics}/metrics")).unwrap();
+    assert_eq!(m.status, 200);
+    assert!(
+        m.text().contains("ringside_http_downstream_rq_total"),
+        "{}",
+        m.text()
+    );
+    for path in ["/config_dump", "/logging?level=debug", "/events"] {
+        assert_eq!(
+            c.get(&format!("http://{metrics}{path}")).unwrap().status,
+            404,
+            "{path} on the metrics port"
+        );
+    }
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_timeout(Duration::from_secs(20)).success());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -512,6 +512,27 @@ fn the_destination_boundary_holds() {
         "2,000 quiet clients: sidecar CPU {cpu:?} over ~2.5 s; legitimate p50 {quiet_before:?} -> {quiet_during:?}"
     );
 
+    // The metrics port (15020) is for scrapers outside the pod, read-only; the admin server
+    // (15000) is not reachable from outside at all.
+    let scrape = |url: String| att.enter(move || Client::new().get(&url)).join().unwrap();
+    let m = scrape(format!("http://{}:15020/metrics", api.ip4)).unwrap();
+    assert_eq!(m.status, 200);
+    assert!(
+        m.text().contains("ringside_downstream_cx_total"),
+        "{}",
+        m.text()
+    );
+    assert_eq!(
+        scrape(format!("http://{}:15020/config_dump", api.ip4))
+            .unwrap()
+            .status,
+        404
+    );
+    assert!(
+        scrape(format!("http://{}:15000/stats", api.ip4)).is_err(),
+        "the admin server answered from another pod"
+    );
+
     let ca = s_api.stop();
     assert_eq!(ca.get("fail.detect_timeout"), Some(&2000), "{ca:?}");
     assert!(

@@ -38,16 +38,29 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head accepted (hyper's read buffer; larger heads are refused).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// Which of the servers a port is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// Everything, on loopback.
+    Admin,
+    /// `/healthz/ready` only, for the orchestrator.
+    Health,
+    /// `/metrics` only, read-only, for a Prometheus outside the pod.
+    Metrics,
+}
+
 /// Changes the log filter (given by the binary, which owns the subscriber).
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
-/// Where the admin and health servers listen.
+/// Where the admin, health and metrics servers listen.
 #[derive(Clone)]
 pub struct AdminOptions {
     /// Admin server address.
     pub admin: Option<SocketAddr>,
     /// Health server address.
     pub health: Option<SocketAddr>,
+    /// Metrics-only server address (read-only `/metrics`, for a Prometheus outside the pod).
+    pub metrics: Option<SocketAddr>,
     /// Log filter changes.
     pub set_log_level: Option<SetLogLevel>,
 }
@@ -57,6 +70,7 @@ impl std::fmt::Debug for AdminOptions {
         f.debug_struct("AdminOptions")
             .field("admin", &self.admin)
             .field("health", &self.health)
+            .field("metrics", &self.metrics)
             .finish()
     }
 }
@@ -66,7 +80,11 @@ impl std::fmt::Debug for AdminOptions {
 pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<Vec<SocketAddr>> {
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
-    for (addr, health) in [(opts.admin, false), (opts.health, true)] {
+    for (addr, port) in [
+        (opts.admin, Port::Admin),
+        (opts.health, Port::Health),
+        (opts.metrics, Port::Metrics),
+    ] {
         let Some(addr) = addr else { continue };
         let l = std::net::TcpListener::bind(addr).map_err(|e| {
             let holder = crate::io::listening::who_holds(addr)
@@ -76,7 +94,7 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
         })?;
         l.set_nonblocking(true)?;
         addrs.push(l.local_addr()?);
-        listeners.push((l, health));
+        listeners.push((l, port));
     }
     if listeners.is_empty() {
         return Ok(addrs);
@@ -99,6 +117,7 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for (l, health) in listeners {
+                    let health: Port = health;
                     let (weak, set_level) = (weak.clone(), set_level.clone());
                     tasks.push(tokio::spawn(async move {
                         let Ok(l) = tokio::net::TcpListener::from_std(l) else {
@@ -170,8 +189,9 @@ async fn handle(
     req: Request<Incoming>,
     shared: Weak<Shared>,
     set_level: Option<SetLogLevel>,
-    health: bool,
+    port: Port,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let health = port == Port::Health;
     let Some(shared) = shared.upgrade() else {
         return Ok(text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -191,6 +211,11 @@ async fn handle(
             }
         }
         (_, _, true) => text(StatusCode::NOT_FOUND, "text/plain", "only /healthz/ready here\n".into()),
+        (m, p, false) if port == Port::Metrics && !(m == Method::GET && p == "/metrics") => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "only GET /metrics here (the admin server is on loopback)\n".into(),
+        ),
         (Method::GET, "/stats" | "/stats/prometheus" | "/metrics", _) => {
             let mut registry = prometheus_client::registry::Registry::with_prefix("ringside");
             registry.register_collector(Box::new(Collector(shared.clone())));

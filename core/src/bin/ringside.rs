@@ -15,7 +15,7 @@ use ringside_core::config::{
 use ringside_core::identity::SpiffeId;
 use ringside_core::tls::TlsFiles;
 use ringside_core::{Config, Proxy};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{info, warn};
 
 #[global_allocator]
@@ -198,7 +198,11 @@ struct Common {
     /// Health server address (/healthz/ready); sidecars default to 0.0.0.0:15021.
     #[arg(long)]
     health: Option<SocketAddr>,
-    /// No admin and health servers.
+    /// Metrics-only server address (read-only GET /metrics, for a Prometheus outside the pod);
+    /// sidecars default to 0.0.0.0:15020.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// No admin, health and metrics servers.
     #[arg(long)]
     no_admin: bool,
     /// Access log: one JSON line per connection and per HTTP request (`-`: stderr).
@@ -243,6 +247,9 @@ impl Common {
         }
         if let Some(v) = self.admin {
             p.admin = Some(v);
+        }
+        if let Some(v) = self.metrics {
+            p.metrics = Some(v);
         }
         if let Some(v) = self.health {
             p.health = Some(v);
@@ -561,13 +568,14 @@ fn serve(
     )>,
 ) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM right after the ready file appears must drain, not kill.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
     let drain_timeout = config.proxy.drain_timeout;
     let stats_interval = config.proxy.stats_interval;
     let admin = ringside_core::admin::AdminOptions {
         admin: config.proxy.admin,
         health: config.proxy.health,
+        metrics: config.proxy.metrics,
         set_log_level: LOG_LEVEL.get().cloned(),
     };
     let proxy = match control {
@@ -603,6 +611,11 @@ fn serve(
     let mut last_print = std::time::Instant::now();
     loop {
         match rx.recv_timeout(tick.min(Duration::from_millis(500))) {
+            Ok(SIGHUP) => {
+                // Log rotation: the access log is reopened, nothing else changes.
+                info!("SIGHUP: reopening the access log");
+                proxy.reopen_access_log();
+            }
             Ok(sig) => {
                 info!(signal = sig, drain_timeout = ?drain_timeout, "draining: no new connections; waiting for open ones");
                 let (tx2, rx2) = std::sync::mpsc::channel();

@@ -171,7 +171,10 @@ pub struct ProxyDoc {
     pub admin: Option<SocketAddr>,
     /// Health server (`/healthz/ready`); sidecars default to 0.0.0.0:15021.
     pub health: Option<SocketAddr>,
-    /// No admin and health servers (also not the sidecar defaults).
+    /// Metrics only (`GET /metrics`, read-only), for a Prometheus outside the pod; sidecars
+    /// default to 0.0.0.0:15020 (the admin server stays on loopback).
+    pub metrics: Option<SocketAddr>,
+    /// No admin, health and metrics servers (also not the sidecar defaults).
     pub no_admin: bool,
     /// Access log: a JSON line per connection and per HTTP request (`-`: stderr).
     pub access_log: Option<std::path::PathBuf>,
@@ -198,6 +201,7 @@ impl Default for ProxyDoc {
             l7_threads: 0,
             admin: None,
             health: None,
+            metrics: None,
             no_admin: false,
             access_log: None,
             ready_file: None,
@@ -447,6 +451,8 @@ pub struct ProxySettings {
     pub admin: Option<SocketAddr>,
     /// Health server address.
     pub health: Option<SocketAddr>,
+    /// Metrics-only server address.
+    pub metrics: Option<SocketAddr>,
     /// Access log file (`-`: stderr).
     pub access_log: Option<std::path::PathBuf>,
 }
@@ -822,6 +828,14 @@ impl ConfigFile {
                     self.sidecar
                         .as_ref()
                         .map(|_| SocketAddr::from(([0, 0, 0, 0], 15021)))
+                })
+                .filter(|_| !p.no_admin),
+            metrics: p
+                .metrics
+                .or_else(|| {
+                    self.sidecar
+                        .as_ref()
+                        .map(|_| SocketAddr::from(([0, 0, 0, 0], 15020)))
                 })
                 .filter(|_| !p.no_admin),
             access_log: p.access_log.clone(),
