@@ -156,7 +156,18 @@ fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
         ],
     );
     let c = Client::new();
-    assert_eq!(c.get(&format!("http://{listen}/a")).unwrap().status, 200);
+    let r = c
+        .send(
+            "GET",
+            &format!("http://{listen}/a"),
+            &[(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
+            Vec::new(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
     assert_eq!(
         c.get(&format!("http://{listen}/status/404"))
             .unwrap()
@@ -181,6 +192,8 @@ fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
         lines[0]["time"]
     );
     assert_eq!(lines[0]["path"], "/a");
+    assert_eq!(lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(lines[1]["trace_id"].is_null());
     assert_eq!(lines[0]["status"], 200);
     assert_eq!(lines[0]["method"], "GET");
     assert!(lines[0]["time_ms"].as_u64().unwrap() > 0);

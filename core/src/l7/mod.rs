@@ -596,6 +596,7 @@ async fn proxy(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let trace_id = trace_id(req.headers());
     let mut meta = RqMeta {
         service: conn.snap.services[conn.service].name.clone(),
         route: "default".into(),
@@ -634,13 +635,32 @@ async fn proxy(
             log.write(serde_json::json!({
                 "kind": "http", "client": conn.peer.to_string(), "service": meta.service,
                 "route": meta.route, "method": method, "path": path, "status": status,
-                "request_id": request_id_of,
+                "request_id": request_id_of, "trace_id": trace_id,
                 "reason": resp.headers().get("x-ringside-reason").and_then(|v| v.to_str().ok()),
                 "duration_ms": start.elapsed().as_millis() as u64,
             }));
         }
     }
     Ok(resp)
+}
+
+/// The trace a request belongs to: W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`) or B3
+/// `x-b3-traceid` (the headers themselves go through unchanged).
+fn trace_id(h: &hyper::HeaderMap) -> Option<String> {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some(tp) = h.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = tp.trim().split('-').collect();
+        if let [ver, id, parent, flags] = parts.as_slice() {
+            if ver.len() == 2 && id.len() == 32 && parent.len() == 16 && flags.len() == 2 && hex(id)
+            {
+                return Some(id.to_ascii_lowercase());
+            }
+        }
+    }
+    h.get("x-b3-traceid")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| (id.len() == 16 || id.len() == 32) && hex(id))
+        .map(str::to_ascii_lowercase)
 }
 
 /// What a request turned out to be, for its metrics.
