@@ -1,7 +1,12 @@
 //! The mesh certificate authority: a root generated once (or loaded), leaf certificates signed from
 //! proxies' CSRs. The identity in a leaf is decided here, from the service the proxy's token belongs
 //! to: whatever names the CSR asks for are ignored, only its public key is used, and the private key
-//! never leaves the proxy. The CA key file is created with mode 0600.
+//! never leaves the proxy.
+//!
+//! With the embedded store the roots are files in `DATA/ca` (keys created with mode 0600). With
+//! etcd every daemon of the mesh signs with the same roots: they are one record in the store
+//! ([`SharedCa`]), their private keys sealed with a secret the daemons share out of band
+//! ([`SealKey`]).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -65,17 +70,33 @@ impl Ca {
                     source,
                 })
             };
-            let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_err)?;
-            return Ok(Ca {
-                trust_domain: trust_domain.to_string(),
-                cert_pem: read(&cert_path)?,
-                key,
-            });
+            return Ca::from_pem(trust_domain, read(&cert_path)?, &read(&key_path)?);
         }
         std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        let (ca, key_pem) = Ca::generate(trust_domain, name)?;
+        write_private(&key_path, key_pem.as_bytes())?;
+        std::fs::write(&cert_path, &ca.cert_pem).map_err(|source| CaError::Io {
+            path: cert_path.clone(),
+            source,
+        })?;
+        Ok(ca)
+    }
+
+    /// A CA from its certificate and private key (PEM).
+    pub fn from_pem(trust_domain: &str, cert_pem: String, key_pem: &str) -> Result<Ca, CaError> {
+        Ok(Ca {
+            trust_domain: trust_domain.to_string(),
+            cert_pem,
+            key: KeyPair::from_pem(key_pem).map_err(cert_err)?,
+        })
+    }
+
+    /// A new self-signed root named `name` (in its common name); returns it and its private key
+    /// (PEM).
+    pub fn generate(trust_domain: &str, name: &str) -> Result<(Ca, String), CaError> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(
@@ -98,16 +119,15 @@ impl Ca {
         params.not_after = now + time::Duration::days(3650);
         let key = KeyPair::generate().map_err(cert_err)?;
         let cert = params.self_signed(&key).map_err(cert_err)?;
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&cert_path, cert.pem()).map_err(|source| CaError::Io {
-            path: cert_path.clone(),
-            source,
-        })?;
-        Ok(Ca {
-            trust_domain: trust_domain.to_string(),
-            cert_pem: cert.pem(),
-            key,
-        })
+        let key_pem = key.serialize_pem();
+        Ok((
+            Ca {
+                trust_domain: trust_domain.to_string(),
+                cert_pem: cert.pem(),
+                key,
+            },
+            key_pem,
+        ))
     }
 
     /// Sign a proxy's CSR for `service` (namespace `namespace`), valid for `lifetime` from now
@@ -145,10 +165,61 @@ impl Ca {
 /// and where a rollover stands: the same types the daemon's API sends.
 pub use ringside_core::control::api::{RootsState, RotationPhase};
 
+/// Where a rollover stands, from which roots are trusted and which signs.
+pub fn phase_of(state: &RootsState) -> RotationPhase {
+    match state.trusted.as_slice() {
+        [_] => RotationPhase::Idle,
+        [first, ..] if *first == state.signer => RotationPhase::NewTrusted,
+        _ => RotationPhase::NewSigning,
+    }
+}
+
+/// The rollover step after `state`: Idle -> NewTrusted (a new root, trusted, not signing) ->
+/// NewSigning (the new root signs) -> Idle (the old root retired). Returns the next state and,
+/// for the first step, the id of the root to create.
+fn next_state(state: &RootsState) -> (RootsState, Option<String>) {
+    match phase_of(state) {
+        RotationPhase::Idle => {
+            let id = format!(
+                "root-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            );
+            (
+                RootsState {
+                    signer: state.signer.clone(),
+                    trusted: vec![state.signer.clone(), id.clone()],
+                },
+                Some(id),
+            )
+        }
+        RotationPhase::NewTrusted => (
+            RootsState {
+                signer: state.trusted[1].clone(),
+                trusted: state.trusted.clone(),
+            },
+            None,
+        ),
+        RotationPhase::NewSigning => (
+            RootsState {
+                signer: state.signer.clone(),
+                trusted: vec![state.signer.clone()],
+            },
+            None,
+        ),
+    }
+}
+
 /// The mesh CA with its roots: one signs, one or two are trusted (two during a rollover).
+///
+/// Either on files (`DATA/ca`, one daemon: [`Authority::open`], [`Authority::advance`]) or built
+/// from the record the daemons sharing an etcd keep there ([`SharedCa::authority`]); the second
+/// is never written by itself: a step is a new [`SharedCa`] stored with a transaction.
 #[derive(Debug)]
 pub struct Authority {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     trust_domain: String,
     state: RootsState,
     signer: Ca,
@@ -158,22 +229,26 @@ pub struct Authority {
 impl Authority {
     /// Load the roots in `dir` (creating the first one when there is none).
     pub fn open(dir: &Path, trust_domain: &str) -> Result<Authority, CaError> {
-        let state_path = dir.join("state.json");
-        let state = match std::fs::read_to_string(&state_path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| CaError::Cert(format!("{}: {e}", state_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RootsState {
-                signer: "ca".into(),
-                trusted: vec!["ca".into()],
-            },
-            Err(source) => {
-                return Err(CaError::Io {
-                    path: state_path,
-                    source,
-                })
-            }
-        };
+        let state = Authority::read_state(dir)?.unwrap_or_else(|| RootsState {
+            signer: "ca".into(),
+            trusted: vec!["ca".into()],
+        });
         Authority::with_state(dir, trust_domain, state)
+    }
+
+    /// `state.json` of `dir`, if there is one.
+    fn read_state(dir: &Path) -> Result<Option<RootsState>, CaError> {
+        let state_path = dir.join("state.json");
+        match std::fs::read_to_string(&state_path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| CaError::Cert(format!("{}: {e}", state_path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CaError::Io {
+                path: state_path,
+                source,
+            }),
+        }
     }
 
     fn with_state(dir: &Path, trust_domain: &str, state: RootsState) -> Result<Authority, CaError> {
@@ -183,7 +258,7 @@ impl Authority {
             trusted_pem.push(Ca::load_or_create_named(dir, id, trust_domain)?.cert_pem);
         }
         Ok(Authority {
-            dir: dir.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
             trust_domain: trust_domain.to_string(),
             state,
             signer,
@@ -208,42 +283,20 @@ impl Authority {
 
     /// Where a rollover stands.
     pub fn phase(&self) -> RotationPhase {
-        match self.state.trusted.as_slice() {
-            [_] => RotationPhase::Idle,
-            [first, ..] if *first == self.state.signer => RotationPhase::NewTrusted,
-            _ => RotationPhase::NewSigning,
-        }
+        phase_of(&self.state)
     }
 
-    /// Take the next rollover step: Idle -> NewTrusted (a new root, trusted, not signing) ->
-    /// NewSigning (the new root signs) -> Idle (the old root retired). Returns the new phase.
+    /// Take the next rollover step on files (see [`next_state`]). Returns the new phase.
     pub fn advance(&mut self) -> Result<RotationPhase, CaError> {
-        let next = match self.phase() {
-            RotationPhase::Idle => {
-                let id = format!(
-                    "root-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis())
-                        .unwrap_or(0)
-                );
-                RootsState {
-                    signer: self.state.signer.clone(),
-                    trusted: vec![self.state.signer.clone(), id],
-                }
-            }
-            RotationPhase::NewTrusted => RootsState {
-                signer: self.state.trusted[1].clone(),
-                trusted: self.state.trusted.clone(),
-            },
-            RotationPhase::NewSigning => RootsState {
-                signer: self.state.signer.clone(),
-                trusted: vec![self.state.signer.clone()],
-            },
+        let Some(dir) = self.dir.clone() else {
+            return Err(CaError::Cert(
+                "the mesh's shared CA moves through its store, not on files".into(),
+            ));
         };
+        let (next, _) = next_state(&self.state);
         // Create the files first, then switch the state file in one rename.
-        let loaded = Authority::with_state(&self.dir, &self.trust_domain, next.clone())?;
-        let tmp = self.dir.join("state.json.tmp");
+        let loaded = Authority::with_state(&dir, &self.trust_domain, next.clone())?;
+        let tmp = dir.join("state.json.tmp");
         let io = |source| CaError::Io {
             path: tmp.clone(),
             source,
@@ -252,9 +305,258 @@ impl Authority {
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(text.as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, self.dir.join("state.json")).map_err(io)?;
+        std::fs::rename(&tmp, dir.join("state.json")).map_err(io)?;
         *self = loaded;
         Ok(self.phase())
+    }
+}
+
+/// The key that seals the roots' private keys in a shared store (`--ca-secret FILE`): AES-256-GCM
+/// with a key derived (SHA-256) from a secret every daemon of the mesh is given out of band.
+/// Whoever reads etcd without it gets certificates and ciphertext; the sealed key of a root is
+/// bound to its id and certificate (the AEAD's associated data), so a root cannot be swapped or
+/// added in etcd without the secret either.
+pub struct SealKey(ring::aead::LessSafeKey);
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey(..)")
+    }
+}
+
+/// The fewest bytes a CA secret may have.
+pub const MIN_SECRET_LEN: usize = 32;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl SealKey {
+    /// The key from a secret file: readable by its owner only, at least [`MIN_SECRET_LEN`] bytes
+    /// (surrounding whitespace ignored, so a trailing newline does not matter).
+    pub fn from_file(path: &Path) -> Result<SealKey, CaError> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |source| CaError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(CaError::Cert(format!(
+                "{}: the CA secret is readable by others (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+        let raw = std::fs::read(path).map_err(io)?;
+        SealKey::from_secret(raw.trim_ascii())
+            .map_err(|e| CaError::Cert(format!("{}: {e}", path.display())))
+    }
+
+    /// The key from the secret's bytes.
+    pub fn from_secret(secret: &[u8]) -> Result<SealKey, CaError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(CaError::Cert(format!(
+                "the CA secret has {} bytes, fewer than {MIN_SECRET_LEN} (make one: ringctl ca secret --out FILE)",
+                secret.len()
+            )));
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"ringside ca seal v1\0");
+        ctx.update(secret);
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, ctx.finish().as_ref())
+            .map_err(|_| CaError::Cert("cannot make the sealing key".into()))?;
+        Ok(SealKey(ring::aead::LessSafeKey::new(key)))
+    }
+
+    /// Write a new random secret (64 hex digits) to `path`, mode 0600; an existing file is kept.
+    pub fn generate_file(path: &Path) -> Result<(), CaError> {
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| CaError::Cert("no randomness".into()))?;
+        write_private(path, format!("{}\n", hex(&raw)).as_bytes())
+    }
+
+    /// What the sealed key of root `id` with certificate `cert_pem` is bound to.
+    fn aad(id: &str, cert_pem: &str) -> ring::aead::Aad<Vec<u8>> {
+        let mut a = b"ringside ca root\0".to_vec();
+        a.extend_from_slice(id.as_bytes());
+        a.push(0);
+        a.extend_from_slice(
+            ring::digest::digest(&ring::digest::SHA256, cert_pem.as_bytes()).as_ref(),
+        );
+        ring::aead::Aad::from(a)
+    }
+
+    fn seal(&self, id: &str, cert_pem: &str, key_pem: &str) -> Result<SharedRoot, CaError> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| CaError::Cert("no randomness".into()))?;
+        let mut data = key_pem.as_bytes().to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                SealKey::aad(id, cert_pem),
+                &mut data,
+            )
+            .map_err(|_| CaError::Cert("cannot seal the root key".into()))?;
+        Ok(SharedRoot {
+            cert_pem: cert_pem.to_string(),
+            key_nonce: hex(&nonce),
+            key_sealed: hex(&data),
+        })
+    }
+
+    fn open(&self, id: &str, root: &SharedRoot) -> Result<String, CaError> {
+        let refused = || {
+            CaError::Cert(format!(
+                "the key of root {id} in the store cannot be opened with this CA secret: every daemon of the mesh needs the same --ca-secret (or the record was changed without it)"
+            ))
+        };
+        let nonce = unhex(&root.key_nonce)
+            .and_then(|n| ring::aead::Nonce::try_assume_unique_for_key(&n).ok())
+            .ok_or_else(refused)?;
+        let mut data = unhex(&root.key_sealed).ok_or_else(refused)?;
+        let plain = self
+            .0
+            .open_in_place(nonce, SealKey::aad(id, &root.cert_pem), &mut data)
+            .map_err(|_| refused())?;
+        String::from_utf8(plain.to_vec()).map_err(|_| refused())
+    }
+}
+
+/// A root as the shared store keeps it: its certificate, and its private key sealed with the
+/// mesh's [`SealKey`] (nonce and ciphertext with its tag, in hex).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedRoot {
+    /// The root certificate (PEM).
+    pub cert_pem: String,
+    /// The AES-GCM nonce (hex).
+    pub key_nonce: String,
+    /// The private key (PEM), sealed (hex).
+    pub key_sealed: String,
+}
+
+/// The mesh CA as the daemons sharing an etcd keep it (one key, written by transactions): the
+/// trust domain, which roots are trusted and which signs, and every root still in use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedCa {
+    /// Trust domain of the identities it signs.
+    pub trust_domain: String,
+    /// Which roots are trusted and which signs.
+    pub state: RootsState,
+    /// The roots, by id (exactly those of `state.trusted`).
+    pub roots: std::collections::BTreeMap<String, SharedRoot>,
+}
+
+impl SharedCa {
+    /// A first record: the roots of `import` when that directory holds a CA (a daemon's
+    /// `DATA/ca`, to carry a single node's CA, or one brought by the operator, into the mesh),
+    /// else a new root.
+    pub fn create(trust_domain: &str, key: &SealKey, import: &Path) -> Result<SharedCa, CaError> {
+        let state = match Authority::read_state(import)? {
+            Some(s) => Some(s),
+            None if import.join("ca.pem").exists() && import.join("ca.key").exists() => {
+                Some(RootsState {
+                    signer: "ca".into(),
+                    trusted: vec!["ca".into()],
+                })
+            }
+            None => None,
+        };
+        let mut roots = std::collections::BTreeMap::new();
+        let state = match state {
+            Some(state) => {
+                for id in &state.trusted {
+                    let read = |ext: &str| {
+                        let p = import.join(format!("{id}.{ext}"));
+                        std::fs::read_to_string(&p)
+                            .map_err(|source| CaError::Io { path: p, source })
+                    };
+                    let (cert, k) = (read("pem")?, read("key")?);
+                    // Both must load as a CA before they are sealed.
+                    Ca::from_pem(trust_domain, cert.clone(), &k)?;
+                    roots.insert(id.clone(), key.seal(id, &cert, &k)?);
+                }
+                state
+            }
+            None => {
+                let (ca, k) = Ca::generate(trust_domain, "ca")?;
+                roots.insert("ca".to_string(), key.seal("ca", &ca.cert_pem, &k)?);
+                RootsState {
+                    signer: "ca".into(),
+                    trusted: vec!["ca".into()],
+                }
+            }
+        };
+        Ok(SharedCa {
+            trust_domain: trust_domain.to_string(),
+            state,
+            roots,
+        })
+    }
+
+    /// Where its rollover stands.
+    pub fn phase(&self) -> RotationPhase {
+        phase_of(&self.state)
+    }
+
+    /// The authority it describes: every root's key opened (which checks each is bound to its
+    /// certificate). Refused when the mesh has another trust domain than `trust_domain`.
+    pub fn authority(&self, key: &SealKey, trust_domain: &str) -> Result<Authority, CaError> {
+        if self.trust_domain != trust_domain {
+            return Err(CaError::Cert(format!(
+                "the mesh's CA in the store is for trust domain '{}', this daemon's is '{trust_domain}' (--trust-domain)",
+                self.trust_domain
+            )));
+        }
+        let load = |id: &String| -> Result<Ca, CaError> {
+            let root = self.roots.get(id).ok_or_else(|| {
+                CaError::Cert(format!(
+                    "the shared CA names root {id} but does not hold it"
+                ))
+            })?;
+            Ca::from_pem(trust_domain, root.cert_pem.clone(), &key.open(id, root)?)
+        };
+        let signer = load(&self.state.signer)?;
+        let mut trusted_pem = Vec::new();
+        for id in &self.state.trusted {
+            trusted_pem.push(load(id)?.cert_pem);
+        }
+        Ok(Authority {
+            dir: None,
+            trust_domain: trust_domain.to_string(),
+            state: self.state.clone(),
+            signer,
+            trusted_pem,
+        })
+    }
+
+    /// The record after the next rollover step (see [`next_state`]): a new root sealed when the
+    /// step trusts one, retired roots dropped.
+    pub fn next(&self, key: &SealKey) -> Result<SharedCa, CaError> {
+        let (state, new_root) = next_state(&self.state);
+        let mut roots = self.roots.clone();
+        if let Some(id) = new_root {
+            let (ca, k) = Ca::generate(&self.trust_domain, &id)?;
+            roots.insert(id.clone(), key.seal(&id, &ca.cert_pem, &k)?);
+        }
+        roots.retain(|id, _| state.trusted.contains(id));
+        Ok(SharedCa {
+            trust_domain: self.trust_domain.clone(),
+            state,
+            roots,
+        })
     }
 }
 
@@ -370,6 +672,90 @@ mod tests {
         assert!(ca
             .sign_csr("not a csr", "default", "web", Duration::from_secs(3600))
             .is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The shared CA: the keys in the record are sealed (no PEM key in it), open only with the
+    /// same secret, bound to their certificates; a rollover step by step, the old root dropped
+    /// from the record when retired.
+    #[test]
+    fn shared_ca_seals_its_keys_and_rolls_over() {
+        let seal = SealKey::from_secret(&[1u8; 32]).unwrap();
+        let ca = SharedCa::create("dc1", &seal, Path::new("/nonexistent")).unwrap();
+        let text = serde_json::to_string(&ca).unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+        let a = ca.authority(&seal, "dc1").unwrap();
+        assert_eq!(a.phase(), RotationPhase::Idle);
+        let (csr, _) = make_csr().unwrap();
+        a.signer()
+            .sign_csr(&csr, "default", "web", Duration::from_secs(60))
+            .unwrap();
+        // Another secret, another trust domain, a swapped certificate: refused.
+        let other = SealKey::from_secret(&[2u8; 32]).unwrap();
+        let err = ca.authority(&other, "dc1").unwrap_err().to_string();
+        assert!(err.contains("same --ca-secret"), "{err}");
+        assert!(ca
+            .authority(&seal, "dc2")
+            .unwrap_err()
+            .to_string()
+            .contains("trust domain"));
+        let mut swapped = ca.clone();
+        let (foreign, _) = Ca::generate("dc1", "ca").unwrap();
+        swapped.roots.get_mut("ca").unwrap().cert_pem = foreign.cert_pem;
+        assert!(swapped.authority(&seal, "dc1").is_err());
+        assert!(SealKey::from_secret(b"short").is_err());
+        // Rollover.
+        let first = a.signer().cert_pem.clone();
+        let t = ca.next(&seal).unwrap();
+        assert_eq!(t.phase(), RotationPhase::NewTrusted);
+        assert_eq!(t.roots.len(), 2);
+        let at = t.authority(&seal, "dc1").unwrap();
+        assert_eq!(at.signer().cert_pem, first);
+        assert_eq!(at.bundle().matches("BEGIN CERTIFICATE").count(), 2);
+        let s2 = t.next(&seal).unwrap();
+        assert_eq!(s2.phase(), RotationPhase::NewSigning);
+        assert_ne!(s2.authority(&seal, "dc1").unwrap().signer().cert_pem, first);
+        let done = s2.next(&seal).unwrap();
+        assert_eq!(done.phase(), RotationPhase::Idle);
+        assert_eq!(done.roots.len(), 1, "the retired root is dropped");
+        assert!(!done
+            .authority(&seal, "dc1")
+            .unwrap()
+            .bundle()
+            .contains(&first));
+    }
+
+    /// A daemon's CA on files seeds the shared one (same roots, same phase).
+    #[test]
+    fn shared_ca_imports_a_ca_on_files() {
+        let d = dir("import");
+        let mut files = Authority::open(&d, "dc1").unwrap();
+        files.advance().unwrap();
+        let seal = SealKey::from_secret(&[3u8; 32]).unwrap();
+        let shared = SharedCa::create("dc1", &seal, &d).unwrap();
+        let a = shared.authority(&seal, "dc1").unwrap();
+        assert_eq!(a.phase(), RotationPhase::NewTrusted);
+        assert_eq!(a.bundle(), files.bundle());
+        assert_eq!(a.signer().cert_pem, files.signer().cert_pem);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// `ringctl ca secret`: 0600, long enough, not replaced; a secret others can read is refused.
+    #[test]
+    fn secret_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("secret");
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("ca.secret");
+        SealKey::generate_file(&f).unwrap();
+        assert!(
+            SealKey::generate_file(&f).is_err(),
+            "an existing file is kept"
+        );
+        SealKey::from_file(&f).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SealKey::from_file(&f).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -4,43 +4,68 @@
 //! - `POST /v1/apply` (body: YAML documents): checked whole, stored in one transaction.
 //! - `GET /v1/config`: every stored document. `DELETE /v1/config/<Kind>/<name>`.
 //! - `GET /v1/intentions/check?source=S&destination=D`: allow or deny, and the deciding rule.
-//! - `GET /v1/index`: the configuration index.
+//! - `GET /v1/index`: the configuration index. `GET /v1/store`: the store and whether it answers.
+//! - `POST /v1/endpoints`, `DELETE /v1/endpoints/<service>/<address>`: endpoints by hand.
 //!
 //! The state is in a [`Store`]: the embedded one in `--data-dir` (the default), or etcd
 //! (`--store etcd://...`), shared with the other daemons pointed at it; the daemon then follows
 //! the configuration index in etcd, so its proxies' long-polls answer changes made through any
-//! daemon. The CA stays in files under `--data-dir` with either store.
+//! daemon. Proxies are served from a [`Snapshot`] of the store read after every change (so they
+//! keep the last good state while etcd cannot be reached; writes are then refused with
+//! `store_unreachable`). With redb the CA is on files under `--data-dir`; with etcd it is the
+//! mesh's, in the store, its keys sealed with `--ca-secret`.
+//!
+//! Endpoints registered by proxies' reports live with them: with etcd they are attached to this
+//! daemon's lease (gone within `--lease-ttl` when the daemon dies); with either store, those of a
+//! proxy that stops reporting to this daemon for `--lease-ttl` are removed.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use ringside_core::control::api::{
-    ApplyResponse, CaStatus, CatalogService, CertRotateResponse, DeleteResponse, EndpointRecord,
-    ErrorBody, IndexResponse, IntentionCheck, IntentionList, IntentionRow, ProxyConfig,
-    ProxyReport, ProxyStatus, RegisterService, ReportAck, SignResponse, TokenRequest,
-    TokenResponse,
+    ApplyResponse, CaStatus, CatalogService, CertRotateResponse, DeleteResponse,
+    DeregisterResponse, EndpointRecord, ErrorBody, IndexResponse, IntentionCheck, IntentionList,
+    IntentionRow, ProxyConfig, ProxyReport, ProxyStatus, RegisterService, ReportAck, RotationPhase,
+    SignResponse, StoreStatus, TokenRequest, TokenResponse,
 };
 use ringside_core::control::AnswerError;
+use ringside_core::Reason;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::ca::{Authority, SealKey, SharedCa};
 use crate::consul;
-use crate::store::{EtcdOptions, Store};
+use crate::store::{EtcdOptions, ProxyRecord, Snapshot, Store, StoreError};
 
 /// Default API socket (operators; authorized by its file permissions).
 pub const DEFAULT_SOCKET: &str = "/run/ringside/ctl.sock";
 /// Default proxy socket (proxies; every request carries a proxy token).
 pub const DEFAULT_PROXY_SOCKET: &str = "/run/ringside/proxy.sock";
 /// The longest a proxy's config watch is held open.
-const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A proxy that has not reported for this long is not counted as live (they report at least
 /// every 10 s).
 pub const LIVE_FOR_SECS: i64 = 30;
+/// Besides following the index, the snapshot is read again this often (a safety net: e.g. leases
+/// that expired while no daemon watched).
+const REFRESH_EVERY: Duration = Duration::from_secs(30);
+
+/// A proxy that reports to this daemon.
+#[derive(Debug)]
+struct LocalProxy {
+    service: String,
+    address: Option<IpAddr>,
+    last: Instant,
+}
 
 /// What the daemon serves from.
 #[derive(Debug)]
@@ -48,22 +73,183 @@ pub struct State {
     /// The store.
     pub store: Store,
     /// The certificate authority and its roots.
-    pub ca: std::sync::RwLock<crate::ca::Authority>,
+    pub ca: RwLock<Authority>,
+    /// The revision of the shared CA loaded into `ca` (etcd; 0 with files).
+    ca_revision: AtomicI64,
+    /// The key that opens the shared CA's root keys (etcd only).
+    seal: Option<SealKey>,
+    trust_domain: String,
     /// Virtual IP range (network, prefix length).
     pub vip_range: (std::net::Ipv4Addr, u8),
     /// Lifetime of issued leaf certificates.
-    pub leaf_lifetime: std::time::Duration,
-    /// The configuration index, for proxies watching it.
+    pub leaf_lifetime: Duration,
+    /// The index of the snapshot proxies are served, for proxies watching it.
     pub changed: tokio::sync::watch::Sender<u64>,
+    /// The newest index known to be in the store (followed in etcd, or written here).
+    followed: tokio::sync::watch::Sender<u64>,
+    /// What proxies are served: the last good read of the store.
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// One snapshot read at a time.
+    refreshing: tokio::sync::Mutex<()>,
+    /// Proxy tokens (hash -> service) seen valid, to authenticate proxies while the store
+    /// cannot be reached.
+    tokens: Mutex<HashMap<String, String>>,
+    /// The proxies reporting to this daemon, by id.
+    local: Mutex<HashMap<String, LocalProxy>>,
+    /// Reports taken while the store could not be reached, written with the proxy's next one.
+    pending: Mutex<HashMap<String, ProxyRecord>>,
+    lease_ttl: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl State {
-    /// Tell watching proxies that the index moved (it never goes back: a late read of an older
-    /// index changes nothing).
-    async fn notify(&self) {
-        if let Ok(i) = self.store.index().await {
-            crate::store::advance_index(&self.changed, i);
+    /// The snapshot proxies are served.
+    fn snap(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The index of the snapshot proxies are served.
+    fn served(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
+    /// Read the snapshot again (and the shared CA, when it moved); then tell watching proxies
+    /// if the index moved. A read older than the one served is dropped: the index never goes
+    /// back.
+    async fn refresh(&self) -> Result<(), StoreError> {
+        let _one = self.refreshing.lock().await;
+        let snap = self.store.snapshot().await?;
+        if snap.index < self.snap().index {
+            return Ok(());
         }
+        if let (Some((shared, rev)), Some(seal)) = (&snap.ca, &self.seal) {
+            if *rev != self.ca_revision.load(Ordering::Relaxed) {
+                let a = shared
+                    .authority(seal, &self.trust_domain)
+                    .map_err(|e| StoreError::new(format!("the mesh's CA in the store: {e}")))?;
+                eprintln!(
+                    "ringctl daemon: the mesh CA moved: phase {}, signer {}",
+                    a.phase().as_str(),
+                    a.state().signer
+                );
+                *self.ca.write().unwrap_or_else(|p| p.into_inner()) = a;
+                self.ca_revision.store(*rev, Ordering::Relaxed);
+            }
+        }
+        let index = snap.index;
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+        crate::store::advance_index(&self.followed, index);
+        crate::store::advance_index(&self.changed, index);
+        Ok(())
+    }
+
+    /// After a write: serve what it changed (a failed read is logged; the follower retries).
+    async fn notify(&self) {
+        if let Err(e) = self.refresh().await {
+            eprintln!("ringctl daemon: cannot read the store after a change: {e}");
+        }
+    }
+
+    /// The refusal for a store that cannot be reached: 503, `store_unreachable`, what it means.
+    fn unreachable(&self, reason: &str, what: &str) -> Response<Full<Bytes>> {
+        let since = self
+            .store
+            .unreachable()
+            .map(|d| format!(" for {}s", d.since.elapsed().as_secs()))
+            .unwrap_or_default();
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{}: {reason}{since}: {what}; this daemon keeps serving its proxies the last good state (config index {}) and catches up when the store is back",
+                Reason::StoreUnreachable.as_str(),
+                self.served()
+            ),
+        )
+    }
+
+    /// A store failure as an answer: `store_unreachable` (503) when the store could not be
+    /// reached, else `status` with the error.
+    fn store_error(&self, status: StatusCode, e: StoreError) -> Response<Full<Bytes>> {
+        if e.unreachable {
+            self.unreachable(&e.message, "the request was not carried out")
+        } else {
+            error(status, e)
+        }
+    }
+
+    /// A write refused at once while the store is known to be unreachable.
+    fn refuse_writes(&self) -> Option<Response<Full<Bytes>>> {
+        self.store
+            .unreachable()
+            .map(|d| self.unreachable(&d.reason, "writes are refused, nothing was written"))
+    }
+
+    /// The CA as `GET /v1/ca` shows it.
+    fn ca_status(&self, with_bundle: bool) -> CaStatus {
+        let snap = self.snap();
+        let ca = self.ca.read().unwrap_or_else(|p| p.into_inner());
+        CaStatus {
+            phase: ca.phase(),
+            roots: ca.state().clone(),
+            bundle: with_bundle.then(|| ca.bundle()),
+            generation: snap.counter("certgen"),
+            index: snap.index,
+        }
+    }
+
+    /// One CA rollover step, if the rollover is still at `from` (when given: two operators
+    /// rotating at once through different daemons take each step once).
+    async fn ca_step(&self, from: Option<RotationPhase>) -> Result<(), Response<Full<Bytes>>> {
+        let internal = |e: String| error(StatusCode::INTERNAL_SERVER_ERROR, e);
+        let Some(seal) = &self.seal else {
+            // On files (one daemon).
+            let step = {
+                let mut ca = self.ca.write().unwrap_or_else(|p| p.into_inner());
+                if from.is_some_and(|f| f != ca.phase()) {
+                    return Ok(());
+                }
+                ca.advance().map_err(|e| internal(e.to_string()))?
+            };
+            let bumped = match step {
+                RotationPhase::NewSigning => self.store.bump_meta("certgen").await.map(|_| ()),
+                _ => self.store.bump_index().await.map(|_| ()),
+            };
+            bumped.map_err(|e| self.store_error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            self.notify().await;
+            return Ok(());
+        };
+        // Shared (etcd): compare-and-swap on the CA's revision, the certificate generation
+        // moved in the same transaction when the new root starts signing.
+        for _ in 0..crate::store::etcd::MAX_ATTEMPTS {
+            let (shared, rev) = self
+                .store
+                .ca_record()
+                .await
+                .map_err(|e| self.store_error(StatusCode::INTERNAL_SERVER_ERROR, e))?
+                .ok_or_else(|| internal("the mesh has no CA in the store".into()))?;
+            if from.is_some_and(|f| f != shared.phase()) {
+                break;
+            }
+            let next = shared.next(seal).map_err(|e| internal(e.to_string()))?;
+            let bump = next.phase() == RotationPhase::NewSigning;
+            let stepped = self
+                .store
+                .ca_step(rev, &next, bump)
+                .await
+                .map_err(|e| self.store_error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            if stepped || from.is_some() {
+                break;
+            }
+        }
+        self.refresh()
+            .await
+            .map_err(|e| self.store_error(StatusCode::INTERNAL_SERVER_ERROR, e))
     }
 }
 
@@ -79,10 +265,16 @@ pub enum StoreChoice {
 /// Daemon settings.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Directory of the CA, and of the store when it is the embedded one.
+    /// Directory of the CA (redb), and of the store when it is the embedded one.
     pub data_dir: PathBuf,
     /// Where the state is kept.
     pub store: StoreChoice,
+    /// The secret that seals the mesh CA's keys in etcd (required with etcd).
+    pub ca_secret: Option<PathBuf>,
+    /// How long endpoints outlive what registered them: the daemon's etcd lease TTL, and how
+    /// long a proxy may stay silent before its endpoint is removed (proxies report at least
+    /// every 10 s; `--lease-ttl`, 15 s by default).
+    pub lease_ttl: Duration,
     /// Operator API socket.
     pub socket: PathBuf,
     /// Proxy API socket.
@@ -92,7 +284,50 @@ pub struct Options {
     /// Virtual IP range.
     pub vip_range: (std::net::Ipv4Addr, u8),
     /// Leaf lifetime.
-    pub leaf_lifetime: std::time::Duration,
+    pub leaf_lifetime: Duration,
+}
+
+/// The CA at start: on files with redb; with etcd the mesh's, created by the first daemon (from
+/// `DATA/ca` when there is one there, else a new root) in one create-if-absent transaction, and
+/// loaded by the others.
+async fn open_ca(o: &Options, store: &Store) -> anyhow::Result<(Authority, i64, Option<SealKey>)> {
+    let dir = o.data_dir.join("ca");
+    let StoreChoice::Etcd(_) = &o.store else {
+        if o.ca_secret.is_some() {
+            anyhow::bail!("--ca-secret is for --store etcd://... (the embedded store keeps its CA in --data-dir)");
+        }
+        return Ok((Authority::open(&dir, &o.trust_domain)?, 0, None));
+    };
+    let secret = o.ca_secret.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--store etcd://... needs --ca-secret FILE: the secret (shared by every daemon of the mesh, out of band) that seals the mesh CA's keys in etcd; make one with `ringctl ca secret --out FILE`"
+        )
+    })?;
+    let seal = SealKey::from_file(secret)?;
+    let (shared, rev) = match store.ca_record().await? {
+        Some(r) => {
+            if dir.exists() {
+                eprintln!(
+                    "ringctl daemon: {} is not used: the mesh's CA is the one in etcd",
+                    dir.display()
+                );
+            }
+            r
+        }
+        None => {
+            let new = SharedCa::create(&o.trust_domain, &seal, &dir)?;
+            let (stored, rev) = store.ca_create(&new).await?;
+            if stored == new {
+                eprintln!(
+                    "ringctl daemon: created the mesh CA in the store (root {})",
+                    new.state.signer
+                );
+            }
+            (stored, rev)
+        }
+    };
+    let a = shared.authority(&seal, &o.trust_domain)?;
+    Ok((a, rev, Some(seal)))
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -106,23 +341,153 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             StoreChoice::Redb => Store::open_redb(&o.data_dir)?,
             StoreChoice::Etcd(etcd) => Store::connect_etcd(etcd).await?,
         };
-        let ca = crate::ca::Authority::open(&o.data_dir.join("ca"), &o.trust_domain)?;
-        let index = store.index().await?;
+        let (ca, ca_revision, seal) = open_ca(o, &store).await?;
         let state = Arc::new(State {
             store,
-            ca: std::sync::RwLock::new(ca),
+            ca: RwLock::new(ca),
+            ca_revision: AtomicI64::new(ca_revision),
+            seal,
+            trust_domain: o.trust_domain.clone(),
             vip_range: o.vip_range,
             leaf_lifetime: o.leaf_lifetime,
-            changed: tokio::sync::watch::Sender::new(index),
+            changed: tokio::sync::watch::Sender::new(0),
+            followed: tokio::sync::watch::Sender::new(0),
+            snapshot: RwLock::default(),
+            refreshing: tokio::sync::Mutex::new(()),
+            tokens: Mutex::default(),
+            local: Mutex::default(),
+            pending: Mutex::default(),
+            lease_ttl: o.lease_ttl,
         });
-        let follower = {
-            let state = state.clone();
-            tokio::spawn(async move { state.store.follow_index(&state.changed).await })
-        };
+        state.refresh().await?;
+        // Endpoints proxies registered before a restart: expired unless their proxy reports
+        // within the TTL from now.
+        for (service, address, proxy) in state.store.proxy_endpoints().await? {
+            lock(&state.local).insert(
+                proxy,
+                LocalProxy {
+                    service,
+                    address: Some(address),
+                    last: Instant::now(),
+                },
+            );
+        }
+        let tasks = [
+            {
+                let state = state.clone();
+                tokio::spawn(async move { state.store.follow_index(&state.followed).await })
+            },
+            tokio::spawn(refresher(state.clone())),
+            tokio::spawn(state.store.keep_lease(state.lease_ttl)),
+            tokio::spawn(reaper(state.clone())),
+        ];
         let served = serve(state, o.socket.clone(), o.proxy_socket.clone()).await;
-        follower.abort();
+        for t in tasks {
+            t.abort();
+        }
         served
     })
+}
+
+/// Serve what the store holds: read the snapshot again whenever the followed index passes the
+/// served one (retried while the store cannot be reached), and every [`REFRESH_EVERY`].
+async fn refresher(state: Arc<State>) {
+    let mut rx = state.followed.subscribe();
+    loop {
+        let target = *rx.borrow_and_update();
+        if target > state.served() {
+            match state.refresh().await {
+                Ok(()) if state.served() >= target => {}
+                Ok(()) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    if !e.unreachable {
+                        eprintln!("ringctl daemon: cannot read the store: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(REFRESH_EVERY) => {
+                let _ = state.refresh().await;
+            }
+        }
+    }
+}
+
+/// Write the reports taken while the store could not be reached, once it can.
+async fn flush_pending(state: &State) {
+    if state.store.unreachable().is_some() {
+        return;
+    }
+    let pending: Vec<ProxyRecord> = lock(&state.pending).drain().map(|(_, r)| r).collect();
+    let mut changed = false;
+    for rec in pending {
+        match state.store.report_proxy(&rec, &rec.report.id).await {
+            Ok(c) => changed |= c,
+            Err(_) => {
+                // Kept, merged under any report taken meanwhile.
+                let mut p = lock(&state.pending);
+                let newer = p.remove(&rec.report.id);
+                let id = rec.report.id.clone();
+                let kept = match newer {
+                    Some(n) => crate::store::merge_report(Some(rec), &n),
+                    None => rec,
+                };
+                p.insert(id, kept);
+            }
+        }
+    }
+    if changed {
+        state.notify().await;
+    }
+}
+
+/// Remove the endpoints of proxies that stopped reporting to this daemon for the lease TTL, and
+/// write the reports kept while the store could not be reached.
+async fn reaper(state: Arc<State>) {
+    let ttl = state.lease_ttl;
+    let every = (ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        flush_pending(&state).await;
+        let silent: Vec<(String, String, Option<IpAddr>)> = lock(&state.local)
+            .iter()
+            .filter(|(_, p)| p.last.elapsed() > ttl)
+            .map(|(id, p)| (id.clone(), p.service.clone(), p.address))
+            .collect();
+        let mut changed = false;
+        for (id, service, address) in silent {
+            let done = match address {
+                None => true,
+                Some(a) => match state.store.expire_endpoint(&service, a, &id).await {
+                    Ok(expired) => {
+                        if expired {
+                            eprintln!(
+                                "ringctl daemon: proxy {id} silent for {}s: its endpoint {a} of {service} removed",
+                                ttl.as_secs()
+                            );
+                        }
+                        changed |= expired;
+                        true
+                    }
+                    Err(_) => false,
+                },
+            };
+            let mut local = lock(&state.local);
+            if done && local.get(&id).is_some_and(|p| p.last.elapsed() > ttl) {
+                local.remove(&id);
+            }
+        }
+        if changed {
+            state.notify().await;
+        }
+    }
 }
 
 fn bind(socket: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
@@ -152,7 +517,7 @@ async fn serve(state: Arc<State>, socket: PathBuf, proxy_socket: PathBuf) -> any
         socket.display(),
         proxy_socket.display(),
         state.store.describe(),
-        state.store.index().await?
+        state.served()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -202,30 +567,25 @@ fn unix_now() -> i64 {
 
 /// The certificate generation a service's leaves must have: bumped for every service by a CA
 /// rollover or `cert rotate`, for one by `cert rotate --service`.
-async fn cert_generation(store: &Store, service: &str) -> Result<u64, crate::store::StoreError> {
-    Ok(store.meta("certgen").await? + store.meta(&format!("certgen/{service}")).await?)
+fn cert_generation(snap: &Snapshot, service: &str) -> u64 {
+    snap.counter("certgen") + snap.counter(&format!("certgen/{service}"))
 }
 
 /// Everything a proxy of `service` needs: the catalog, the intentions, the trust bundle and the
-/// certificate generation, at the current index.
-pub async fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, String> {
-    let store = &state.store;
-    // The index is read first: what follows is at least as new as it says.
-    let index = store.index().await.map_err(|e| e.to_string())?;
-    let docs = store.typed().await.map_err(|e| e.to_string())?;
-    let services = store.services().await.map_err(|e| e.to_string())?;
-    let endpoints = store.endpoints().await.map_err(|e| e.to_string())?;
-    let cert_generation = cert_generation(store, service)
-        .await
-        .map_err(|e| e.to_string())?;
+/// certificate generation, from the snapshot served.
+pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
+    let snap = state.snap();
+    let docs = &snap.docs;
     let intentions = ringside_core::intentions::Intentions {
-        rules: consul::intentions(&docs),
+        rules: consul::intentions(docs),
         default: ringside_core::intentions::Action::Deny,
     };
-    let catalog: Vec<CatalogService> = services
+    let catalog: Vec<CatalogService> = snap
+        .services
         .iter()
         .map(|s| {
-            let healthy: Vec<&EndpointRecord> = endpoints
+            let healthy: Vec<&EndpointRecord> = snap
+                .endpoints
                 .iter()
                 .filter(|e| e.service == s.name && e.healthy)
                 .collect();
@@ -234,7 +594,7 @@ pub async fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, S
                 virtual_ip: s.virtual_ip.into(),
                 ports: s.ports.clone(),
                 endpoints: healthy.iter().map(|e| e.address).collect(),
-                protocol: consul::protocol_of(&docs, &s.name).map(|p| p.as_str().to_string()),
+                protocol: consul::protocol_of(docs, &s.name).map(|p| p.as_str().to_string()),
                 endpoint_meta: healthy.iter().map(|e| e.meta.clone()).collect(),
             }
         })
@@ -243,23 +603,24 @@ pub async fn proxy_config(state: &State, service: &str) -> Result<ProxyConfig, S
         let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
         (ca.bundle(), ca.signer().trust_domain.clone())
     };
-    Ok(ProxyConfig {
-        index,
+    ProxyConfig {
+        index: snap.index,
         service: service.to_string(),
         trust_domain,
         services: catalog,
         intentions,
-        l7: consul::l7_config(&docs),
+        l7: consul::l7_config(docs),
         bundle,
-        cert_generation,
-    })
+        cert_generation: cert_generation(&snap, service),
+    }
 }
 
 /// The service of the request's proxy token (`Authorization: Bearer`), or the error answer.
+/// While the store cannot be reached, tokens seen valid before are still taken.
 #[allow(clippy::result_large_err)] // the error is the answer itself, sent once
 async fn token_service(
     req: &Request<Incoming>,
-    store: &Store,
+    state: &State,
 ) -> Result<String, Response<Full<Bytes>>> {
     let Some(hash) = req
         .headers()
@@ -273,10 +634,22 @@ async fn token_service(
             "a proxy token is required (Authorization: Bearer)",
         ));
     };
-    match store.token_service(&hash).await {
+    let cached = || lock(&state.tokens).get(&hash).cloned();
+    if state.store.unreachable().is_some() {
+        if let Some(s) = cached() {
+            return Ok(s);
+        }
+    }
+    match state.store.token_service(&hash).await {
+        Err(e) if e.unreachable => {
+            cached().ok_or_else(|| state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e))
+        }
         Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
         Ok(None) => Err(error(StatusCode::FORBIDDEN, "unknown token")),
-        Ok(Some(s)) => Ok(s),
+        Ok(Some(s)) => {
+            lock(&state.tokens).insert(hash, s.clone());
+            Ok(s)
+        }
     }
 }
 
@@ -285,8 +658,7 @@ async fn handle_proxy(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let store = &state.store;
-    let service = match token_service(&req, store).await {
+    let service = match token_service(&req, &state).await {
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
@@ -300,54 +672,73 @@ async fn handle_proxy(
                 .unwrap_or(0);
             let wait = query_param(&query, "wait")
                 .and_then(|v| v.parse().ok())
-                .map(std::time::Duration::from_secs)
+                .map(Duration::from_secs)
                 .unwrap_or_default()
                 .min(MAX_WAIT);
             let mut rx = state.changed.subscribe();
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
             let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
-            match proxy_config(&state, &service).await {
-                Ok(c) => json(StatusCode::OK, &c),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-            }
+            json(StatusCode::OK, &proxy_config(&state, &service))
         }
         (Method::POST, "/v1/proxy/sign") => {
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
             };
-            sign(&state, &service, &String::from_utf8_lossy(&body)).await
+            sign(&state, &service, &String::from_utf8_lossy(&body))
         }
         (Method::POST, "/v1/proxy/report") => match body_json::<ProxyReport>(req).await {
             Err(r) => r,
-            Ok(mut report) => {
-                report.service = service.clone();
-                let rec = crate::store::ProxyRecord {
-                    report,
-                    last_seen: unix_now(),
-                };
-                let node = rec.report.id.clone();
-                match store.report_proxy(&rec, &node).await {
-                    Ok(changed) => {
-                        if changed {
-                            state.notify().await;
-                        }
-                        json(StatusCode::OK, &ReportAck { ok: true })
-                    }
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-                }
-            }
+            Ok(report) => take_report(&state, service, report).await,
         },
         (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),
     };
     Ok(resp)
 }
 
-async fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
-    let generation = match cert_generation(&state.store, service).await {
-        Ok(g) => g,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+/// A proxy's report: recorded (its endpoint registered, on this daemon's lease with etcd), and
+/// the proxy counted as this daemon's. While the store cannot be reached the report is kept and
+/// written with the proxy's next one: a proxy does not notice the outage.
+async fn take_report(
+    state: &State,
+    service: String,
+    mut report: ProxyReport,
+) -> Response<Full<Bytes>> {
+    report.service = service.clone();
+    let id = report.id.clone();
+    lock(&state.local).insert(
+        id.clone(),
+        LocalProxy {
+            service,
+            address: report.address,
+            last: Instant::now(),
+        },
+    );
+    let mut rec = ProxyRecord {
+        report,
+        last_seen: unix_now(),
     };
+    if let Some(pending) = lock(&state.pending).remove(&id) {
+        rec = crate::store::merge_report(Some(pending), &rec);
+    }
+    if state.store.unreachable().is_none() {
+        match state.store.report_proxy(&rec, &id).await {
+            Ok(changed) => {
+                if changed {
+                    state.notify().await;
+                }
+                return json(StatusCode::OK, &ReportAck { ok: true });
+            }
+            Err(e) if e.unreachable || e.message.contains("lease not found") => {}
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    }
+    lock(&state.pending).insert(id, rec);
+    json(StatusCode::OK, &ReportAck { ok: true })
+}
+
+fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
+    let generation = cert_generation(&state.snap(), service);
     let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
     match ca
         .signer()
@@ -418,6 +809,16 @@ async fn body_json<T: DeserializeOwned>(
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
+/// Whether a request to the operator API writes to the store (refused at once while the store
+/// cannot be reached).
+fn writes(method: &Method, path: &str) -> bool {
+    match *method {
+        Method::POST => path != "/v1/sign",
+        Method::DELETE => true,
+        _ => false,
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
@@ -426,6 +827,12 @@ async fn handle(
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();
+    if writes(&method, &path) {
+        if let Some(refused) = state.refuse_writes() {
+            return Ok(refused);
+        }
+    }
+    let internal = StatusCode::INTERNAL_SERVER_ERROR;
     let resp = match (method, path.as_str()) {
         (Method::POST, "/v1/apply") => {
             let body = match req.into_body().collect().await {
@@ -446,14 +853,14 @@ async fn handle(
                             },
                         )
                     }
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                    Err(e) => state.store_error(internal, e),
                 },
             }
         }
         (Method::GET, "/v1/config") => match store.documents().await {
             // The stored documents are the operators' own (YAML made JSON): passed on untyped.
             Ok(d) => json(StatusCode::OK, &d),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => state.store_error(internal, e),
         },
         (Method::GET, "/v1/intentions") => match store.typed().await {
             Ok(docs) => {
@@ -474,12 +881,25 @@ async fn handle(
                 };
                 json(StatusCode::OK, &list)
             }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => state.store_error(internal, e),
         },
         (Method::GET, "/v1/index") => match store.index().await {
             Ok(index) => json(StatusCode::OK, &IndexResponse { index }),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => state.store_error(internal, e),
         },
+        (Method::GET, "/v1/store") => {
+            let down = store.unreachable();
+            json(
+                StatusCode::OK,
+                &StoreStatus {
+                    store: store.describe(),
+                    reachable: down.is_none(),
+                    unreachable_for_s: down.as_ref().map_or(0, |d| d.since.elapsed().as_secs()),
+                    reason: down.map(|d| d.reason),
+                    served_index: state.served(),
+                },
+            )
+        }
         (Method::DELETE, p) if p.starts_with("/v1/config/") => {
             let id = &p["/v1/config/".len()..];
             match store.delete(id).await {
@@ -493,18 +913,14 @@ async fn handle(
                     )
                 }
                 Ok(false) => error(StatusCode::NOT_FOUND, format!("{id} is not stored")),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => state.store_error(internal, e),
             }
         }
         (Method::GET, "/v1/intentions/check") => {
-            let param = |k: &str| {
-                query
-                    .split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .find(|(a, _)| *a == k)
-                    .map(|(_, v)| v.to_string())
-            };
-            match (param("source"), param("destination")) {
+            match (
+                query_param(&query, "source"),
+                query_param(&query, "destination"),
+            ) {
                 (Some(src), Some(dst)) => match store.typed().await {
                     Ok(docs) => {
                         let set = ringside_core::intentions::Intentions {
@@ -520,7 +936,7 @@ async fn handle(
                             },
                         )
                     }
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                    Err(e) => state.store_error(internal, e),
                 },
                 _ => error(
                     StatusCode::BAD_REQUEST,
@@ -538,12 +954,12 @@ async fn handle(
                     state.notify().await;
                     json(StatusCode::OK, &s)
                 }
-                Err(e) => error(StatusCode::BAD_REQUEST, e),
+                Err(e) => state.store_error(StatusCode::BAD_REQUEST, e),
             },
         },
         (Method::GET, "/v1/services") => match store.services().await {
             Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => state.store_error(internal, e),
         },
         (Method::POST, "/v1/endpoints") => match body_json::<EndpointRecord>(req).await {
             Err(r) => r,
@@ -552,19 +968,44 @@ async fn handle(
                     state.notify().await;
                     json(StatusCode::OK, &ep)
                 }
-                Err(e) => error(StatusCode::BAD_REQUEST, e),
+                Err(e) => state.store_error(StatusCode::BAD_REQUEST, e),
             },
         },
+        (Method::DELETE, p) if p.starts_with("/v1/endpoints/") => {
+            let rest = &p["/v1/endpoints/".len()..];
+            let parsed = rest
+                .rsplit_once('/')
+                .and_then(|(s, a)| Some((s.to_string(), a.parse::<IpAddr>().ok()?)));
+            match parsed {
+                None => error(
+                    StatusCode::BAD_REQUEST,
+                    format!("'{rest}' is not SERVICE/ADDRESS"),
+                ),
+                Some((service, address)) => {
+                    match store.deregister_endpoint(&service, address).await {
+                        Ok(true) => {
+                            state.notify().await;
+                            json(StatusCode::OK, &DeregisterResponse { service, address })
+                        }
+                        Ok(false) => error(
+                            StatusCode::NOT_FOUND,
+                            format!("{service} has no endpoint {address}"),
+                        ),
+                        Err(e) => state.store_error(internal, e),
+                    }
+                }
+            }
+        }
         (Method::GET, "/v1/endpoints") => match store.endpoints().await {
             Ok(s) => json(StatusCode::OK, &s),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => state.store_error(internal, e),
         },
         (Method::POST, "/v1/tokens") => match body_json::<TokenRequest>(req).await {
             Err(r) => r,
             Ok(r) => {
                 let mut raw = [0u8; 32];
                 match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw) {
-                    Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"),
+                    Err(_) => error(internal, "no randomness"),
                     Ok(()) => {
                         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
                         match store.add_token(&token_hash(&token), &r.service).await {
@@ -575,14 +1016,14 @@ async fn handle(
                                     token,
                                 },
                             ),
-                            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                            Err(e) => state.store_error(internal, e),
                         }
                     }
                 }
             }
         },
         (Method::POST, "/v1/sign") => {
-            let service = match token_service(&req, store).await {
+            let service = match token_service(&req, &state).await {
                 Ok(s) => s,
                 Err(r) => return Ok(r),
             };
@@ -590,7 +1031,7 @@ async fn handle(
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
             };
-            sign(&state, &service, &String::from_utf8_lossy(&body)).await
+            sign(&state, &service, &String::from_utf8_lossy(&body))
         }
         (Method::GET, "/v1/proxies") => match store.proxies().await {
             Ok(list) => {
@@ -606,7 +1047,7 @@ async fn handle(
                     .collect();
                 json(StatusCode::OK, &rows)
             }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => state.store_error(internal, e),
         },
         (Method::POST, "/v1/certs/rotate") => {
             let key = match query_param(&query, "service") {
@@ -616,64 +1057,36 @@ async fn handle(
             match store.bump_meta(&key).await {
                 Ok(_) => {
                     state.notify().await;
-                    let index = store.index().await.unwrap_or(0);
                     json(
                         StatusCode::OK,
                         &CertRotateResponse {
                             rotated: query_param(&query, "service").unwrap_or_else(|| "*".into()),
-                            index,
+                            index: state.served(),
                         },
                     )
                 }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => state.store_error(internal, e),
             }
         }
-        (Method::GET, "/v1/ca") => {
-            let generation = store.meta("certgen").await.unwrap_or(0);
-            let index = store.index().await.unwrap_or(0);
-            let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
-            json(
-                StatusCode::OK,
-                &CaStatus {
-                    phase: ca.phase(),
-                    roots: ca.state().clone(),
-                    bundle: Some(ca.bundle()),
-                    generation,
-                    index,
-                },
-            )
-        }
+        (Method::GET, "/v1/ca") => json(StatusCode::OK, &state.ca_status(true)),
         (Method::POST, "/v1/ca/rotate") => {
-            // One rollover step; moving to "the new root signs" re-issues every leaf.
-            let step = {
-                let mut ca = state.ca.write().unwrap_or_else(|p| p.into_inner());
-                ca.advance().map_err(|e| e.to_string())
-            };
-            let bumped = match step {
-                Ok(crate::ca::RotationPhase::NewSigning) => {
-                    store.bump_meta("certgen").await.map(|_| ())
+            // One rollover step (if still at `from`); moving to "the new root signs" re-issues
+            // every leaf.
+            let from = match query_param(&query, "from").as_deref() {
+                None => None,
+                Some("idle") => Some(RotationPhase::Idle),
+                Some("new_trusted") => Some(RotationPhase::NewTrusted),
+                Some("new_signing") => Some(RotationPhase::NewSigning),
+                Some(other) => {
+                    return Ok(error(
+                        StatusCode::BAD_REQUEST,
+                        format!("from={other}: not idle, new_trusted or new_signing"),
+                    ))
                 }
-                Ok(_) => store.bump_index().await.map(|_| ()),
-                Err(e) => return Ok(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
             };
-            match bumped {
-                Ok(()) => {
-                    state.notify().await;
-                    let generation = store.meta("certgen").await.unwrap_or(0);
-                    let index = store.index().await.unwrap_or(0);
-                    let ca = state.ca.read().unwrap_or_else(|p| p.into_inner());
-                    json(
-                        StatusCode::OK,
-                        &CaStatus {
-                            phase: ca.phase(),
-                            roots: ca.state().clone(),
-                            bundle: None,
-                            generation,
-                            index,
-                        },
-                    )
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            match state.ca_step(from).await {
+                Ok(()) => json(StatusCode::OK, &state.ca_status(false)),
+                Err(r) => r,
             }
         }
         (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),

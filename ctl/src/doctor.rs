@@ -1,13 +1,14 @@
 //! `ringctl doctor [--netns POD]`: a list of checks, each passing or failing with the fix. Without
-//! a pod: the daemon and every proxy it knows (liveness, certificate, clock). With a pod: its
-//! redirect rules, its sidecar (listeners, readiness, certificate), each local service's targetPort
-//! (is something listening, and where), and `localhost` resolving to ::1 while an app listens only
-//! on 127.0.0.1.
+//! a pod: the daemon, its store (`store_unreachable` when etcd cannot be reached) and every proxy
+//! it knows (liveness, certificate, clock). With a pod: its redirect rules, its sidecar
+//! (listeners, readiness, certificate), each local service's targetPort (is something listening,
+//! and where), and `localhost` resolving to ::1 while an app listens only on 127.0.0.1.
 
 use std::path::Path;
 
-use ringside_core::control::api::ProxyStatus;
+use ringside_core::control::api::{ProxyStatus, StoreStatus};
 use ringside_core::control::AnswerError;
+use ringside_core::Reason;
 use serde::Serialize;
 
 use crate::daemon::{self, CallError};
@@ -65,17 +66,55 @@ pub fn doctor(socket: &Path, netns: Option<&str>) -> Vec<Item> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    // The daemon.
+    // The daemon and its store.
+    let mut reached = false;
+    // A daemon older than /v1/store, or none, fails it: the proxies' listing below says which.
+    if let Ok(st) = daemon::call::<StoreStatus>(socket, hyper::Method::GET, "/v1/store", None) {
+        reached = true;
+        out.push(item(
+            true,
+            "control daemon reachable",
+            socket.display().to_string(),
+            "",
+        ));
+        out.push(item(
+            st.reachable,
+            format!("store reachable ({})", st.store),
+            if st.reachable {
+                format!("config index {}", st.served_index)
+            } else {
+                format!(
+                    "{}: {} for {}s; writes are refused, proxies are served the last good state (config index {})",
+                    Reason::StoreUnreachable.as_str(),
+                    st.reason.unwrap_or_default(),
+                    st.unreachable_for_s,
+                    st.served_index
+                )
+            },
+            Reason::StoreUnreachable.hint(),
+        ));
+    }
     let proxies =
         match daemon::call::<Vec<ProxyStatus>>(socket, hyper::Method::GET, "/v1/proxies", None) {
             Ok(list) => {
-                out.push(item(
-                    true,
-                    "control daemon reachable",
-                    socket.display().to_string(),
-                    "",
-                ));
+                if !reached {
+                    out.push(item(
+                        true,
+                        "control daemon reachable",
+                        socket.display().to_string(),
+                        "",
+                    ));
+                }
                 list
+            }
+            Err(CallError::Answer(AnswerError::Refused { status, error })) if reached => {
+                out.push(item(
+                    false,
+                    "proxies listed by the daemon",
+                    format!("{status}: {}", error.unwrap_or_default()),
+                    "see the store check above",
+                ));
+                Vec::new()
             }
             Err(CallError::Answer(AnswerError::Refused { status, error })) => {
                 out.push(item(

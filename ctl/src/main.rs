@@ -20,9 +20,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringside_core::control::api::{
-    ApplyResponse, CaStatus, CertRotateResponse, DeleteResponse, EndpointRecord, IntentionCheck,
-    IntentionList, IntentionRow, PortMap, ProxyStatus, RegisterService, RotationPhase,
-    ServiceRecord, SignResponse, TokenRequest, TokenResponse,
+    ApplyResponse, CaStatus, CertRotateResponse, DeleteResponse, DeregisterResponse,
+    EndpointRecord, IntentionCheck, IntentionList, IntentionRow, PortMap, ProxyStatus,
+    RegisterService, RotationPhase, ServiceRecord, SignResponse, TokenRequest, TokenResponse,
 };
 use ringside_core::control::AnswerError;
 use ringside_core::intentions::{Action, Pattern};
@@ -42,7 +42,8 @@ enum Command {
     /// Run the control daemon: state in DIR (or in etcd with --store), HTTP/JSON API on a Unix
     /// socket.
     Daemon {
-        /// Directory of the embedded store and of the CA (the CA stays here with --store etcd).
+        /// Directory of the embedded store and of its CA (with --store etcd the CA is the mesh's,
+        /// in etcd; a CA found here seeds it when the mesh has none yet).
         #[arg(long)]
         data_dir: PathBuf,
         /// Where the state is kept: `redb` (the embedded store in --data-dir, for one node) or
@@ -59,6 +60,15 @@ enum Command {
         /// The client certificate's private key (PEM).
         #[arg(long)]
         etcd_key: Option<PathBuf>,
+        /// With --store etcd (required): a secret file shared by every daemon of the mesh (out of
+        /// band, mode 0600) that seals the mesh CA's private keys in etcd (`ringctl ca secret`).
+        #[arg(long)]
+        ca_secret: Option<PathBuf>,
+        /// How long endpoints outlive what registered them: the TTL of the daemon's etcd lease
+        /// (its proxies' endpoints leave the catalog this long after it dies), and how long a
+        /// proxy may stay silent before its endpoint is removed (either store).
+        #[arg(long, default_value = "15s", value_parser = humantime_parse)]
+        lease_ttl: std::time::Duration,
         /// API socket.
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -80,6 +90,15 @@ enum Command {
     Register {
         #[command(subcommand)]
         what: RegisterCommand,
+        /// The daemon's socket.
+        #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Remove an endpoint (one registered by hand; a running proxy's comes back with its next
+    /// report).
+    Deregister {
+        #[command(subcommand)]
+        what: DeregisterCommand,
         /// The daemon's socket.
         #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -164,7 +183,8 @@ enum Command {
         #[command(subcommand)]
         command: IntentionCommand,
     },
-    /// The mesh certificate authority (on files for now; the daemon will hold it).
+    /// The mesh certificate authority: the daemon's (rollover, roots, the etcd CA secret) or one
+    /// on files.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
@@ -261,6 +281,17 @@ enum RegisterCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum DeregisterCommand {
+    /// An endpoint of a service, e.g. `payments 10.0.1.7`.
+    Endpoint {
+        /// Service.
+        service: String,
+        /// Address of the endpoint.
+        address: std::net::IpAddr,
+    },
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -328,6 +359,13 @@ enum CaCommand {
         /// The daemon's socket.
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
+    },
+    /// Make a secret for `ringctl daemon --ca-secret` (32 random bytes in hex, mode 0600): give
+    /// the same file to every daemon of a mesh on etcd. An existing file is not replaced.
+    Secret {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Show the daemon's roots and any rollover in progress.
     Show {
@@ -466,7 +504,7 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
                 return Ok(());
             }
             RotationPhase::Idle => {
-                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate")?;
+                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate?from=idle")?;
                 println!(
                     "1/3 new root {} trusted beside the old one",
                     state.roots.trusted.get(1).map_or("", |t| t.as_str())
@@ -477,7 +515,11 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
                 wait_proxies(socket, timeout, "taken the new trust bundle", |p| {
                     p.report.applied_index >= index
                 })?;
-                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate")?;
+                state = fetch(
+                    socket,
+                    hyper::Method::POST,
+                    "/v1/ca/rotate?from=new_trusted",
+                )?;
                 println!(
                     "2/3 every live proxy trusts both roots; the new root {} signs, leaves are being re-issued",
                     state.roots.signer
@@ -488,7 +530,11 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
                 wait_proxies(socket, timeout, "re-issued their certificates", |p| {
                     p.report.cert_generation >= generation
                 })?;
-                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate")?;
+                state = fetch(
+                    socket,
+                    hyper::Method::POST,
+                    "/v1/ca/rotate?from=new_signing",
+                )?;
                 println!(
                     "3/3 every live proxy has a leaf from the new root; the old root is retired"
                 );
@@ -644,6 +690,17 @@ fn run_ca(command: CaCommand) -> Result<(), String> {
             println!("leaf generation: {}", v.generation);
             Ok(())
         }
+        CaCommand::Secret { out } => {
+            if out.exists() {
+                return Err(format!("{} exists: kept as it is", out.display()));
+            }
+            ca::SealKey::generate_file(&out).map_err(|e| e.to_string())?;
+            println!(
+                "{}: a new CA secret (mode 0600); give every daemon of the mesh this file (--ca-secret)",
+                out.display()
+            );
+            Ok(())
+        }
         CaCommand::Init { dir, trust_domain } => {
             let ca = ca::Ca::load_or_create(&dir, &trust_domain).map_err(|e| e.to_string())?;
             print!("{}", ca.cert_pem);
@@ -765,6 +822,20 @@ fn main() -> ExitCode {
                 },
             )
         }
+        Command::Deregister {
+            what: DeregisterCommand::Endpoint { service, address },
+            socket,
+        } => report(
+            daemon::call(
+                &socket,
+                hyper::Method::DELETE,
+                &format!("/v1/endpoints/{service}/{address}"),
+                None,
+            ),
+            |d: DeregisterResponse| {
+                println!("endpoint {} of {} deregistered", d.address, d.service);
+            },
+        ),
         Command::Issue {
             token,
             key_out,
@@ -860,6 +931,8 @@ fn main() -> ExitCode {
             etcd_ca,
             etcd_cert,
             etcd_key,
+            ca_secret,
+            lease_ttl,
             socket,
             trust_domain,
             vip_range,
@@ -875,6 +948,8 @@ fn main() -> ExitCode {
                 }),
                 data_dir,
                 store,
+                ca_secret,
+                lease_ttl,
                 socket,
                 trust_domain,
                 vip_range,

@@ -156,6 +156,36 @@ impl Etcd {
         }
     }
 
+    /// Freeze the member (SIGSTOP): it keeps its connections but answers nothing, as a hung or
+    /// partitioned etcd. [`Etcd::resume`] thaws it (and stopping it kills it either way).
+    pub fn pause(&self) {
+        if let Some(s) = &self.server {
+            s.signal(libc::SIGSTOP);
+        }
+    }
+
+    /// Thaw a paused member (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(s) = &self.server {
+            s.signal(libc::SIGCONT);
+        }
+    }
+
+    /// A CA secret file for the daemons of this etcd's mesh (`ringctl daemon --ca-secret`),
+    /// made once, mode 0600, in the member's directory.
+    pub fn ca_secret(&self) -> PathBuf {
+        let p = self.dir.join("ca.secret");
+        if !p.exists() {
+            let secret: String = (0..64)
+                .map(|_| char::from(b"0123456789abcdef"[rand::random::<usize>() % 16]))
+                .collect();
+            std::fs::write(&p, secret).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        p
+    }
+
     /// Start it again on the same ports and data.
     pub fn restart(&mut self) {
         self.stop();

@@ -101,7 +101,19 @@ fn why_names_the_cause() {
     let pgpod = net.pod("pg");
     let range = format!("{}/28", net.virtual_ip(0));
     // Short leaves: a sidecar cut off from the daemon lets its certificate expire within the test.
-    let mut daemon = Daemon::start(&net.id, &["--vip-range", &range, "--leaf-lifetime", "20s"]);
+    // The sidecars are cut off from the daemon for 21 s below: longer than the default lease TTL
+    // (15 s), after which the daemon would remove their endpoints as those of dead proxies.
+    let mut daemon = Daemon::start(
+        &net.id,
+        &[
+            "--vip-range",
+            &range,
+            "--leaf-lifetime",
+            "20s",
+            "--lease-ttl",
+            "60s",
+        ],
+    );
     for (svc, port) in [
         ("web", "80:8080"),
         ("payments", "1800:1800"),

@@ -160,6 +160,8 @@ contract!(
     tokens_name_their_service,
     proxy_reports_register_endpoints_and_keep_failures,
     counters_count_under_contention,
+    snapshots_hold_what_proxies_are_sent,
+    endpoints_are_deregistered_and_silent_proxies_expired,
 );
 
 /// `ServiceDefaults/<name>` with a marker in a field the store does not read.
@@ -553,6 +555,106 @@ async fn counters_count_under_contention(h: Harness) {
     assert!(s.index().await.unwrap() > i2);
 }
 
+async fn snapshots_hold_what_proxies_are_sent(h: Harness) {
+    let s = &h.store;
+    let range = ("240.0.0.0".parse().unwrap(), 16);
+    let empty = s.snapshot().await.unwrap();
+    assert_eq!(empty.index, 0);
+    assert!(empty.docs.is_empty() && empty.services.is_empty());
+    s.apply(&[defaults("web", "1")]).await.unwrap();
+    let web = s.register_service("web", port(80), range).await.unwrap();
+    s.register_endpoint(&endpoint("web", "198.18.0.2", "n1"))
+        .await
+        .unwrap();
+    s.bump_meta("certgen").await.unwrap();
+    s.bump_meta("certgen/web").await.unwrap();
+    s.bump_meta("certgen/web").await.unwrap();
+    let snap = h.handle().await.snapshot().await.unwrap();
+    assert_eq!(snap.index, s.index().await.unwrap());
+    assert_eq!(snap.docs, vec![defaults("web", "1")]);
+    assert_eq!(snap.services, vec![web]);
+    assert_eq!(snap.endpoints, vec![endpoint("web", "198.18.0.2", "n1")]);
+    assert_eq!(snap.counter("certgen"), 1);
+    assert_eq!(snap.counter("certgen/web"), 2);
+    assert_eq!(snap.counter("certgen/other"), 0);
+}
+
+/// Wait (bounded) until `cond` holds.
+async fn until<F: Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let start = std::time::Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: not within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn endpoints_are_deregistered_and_silent_proxies_expired(h: Harness) {
+    let s = &h.store;
+    // As a daemon does: a lease for its proxies' endpoints (etcd), kept alive meanwhile.
+    let keeper = tokio::spawn(s.keep_lease(Duration::from_secs(10)));
+    let range = ("240.0.0.0".parse().unwrap(), 16);
+    s.register_service("web", port(80), range).await.unwrap();
+    // By hand: removed by deregistering, which moves the index; gone is gone.
+    s.register_endpoint(&endpoint("web", "198.18.0.9", "n1"))
+        .await
+        .unwrap();
+    let i0 = s.index().await.unwrap();
+    let addr = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+    assert!(s
+        .deregister_endpoint("web", addr("198.18.0.9"))
+        .await
+        .unwrap());
+    assert!(s.index().await.unwrap() > i0);
+    assert!(s.endpoints().await.unwrap().is_empty());
+    assert!(!s
+        .deregister_endpoint("web", addr("198.18.0.9"))
+        .await
+        .unwrap());
+    // A proxy's (once the lease is held).
+    until("the proxy's endpoint is registered", || async {
+        s.report_proxy(&report("web-1", "web", Some("198.18.0.5"), 1, 0), "web-1")
+            .await
+            .unwrap();
+        !s.endpoints().await.unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(
+        s.proxy_endpoints().await.unwrap().len(),
+        usize::from(h.etcd.is_none()),
+        "redb remembers which proxy registered it; etcd has the lease"
+    );
+    // Expired only for the proxy that registered it.
+    assert!(!s
+        .expire_endpoint("web", addr("198.18.0.5"), "web-2")
+        .await
+        .unwrap());
+    let i1 = s.index().await.unwrap();
+    assert!(s
+        .expire_endpoint("web", addr("198.18.0.5"), "web-1")
+        .await
+        .unwrap());
+    assert!(s.index().await.unwrap() > i1, "an expiry moves the index");
+    assert!(s.endpoints().await.unwrap().is_empty());
+    assert!(s.proxy_endpoints().await.unwrap().is_empty());
+    // Its next report brings it back; registered by hand over it, it is no proxy's any more.
+    s.report_proxy(&report("web-1", "web", Some("198.18.0.5"), 1, 0), "web-1")
+        .await
+        .unwrap();
+    assert_eq!(s.endpoints().await.unwrap().len(), 1);
+    s.register_endpoint(&endpoint("web", "198.18.0.5", "web-1"))
+        .await
+        .unwrap();
+    assert!(!s
+        .expire_endpoint("web", addr("198.18.0.5"), "web-1")
+        .await
+        .unwrap());
+    assert_eq!(s.endpoints().await.unwrap().len(), 1);
+    keeper.abort();
+}
+
 // What only etcd has.
 
 /// Too many documents for one etcd transaction: refused whole, nothing stored.
@@ -648,6 +750,142 @@ fn etcd_follow_index_sees_other_daemons_and_survives_a_restart() {
     assert!(second > first);
     assert_eq!(wait_for(second), second, "followed again after the restart");
     follower.abort();
+}
+
+/// A daemon's lease ends with it (here: its runtime stops keeping it alive): etcd deletes its
+/// proxies' endpoints within the TTL, and another daemon following the index moves it (one
+/// transaction, however many daemons watch), so proxies everywhere hear of it. Hand-registered
+/// endpoints stay.
+#[test]
+fn etcd_lease_expiry_removes_endpoints_and_moves_the_index() {
+    let server = EtcdServer::start();
+    let o = etcd_options(&server);
+    let rt = runtime();
+    let (follower, tx, b) = rt.block_on(async {
+        let b = Store::connect_etcd(&o).await.unwrap();
+        b.register_service("web", port(80), ("240.0.0.0".parse().unwrap(), 16))
+            .await
+            .unwrap();
+        b.register_endpoint(&endpoint("web", "198.18.0.9", "by-hand"))
+            .await
+            .unwrap();
+        let tx = std::sync::Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let f = {
+            let (b, tx) = (b.clone(), tx.clone());
+            tokio::spawn(async move { b.follow_index(&tx).await })
+        };
+        (f, tx, b)
+    });
+    // Daemon A: its own thread and runtime, a 2 s lease, one proxy's endpoint; then it stops.
+    let o2 = o.clone();
+    std::thread::spawn(move || {
+        runtime().block_on(async {
+            let a = Store::connect_etcd(&o2).await.unwrap();
+            let keeper = tokio::spawn(a.keep_lease(Duration::from_secs(2)));
+            until("A's endpoint is registered", || async {
+                a.report_proxy(&report("web-1", "web", Some("198.18.0.5"), 1, 0), "web-1")
+                    .await
+                    .unwrap();
+                a.endpoints().await.unwrap().len() == 2
+            })
+            .await;
+            keeper.abort();
+        })
+    })
+    .join()
+    .unwrap();
+    let (with_it, stopped) =
+        rt.block_on(async { (b.index().await.unwrap(), std::time::Instant::now()) });
+    let mut rx = tx.subscribe();
+    rt.block_on(async {
+        until("A's endpoint expires", || async {
+            b.endpoints().await.unwrap().len() == 1
+        })
+        .await;
+        assert!(
+            stopped.elapsed() < Duration::from_secs(8),
+            "expired after {:?}",
+            stopped.elapsed()
+        );
+        assert_eq!(b.endpoints().await.unwrap()[0].node, "by-hand");
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|i| *i > with_it))
+            .await
+            .expect("the follower moved the index after the expiry")
+            .unwrap();
+        assert!(b.index().await.unwrap() > with_it);
+    });
+    follower.abort();
+}
+
+/// The shared CA: created once however many daemons start at once; a step is taken only from
+/// the revision it was computed from.
+#[test]
+fn etcd_shared_ca_is_created_once_and_stepped_by_compare_and_swap() {
+    on_etcd(|h| async move {
+        let seal = crate::ca::SealKey::from_secret(&[7u8; 32]).unwrap();
+        let nowhere = std::path::Path::new("/nonexistent-ringctl-ca");
+        let made: Vec<(crate::ca::SharedCa, i64)> = h
+            .on_threads(3, move |_, s| async move {
+                let seal = crate::ca::SealKey::from_secret(&[7u8; 32]).unwrap();
+                let mine = crate::ca::SharedCa::create("dc1", &seal, nowhere).unwrap();
+                s.ca_create(&mine).await.unwrap()
+            })
+            .await;
+        assert!(made.iter().all(|m| *m == made[0]), "one CA for all");
+        let (ca, rev) = h.store.ca_record().await.unwrap().unwrap();
+        assert_eq!((&ca, rev), (&made[0].0, made[0].1));
+        let before = h.store.index().await.unwrap();
+        let next = ca.next(&seal).unwrap();
+        assert!(h.store.ca_step(rev, &next, false).await.unwrap());
+        assert!(
+            h.store.index().await.unwrap() > before,
+            "a step moves the index"
+        );
+        // The same step computed from the old revision (another daemon's) is not taken.
+        let stale = ca.next(&seal).unwrap();
+        assert!(!h.store.ca_step(rev, &stale, false).await.unwrap());
+        let (now, rev2) = h.store.ca_record().await.unwrap().unwrap();
+        assert_eq!(now, next);
+        // The step that makes the new root sign moves the certificate generation with it.
+        let signing = now.next(&seal).unwrap();
+        assert!(h.store.ca_step(rev2, &signing, true).await.unwrap());
+        let snap = h.store.snapshot().await.unwrap();
+        assert_eq!(snap.counter("certgen"), 1);
+        assert_eq!(snap.ca.unwrap().0, signing);
+    });
+}
+
+/// etcd gone: calls fail as unreachable and the store says so; back: the first call that
+/// succeeds clears it.
+#[test]
+fn etcd_unreachable_is_told_apart_and_cleared() {
+    let mut server = EtcdServer::start();
+    let o = etcd_options(&server);
+    let rt = runtime();
+    let s = rt.block_on(Store::connect_etcd(&o)).unwrap();
+    assert!(s.unreachable().is_none());
+    server.stop();
+    let err = rt
+        .block_on(s.apply(&[defaults("a", "1")]))
+        .expect_err("etcd is down");
+    assert!(err.unreachable, "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("store_unreachable: etcd at 127.0.0.1:"),
+        "{err}"
+    );
+    let down = s.unreachable().expect("marked unreachable");
+    assert!(down.reason.contains("unreachable"), "{}", down.reason);
+    server.restart();
+    rt.block_on(async {
+        until("etcd answers again", || async { s.index().await.is_ok() }).await;
+    });
+    assert!(s.unreachable().is_none());
+    // A refusal is not an outage.
+    let err = rt
+        .block_on(s.register_endpoint(&endpoint("nope", "198.18.0.1", "n")))
+        .unwrap_err();
+    assert!(!err.unreachable);
 }
 
 /// Redb's follower has nothing to follow: it returns at once.

@@ -11,10 +11,11 @@
 //! | `docs/<Kind>/<name>` | a configuration document |
 //! | `services/<name>` | a [`ServiceRecord`]; its `registered_index` is the key's `create_revision` |
 //! | `vips/<ip>` | the name of the service holding that virtual IP |
-//! | `endpoints/<service>/<address>` | an [`EndpointRecord`] |
+//! | `endpoints/<service>/<address>` | an [`EndpointRecord`]; attached to the lease of the daemon whose proxy registered it (none when registered by hand) |
 //! | `tokens/<sha256 hex>` | the service of a proxy token |
 //! | `proxies/<id>` | a [`ProxyRecord`] (a proxy's last report) |
 //! | `meta/<counter>` | a number, e.g. `certgen`, `certgen/<service>` |
+//! | `ca` | the mesh's CA, a [`SharedCa`]: trust domain, which roots are trusted and which signs, each root's certificate and its private key sealed with the daemons' `--ca-secret` |
 //!
 //! # Writes
 //!
@@ -34,32 +35,56 @@
 //!   service: its record is replaced only if its `mod_revision` is still the one read.
 //! - `register_endpoint`: only if `services/<service>` exists, in the same transaction.
 //! - `bump_meta`: the counter's `mod_revision` (or absence) compared, then counter and `index`.
-//! - `report_proxy`: the proxy's record, and its endpoint when it changed, guarded by the
+//! - `report_proxy`: the proxy's record, and its endpoint when it changed (or is on another
+//!   lease than this daemon's: re-attached without moving the index), guarded by the
 //!   `mod_revision`s read (in one transaction of reads) and the service's existence.
+//! - `deregister_endpoint`: only if it exists; `expire_endpoint` (a proxy silent for the TTL):
+//!   only if unchanged since read, still that proxy's and on this daemon's lease.
+//! - `ca_create`: create-if-absent (`create_revision == 0`), else the stored one is read in the
+//!   same transaction: of daemons starting at once, the first one's root is everyone's.
+//! - `ca_step`: the next rollover state, only if `ca` is still at the revision it was computed
+//!   from; the step that makes the new root sign bumps `meta/certgen` in the same transaction.
 //! - `add_token`: a plain put (a token changes nothing proxies are sent).
 //!
 //! # Following other daemons
 //!
 //! [`EtcdStore::follow_index`] watches the `index` key from a revision, so the daemon's long-polls
 //! see changes made through any daemon; after a disconnect it reads the index again and watches
-//! from the revision of that read, so nothing is missed and nothing replayed.
+//! from the revision of that read, so nothing is missed and nothing replayed. On the same watch
+//! stream it follows deletions under `endpoints/`: one alone at its revision is a lease that
+//! expired, and the index is moved by a transaction that compares `mod_revision(index) < R`, so
+//! however many daemons see it, one moves the index.
+//!
+//! # Leases
+//!
+//! A daemon grants itself a lease of `--lease-ttl` and keeps it alive ([`EtcdStore::keep_lease`]);
+//! its proxies' endpoints are put on it, so they go when the daemon does. A lease etcd forgot
+//! (the daemon was cut off for the TTL) is replaced; the proxies' next reports re-attach.
+//!
+//! # Reachability
+//!
+//! Every call that etcd does not answer (no connection, no answer within 5 s, no leader) marks
+//! the store unreachable; the next answered call clears it ([`EtcdStore::unreachable`]).
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchFilterType,
+    WatchOptions,
 };
 use serde::de::DeserializeOwned;
 
 use super::{
-    advance_index, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord,
-    PortMap, ProxyRecord, ServiceRecord, StoreError,
+    advance_index, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, Down, EndpointRecord,
+    PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
 };
+use crate::ca::SharedCa;
 use crate::consul::Document;
 
 /// The key prefix when the store URL names none.
@@ -74,6 +99,9 @@ pub const MAX_ATTEMPTS: usize = 64;
 
 /// How long the index watch may be silent before the index is read to check on it.
 const WATCH_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The longest one etcd request may take before etcd counts as unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where etcd is and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,13 +154,13 @@ impl EtcdOptions {
 
     /// The client's TLS settings, from the files given.
     fn tls(&self) -> Result<Option<TlsOptions>, StoreError> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).map_err(|x| StoreError(format!("{}: {x}", p.display())));
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|x| StoreError::new(format!("{}: {x}", p.display())))
+        };
         let Some(ca) = &self.ca else {
             if self.cert.is_some() || self.key.is_some() {
-                return Err(StoreError(
-                    "--etcd-cert and --etcd-key need --etcd-ca (the CA of etcd's certificates)"
-                        .into(),
+                return Err(StoreError::new(
+                    "--etcd-cert and --etcd-key need --etcd-ca (the CA of etcd's certificates)",
                 ));
             }
             return Ok(None);
@@ -141,19 +169,29 @@ impl EtcdOptions {
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
             (None, None) => {}
-            _ => return Err(StoreError("--etcd-cert and --etcd-key go together".into())),
+            _ => return Err(StoreError::new("--etcd-cert and --etcd-key go together")),
         }
         Ok(Some(tls))
     }
 }
 
-/// The etcd store: a client (cheap to clone: one shared connection pool) and the key prefix.
+/// The etcd store: a client (cheap to clone: one shared connection pool) and the key prefix;
+/// whether etcd answers (every call says); the lease this daemon's proxies' endpoints hang on.
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     prefix: Arc<str>,
     endpoints: Arc<[String]>,
+    health: Arc<Mutex<Option<Down>>>,
+    /// [`NOT_LEASING`] (endpoints are put without a lease: tests, tools), 0 (leasing, but no
+    /// lease held right now: proxies' endpoints wait), or the lease id.
+    lease: Arc<AtomicI64>,
+    /// Told when a write found the lease gone, so that the keeper grants another at once.
+    lease_lost: Arc<tokio::sync::Notify>,
 }
+
+/// [`EtcdStore::lease`] when the store does not attach endpoints to a lease.
+const NOT_LEASING: i64 = -1;
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,7 +203,31 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 fn etcd_err(x: etcd_client::Error) -> StoreError {
-    StoreError(format!("etcd: {x}"))
+    if is_unreachable(&x) {
+        StoreError::unreachable(format!("etcd: {}", detail(&x)))
+    } else {
+        StoreError::new(format!("etcd: {}", detail(&x)))
+    }
+}
+
+/// Whether an etcd client error says etcd could not be reached (rather than that it refused the
+/// request): no connection, a broken one, no answer in time, no leader.
+fn is_unreachable(x: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match x {
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => true,
+        // Cancelled, Unknown (a transport failure under gRPC), DeadlineExceeded, Unavailable.
+        E::GRpcStatus(s) => matches!(s.code() as i32, 1 | 2 | 4 | 14),
+        _ => false,
+    }
+}
+
+/// An etcd client error in a few words (a gRPC status without its empty details and metadata).
+fn detail(x: &etcd_client::Error) -> String {
+    match x {
+        etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    }
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -174,7 +236,7 @@ fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, StoreError> {
 
 fn from_json<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, StoreError> {
     serde_json::from_slice(kv.value()).map_err(|x| {
-        StoreError(format!(
+        StoreError::new(format!(
             "{} holds something unreadable: {x}",
             String::from_utf8_lossy(kv.key())
         ))
@@ -200,7 +262,7 @@ fn exists(key: &str) -> Compare {
 }
 
 fn contended(what: &str) -> StoreError {
-    StoreError(format!(
+    StoreError::new(format!(
         "{what}: other daemons changed the same keys {MAX_ATTEMPTS} times in a row; try again"
     ))
 }
@@ -212,7 +274,7 @@ impl EtcdStore {
     pub async fn connect(o: &EtcdOptions) -> Result<EtcdStore, StoreError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
+            .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         if let Some(tls) = o.tls()? {
@@ -225,9 +287,12 @@ impl EtcdStore {
             client,
             prefix: o.prefix.as_str().into(),
             endpoints: o.endpoints.clone().into(),
+            health: Arc::default(),
+            lease: Arc::new(AtomicI64::new(NOT_LEASING)),
+            lease_lost: Arc::default(),
         };
         store.index_at().await.map_err(|x| {
-            StoreError(format!(
+            StoreError::new(format!(
                 "cannot reach etcd at {}: {x}",
                 o.endpoints.join(",")
             ))
@@ -244,6 +309,55 @@ impl EtcdStore {
         format!("{}{rest}", self.prefix)
     }
 
+    /// A failed call: when etcd could not be reached, the store is marked unreachable (from now,
+    /// unless it already was) and the error says so.
+    fn fail(&self, x: etcd_client::Error) -> StoreError {
+        if !is_unreachable(&x) {
+            return etcd_err(x);
+        }
+        let reason = format!(
+            "etcd at {} is unreachable ({})",
+            self.endpoints.join(","),
+            detail(&x)
+        );
+        self.down(&reason);
+        StoreError::unreachable(reason)
+    }
+
+    /// Mark etcd unreachable for `reason` (from now, unless it already was).
+    fn down(&self, reason: &str) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match h.as_mut() {
+            Some(d) => d.reason = reason.to_string(),
+            None => {
+                eprintln!("ringctl daemon: {reason}; refusing writes, serving proxies the last good state");
+                *h = Some(Down {
+                    reason: reason.to_string(),
+                    since: std::time::Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// A call etcd answered: it is reachable.
+    fn up(&self) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = h.take() {
+            eprintln!(
+                "ringctl daemon: etcd reachable again after {}s",
+                d.since.elapsed().as_secs()
+            );
+        }
+    }
+
+    /// See [`super::Store::unreachable`].
+    pub fn unreachable(&self) -> Option<Down> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The operation that moves the configuration index, naming the change.
     fn index_op(&self, what: &str) -> Result<TxnOp, StoreError> {
         Ok(TxnOp::put(self.key("index"), to_json(what)?, None))
@@ -255,7 +369,8 @@ impl EtcdStore {
             .kv_client()
             .get(key, None)
             .await
-            .map_err(etcd_err)?;
+            .map_err(|x| self.fail(x))?;
+        self.up();
         Ok(r.take_kvs().into_iter().next())
     }
 
@@ -279,7 +394,8 @@ impl EtcdStore {
             .kv_client()
             .get(self.key(dir), Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(etcd_err)?;
+            .map_err(|x| self.fail(x))?;
+        self.up();
         Ok(r.take_kvs())
     }
 
@@ -288,7 +404,14 @@ impl EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        self.client.kv_client().txn(txn).await.map_err(etcd_err)
+        let r = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|x| self.fail(x))?;
+        self.up();
+        Ok(r)
     }
 
     /// The configuration index and the store's revision at the read.
@@ -298,7 +421,8 @@ impl EtcdStore {
             .kv_client()
             .get(self.key("index"), None)
             .await
-            .map_err(etcd_err)?;
+            .map_err(|x| self.fail(x))?;
+        self.up();
         let at = r.take_header().map_or(0, |h| h.revision());
         let index = r
             .kvs()
@@ -312,7 +436,7 @@ impl EtcdStore {
     pub async fn apply(&self, docs: &[Document]) -> Result<u64, StoreError> {
         let by_id: BTreeMap<String, &Document> = docs.iter().map(|d| (d.id(), d)).collect();
         if by_id.len() > MAX_APPLY_DOCS {
-            return Err(StoreError(format!(
+            return Err(StoreError::new(format!(
                 "{} documents in one apply: the etcd store takes at most {MAX_APPLY_DOCS} (etcd's --max-txn-ops); nothing applied",
                 by_id.len()
             )));
@@ -380,7 +504,7 @@ impl EtcdStore {
                             Some(GetOptions::new().with_prefix().with_keys_only()),
                         )
                         .await
-                        .map_err(etcd_err)?
+                        .map_err(|x| self.fail(x))?
                         .kvs()
                         .iter()
                         .filter_map(|kv| {
@@ -438,7 +562,7 @@ impl EtcdStore {
         if self.txn(txn).await?.succeeded() {
             Ok(())
         } else {
-            Err(StoreError(format!(
+            Err(StoreError::new(format!(
                 "no service '{}': register it first",
                 ep.service
             )))
@@ -473,7 +597,8 @@ impl EtcdStore {
                 None,
             )
             .await
-            .map_err(etcd_err)?;
+            .map_err(|x| self.fail(x))?;
+        self.up();
         Ok(())
     }
 
@@ -486,6 +611,7 @@ impl EtcdStore {
     }
 
     /// See [`super::Store::meta`].
+    #[cfg(test)] // the daemon reads counters from its snapshot
     pub async fn meta(&self, key: &str) -> Result<u64, StoreError> {
         match self.get(&self.key(&format!("meta/{key}"))).await? {
             Some(kv) => from_json(&kv),
@@ -521,14 +647,20 @@ impl EtcdStore {
         Ok(revision(&r))
     }
 
-    /// See [`super::Store::report_proxy`].
+    /// See [`super::Store::report_proxy`]. A daemon holding a lease ([`EtcdStore::keep_lease`])
+    /// attaches the endpoint to it (and re-attaches one it finds on another lease, e.g. its own
+    /// before a restart, without moving the index when nothing else changed); while it has lost
+    /// its lease and not yet got another, the report is recorded and the endpoint waits for the
+    /// next one.
     pub async fn report_proxy(&self, rec: &ProxyRecord, node: &str) -> Result<bool, StoreError> {
+        let lease = self.lease.load(Ordering::Relaxed);
         let pkey = self.key(&format!("proxies/{}", rec.report.id));
-        let ep = endpoint_of(rec, node);
+        let ep = endpoint_of(rec, node).filter(|_| lease != 0);
         let skey = self.key(&format!("services/{}", rec.report.service));
         let ekey = ep
             .as_ref()
             .map(|ep| self.key(&format!("endpoints/{}", endpoint_key(ep))));
+        let put_opts = (lease > 0).then(|| PutOptions::new().with_lease(lease));
         for _ in 0..MAX_ATTEMPTS {
             let mut keys = vec![pkey.as_str()];
             if let Some(ekey) = &ekey {
@@ -548,20 +680,30 @@ impl EtcdStore {
                 let known = read.next().flatten().is_some();
                 let current = read.next().flatten();
                 let json = to_json(ep)?;
-                if known && current.as_ref().is_none_or(|kv| kv.value() != json) {
+                let same = current.as_ref().is_some_and(|kv| kv.value() == json);
+                let attached = current
+                    .as_ref()
+                    .is_some_and(|kv| kv.lease() == lease.max(0));
+                if known && !(same && attached) {
                     when.push(exists(&skey));
                     when.push(unchanged(ekey, current.as_ref()));
-                    then.push(TxnOp::put(ekey.as_str(), json, None));
-                    then.push(self.index_op(&format!("endpoint {}", endpoint_key(ep)))?);
-                    changed = true;
+                    then.push(TxnOp::put(ekey.as_str(), json, put_opts.clone()));
+                    if !same {
+                        then.push(self.index_op(&format!("endpoint {}", endpoint_key(ep)))?);
+                        changed = true;
+                    }
                 }
             }
-            if self
-                .txn(Txn::new().when(when).and_then(then))
-                .await?
-                .succeeded()
-            {
-                return Ok(changed);
+            match self.txn(Txn::new().when(when).and_then(then)).await {
+                Ok(r) if r.succeeded() => return Ok(changed),
+                Ok(_) => {}
+                Err(x) if x.message.contains("lease not found") => {
+                    // etcd expired the lease (it did not hear from this daemon for the TTL):
+                    // the keeper grants another; this endpoint waits for the next report.
+                    self.lease_lost.notify_one();
+                    return Err(x);
+                }
+                Err(x) => return Err(x),
             }
         }
         Err(contended(&format!("recording proxy {}", rec.report.id)))
@@ -570,6 +712,292 @@ impl EtcdStore {
     /// See [`super::Store::proxies`].
     pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, StoreError> {
         self.list_json("proxies/").await
+    }
+
+    /// See [`super::Store::snapshot`]: one transaction of reads, so every part is at the same
+    /// revision.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let range = |dir: &str| TxnOp::get(self.key(dir), Some(GetOptions::new().with_prefix()));
+        let r = self
+            .txn(Txn::new().and_then([
+                TxnOp::get(self.key("index"), None),
+                range("docs/"),
+                range("services/"),
+                range("endpoints/"),
+                range("meta/"),
+                TxnOp::get(self.key("ca"), None),
+            ]))
+            .await?;
+        let mut parts = r.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(mut g) => g.take_kvs(),
+            _ => Vec::new(),
+        });
+        let mut next = || parts.next().unwrap_or_default();
+        let index = next()
+            .first()
+            .map_or(0, |kv| kv.mod_revision().max(0) as u64);
+        let docs = next().iter().map(from_json).collect::<Result<_, _>>()?;
+        let services = next()
+            .iter()
+            .map(|kv| {
+                let mut s: ServiceRecord = from_json(kv)?;
+                s.registered_index = kv.create_revision().max(0) as u64;
+                Ok(s)
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let endpoints = next().iter().map(from_json).collect::<Result<_, _>>()?;
+        let meta = self.key("meta/");
+        let mut counters = BTreeMap::new();
+        for kv in next() {
+            let name = kv.key_str().unwrap_or_default().strip_prefix(&meta);
+            if let Some(name) = name {
+                counters.insert(name.to_string(), from_json(&kv)?);
+            }
+        }
+        let ca = match next().first() {
+            Some(kv) => Some((from_json(kv)?, kv.mod_revision())),
+            None => None,
+        };
+        Ok(Snapshot {
+            index,
+            docs,
+            services,
+            endpoints,
+            counters,
+            ca,
+        })
+    }
+
+    /// See [`super::Store::deregister_endpoint`].
+    pub async fn deregister_endpoint(
+        &self,
+        service: &str,
+        address: IpAddr,
+    ) -> Result<bool, StoreError> {
+        let k = self.key(&format!("endpoints/{service}/{address}"));
+        let txn = Txn::new().when([exists(&k)]).and_then([
+            TxnOp::delete(k.as_str(), None),
+            self.index_op(&format!("deregister {service}/{address}"))?,
+        ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
+    /// See [`super::Store::expire_endpoint`]: removed only while it is the proxy's, on this
+    /// daemon's lease, unchanged since read.
+    pub async fn expire_endpoint(
+        &self,
+        service: &str,
+        address: IpAddr,
+        proxy: &str,
+    ) -> Result<bool, StoreError> {
+        let k = self.key(&format!("endpoints/{service}/{address}"));
+        let Some(kv) = self.get(&k).await? else {
+            return Ok(false);
+        };
+        let ep: EndpointRecord = from_json(&kv)?;
+        let lease = self.lease.load(Ordering::Relaxed);
+        if ep.node != proxy || kv.lease() == 0 || (lease > 0 && kv.lease() != lease) {
+            return Ok(false);
+        }
+        let txn = Txn::new().when([unchanged(&k, Some(&kv))]).and_then([
+            TxnOp::delete(k.as_str(), None),
+            self.index_op(&format!("expired {service}/{address} of {proxy}"))?,
+        ]);
+        Ok(self.txn(txn).await?.succeeded())
+    }
+
+    /// See [`super::Store::proxy_endpoints`]: none (they hang on leases).
+    pub async fn proxy_endpoints(&self) -> Result<Vec<(String, IpAddr, String)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// See [`super::Store::ca_record`].
+    pub async fn ca_record(&self) -> Result<Option<(SharedCa, i64)>, StoreError> {
+        match self.get(&self.key("ca")).await? {
+            Some(kv) => Ok(Some((from_json(&kv)?, kv.mod_revision()))),
+            None => Ok(None),
+        }
+    }
+
+    /// See [`super::Store::ca_create`]: create-if-absent in one transaction.
+    pub async fn ca_create(&self, ca: &SharedCa) -> Result<(SharedCa, i64), StoreError> {
+        let k = self.key("ca");
+        let r = self
+            .txn(
+                Txn::new()
+                    .when([unchanged(&k, None)])
+                    .and_then([
+                        TxnOp::put(k.as_str(), to_json(ca)?, None),
+                        self.index_op("ca created")?,
+                    ])
+                    .or_else([TxnOp::get(k.as_str(), None)]),
+            )
+            .await?;
+        if r.succeeded() {
+            return Ok((ca.clone(), revision(&r) as i64));
+        }
+        match r.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Get(mut g)) => match g.take_kvs().into_iter().next() {
+                Some(kv) => Ok((from_json(&kv)?, kv.mod_revision())),
+                None => Err(StoreError::new("the shared CA vanished while created")),
+            },
+            _ => Err(StoreError::new("etcd answered the CA creation oddly")),
+        }
+    }
+
+    /// See [`super::Store::ca_step`].
+    pub async fn ca_step(
+        &self,
+        revision_read: i64,
+        next: &SharedCa,
+        bump_certgen: bool,
+    ) -> Result<bool, StoreError> {
+        let k = self.key("ca");
+        let gen_key = self.key("meta/certgen");
+        for _ in 0..MAX_ATTEMPTS {
+            let mut when = vec![Compare::mod_revision(
+                k.as_str(),
+                CompareOp::Equal,
+                revision_read,
+            )];
+            let mut then = vec![
+                TxnOp::put(k.as_str(), to_json(next)?, None),
+                self.index_op(&format!("ca {}", next.phase().as_str()))?,
+            ];
+            if bump_certgen {
+                let read = self.get(&gen_key).await?;
+                let v = match &read {
+                    Some(kv) => from_json::<u64>(kv)? + 1,
+                    None => 1,
+                };
+                when.push(unchanged(&gen_key, read.as_ref()));
+                then.push(TxnOp::put(gen_key.as_str(), to_json(&v)?, None));
+            }
+            if self
+                .txn(Txn::new().when(when).and_then(then))
+                .await?
+                .succeeded()
+            {
+                return Ok(true);
+            }
+            // Lost: to another daemon's step (then it is not retried), or to a counter bump.
+            let now = self.get(&k).await?.map_or(0, |kv| kv.mod_revision());
+            if now != revision_read {
+                return Ok(false);
+            }
+        }
+        Err(contended("a CA rollover step"))
+    }
+
+    /// See [`super::Store::keep_lease`]: grant a lease of `ttl`, keep it alive (a keep-alive
+    /// every third of the TTL), and grant another when etcd forgot it (it heard nothing for the
+    /// TTL: this daemon was cut off or stalled; the endpoints on it are gone, and come back as
+    /// their proxies report). A keep-alive unanswered for a third of the TTL marks etcd
+    /// unreachable.
+    pub async fn keep_lease(&self, ttl: Duration) {
+        let ttl_s = ttl.as_secs().max(2) as i64;
+        let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(500));
+        self.start_leasing();
+        let mut id: Option<i64> = None;
+        loop {
+            let lease = match id {
+                Some(l) => l,
+                None => {
+                    self.lease.store(0, Ordering::Relaxed);
+                    match self.client.lease_client().grant(ttl_s, None).await {
+                        Ok(r) => {
+                            self.up();
+                            eprintln!(
+                                "ringctl daemon: holding etcd lease {:x} (TTL {ttl_s}s) for its proxies' endpoints",
+                                r.id()
+                            );
+                            id = Some(r.id());
+                            r.id()
+                        }
+                        Err(x) => {
+                            let _ = self.fail(x);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let (mut keeper, mut stream) = match self.client.lease_client().keep_alive(lease).await
+            {
+                Ok(k) => k,
+                Err(x) => {
+                    if x.to_string().contains("lease not found") {
+                        eprintln!("ringctl daemon: etcd lease {lease:x} expired; granting another");
+                        id = None;
+                    } else {
+                        let _ = self.fail(x);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            };
+            self.up();
+            self.lease.store(lease, Ordering::Relaxed);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = self.lease_lost.notified() => {
+                        eprintln!("ringctl daemon: etcd lease {lease:x} lost; granting another");
+                        id = None;
+                        break;
+                    }
+                }
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(every, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => self.up(),
+                    Ok(Ok(Some(_))) => {
+                        eprintln!("ringctl daemon: etcd lease {lease:x} expired; granting another");
+                        id = None;
+                        break;
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(x)) => {
+                        let _ = self.fail(x);
+                        break;
+                    }
+                    Err(_) => {
+                        self.down(&format!(
+                            "etcd at {} is unreachable (no answer to the lease keep-alive in {}ms)",
+                            self.endpoints.join(","),
+                            every.as_millis()
+                        ));
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// From now on, proxies' endpoints go on the lease only (none is held yet).
+    pub fn start_leasing(&self) {
+        let _ = self
+            .lease
+            .compare_exchange(NOT_LEASING, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// After a lease expired (endpoints deleted by etcd, alone at their revision `rev`), move the
+    /// index, unless it moved at or after `rev` already: every daemon watching tries, one
+    /// transaction wins (a deletion made by a deregistration moved the index itself).
+    async fn index_after(&self, rev: i64, what: &str) {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                self.key("index"),
+                CompareOp::Less,
+                rev,
+            )])
+            .and_then(match self.index_op(what) {
+                Ok(op) => vec![op],
+                Err(_) => return,
+            });
+        let _ = self.txn(txn).await;
     }
 
     /// Keep `index` at the configuration index, whichever daemon changed it; runs forever.
@@ -582,6 +1010,7 @@ impl EtcdStore {
     /// a word shows there), and restarted if the read fails or finds a change it missed.
     pub async fn follow_index(&self, index: &tokio::sync::watch::Sender<u64>) {
         let key = self.key("index");
+        let eps = self.key("endpoints/");
         let mut backoff = Duration::from_millis(100);
         let mut down: Option<String> = None;
         loop {
@@ -599,12 +1028,20 @@ impl EtcdStore {
             };
             advance_index(index, current);
             let opts = WatchOptions::new().with_start_revision(at + 1);
-            let mut stream = match self
-                .client
-                .watch_client()
-                .watch(key.as_str(), Some(opts))
-                .await
-            {
+            let deletes = WatchOptions::new()
+                .with_start_revision(at + 1)
+                .with_prefix()
+                .with_filters([WatchFilterType::NoPut]);
+            let watched = async {
+                let mut s = self
+                    .client
+                    .watch_client()
+                    .watch(key.as_str(), Some(opts))
+                    .await?;
+                s.watch(eps.as_str(), Some(deletes)).await?;
+                Ok::<_, etcd_client::Error>(s)
+            };
+            let mut stream = match watched.await {
                 Ok(s) => s,
                 Err(x) => {
                     down.get_or_insert_with(|| {
@@ -624,12 +1061,23 @@ impl EtcdStore {
                 match tokio::time::timeout(WATCH_CHECK_EVERY, stream.message()).await {
                     Ok(Ok(Some(resp))) => {
                         backoff = Duration::from_millis(100);
+                        let mut expired: Option<(i64, String)> = None;
                         for ev in resp.events() {
-                            if let Some(kv) = ev.kv() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let k = kv.key_str().unwrap_or_default();
+                            if k == key {
                                 seen = seen.max(kv.mod_revision().max(0) as u64);
+                            } else if ev.event_type() == EventType::Delete {
+                                let what = k.strip_prefix(&eps).unwrap_or(k).to_string();
+                                if expired.as_ref().is_none_or(|(r, _)| kv.mod_revision() > *r) {
+                                    expired = Some((kv.mod_revision(), what));
+                                }
                             }
                         }
                         advance_index(index, seen);
+                        if let Some((rev, what)) = expired {
+                            self.index_after(rev, &format!("expired {what}")).await;
+                        }
                         if resp.canceled() {
                             break;
                         }

@@ -14,6 +14,12 @@
 //! an endpoint needs its service; a change to what proxies are sent moves the index, and the index
 //! never goes back.
 //!
+//! The daemon reads what its proxies are sent as one [`Snapshot`] (one read transaction) after
+//! each change, and serves them from it; with etcd the mesh's CA is in the store too
+//! ([`Store::ca_create`], [`Store::ca_step`]). Endpoints registered by proxies can be expired
+//! ([`Store::expire_endpoint`]); with etcd they also hang on the daemon's lease
+//! ([`Store::keep_lease`]).
+//!
 //! **The configuration index.** With redb it is a counter bumped by every change. With etcd it is
 //! the etcd revision of the last change to the configuration (the `mod_revision` of the index key,
 //! which every configuration-changing transaction writes): monotonic, and comparable across the
@@ -30,10 +36,13 @@ mod contract;
 #[cfg(test)]
 mod etcd_server;
 
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::ca::SharedCa;
 use crate::consul::Document;
 
 pub use self::etcd::{EtcdOptions, EtcdStore};
@@ -41,13 +50,84 @@ pub use self::redb::RedbStore;
 pub use ringside_core::control::api::{EndpointRecord, PortMap, ServiceRecord};
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    /// What happened.
+    pub message: String,
+    /// The store could not be reached (etcd down, cut off, or not answering in time): the
+    /// daemon refuses writes and serves its proxies the last good state
+    /// ([`ringside_core::Reason::StoreUnreachable`]).
+    pub unreachable: bool,
+}
+
+impl StoreError {
+    /// A failure of the operation itself (a refused write, an unreadable record).
+    pub fn new(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            unreachable: false,
+        }
+    }
+
+    /// The store could not be reached.
+    pub fn unreachable(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            unreachable: true,
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.unreachable {
+            write!(f, "store_unreachable: {}", self.message)
+        } else {
+            write!(f, "store: {}", self.message)
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
 
 /// A store error from anything displayable.
 pub(crate) fn e(x: impl std::fmt::Display) -> StoreError {
-    StoreError(x.to_string())
+    StoreError::new(x.to_string())
+}
+
+/// Since when, and why, the store cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Down {
+    /// The last failure, e.g. `etcd at 10.0.0.1:2379 is unreachable: Unavailable: ...`.
+    pub reason: String,
+    /// When the first failure of this outage happened.
+    pub since: std::time::Instant,
+}
+
+/// Everything proxies are sent, read at one moment (one etcd transaction of reads, or one redb
+/// read transaction): the daemon serves its proxies from the last one it read, so they keep
+/// getting the last good state while the store cannot be reached.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The configuration index the contents are at.
+    pub index: u64,
+    /// Every document.
+    pub docs: Vec<Document>,
+    /// The catalog's services, by name.
+    pub services: Vec<ServiceRecord>,
+    /// The catalog's endpoints, by service and address.
+    pub endpoints: Vec<EndpointRecord>,
+    /// The counters (`certgen`, `certgen/<service>`).
+    pub counters: BTreeMap<String, u64>,
+    /// The mesh's shared CA and its revision (etcd; with redb the CA is on files).
+    pub ca: Option<(SharedCa, i64)>,
+}
+
+impl Snapshot {
+    /// A counter (0 when unset).
+    pub fn counter(&self, key: &str) -> u64 {
+        self.counters.get(key).copied().unwrap_or(0)
+    }
 }
 
 /// The store: one of the two backends.
@@ -163,6 +243,7 @@ impl Store {
     }
 
     /// A counter (0 when unset), e.g. the certificate generation `certgen`.
+    #[cfg(test)] // the daemon reads counters from its snapshot
     pub async fn meta(&self, key: &str) -> Result<u64, StoreError> {
         dispatch!(self.meta(key))
     }
@@ -190,6 +271,101 @@ impl Store {
         dispatch!(self.proxies())
     }
 
+    /// Everything proxies are sent, at one moment (see [`Snapshot`]).
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        dispatch!(self.snapshot())
+    }
+
+    /// Remove an endpoint (registered by hand, or a proxy's); returns whether it existed (then
+    /// the index moved).
+    pub async fn deregister_endpoint(
+        &self,
+        service: &str,
+        address: IpAddr,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.deregister_endpoint(service, address))
+    }
+
+    /// Remove the endpoint `proxy` registered at `address` for `service`, if it is still that
+    /// proxy's (not taken over by another proxy, a hand registration, or another daemon's
+    /// lease); returns whether it was removed (then the index moved). For proxies that stopped
+    /// reporting.
+    pub async fn expire_endpoint(
+        &self,
+        service: &str,
+        address: IpAddr,
+        proxy: &str,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self.expire_endpoint(service, address, proxy))
+    }
+
+    /// The endpoints proxies registered, with the proxy of each: (service, address, proxy). With
+    /// redb, so that a restarted daemon still expires those whose proxy never reports again; with
+    /// etcd none (they hang on the lease of the daemon that registered them).
+    pub async fn proxy_endpoints(&self) -> Result<Vec<(String, IpAddr, String)>, StoreError> {
+        dispatch!(self.proxy_endpoints())
+    }
+
+    /// The mesh's shared CA and its revision, if one was created (etcd only).
+    pub async fn ca_record(&self) -> Result<Option<(SharedCa, i64)>, StoreError> {
+        match self {
+            Store::Redb(_) => Ok(None),
+            Store::Etcd(s) => s.ca_record().await,
+        }
+    }
+
+    /// Store `ca` as the mesh's CA unless there is one already; returns the one stored (this one
+    /// or the one another daemon created first) and its revision (etcd only).
+    pub async fn ca_create(&self, ca: &SharedCa) -> Result<(SharedCa, i64), StoreError> {
+        match self {
+            Store::Redb(_) => Err(no_shared_ca()),
+            Store::Etcd(s) => s.ca_create(ca).await,
+        }
+    }
+
+    /// One rollover step: store `next` if the CA is still at `revision`, with the certificate
+    /// generation bumped when `bump_certgen`, and the index moved, in one transaction. Returns
+    /// false when another daemon moved the CA first (etcd only).
+    pub async fn ca_step(
+        &self,
+        revision: i64,
+        next: &SharedCa,
+        bump_certgen: bool,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Redb(_) => Err(no_shared_ca()),
+            Store::Etcd(s) => s.ca_step(revision, next, bump_certgen).await,
+        }
+    }
+
+    /// Hold a lease of `ttl` for the endpoints this daemon's proxies register, and keep it alive;
+    /// runs until the daemon stops. With redb there is nothing to hold (silent proxies'
+    /// endpoints are expired by the daemon), so it returns at once.
+    ///
+    /// From the call on (before the first poll), proxies' endpoints are registered only on the
+    /// lease: a report that comes before it is granted records the proxy, and its endpoint waits
+    /// for the next report.
+    pub fn keep_lease(&self, ttl: Duration) -> impl std::future::Future<Output = ()> + Send {
+        let store = self.clone();
+        if let Store::Etcd(s) = &store {
+            s.start_leasing();
+        }
+        async move {
+            match store {
+                Store::Redb(_) => {}
+                Store::Etcd(s) => s.keep_lease(ttl).await,
+            }
+        }
+    }
+
+    /// Whether the store cannot be reached now, since when and why (never with redb).
+    pub fn unreachable(&self) -> Option<Down> {
+        match self {
+            Store::Redb(_) => None,
+            Store::Etcd(s) => s.unreachable(),
+        }
+    }
+
     /// Keep `index` up to date with changes made through other daemons sharing the store; runs
     /// until the daemon stops. With redb there are none (the daemon owns its file, and notifies
     /// its watchers itself after each write), so it returns at once; with etcd it follows an etcd
@@ -200,6 +376,10 @@ impl Store {
             Store::Etcd(s) => s.follow_index(index).await,
         }
     }
+}
+
+fn no_shared_ca() -> StoreError {
+    StoreError::new("the embedded store keeps its CA on files (DATA/ca), not in the store")
 }
 
 /// Move a daemon's index to `i` if that is ahead of what it has (the index never goes back, so
@@ -230,7 +410,7 @@ const EVENTS_PER_PROXY: usize = 64;
 
 /// A new report merged with the stored one: while the proxy is the same run (same start time),
 /// its failures accumulate, the newest [`EVENTS_PER_PROXY`] kept.
-fn merge_report(old: Option<ProxyRecord>, new: &ProxyRecord) -> ProxyRecord {
+pub(crate) fn merge_report(old: Option<ProxyRecord>, new: &ProxyRecord) -> ProxyRecord {
     let mut rec = new.clone();
     if let Some(old) = old.filter(|o| o.report.started_at == rec.report.started_at) {
         let mut all = old.report.events;
@@ -262,7 +442,7 @@ fn endpoint_key(ep: &EndpointRecord) -> String {
 fn vip_at(range: (Ipv4Addr, u8), offset: u64) -> Result<Ipv4Addr, StoreError> {
     let size = 1u64 << (32 - range.1.min(32) as u32);
     if offset == 0 || offset >= size.saturating_sub(1) {
-        return Err(StoreError(format!(
+        return Err(StoreError::new(format!(
             "the virtual IP range {}/{} is exhausted",
             range.0, range.1
         )));

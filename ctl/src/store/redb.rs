@@ -9,7 +9,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{
     e, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord, PortMap,
-    ProxyRecord, ServiceRecord, StoreError,
+    ProxyRecord, ServiceRecord, Snapshot, StoreError,
 };
 use crate::consul::Document;
 
@@ -170,7 +170,7 @@ impl RedbStore {
                 .map_err(e)?
                 .is_none()
             {
-                return Err(StoreError(format!(
+                return Err(StoreError::new(format!(
                     "no service '{}': register it first",
                     ep.service
                 )));
@@ -178,6 +178,11 @@ impl RedbStore {
             let mut t = tx.open_table(ENDPOINTS).map_err(e)?;
             let key = endpoint_key(ep);
             t.insert(key.as_str(), serde_json::to_string(ep).map_err(e)?.as_str())
+                .map_err(e)?;
+            // Registered by hand: no proxy's any more, never expired.
+            tx.open_table(PROXY_ENDPOINTS)
+                .map_err(e)?
+                .remove(key.as_str())
                 .map_err(e)?;
             bump(&tx)?;
         }
@@ -236,9 +241,13 @@ impl RedbStore {
 }
 
 const PROXIES: TableDefinition<&str, &str> = TableDefinition::new("proxies");
+/// Endpoints registered by proxies' reports (`service/address` -> proxy id), so that those of
+/// proxies that stop reporting can be expired (hand-registered ones are not in it).
+const PROXY_ENDPOINTS: TableDefinition<&str, &str> = TableDefinition::new("proxy_endpoints");
 
 impl RedbStore {
     /// A counter in the metadata (0 when unset).
+    #[cfg(test)] // the daemon reads counters from its snapshot
     pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let m = tx.open_table(META).map_err(e)?;
@@ -294,6 +303,16 @@ impl RedbStore {
                     .is_some();
                 if known {
                     let key = endpoint_key(&ep);
+                    let mut owners = tx.open_table(PROXY_ENDPOINTS).map_err(e)?;
+                    let owned = owners
+                        .get(key.as_str())
+                        .map_err(e)?
+                        .is_some_and(|v| v.value() == rec.report.id);
+                    if !owned {
+                        owners
+                            .insert(key.as_str(), rec.report.id.as_str())
+                            .map_err(e)?;
+                    }
                     let json = serde_json::to_string(&ep).map_err(e)?;
                     let mut eps = tx.open_table(ENDPOINTS).map_err(e)?;
                     let same = eps
@@ -317,6 +336,122 @@ impl RedbStore {
     /// Every proxy that ever reported.
     pub fn proxies(&self) -> Result<Vec<ProxyRecord>, StoreError> {
         self.all(PROXIES)
+    }
+
+    /// Everything proxies are sent, in one read transaction.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let mut snap = Snapshot::default();
+        for row in tx.open_table(META).map_err(e)?.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            snap.counters.insert(k.value().to_string(), v.value());
+        }
+        snap.index = snap.counters.remove("index").unwrap_or(0);
+        let rows = |table: TableDefinition<&str, &str>| -> Result<Vec<String>, StoreError> {
+            let t = match tx.open_table(table) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(x) => return Err(e(x)),
+            };
+            let mut out = Vec::new();
+            for row in t.iter().map_err(e)? {
+                out.push(row.map_err(e)?.1.value().to_string());
+            }
+            Ok(out)
+        };
+        let parse = |v: &String| serde_json::from_str(v).map_err(e);
+        snap.docs = rows(DOCS)?.iter().map(parse).collect::<Result<_, _>>()?;
+        snap.services = rows(SERVICES)?
+            .iter()
+            .map(|v| serde_json::from_str(v).map_err(e))
+            .collect::<Result<_, _>>()?;
+        snap.endpoints = rows(ENDPOINTS)?
+            .iter()
+            .map(|v| serde_json::from_str(v).map_err(e))
+            .collect::<Result<_, _>>()?;
+        Ok(snap)
+    }
+
+    /// Remove an endpoint; returns whether it existed.
+    pub fn deregister_endpoint(
+        &self,
+        service: &str,
+        address: std::net::IpAddr,
+    ) -> Result<bool, StoreError> {
+        let key = format!("{service}/{address}");
+        let tx = self.db.begin_write().map_err(e)?;
+        let existed;
+        {
+            existed = tx
+                .open_table(ENDPOINTS)
+                .map_err(e)?
+                .remove(key.as_str())
+                .map_err(e)?
+                .is_some();
+            tx.open_table(PROXY_ENDPOINTS)
+                .map_err(e)?
+                .remove(key.as_str())
+                .map_err(e)?;
+            if existed {
+                bump(&tx)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(existed)
+    }
+
+    /// Remove the endpoint `proxy` registered, if it is still that proxy's.
+    pub fn expire_endpoint(
+        &self,
+        service: &str,
+        address: std::net::IpAddr,
+        proxy: &str,
+    ) -> Result<bool, StoreError> {
+        let key = format!("{service}/{address}");
+        let tx = self.db.begin_write().map_err(e)?;
+        let expired;
+        {
+            let mut owners = tx.open_table(PROXY_ENDPOINTS).map_err(e)?;
+            let owner = owners
+                .get(key.as_str())
+                .map_err(e)?
+                .map(|v| v.value().to_string());
+            expired = owner.as_deref() == Some(proxy);
+            if expired {
+                owners.remove(key.as_str()).map_err(e)?;
+                tx.open_table(ENDPOINTS)
+                    .map_err(e)?
+                    .remove(key.as_str())
+                    .map_err(e)?;
+                bump(&tx)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(expired)
+    }
+
+    /// The endpoints proxies registered, with their proxy: (service, address, proxy).
+    pub fn proxy_endpoints(&self) -> Result<Vec<(String, std::net::IpAddr, String)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let owners = match tx.open_table(PROXY_ENDPOINTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x)),
+        };
+        let eps = match tx.open_table(ENDPOINTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x)),
+        };
+        let mut out = Vec::new();
+        for row in owners.iter().map_err(e)? {
+            let (k, proxy) = row.map_err(e)?;
+            if let Some(v) = eps.get(k.value()).map_err(e)? {
+                let ep: EndpointRecord = serde_json::from_str(v.value()).map_err(e)?;
+                out.push((ep.service, ep.address, proxy.value().to_string()));
+            }
+        }
+        Ok(out)
     }
 }
 
