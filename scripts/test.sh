@@ -10,7 +10,7 @@ cargo build --profile ci --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --profile ci --workspace --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
+cargo test --profile ci --workspace --no-fail-fast --lib --bins --tests -- --test-threads 2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One summary line over every test binary.
