@@ -520,12 +520,27 @@ async fn serve(state: Arc<State>, socket: PathBuf, proxy_socket: PathBuf) -> any
         state.served()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_accept_warning: Option<Instant> = None;
     loop {
-        let (stream, for_proxies) = tokio::select! {
-            r = admin.accept() => (r?.0, false),
-            r = proxies.accept() => (r?.0, true),
+        let accepted = tokio::select! {
+            r = admin.accept() => r.map(|(s, _)| (s, false)),
+            r = proxies.accept() => r.map(|(s, _)| (s, true)),
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+        };
+        let (stream, for_proxies) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors (or a transient error): the connection waits in the
+                // backlog; back off instead of exiting or spinning.
+                if last_accept_warning.is_none_or(|t: Instant| t.elapsed() > Duration::from_secs(5))
+                {
+                    eprintln!("ringctl daemon: accept failed: {e}; backing off");
+                    last_accept_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -540,7 +555,11 @@ async fn serve(state: Arc<State>, socket: PathBuf, proxy_socket: PathBuf) -> any
                     }
                 }
             });
+            // A client that opens a connection and sends nothing (or half a head) is closed.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(64 * 1024)
                 .serve_connection(io, svc)
                 .await;
         });
@@ -681,9 +700,9 @@ async fn handle_proxy(
             json(StatusCode::OK, &proxy_config(&state, &service))
         }
         (Method::POST, "/v1/proxy/sign") => {
-            let body = match req.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return Ok(r),
             };
             sign(&state, &service, &String::from_utf8_lossy(&body))
         }
@@ -796,15 +815,29 @@ pub fn token_hash(token: &str) -> String {
         .collect()
 }
 
+/// The largest request body the daemon reads (documents for `apply`, CSRs, reports); larger ones
+/// are answered 413 without being read whole.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// A request's body, at most [`MAX_BODY`] bytes.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {MAX_BODY} bytes"),
+        )),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, e)),
+    }
+}
+
 async fn body_json<T: DeserializeOwned>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Full<Bytes>>> {
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?
-        .to_bytes();
+    let body = read_body(req).await?;
     serde_json::from_slice(&body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
@@ -835,9 +868,9 @@ async fn handle(
     let internal = StatusCode::INTERNAL_SERVER_ERROR;
     let resp = match (method, path.as_str()) {
         (Method::POST, "/v1/apply") => {
-            let body = match req.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return Ok(r),
             };
             let text = String::from_utf8_lossy(&body);
             match consul::parse(&text) {
@@ -1027,9 +1060,9 @@ async fn handle(
                 Ok(s) => s,
                 Err(r) => return Ok(r),
             };
-            let body = match req.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return Ok(error(StatusCode::BAD_REQUEST, e)),
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return Ok(r),
             };
             sign(&state, &service, &String::from_utf8_lossy(&body))
         }
