@@ -158,7 +158,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Write a dated markdown report with SVG plots from `compare` results.
     Report(report::ReportArgs),
-    /// Measure the direct path with this tool and with sockperf; fail if they disagree by >10 %.
+    /// Measure the direct path with this tool and with sockperf; fail if they disagree by >10 % at
+    /// p50 or >20 % at p99.
     SockperfCheck {
         /// Interleaved rounds (each tool once per round).
         #[arg(long, default_value_t = 7)]

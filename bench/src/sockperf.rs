@@ -13,8 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::compare::{free_port, median, Procs};
 use crate::load::{self, LoadSpec, Mode};
 
-/// Largest relative difference allowed at p50 and p99.
+/// Largest relative difference allowed at p50.
 pub const TOLERANCE: f64 = 0.10;
+/// Largest relative difference allowed at p99: the tail of a few seconds of ping-pong moves by more
+/// than 10 % with whatever else the shared machine does in that second, while a systematic error of
+/// the tool (a half round trip, a timer in the loop) moves it by far more.
+pub const TAIL_TOLERANCE: f64 = 0.20;
 
 /// RTT percentiles of one measurement, in µs.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default)]
@@ -60,11 +64,12 @@ impl SockperfCheck {
     /// One sentence for reports and errors.
     pub fn summary(&self) -> String {
         format!(
-            "direct-path RTT {} sockperf within {:.1} % at p50, {:.1} % at p99 (tolerance {:.0} %, median of the per-round ratios over {} rounds)",
+            "direct-path RTT {} sockperf within {:.1} % at p50, {:.1} % at p99 (tolerance {:.0} % at p50, {:.0} % at p99, median of the per-round ratios over {} rounds)",
             if self.pass { "agrees with" } else { "does NOT agree with" },
             self.diff_p50 * 100.0,
             self.diff_p99 * 100.0,
             TOLERANCE * 100.0,
+            TAIL_TOLERANCE * 100.0,
             self.ours.len()
         )
     }
@@ -162,7 +167,7 @@ pub fn check(rounds: usize, duration: Duration) -> anyhow::Result<SockperfCheck>
         diff_p50: d50,
         diff_p90: d90,
         diff_p99: d99,
-        pass: d50 <= TOLERANCE && d99 <= TOLERANCE,
+        pass: d50 <= TOLERANCE && d99 <= TAIL_TOLERANCE,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Failure reason codes: every refused or failed connection carries exactly one.
 //!
-//! The codes are stable strings (they appear in logs, counters and, later, `/events`), so operators
-//! can grep for them and `ringctl why` can explain them.
+//! The codes are stable strings (they appear in logs, counters, `/events` and the access log), so
+//! operators can grep for them and `ringctl why` can explain them.
 
 use serde::Serialize;
 

@@ -12,7 +12,7 @@ use ringside_core::Reason;
 use serde::Serialize;
 
 use crate::daemon::{self, CallError};
-use crate::why::{netns_has_rules, netns_listeners};
+use crate::why::{admin_get, netns_has_rules, netns_listeners};
 
 /// One check.
 #[derive(Debug, Clone, Serialize)]
@@ -39,19 +39,6 @@ fn item(
         found: found.into(),
         fix: (!ok).then(|| fix.into()),
     }
-}
-
-fn admin_get(ns: &str, path: &str) -> Option<String> {
-    let me = std::env::current_exe().ok()?;
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(me)
-        .args(["admin-get", &format!("http://127.0.0.1:15000{path}")])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Seconds of clock difference tolerated between a proxy and the daemon.

@@ -1,4 +1,4 @@
-//! `ringctl`: the operator CLI (and, later, the control daemon).
+//! `ringctl`: the operator CLI and the control daemon (`ringctl daemon`).
 //!
 //! For now it works on files, so a broken file is caught before a rollout:
 //! - `ringctl validate FILE...`: sidecar configuration files, checked the way the proxy reads them;
@@ -752,6 +752,13 @@ enum IntentionCommand {
     },
 }
 
+/// Exit status of `why` when it found a cause, of `doctor` when a check failed, of `intention
+/// check` when the connection would be denied.
+const EXIT_FOUND: u8 = 1;
+/// Exit status of `why` and `intention check` when they could not answer (daemon unreachable,
+/// bad arguments, unreadable file).
+const EXIT_ERROR: u8 = 2;
+
 /// Print a daemon answer, or its error; the exit status says which.
 fn report<T>(r: Result<T, daemon::CallError>, ok: impl FnOnce(T)) -> ExitCode {
     match r {
@@ -857,17 +864,30 @@ fn main() -> ExitCode {
                 Some(csr),
                 Some(&token),
             );
-            report(r, |v: SignResponse| {
+            let v: SignResponse = match r {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("ringctl: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            {
                 let write = || -> Result<(), String> {
                     ca::write_private(&key_out, key.as_bytes()).map_err(|e| e.to_string())?;
                     std::fs::write(&cert_out, &v.cert).map_err(|e| e.to_string())?;
                     std::fs::write(&bundle_out, &v.bundle).map_err(|e| e.to_string())
                 };
                 match write() {
-                    Ok(()) => println!("certificate issued for {}", v.service),
-                    Err(e) => eprintln!("ringctl issue: {e}"),
+                    Ok(()) => {
+                        println!("certificate issued for {}", v.service);
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("ringctl issue: cannot write the certificate files: {e}");
+                        ExitCode::FAILURE
+                    }
                 }
-            })
+            }
         }
         Command::Redirect {
             action,
@@ -1125,7 +1145,7 @@ fn main() -> ExitCode {
                     Ok(p) => (d.to_string(), Some(p)),
                     Err(_) => {
                         eprintln!("ringctl why: '{p}' is not a port (DST or DST:PORT)");
-                        return ExitCode::FAILURE;
+                        return ExitCode::from(EXIT_ERROR);
                     }
                 },
                 None => (dst, None),
@@ -1144,11 +1164,16 @@ fn main() -> ExitCode {
                     } else {
                         why::print(&v);
                     }
-                    ExitCode::SUCCESS
+                    // Like `linkerd check`: scripts see a found cause in the exit status.
+                    if v.reason.is_some() {
+                        ExitCode::from(EXIT_FOUND)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
                 Err(e) => {
                     eprintln!("ringctl why: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(EXIT_ERROR)
                 }
             }
         }
@@ -1220,21 +1245,29 @@ fn main() -> ExitCode {
                     socket,
                     ..
                 },
-        } => report(
-            daemon::call(
-                &socket,
-                hyper::Method::GET,
-                &format!("/v1/intentions/check?source={src}&destination={dst}"),
-                None,
-            ),
-            |c: IntentionCheck| {
+        } => match daemon::call::<IntentionCheck>(
+            &socket,
+            hyper::Method::GET,
+            &format!("/v1/intentions/check?source={src}&destination={dst}"),
+            None,
+        ) {
+            Ok(c) => {
                 println!(
                     "{}: {}",
                     if c.allowed { "allow" } else { "deny" },
                     c.decided_by
                 );
-            },
-        ),
+                if c.allowed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_FOUND)
+                }
+            }
+            Err(e) => {
+                eprintln!("ringctl: {e}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        },
         Command::Intention {
             command:
                 IntentionCommand::Check {
@@ -1250,7 +1283,7 @@ fn main() -> ExitCode {
                 "deny" => ringside_core::intentions::Action::Deny,
                 other => {
                     eprintln!("--default: '{other}' is not allow or deny");
-                    return ExitCode::FAILURE;
+                    return ExitCode::from(EXIT_ERROR);
                 }
             };
             match read_docs(&file) {
@@ -1265,11 +1298,15 @@ fn main() -> ExitCode {
                         if d.allowed() { "allow" } else { "deny" },
                         d.explain()
                     );
-                    ExitCode::SUCCESS
+                    if d.allowed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FOUND)
+                    }
                 }
                 Err(e) => {
                     eprintln!("{e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(EXIT_ERROR)
                 }
             }
         }

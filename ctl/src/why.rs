@@ -85,23 +85,126 @@ pub fn netns_listeners(ns: &str) -> Result<Vec<ListenSocket>, String> {
     Ok(all)
 }
 
-/// A sidecar's live `/events`, read from inside its pod (the admin server listens on the pod's
-/// loopback): ringctl runs itself there with `admin-get`. They have the form proxies report.
-pub fn netns_events(ns: &str) -> Vec<ProxyEvent> {
-    let Ok(me) = std::env::current_exe() else {
-        return Vec::new();
-    };
+/// GET a path of a sidecar's admin server from inside its pod (it listens on the pod's loopback):
+/// ringctl runs itself there with `admin-get`. `None` when nothing answers.
+pub fn admin_get(ns: &str, path: &str) -> Option<String> {
+    let me = std::env::current_exe().ok()?;
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(me)
-        .args(["admin-get", "http://127.0.0.1:15000/events"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            serde_json::from_slice::<Vec<ProxyEvent>>(&o.stdout).unwrap_or_default()
+        .args(["admin-get", &format!("http://127.0.0.1:15000{path}")])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A sidecar's live `/events`, read from inside its pod. They have the form proxies report.
+pub fn netns_events(ns: &str) -> Vec<ProxyEvent> {
+    admin_get(ns, "/events")
+        .and_then(|body| serde_json::from_str::<Vec<ProxyEvent>>(&body).ok())
+        .unwrap_or_default()
+}
+
+/// What a sidecar says of its own control connection (its `/config_dump`, read inside its pod).
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+pub struct SidecarControl {
+    /// The configuration version it applied.
+    pub version: u64,
+    /// It cannot reach the daemon now.
+    pub ctl_unreachable: bool,
+}
+
+/// Read [`SidecarControl`] from the sidecar in pod `ns`.
+pub fn netns_control(ns: &str) -> Option<SidecarControl> {
+    admin_get(ns, "/config_dump").and_then(|body| serde_json::from_str(&body).ok())
+}
+
+/// A process of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodProcess {
+    /// Process id.
+    pub pid: u32,
+    /// Command name (`/proc/PID/comm`).
+    pub comm: String,
+    /// When it started, in clock ticks since boot (field 22 of `/proc/PID/stat`).
+    pub start_ticks: u64,
+}
+
+/// Command name and start time out of the text of `/proc/PID/stat` (the name is in parentheses
+/// and may itself hold spaces and parentheses).
+pub fn parse_proc_stat(stat: &str) -> Option<(String, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    // Fields after the name start with field 3 (state); starttime is field 22.
+    let start = stat
+        .get(close + 1..)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    Some((comm, start))
+}
+
+/// The processes whose network namespace is pod `ns` (thread-group leaders: what an app is).
+pub fn netns_processes(ns: &str) -> Result<Vec<PodProcess>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(format!("/run/netns/{ns}"))
+        .map_err(|e| format!("network namespace '{ns}': {e}"))?
+        .ino();
+    let want = format!("net:[{want}]");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .map_err(|e| format!("/proc: {e}"))?
+        .flatten()
+    {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes end while we look: whatever cannot be read is not counted.
+        match std::fs::read_link(entry.path().join("ns/net")) {
+            Ok(link) if link.to_str() == Some(want.as_str()) => {}
+            _ => continue,
         }
-        _ => Vec::new(),
+        if let Some((comm, start_ticks)) = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| parse_proc_stat(&s))
+        {
+            out.push(PodProcess {
+                pid,
+                comm,
+                start_ticks,
+            });
+        }
     }
+    Ok(out)
+}
+
+/// Processes of a pod that are not its app: the sidecar, its installer, ringctl looking in, and the
+/// process that only holds a Kubernetes pod's namespaces.
+const NOT_THE_APP: &[&str] = &["ringside", "ringside-init", "ringctl", "pause", "ip"];
+
+/// The app processes of a pod that started before its (running) sidecar, oldest first. `None`
+/// when no sidecar process runs in the pod.
+pub fn started_before_sidecar(procs: &[PodProcess]) -> Option<Vec<PodProcess>> {
+    let sidecar = procs
+        .iter()
+        .filter(|p| p.comm == "ringside")
+        .map(|p| p.start_ticks)
+        .max()?;
+    let mut early: Vec<PodProcess> = procs
+        .iter()
+        .filter(|p| !NOT_THE_APP.contains(&p.comm.as_str()) && p.start_ticks < sidecar)
+        .cloned()
+        .collect();
+    early.sort_by_key(|p| p.start_ticks);
+    Some(early)
 }
 
 /// GET a URL over plain HTTP/1.1 and return the body (for `admin-get`).
@@ -345,8 +448,38 @@ pub fn why(
     // the destination's registration.
     let registered_index = dst_svc.registered_index;
     let registered_at = dst_svc.registered_at;
+    // What the source's sidecar says itself, read inside its pod: it cannot reach the daemon
+    // now, and the version it applied (newer than its last report when reports fail).
+    let live = src_ns.and_then(netns_control);
+    if let (Some(live), Some(ns)) = (live, src_ns) {
+        let applied = src_px
+            .iter()
+            .map(|p| p.report.applied_index)
+            .max()
+            .unwrap_or(0)
+            .max(live.version);
+        let knows = applied >= registered_index;
+        check(
+            &mut v,
+            !live.ctl_unreachable,
+            format!("{src}'s sidecar reaches the control daemon"),
+            format!(
+                "its admin port in pod {ns} says {}; it applied version {applied}",
+                if live.ctl_unreachable { "ctl_unreachable: it cannot reach the daemon" } else { "it is connected" }
+            ),
+            Some((
+                "ctl_unreachable",
+                if knows {
+                    format!("{src}'s sidecar cannot reach the control daemon (its admin port in pod {ns} says so): it still routes to {dst} with its last good configuration (version {applied}), but it takes no new intention, endpoint or certificate until it is back")
+                } else {
+                    format!("{src}'s sidecar cannot reach the control daemon (its admin port in pod {ns} says so) and {dst} was registered after its last configuration (version {registered_index}, it has {applied}): it does not know {dst}'s address, so connections to {dst} are not routed")
+                },
+                format!("restore {src}'s sidecar's access to the daemon's proxy socket (mounted in the pod, writable by the proxy's user; the daemon running); it keeps serving its last good configuration meanwhile"),
+            )),
+        );
+    }
     if let Some(p) = src_px.iter().max_by_key(|p| p.last_seen) {
-        let applied = p.report.applied_index;
+        let applied = p.report.applied_index.max(live.map_or(0, |l| l.version));
         let last_seen = p.last_seen;
         let knows = applied >= registered_index;
         let lost = last_seen <= registered_at && t - registered_at > UPDATE_WITHIN_S;
@@ -515,18 +648,50 @@ pub fn why(
         );
     }
 
-    // 8. The source's sidecar started recently: its app may have started first.
+    // 8. The source's app started before its sidecar: its first connections were refused (the
+    // redirect rules were in place, nothing listened on 15001). Blamed only with evidence: an app
+    // process in the pod older than the sidecar, and connections that failed in the pod before
+    // the sidecar started; and only when nothing else was found (`check` keeps the first cause).
     if let Some(p) = src_px.iter().max_by_key(|p| p.report.started_at) {
         let started = p.report.started_at;
+        let failed = p.report.failed_connects_before_start;
         let recent = started > 0 && t - started < RECENT_START_S;
+        let early = match src_ns {
+            Some(ns) if recent => started_before_sidecar(&netns_processes(ns)?),
+            _ => None,
+        };
+        let apps = early
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| format!("{} (pid {})", p.comm, p.pid))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let blame = failed > 0 && !apps.is_empty();
+        let found = match (recent, src_ns, &early) {
+            (false, _, _) => format!("started {}s ago", t - started),
+            (true, None, _) => format!(
+                "started {}s ago; {failed} connection attempts had failed in its pod before (give --src-netns to see whether its app started first)",
+                t - started
+            ),
+            (true, Some(_), None) => format!(
+                "started {}s ago; no sidecar process runs in the pod now",
+                t - started
+            ),
+            (true, Some(_), Some(_)) => format!(
+                "started {}s ago; app processes started before it: {}; {failed} connection attempts had failed in the pod before it started",
+                t - started,
+                if apps.is_empty() { "none".to_string() } else { apps.clone() }
+            ),
+        };
         check(
             &mut v,
-            !recent,
-            format!("{src}'s sidecar has been up for a while"),
-            format!("started {}s ago", t - started),
+            !blame,
+            format!("{src}'s app did not start before its sidecar"),
+            found,
             Some((
                 "proxy_not_running",
-                format!("{src}'s sidecar started only {}s ago: connections its app made before that were refused (the redirect rules were in place, nothing listened on 15001); nothing else is wrong now", t - started),
+                format!("{src}'s app ({apps}) started before its sidecar, which started {}s ago: {failed} connection attempts failed in the pod before the sidecar listened (the redirect rules were in place, nothing listened on 15001); nothing else is wrong now", t - started),
                 "start the app after its sidecar is ready: run `ringside wait-ready` before the app (or use the proxy's ready file)".into(),
             )),
         );
@@ -554,6 +719,53 @@ pub fn print(v: &Verdict) {
             if c.ok { "ok" } else { "FAIL" },
             c.what,
             c.found
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_name_and_start() {
+        let stat =
+            "4242 (my app) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 50";
+        assert_eq!(parse_proc_stat(stat), Some(("my app".into(), 987654)));
+        // A name holding ") " does not shift the fields.
+        let stat = "7 (a) b) R 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0";
+        assert_eq!(parse_proc_stat(stat), Some(("a) b".into(), 55)));
+        assert_eq!(parse_proc_stat("7 (short) R 1"), None);
+    }
+
+    fn p(pid: u32, comm: &str, start_ticks: u64) -> PodProcess {
+        PodProcess {
+            pid,
+            comm: comm.into(),
+            start_ticks,
+        }
+    }
+
+    #[test]
+    fn apps_older_than_the_sidecar() {
+        let procs = [
+            p(1, "pause", 10),
+            p(2, "psql", 20),
+            p(3, "ringside", 30),
+            p(4, "worker", 40),
+            p(5, "ringctl", 5),
+        ];
+        assert_eq!(started_before_sidecar(&procs), Some(vec![p(2, "psql", 20)]));
+        // Only the sidecar and what is not an app: nothing to blame.
+        assert_eq!(started_before_sidecar(&procs[..1]), None);
+        assert_eq!(
+            started_before_sidecar(&[p(3, "ringside", 30), p(4, "worker", 40)]),
+            Some(vec![])
+        );
+        // A restarted sidecar: the running (youngest) one counts.
+        assert_eq!(
+            started_before_sidecar(&[p(3, "ringside", 30), p(4, "app", 40), p(6, "ringside", 50)]),
+            Some(vec![p(4, "app", 40)])
         );
     }
 }

@@ -74,6 +74,12 @@ impl Daemon {
 
     /// Run `ringctl ARGS --socket S`; returns (success, stdout, stderr).
     pub fn ringctl(&self, args: &[&str]) -> (bool, String, String) {
+        let (code, out, err) = self.ringctl_status(args);
+        (code == Some(0), out, err)
+    }
+
+    /// Run `ringctl ARGS --socket S`; returns (exit code, stdout, stderr).
+    pub fn ringctl_status(&self, args: &[&str]) -> (Option<i32>, String, String) {
         let out = Command::new(workspace_bin("ringctl"))
             .args(args)
             .arg("--socket")
@@ -82,7 +88,7 @@ impl Daemon {
             .output()
             .unwrap();
         (
-            out.status.success(),
+            out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )

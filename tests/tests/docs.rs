@@ -45,3 +45,49 @@ fn every_exported_metric_is_documented() {
         );
     }
 }
+
+/// docs/troubleshooting.md maps what operators search for to reason codes: every code it names
+/// exists (a renamed code cannot leave it pointing at nothing), and it covers Envoy's
+/// "delayed connect error: 111" and the response flags operators meet most.
+#[test]
+fn troubleshooting_names_real_codes() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/troubleshooting.md"
+    ))
+    .expect("docs/troubleshooting.md");
+    // Words in backticks that look like codes but are not reason codes.
+    let other = ["proxy_not_running", "close_notify", "access_denied"];
+    let mut named = 0;
+    for word in doc.split('`').skip(1).step_by(2) {
+        let code_like = word.contains('_')
+            && word.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            && !word.starts_with('_');
+        if !code_like || other.contains(&word) {
+            continue;
+        }
+        assert!(
+            ringside_core::Reason::ALL
+                .iter()
+                .any(|r| r.as_str() == word),
+            "docs/troubleshooting.md names `{word}`, which is no reason code"
+        );
+        named += 1;
+    }
+    assert!(named >= 20, "only {named} reason codes named");
+    for needle in [
+        "delayed connect error: 111",
+        "`UF`",
+        "`URX`",
+        "`UH`",
+        "`NR`",
+        "`UAEX`",
+        "`DC`",
+        "`UC`",
+    ] {
+        assert!(
+            doc.contains(needle),
+            "docs/troubleshooting.md lacks {needle}"
+        );
+    }
+}

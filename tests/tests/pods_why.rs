@@ -3,8 +3,11 @@
 //! intention that denies, the app on another port than targetPort, the app on an address the
 //! sidecar cannot reach, PostgreSQL declared http, the destination's or the source's sidecar not
 //! running while its redirect rules are in place, the source's sidecar cut off from the daemon when
-//! the destination was registered, an expired destination certificate, and an app that started
-//! before its sidecar. Needs root.
+//! the destination was registered (from the daemon's records, and from the sidecar itself), an
+//! expired destination certificate, and an app that started before its sidecar (blamed only with
+//! the evidence: an app process older than the sidecar, connections failed before it started).
+//! Two causes at once: the one a connection meets first wins. Nothing wrong: it says so, exit 0.
+//! Needs root.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +17,7 @@ use ringside_tests::ctl::Daemon;
 use ringside_tests::http::{serve, Client};
 use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
 use ringside_tests::postgres::Postgres;
+use ringside_tests::{wait_for, ChildGuard};
 
 const DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
 kind: ServiceIntentions
@@ -24,6 +28,17 @@ spec:
     name: '*'
   sources:
     - name: frontend
+      action: allow
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: web
+spec:
+  destination:
+    name: web
+  sources:
+    - name: payments
       action: allow
 ---
 apiVersion: consul.hashicorp.com/v1alpha1
@@ -41,11 +56,37 @@ spec:
   protocol: http
 ";
 
+/// `ringctl why ARGS -o json`; its exit status says whether it named a cause (1) or not (0).
 fn why(d: &Daemon, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["why"];
     a.extend_from_slice(args);
     a.extend_from_slice(&["-o", "json"]);
-    serde_json::from_str(&d.ok(&a)).unwrap()
+    let (code, out, err) = d.ringctl_status(&a);
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ringctl {a:?}: {e}: {out}{err}"));
+    let expected = if v["reason"].is_null() { 0 } else { 1 };
+    assert_eq!(code, Some(expected), "exit status of ringctl {a:?}: {out}");
+    v
+}
+
+/// A process in `pod` (an app): it tries one connection to `to` (refused while nothing takes the
+/// redirected connection) and then stays.
+fn early_app(pod: &Pod, to: SocketAddr) -> ChildGuard {
+    let app = ChildGuard::spawn(pod.cmd("bash").args([
+        "-c",
+        &format!(
+            "(: </dev/tcp/{}/{}) 2>/dev/null; exec sleep 600",
+            to.ip(),
+            to.port()
+        ),
+    ]));
+    let comm = format!("/proc/{}/comm", app.pid());
+    wait_for(
+        "the app's first connection",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep"),
+    );
+    app
 }
 
 fn assert_cause(v: &serde_json::Value, reason: &str, words: &[&str]) {
@@ -146,9 +187,31 @@ fn why_names_the_cause() {
     let _ledger_sc = start_sidecar(&ledger, "ledger");
     let _pg_sc = start_sidecar(&pgpod, "pg");
 
-    // The app starts before its sidecar: its first connection is refused by the redirect rules.
+    // Nothing is wrong: it says so (exit 0), though payments' sidecar has just started.
     let web_vip = SocketAddr::new(vip(&daemon, "web"), 80);
-    assert!(!try_connect(&front, web_vip), "nothing should answer yet");
+    let v = why(
+        &daemon,
+        &[
+            "payments",
+            "web:80",
+            "--src-netns",
+            &pay.name,
+            "--dst-netns",
+            &web.name,
+        ],
+    );
+    assert!(v["reason"].is_null(), "{v:#}");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ok"] == true),
+        "{v:#}"
+    );
+
+    // The app starts before its sidecar: its first connection is refused by the redirect rules.
+    let _front_app = early_app(&front, web_vip);
     let mut front_sc = Some(start_sidecar(&front, "frontend"));
     let v = why(
         &daemon,
@@ -164,15 +227,19 @@ fn why_names_the_cause() {
     assert_cause(
         &v,
         "proxy_not_running",
-        &["frontend's sidecar started only"],
+        &["frontend's app (sleep (pid", "started before its sidecar"],
     );
     assert!(v["fix"].as_str().unwrap().contains("wait-ready"));
+    // Without the pod there is no evidence of the app's start: no blame, the count is shown.
+    let v = why(&daemon, &["frontend", "web:80"]);
+    assert!(v["reason"].is_null(), "{v:#}");
 
     // Not registered.
     let v = why(&daemon, &["frontend", "ghost"]);
     assert_cause(&v, "unknown_destination", &["ghost is not registered"]);
 
-    // An intention denies.
+    // An intention denies (and frontend's app started before its sidecar: the cause a
+    // connection meets first wins).
     daemon.apply(
         "apiVersion: consul.hashicorp.com/v1alpha1\nkind: ServiceIntentions\nmetadata:\n  name: web\nspec:\n  destination:\n    name: web\n  sources:\n    - name: frontend\n      action: deny\n",
     );
@@ -198,7 +265,7 @@ fn why_names_the_cause() {
     );
     assert_cause(&v, "app_not_listening", &["127.0.0.2"]);
 
-    // PostgreSQL behind a service declared http.
+    // PostgreSQL behind a service declared http (the found cause wins over the startup race).
     let url = format!("http://{}/", SocketAddr::new(vip(&daemon, "pg"), 5432));
     let r = front
         .enter(move || Client::new().get(&url))
@@ -208,7 +275,14 @@ fn why_names_the_cause() {
     assert_eq!(r.header("x-ringside-reason"), "protocol_mismatch", "{r:?}");
     let v = why(
         &daemon,
-        &["frontend", "pg:5432", "--dst-netns", &pgpod.name],
+        &[
+            "frontend",
+            "pg:5432",
+            "--src-netns",
+            &front.name,
+            "--dst-netns",
+            &pgpod.name,
+        ],
     );
     assert_cause(
         &v,
@@ -241,6 +315,21 @@ fn why_names_the_cause() {
     // registered afterwards is unknown to the source, and certificates expire.
     std::fs::set_permissions(&daemon.proxy_socket, std::fs::Permissions::from_mode(0o000)).unwrap();
     let cut = Instant::now();
+    // The source's sidecar says so itself, read inside its pod, as soon as it notices.
+    let mut v = serde_json::Value::Null;
+    wait_for("the sidecar to notice", Duration::from_secs(15), || {
+        v = why(&daemon, &["frontend", "web:80", "--src-netns", &front.name]);
+        v["reason"] == "ctl_unreachable"
+    });
+    assert_cause(
+        &v,
+        "ctl_unreachable",
+        &[
+            "cannot reach the control daemon",
+            "its admin port",
+            "last good configuration",
+        ],
+    );
     daemon.ok(&["register", "service", "late", "--port", "7000:7000"]);
     daemon.ok(&[
         "register",
@@ -258,7 +347,11 @@ fn why_names_the_cause() {
     assert_cause(
         &v,
         "ctl_unreachable",
-        &["cannot reach the control daemon", "registered after"],
+        &[
+            "cannot reach the control daemon",
+            "its admin port",
+            "registered after",
+        ],
     );
     let v = why(&daemon, &["frontend", "web:80"]);
     assert_cause(&v, "tls_cert_expired", &["web's certificate expired"]);

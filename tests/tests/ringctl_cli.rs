@@ -371,3 +371,85 @@ fn daemon_catalog_tokens_and_issue() {
         .success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Scripts and CI read the exit status: `why` 1 when it names a cause, 0 when nothing is wrong,
+/// 2 when it cannot answer; `intention check` 1 on deny, 2 on error; `doctor` 1 on a failed
+/// check; `issue` fails when it cannot write its files.
+#[test]
+fn exit_codes_for_scripts() {
+    let tag = format!("ringctl-exit-{}", std::process::id());
+    let daemon = ringside_tests::ctl::Daemon::start(&tag, &[]);
+    let code = |args: &[&str]| daemon.ringctl_status(args);
+
+    // intention check against the daemon: default deny, then allowed by an intention.
+    let (c, out, _) = code(&["intention", "check", "public-api", "products-api"]);
+    assert_eq!(c, Some(1), "deny exits 1: {out}");
+    assert!(out.starts_with("deny"), "{out}");
+    daemon.apply(DOCS);
+    let (c, out, _) = code(&["intention", "check", "public-api", "products-api"]);
+    assert_eq!(c, Some(0), "{out}");
+    let (c, out, _) = code(&["intention", "check", "frontend", "products-api"]);
+    assert_eq!(
+        (c, out.trim()),
+        (Some(1), "deny: intention * -> products-api: deny")
+    );
+
+    // intention check on a file: the same codes; an unreadable file is an error, not a deny.
+    let file = daemon.dir.join("docs.yaml");
+    std::fs::write(&file, DOCS).unwrap();
+    let f = file.to_str().unwrap();
+    assert_eq!(
+        code(&["intention", "check", "public-api", "products-api", "-f", f]).0,
+        Some(0)
+    );
+    assert_eq!(
+        code(&["intention", "check", "frontend", "products-api", "-f", f]).0,
+        Some(1)
+    );
+    let (c, _, err) = code(&["intention", "check", "a", "b", "-f", "/nonexistent/x.yaml"]);
+    assert_eq!(c, Some(2), "{err}");
+
+    // why: a cause found exits 1 (with the cause printed); a bad argument exits 2.
+    let (c, out, _) = code(&["why", "frontend", "ghost", "-o", "json"]);
+    assert_eq!(c, Some(1), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reason"], "unknown_destination", "{out}");
+    let (c, _, err) = code(&["why", "frontend", "ghost:http"]);
+    assert_eq!(c, Some(2), "{err}");
+    assert!(err.contains("is not a port"), "{err}");
+
+    // doctor with no proxies and a healthy store passes; a daemon that is not there fails.
+    let (c, out, err) = code(&["doctor"]);
+    assert_eq!(c, Some(0), "{out}{err}");
+    let missing = daemon.dir.join("nothing-here.sock");
+    let out = Command::new(workspace_bin("ringctl"))
+        .args(["doctor", "--socket", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = Command::new(workspace_bin("ringctl"))
+        .args(["why", "a", "b", "--socket", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a daemon that is not there: {out:?}"
+    );
+
+    // issue: files that cannot be written fail the command (the certificate is not lost silently).
+    let token = daemon.ok(&["token", "create", "--service", "payments"]);
+    let (c, out, err) = code(&[
+        "issue",
+        "--token",
+        token.trim(),
+        "--key-out",
+        "/nonexistent/dir/w.key",
+        "--cert-out",
+        "/nonexistent/dir/w.crt",
+        "--bundle-out",
+        "/nonexistent/dir/b.pem",
+    ]);
+    assert_ne!(c, Some(0), "{out}{err}");
+    assert!(err.contains("cannot write"), "{err}");
+}

@@ -11,9 +11,10 @@
 //! - `POST /logging?level=debug`: change the log filter at runtime.
 //! - health port: `GET /healthz/ready`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -30,8 +31,13 @@ use crate::server::Shared;
 
 pub use crate::telemetry::events::{Event, Events};
 
-/// Connections each admin or health port serves at once; more are closed at accept.
+pub mod slots;
+
+/// Connections each admin, health or metrics port serves at once (see [`slots`] for who gets a
+/// slot when they are all held).
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one client address may hold on one of those ports; more are closed at accept.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// How long a client may take to send a request's headers, and how long a kept-alive connection
 /// may stay idle.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,11 +129,15 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
                         let Ok(l) = tokio::net::TcpListener::from_std(l) else {
                             return;
                         };
-                        // A small cap per port: the health port is reachable from the network,
-                        // and neither may be used to hold the proxy's descriptors.
-                        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+                        // A small cap per port, shared fairly between client addresses: the
+                        // health and metrics ports are reachable from the network, and no port
+                        // may be used to hold the proxy's descriptors.
+                        let slots = Arc::new(Mutex::new(Held {
+                            slots: slots::Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE),
+                            tasks: HashMap::new(),
+                        }));
                         loop {
-                            let (s, _) = match l.accept().await {
+                            let (s, peer) = match l.accept().await {
                                 Ok(x) => x,
                                 Err(_) => {
                                     // Out of descriptors (or a transient error): back off, never spin.
@@ -138,12 +148,28 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
                             if weak.strong_count() == 0 {
                                 return;
                             }
-                            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                                drop(s);
-                                continue;
+                            let admission = lock(&slots).slots.admit(peer.ip());
+                            let id = match admission {
+                                slots::Admission::Refuse => {
+                                    drop(s);
+                                    continue;
+                                }
+                                slots::Admission::Admit { id, evict } => {
+                                    // Close the evicted connection: its task is dropped (with its
+                                    // socket) when the runtime next runs it, outside this lock.
+                                    let task = evict.and_then(|e| lock(&slots).tasks.remove(&e));
+                                    if let Some(task) = task {
+                                        task.abort();
+                                    }
+                                    id
+                                }
+                            };
+                            let permit = Slot {
+                                held: slots.clone(),
+                                id,
                             };
                             let (weak, set_level) = (weak.clone(), set_level.clone());
-                            tokio::spawn(async move {
+                            let task = tokio::spawn(async move {
                                 let svc = hyper::service::service_fn(move |req| {
                                     handle(req, weak.clone(), set_level.clone(), health)
                                 });
@@ -155,6 +181,9 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
                                     .await;
                                 drop(permit);
                             });
+                            // The runtime has one thread: the task has not run yet, so it cannot
+                            // have ended before its handle is kept.
+                            lock(&slots).tasks.insert(id, task.abort_handle());
                         }
                     }));
                 }
@@ -165,6 +194,31 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
             });
         })?;
     Ok(addrs)
+}
+
+/// The slots of one port and the tasks serving them (to close an evicted connection).
+struct Held {
+    slots: slots::Slots,
+    tasks: HashMap<u64, tokio::task::AbortHandle>,
+}
+
+/// A held slot, given back when its connection's task ends or is aborted.
+struct Slot {
+    held: Arc<Mutex<Held>>,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = lock(&self.held);
+        held.slots.release(self.id);
+        held.tasks.remove(&self.id);
+    }
+}
+
+fn lock(m: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    // Nothing panics while holding it; a poisoned lock still holds consistent slots.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -1,6 +1,6 @@
 //! Configuration in two steps: a serde document with defaults ([`ConfigFile`]), then a validated,
 //! typed [`Config`] that the data plane runs. `Config` is `Serialize` so that what runs can be shown
-//! exactly (later `/config_dump`).
+//! exactly (`/config_dump`, `ringctl validate --print`).
 //!
 //! Errors name the field (a path such as `services[0].endpoints[1]`) and, where the text has one,
 //! the line.

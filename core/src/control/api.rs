@@ -160,6 +160,10 @@ pub struct ProxyReport {
     /// Since when it could not reach the daemon, as it said once back (0: it could).
     #[serde(default)]
     pub ctl_unreachable_since: i64,
+    /// Failed TCP connection attempts in its pod before it started (the pod's `AttemptFails`
+    /// counter when the proxy started): an app that started first and was refused leaves them.
+    #[serde(default)]
+    pub failed_connects_before_start: u64,
     /// Its recent failures, newest last (the daemon keeps the last ones per proxy).
     #[serde(default)]
     pub events: Vec<ProxyEvent>,
@@ -415,6 +419,7 @@ mod tests {
             clock: 1_800_000_000,
             started_at: 1_799_999_000,
             ctl_unreachable_since: 0,
+            failed_connects_before_start: 0,
             events: vec![ProxyEvent {
                 time_ms: 1_799_999_500_000,
                 reason: "intention_denied".into(),

@@ -339,6 +339,8 @@ pub struct Control {
     bundle: String,
     /// When this proxy started (Unix seconds).
     started_at: i64,
+    /// Failed connection attempts in the pod before it started.
+    failed_connects_before_start: u64,
     /// Events up to this time were reported.
     last_event_ms: u64,
     /// Since when the daemon has been unreachable (Unix seconds; 0: reachable).
@@ -357,6 +359,7 @@ impl Control {
             renew_at: 0,
             bundle: String::new(),
             started_at: unix_now(),
+            failed_connects_before_start: crate::listening::failed_connect_attempts().unwrap_or(0),
             last_event_ms: 0,
             unreachable_since: 0,
         })
@@ -537,6 +540,7 @@ impl Control {
             clock: unix_now(),
             started_at: self.started_at,
             ctl_unreachable_since: self.unreachable_since,
+            failed_connects_before_start: self.failed_connects_before_start,
             events: events.iter().map(ProxyEvent::from).collect(),
             meta: self.opts.meta.clone(),
         };

@@ -62,6 +62,24 @@ pub fn listening() -> Vec<ListenSocket> {
         .collect()
 }
 
+/// A counter of the `Tcp:` lines of `/proc/net/snmp` (a header line of names, then a line of
+/// values), for example `AttemptFails`: connections that went from SYN-SENT to CLOSED, which is what
+/// an app's connection refused by the kernel (nothing listening where the redirect rules send it)
+/// leaves behind.
+pub fn snmp_tcp_counter(text: &str, name: &str) -> Option<u64> {
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = tcp.next()?;
+    let values = tcp.next()?;
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// Failed TCP connection attempts in this network namespace so far (`AttemptFails`).
+pub fn failed_connect_attempts() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    snmp_tcp_counter(&text, "AttemptFails")
+}
+
 /// Explain why nothing answered on `port` (tried on loopback and the pod address), given what
 /// listens.
 pub fn app_hint(port: u16, sockets: &[ListenSocket], tried: &[SocketAddr]) -> String {
@@ -137,6 +155,20 @@ pub fn who_holds(addr: SocketAddr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snmp_counters_by_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets\nTcp: 1 200 120000 -1 7 3 4 0\nUdp: InDatagrams\nUdp: 9\n";
+        assert_eq!(snmp_tcp_counter(snmp, "AttemptFails"), Some(4));
+        assert_eq!(snmp_tcp_counter(snmp, "ActiveOpens"), Some(7));
+        assert_eq!(
+            snmp_tcp_counter(snmp, "MaxConn"),
+            None,
+            "negative is not a count"
+        );
+        assert_eq!(snmp_tcp_counter(snmp, "Nope"), None);
+        assert_eq!(snmp_tcp_counter("Tcp: A B\n", "A"), None, "no value line");
+    }
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0

@@ -450,6 +450,7 @@ fn report(
             clock: 0,
             started_at,
             ctl_unreachable_since: 0,
+            failed_connects_before_start: 0,
             events: (0..events)
                 .map(|i| ProxyEvent {
                     time_ms: i as u64,
