@@ -254,6 +254,19 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// Print a completion script for a shell (generated from these very definitions), e.g.
+    /// `ringctl completion bash > /etc/bash_completion.d/ringctl`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for ringctl and each of its commands into a directory, e.g.
+    /// `ringctl man --out /usr/local/share/man/man1`.
+    Man {
+        /// Directory to write `ringctl.1`, `ringctl-why.1`, ... into (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1120,6 +1133,26 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ringctl", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { out } => {
+            let written = std::fs::create_dir_all(&out).and_then(|()| {
+                clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &out)
+            });
+            match written {
+                Ok(()) => {
+                    println!("man pages written to {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringctl man: {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::AdminGet { url } => match why::http_get(&url) {

@@ -453,3 +453,50 @@ fn exit_codes_for_scripts() {
     assert_ne!(c, Some(0), "{out}{err}");
     assert!(err.contains("cannot write"), "{err}");
 }
+
+/// Completion scripts and man pages come from the CLI's own definitions: every command is in
+/// them, the bash script parses, and the pages are troff with a title line.
+#[test]
+fn completions_and_man_pages() {
+    let (ok, bash, err) = ringctl(&["completion", "bash"]);
+    assert!(ok, "{err}");
+    for word in ["_ringctl()", "why", "doctor", "intention", "--src-netns"] {
+        assert!(bash.contains(word), "the bash completion lacks {word}");
+    }
+    let dir = ringside_tests::certs::temp_dir("ringctl-man");
+    let script = dir.join("ringctl.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let (ok, out, err) = ringctl(&["completion", shell]);
+        assert!(ok && out.contains("doctor"), "{shell}: {err}");
+    }
+    let (ok, _, err) = ringctl(&["completion", "tcsh"]);
+    assert!(!ok && err.contains("tcsh"), "{err}");
+
+    let man = dir.join("man1");
+    let (ok, out, err) = ringctl(&["man", "--out", man.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    for page in [
+        "ringctl.1",
+        "ringctl-why.1",
+        "ringctl-doctor.1",
+        "ringctl-apply.1",
+    ] {
+        let text =
+            std::fs::read_to_string(man.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page} is no man page:\n{text}");
+    }
+    let why = std::fs::read_to_string(man.join("ringctl-why.1")).unwrap();
+    assert!(why.contains("src\\-netns"), "{why}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
