@@ -45,3 +45,35 @@ fn every_exported_metric_is_documented() {
         );
     }
 }
+
+#[test]
+fn ringctl_global_options_are_documented() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reference.md"))
+        .expect("docs/reference.md");
+    let out = std::process::Command::new(ringside_tests::workspace_bin("ringctl"))
+        .arg("--help")
+        .env_remove("RINGCTL_TOKEN")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let mut seen = 0;
+    for line in help.lines() {
+        for word in line.split(|c: char| c.is_whitespace() || c == ',') {
+            if word.starts_with("--") && word != "--help" && word != "--version" {
+                assert!(
+                    doc.contains(&format!("`{word} ")) || doc.contains(&format!("`{word}`")),
+                    "docs/reference.md lacks the global option {word}"
+                );
+                seen += 1;
+            }
+        }
+        if let Some(rest) = line.split("[env: ").nth(1) {
+            let var = rest.split(['=', ']']).next().unwrap();
+            assert!(
+                doc.contains(&format!("`{var}`")),
+                "docs/reference.md lacks the variable {var}"
+            );
+        }
+    }
+    assert!(seen >= 5, "no global options in:\n{help}");
+}
