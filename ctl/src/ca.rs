@@ -179,11 +179,12 @@ impl Ca {
             p.subject_alt_names
                 .push(match n.parse::<std::net::IpAddr>() {
                     Ok(ip) => SanType::IpAddress(ip),
-                    Err(_) => SanType::DnsName(
-                        n.as_str()
-                            .try_into()
-                            .map_err(|e| CaError::Cert(format!("'{n}' is not a DNS name: {e}")))?,
-                    ),
+                    Err(_) => {
+                        rustls::pki_types::DnsName::try_from(n.as_str()).map_err(|_| {
+                            CaError::Cert(format!("'{n}' is neither a DNS name nor an IP address"))
+                        })?;
+                        SanType::DnsName(n.as_str().try_into().map_err(cert_err)?)
+                    }
                 });
         }
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

@@ -58,8 +58,15 @@ fn ringctl_global_options_are_documented() {
     let help = String::from_utf8_lossy(&out.stdout);
     let mut seen = 0;
     for line in help.lines() {
-        for word in line.split(|c: char| c.is_whitespace() || c == ',') {
-            if word.starts_with("--") && word != "--help" && word != "--version" {
+        // An option's line starts with it: `  -o, --output <X>  what...` or `      --socket <P>`.
+        let flag = line
+            .trim_start()
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .take(2)
+            .find(|w| w.starts_with("--"));
+        if let Some(word) = flag {
+            if word != "--help" && word != "--version" {
                 assert!(
                     doc.contains(&format!("`{word} ")) || doc.contains(&format!("`{word}`")),
                     "docs/reference.md lacks the global option {word}"

@@ -104,10 +104,17 @@ impl ResolvesServerCert for DaemonCert {
 /// loopback and the listen address (when it is not a wildcard).
 pub(super) fn cert_names(listen: SocketAddr, node: &str, extra: &[String]) -> Vec<String> {
     let mut names: Vec<String> = extra.to_vec();
-    names.push(node.to_string());
-    if let Some(h) = hostname() {
-        names.push(h);
-    }
+    // The node and host names are a convenience: one that cannot be in a certificate is left out
+    // (a bad --tls-san stops the daemon instead).
+    let usable = |n: &String| {
+        n.parse::<std::net::IpAddr>().is_ok()
+            || rustls::pki_types::DnsName::try_from(n.as_str()).is_ok()
+    };
+    names.extend(
+        std::iter::once(node.to_string())
+            .chain(hostname())
+            .filter(usable),
+    );
     names.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
     if !listen.ip().is_unspecified() {
         names.push(listen.ip().to_string());
@@ -137,7 +144,9 @@ pub(super) async fn bind(
         names,
         current: Mutex::new(None),
     };
-    resolver.get()?;
+    resolver.get().map_err(|e| {
+        anyhow::anyhow!("--listen {listen}: cannot issue the operator port's certificate: {e:#}")
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
