@@ -482,6 +482,18 @@ fn one_way_to_find_the_daemon_and_checked_output() {
         !ok && err.contains("'--timeout <TIMEOUT>'") && err.contains("not a duration"),
         "{err}"
     );
+    // The client options are not the daemon's: refused rather than ignored.
+    let (ok, _, _, err) = ringctl_env(
+        &[
+            "daemon",
+            "--data-dir",
+            "/nonexistent",
+            "--server",
+            "https://h:1",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("--server is for clients"), "{err}");
     // The daemon's own flags were read with the same parser.
     assert!(d.log().contains("listening on"), "{}", d.log());
 }
