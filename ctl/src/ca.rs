@@ -161,6 +161,54 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// The daemon's TLS server certificate for its operator port (`ringctl daemon --listen`),
+    /// for a new key: the names clients reach it by (DNS names or IP addresses) and the daemon's
+    /// identity [`daemon_id`], server use only. Returns the certificate and the key (PEM).
+    pub fn sign_daemon(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, String), CaError> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        p.distinguished_name
+            .push(DnType::CommonName, "ringside control daemon");
+        let id = daemon_id(&self.trust_domain);
+        p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(cert_err)?)];
+        for n in names {
+            p.subject_alt_names
+                .push(match n.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => {
+                        rustls::pki_types::DnsName::try_from(n.as_str()).map_err(|_| {
+                            CaError::Cert(format!("'{n}' is neither a DNS name nor an IP address"))
+                        })?;
+                        SanType::DnsName(n.as_str().try_into().map_err(cert_err)?)
+                    }
+                });
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time_now();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::seconds(lifetime.as_secs() as i64);
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(cert_err)?;
+        let cert = p.signed_by(&key, &issuer).map_err(cert_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// The identity in the daemon's server certificate: `spiffe://<trust domain>/ringside/daemon`.
+/// Workload identities are `/ns/<namespace>/sa/<service>`, so no proxy's certificate (signed by
+/// the same CA) can pass for the daemon's, nor the daemon's for a service's.
+pub fn daemon_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}{DAEMON_ID_PATH}")
+}
+
+/// The path of [`daemon_id`].
+pub const DAEMON_ID_PATH: &str = "/ringside/daemon";
+
 /// Which roots exist and which one signs (kept in `state.json` beside them, replaced atomically),
 /// and where a rollover stands: the same types the daemon's API sends.
 pub use ringside_core::control::api::{RootsState, RotationPhase};

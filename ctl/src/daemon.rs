@@ -1,11 +1,14 @@
 //! `ringctl daemon`: the control daemon's HTTP/JSON API on a Unix socket. The CLI is authorized by
-//! the socket's file permissions (0660: root and the socket's group).
+//! the socket's file permissions (0660: root and the socket's group). With `--listen ADDR` the
+//! same API is also served over TCP with TLS, to operators holding an operator token ([`tcp`]).
 //!
 //! - `POST /v1/apply` (body: YAML documents): checked whole, stored in one transaction.
 //! - `GET /v1/config`: every stored document. `DELETE /v1/config/<Kind>/<name>`.
 //! - `GET /v1/intentions/check?source=S&destination=D`: allow or deny, and the deciding rule.
 //! - `GET /v1/index`: the configuration index. `GET /v1/store`: the store and whether it answers.
 //! - `POST /v1/endpoints`, `DELETE /v1/endpoints/<service>/<address>`: endpoints by hand.
+//! - `POST /v1/operator/tokens`, `GET /v1/operator/tokens`, `DELETE /v1/operator/tokens/<name>`:
+//!   the credentials of the TCP operator port.
 //!
 //! The state is in a [`Store`]: the embedded one in `--data-dir` (the default), or etcd
 //! (`--store etcd://...`), shared with the other daemons pointed at it; the daemon then follows
@@ -34,8 +37,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use ringside_core::control::api::{
     ApplyResponse, CaStatus, CatalogService, CertRotateResponse, DeleteResponse,
     DeregisterResponse, EndpointRecord, ErrorBody, IndexResponse, IntentionCheck, IntentionList,
-    IntentionRow, ProxyConfig, ProxyReport, ProxyStatus, RegisterService, ReportAck, RotationPhase,
-    SignResponse, StoreStatus, TokenRequest, TokenResponse,
+    IntentionRow, OperatorTokenRecord, OperatorTokenRequest, OperatorTokenResponse,
+    OperatorTokenRevoked, ProxyConfig, ProxyReport, ProxyStatus, RegisterService, ReportAck,
+    RotationPhase, SignResponse, StoreStatus, TokenRequest, TokenResponse,
 };
 use ringside_core::control::AnswerError;
 use ringside_core::Reason;
@@ -43,8 +47,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::ca::{Authority, SealKey, SharedCa};
+pub use crate::client::Target;
 use crate::consul;
 use crate::store::{EtcdOptions, ProxyRecord, Snapshot, Store, StoreError};
+
+mod tcp;
+pub use tcp::{hostname, PROXY_TOKEN_HEADER};
 
 /// Default API socket (operators; authorized by its file permissions).
 pub const DEFAULT_SOCKET: &str = "/run/ringside/ctl.sock";
@@ -99,6 +107,11 @@ pub struct State {
     /// Reports taken while the store could not be reached, written with the proxy's next one.
     pending: Mutex<HashMap<String, ProxyRecord>>,
     lease_ttl: Duration,
+    /// This daemon's node (`--node`), recorded with its proxies' reports.
+    node: String,
+    /// Operator tokens (hash -> name) seen valid, to authenticate operators on the TCP port
+    /// while the store cannot be reached.
+    operator_tokens: Mutex<HashMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -285,6 +298,12 @@ pub struct Options {
     pub vip_range: (std::net::Ipv4Addr, u8),
     /// Leaf lifetime.
     pub leaf_lifetime: Duration,
+    /// This daemon's node name (`--node`, the host name by default).
+    pub node: String,
+    /// The TCP operator port (TLS, operator tokens), when serving one.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Extra names (DNS or IP) for the operator port's certificate.
+    pub tls_names: Vec<String>,
 }
 
 /// The CA at start: on files with redb; with etcd the mesh's, created by the first daemon (from
@@ -358,6 +377,8 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             local: Mutex::default(),
             pending: Mutex::default(),
             lease_ttl: o.lease_ttl,
+            node: o.node.clone(),
+            operator_tokens: Mutex::default(),
         });
         state.refresh().await?;
         // Endpoints proxies registered before a restart: expired unless their proxy reports
@@ -381,7 +402,14 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             tokio::spawn(state.store.keep_lease(state.lease_ttl)),
             tokio::spawn(reaper(state.clone())),
         ];
-        let served = serve(state, o.socket.clone(), o.proxy_socket.clone()).await;
+        let tcp = match o.listen {
+            Some(addr) => {
+                let names = tcp::cert_names(addr, &o.node, &o.tls_names);
+                Some(tcp::bind(state.clone(), addr, names).await?)
+            }
+            None => None,
+        };
+        let served = serve(state, o.socket.clone(), o.proxy_socket.clone(), tcp).await;
         for t in tasks {
             t.abort();
         }
@@ -508,28 +536,67 @@ fn bind(socket: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-async fn serve(state: Arc<State>, socket: PathBuf, proxy_socket: PathBuf) -> anyhow::Result<()> {
+/// A connection accepted by the daemon.
+enum Accepted {
+    /// On the operator socket (`false`) or the proxy socket (`true`).
+    Unix(tokio::net::UnixStream, bool),
+    /// On the TCP operator port.
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+async fn serve(
+    state: Arc<State>,
+    socket: PathBuf,
+    proxy_socket: PathBuf,
+    tcp: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> anyhow::Result<()> {
     let admin = bind(&socket, 0o660)?;
     // Any local process may connect; every request must carry a proxy token.
     let proxies = bind(&proxy_socket, 0o666)?;
+    let port = match &tcp {
+        Some((l, _)) => format!(
+            ", {} (operators, TLS with an operator token)",
+            l.local_addr()?
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "ringctl daemon: listening on {} (operators) and {} (proxies), store {}, config index {}",
+        "ringctl daemon: node {}, listening on {} (operators), {} (proxies){port}, store {}, config index {}",
+        state.node,
         socket.display(),
         proxy_socket.display(),
         state.store.describe(),
         state.served()
     );
+    let tcp_accept = || async {
+        match &tcp {
+            Some((l, _)) => l.accept().await,
+            None => std::future::pending().await,
+        }
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last_accept_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
-            r = admin.accept() => r.map(|(s, _)| (s, false)),
-            r = proxies.accept() => r.map(|(s, _)| (s, true)),
+            r = admin.accept() => r.map(|(s, _)| Accepted::Unix(s, false)),
+            r = proxies.accept() => r.map(|(s, _)| Accepted::Unix(s, true)),
+            r = tcp_accept() => r.map(|(s, peer)| Accepted::Tcp(s, peer)),
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         };
         let (stream, for_proxies) = match accepted {
-            Ok(x) => x,
+            Ok(Accepted::Unix(s, p)) => (s, p),
+            Ok(Accepted::Tcp(s, peer)) => {
+                if let Some((_, acceptor)) = &tcp {
+                    tokio::spawn(tcp::serve_connection(
+                        s,
+                        peer,
+                        acceptor.clone(),
+                        state.clone(),
+                    ));
+                }
+                continue;
+            }
             Err(e) => {
                 // Out of descriptors (or a transient error): the connection waits in the
                 // backlog; back off instead of exiting or spinning.
@@ -736,6 +803,7 @@ async fn take_report(
     let mut rec = ProxyRecord {
         report,
         last_seen: unix_now(),
+        node: state.node.clone(),
     };
     if let Some(pending) = lock(&state.pending).remove(&id) {
         rec = crate::store::merge_report(Some(pending), &rec);
@@ -1076,6 +1144,7 @@ async fn handle(
                         cert_expires_in_s: p.report.cert_not_after - now,
                         last_seen: p.last_seen,
                         report: p.report,
+                        node: p.node,
                     })
                     .collect();
                 json(StatusCode::OK, &rows)
@@ -1100,6 +1169,23 @@ async fn handle(
                 }
                 Err(e) => state.store_error(internal, e),
             }
+        }
+        (Method::POST, "/v1/operator/tokens") => {
+            match body_json::<OperatorTokenRequest>(req).await {
+                Err(r) => r,
+                Ok(r) => create_operator_token(&state, r.name).await,
+            }
+        }
+        (Method::GET, "/v1/operator/tokens") => match store.operator_tokens().await {
+            Ok(list) => {
+                let rows: Vec<OperatorTokenRecord> = list.into_iter().map(|(_, r)| r).collect();
+                json(StatusCode::OK, &rows)
+            }
+            Err(e) => state.store_error(internal, e),
+        },
+        (Method::DELETE, p) if p.starts_with("/v1/operator/tokens/") => {
+            let name = &p["/v1/operator/tokens/".len()..];
+            revoke_operator_token(&state, name).await
         }
         (Method::GET, "/v1/ca") => json(StatusCode::OK, &state.ca_status(true)),
         (Method::POST, "/v1/ca/rotate") => {
@@ -1127,6 +1213,72 @@ async fn handle(
     Ok(resp)
 }
 
+/// A new operator token named `name` (unique).
+async fn create_operator_token(state: &State, name: String) -> Response<Full<Bytes>> {
+    if !tcp::valid_name(&name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("name: '{name}' must be 1 to 64 letters, digits, '.', '_', '-' or '@'"),
+        );
+    }
+    let internal = StatusCode::INTERNAL_SERVER_ERROR;
+    match state.store.operator_tokens().await {
+        Err(e) => return state.store_error(internal, e),
+        Ok(list) if list.iter().any(|(_, r)| r.name == name) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("name: an operator token named '{name}' exists (revoke it first)"),
+            )
+        }
+        Ok(_) => {}
+    }
+    let Some(token) = tcp::new_token() else {
+        return error(internal, "no randomness");
+    };
+    let rec = OperatorTokenRecord {
+        name: name.clone(),
+        created: unix_now(),
+    };
+    match state
+        .store
+        .add_operator_token(&token_hash(&token), &rec)
+        .await
+    {
+        Ok(()) => json(StatusCode::OK, &OperatorTokenResponse { name, token }),
+        Err(e) => state.store_error(internal, e),
+    }
+}
+
+/// Revoke the operator token named `name`: refused on the TCP port from the next request on.
+async fn revoke_operator_token(state: &State, name: &str) -> Response<Full<Bytes>> {
+    let internal = StatusCode::INTERNAL_SERVER_ERROR;
+    let list = match state.store.operator_tokens().await {
+        Ok(l) => l,
+        Err(e) => return state.store_error(internal, e),
+    };
+    let mut found = false;
+    for (hash, _) in list.iter().filter(|(_, r)| r.name == name) {
+        lock(&state.operator_tokens).remove(hash);
+        match state.store.remove_operator_token(hash).await {
+            Ok(_) => found = true,
+            Err(e) => return state.store_error(internal, e),
+        }
+    }
+    if found {
+        json(
+            StatusCode::OK,
+            &OperatorTokenRevoked {
+                name: name.to_string(),
+            },
+        )
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no operator token named '{name}' (ringctl operator token list)"),
+        )
+    }
+}
+
 /// Why a request to the daemon failed.
 #[derive(Debug)]
 pub enum CallError {
@@ -1145,32 +1297,37 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// A request to the daemon's socket; its answer read as `T` (see [`ringside_core::control::api`]).
+/// A request to the daemon (its socket, or its TCP operator port); its answer read as `T` (see
+/// [`ringside_core::control::api`]).
 pub fn call<T: DeserializeOwned>(
-    socket: &Path,
+    daemon: &Target,
     method: Method,
     path: &str,
     body: Option<String>,
 ) -> Result<T, CallError> {
-    call_with(socket, method, path, body, None)
+    call_with(daemon, method, path, body, None)
 }
 
-/// A request with an optional bearer token.
+/// A request with an optional proxy token (`ringctl issue`).
 pub fn call_with<T: DeserializeOwned>(
-    socket: &Path,
+    daemon: &Target,
     method: Method,
     path: &str,
     body: Option<String>,
-    token: Option<&str>,
+    proxy_token: Option<&str>,
 ) -> Result<T, CallError> {
-    let (status, answer) = ringside_core::control::http_call(
-        socket,
-        method.as_str(),
-        path,
-        body,
-        token,
-        std::time::Duration::from_secs(30),
-    )
+    let timeout = std::time::Duration::from_secs(30);
+    let (status, answer) = match daemon {
+        Target::Socket(socket) => ringside_core::control::http_call(
+            socket,
+            method.as_str(),
+            path,
+            body,
+            proxy_token,
+            timeout,
+        ),
+        Target::Remote(r) => r.call(method.as_str(), path, body, proxy_token, timeout),
+    }
     .map_err(CallError::Unreachable)?;
     ringside_core::control::read_answer(status, &answer).map_err(CallError::Answer)
 }

@@ -4,8 +4,6 @@
 //! (listeners, readiness, certificate), each local service's targetPort (is something listening,
 //! and where), and `localhost` resolving to ::1 while an app listens only on 127.0.0.1.
 
-use std::path::Path;
-
 use ringside_core::control::api::{ProxyStatus, StoreStatus};
 use ringside_core::control::AnswerError;
 use ringside_core::Reason;
@@ -47,7 +45,7 @@ const MAX_SKEW_S: i64 = 5;
 const CERT_MARGIN_S: i64 = 600;
 
 /// Run the checks.
-pub fn doctor(socket: &Path, netns: Option<&str>) -> Vec<Item> {
+pub fn doctor(at: &daemon::Target, netns: Option<&str>) -> Vec<Item> {
     let mut out = Vec::new();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -56,14 +54,9 @@ pub fn doctor(socket: &Path, netns: Option<&str>) -> Vec<Item> {
     // The daemon and its store.
     let mut reached = false;
     // A daemon older than /v1/store, or none, fails it: the proxies' listing below says which.
-    if let Ok(st) = daemon::call::<StoreStatus>(socket, hyper::Method::GET, "/v1/store", None) {
+    if let Ok(st) = daemon::call::<StoreStatus>(at, hyper::Method::GET, "/v1/store", None) {
         reached = true;
-        out.push(item(
-            true,
-            "control daemon reachable",
-            socket.display().to_string(),
-            "",
-        ));
+        out.push(item(true, "control daemon reachable", at.to_string(), ""));
         out.push(item(
             st.reachable,
             format!("store reachable ({})", st.store),
@@ -81,56 +74,55 @@ pub fn doctor(socket: &Path, netns: Option<&str>) -> Vec<Item> {
             Reason::StoreUnreachable.hint(),
         ));
     }
-    let proxies =
-        match daemon::call::<Vec<ProxyStatus>>(socket, hyper::Method::GET, "/v1/proxies", None) {
-            Ok(list) => {
-                if !reached {
-                    out.push(item(
-                        true,
-                        "control daemon reachable",
-                        socket.display().to_string(),
-                        "",
-                    ));
-                }
-                list
+    let proxies = match daemon::call::<Vec<ProxyStatus>>(
+        at,
+        hyper::Method::GET,
+        "/v1/proxies",
+        None,
+    ) {
+        Ok(list) => {
+            if !reached {
+                out.push(item(true, "control daemon reachable", at.to_string(), ""));
             }
-            Err(CallError::Answer(AnswerError::Refused { status, error })) if reached => {
-                out.push(item(
-                    false,
-                    "proxies listed by the daemon",
-                    format!("{status}: {}", error.unwrap_or_default()),
-                    "see the store check above",
-                ));
-                Vec::new()
-            }
-            Err(CallError::Answer(AnswerError::Refused { status, error })) => {
-                out.push(item(
-                    false,
-                    "control daemon reachable",
-                    format!("{status}: {}", error.unwrap_or_default()),
-                    "check the daemon's log",
-                ));
-                Vec::new()
-            }
-            Err(CallError::Answer(e @ AnswerError::Unreadable(_))) => {
-                out.push(item(
-                    false,
-                    "control daemon reachable",
-                    e.to_string(),
-                    "run a ringctl of the same version as the daemon",
-                ));
-                Vec::new()
-            }
-            Err(CallError::Unreachable(e)) => {
-                out.push(item(
+            list
+        }
+        Err(CallError::Answer(AnswerError::Refused { status, error })) if reached => {
+            out.push(item(
+                false,
+                "proxies listed by the daemon",
+                format!("{status}: {}", error.unwrap_or_default()),
+                "see the store check above",
+            ));
+            Vec::new()
+        }
+        Err(CallError::Answer(AnswerError::Refused { status, error })) => {
+            out.push(item(
+                false,
+                "control daemon reachable",
+                format!("{status}: {}", error.unwrap_or_default()),
+                "check the daemon's log",
+            ));
+            Vec::new()
+        }
+        Err(CallError::Answer(e @ AnswerError::Unreadable(_))) => {
+            out.push(item(
+                false,
+                "control daemon reachable",
+                e.to_string(),
+                "run a ringctl of the same version as the daemon",
+            ));
+            Vec::new()
+        }
+        Err(CallError::Unreachable(e)) => {
+            out.push(item(
                     false,
                     "control daemon reachable",
                     format!("{e:#}"),
-                    "start it: ringctl daemon --data-dir DIR (or pass --socket)",
+                    "start it: ringctl daemon --data-dir DIR (or pass --socket, or --server for its TCP port)",
                 ));
-                Vec::new()
-            }
-        };
+            Vec::new()
+        }
+    };
     for p in &proxies {
         let id = &p.report.id;
         out.push(item(

@@ -7,8 +7,14 @@
 //! - `ringctl intention check SRC DST -f FILE`: which intention decides, and what it says.
 //!
 //! Errors name the document, the field and the line; the exit status is non-zero on any error.
+//!
+//! Every command that talks to the daemon finds it the same way (global options, before or after
+//! the subcommand): `--server https://HOST:PORT` / `RINGCTL_SERVER` (its TCP operator port, with
+//! `--ca-file` and an operator token), else `--socket` / `RINGCTL_SOCKET`, else the default
+//! socket.
 
 mod ca;
+mod client;
 mod consul;
 mod daemon;
 mod doctor;
@@ -18,10 +24,13 @@ mod why;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use client::Target;
 use ringside_core::control::api::{
     ApplyResponse, CaStatus, CertRotateResponse, DeleteResponse, DeregisterResponse,
-    EndpointRecord, IntentionCheck, IntentionList, IntentionRow, PortMap, ProxyStatus,
+    EndpointRecord, IntentionCheck, IntentionList, IntentionRow, OperatorTokenRecord,
+    OperatorTokenRequest, OperatorTokenResponse, OperatorTokenRevoked, PortMap, ProxyStatus,
     RegisterService, RotationPhase, ServiceRecord, SignResponse, TokenRequest, TokenResponse,
 };
 use ringside_core::control::AnswerError;
@@ -33,14 +42,105 @@ use serde::Serialize;
 #[derive(Parser, Debug)]
 #[command(name = "ringctl", version, about = "ringside control CLI")]
 struct Cli {
+    #[command(flatten)]
+    conn: Connection,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach the daemon: global options, accepted before or after the subcommand. The TCP
+/// port (`--server`) is taken when given, else the socket.
+#[derive(clap::Args, Debug)]
+struct Connection {
+    /// The daemon's operator socket on this host (used when no --server is given).
+    #[arg(long, global = true, env = "RINGCTL_SOCKET", value_name = "PATH",
+          default_value = daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The daemon's TCP operator port (`ringctl daemon --listen`), reached with TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGCTL_SERVER",
+        value_name = "https://HOST:PORT"
+    )]
+    server: Option<String>,
+    /// With --server: the mesh CA bundle (PEM) the daemon's certificate is checked against
+    /// (`ringctl ca bundle --out FILE` on a node).
+    #[arg(long, global = true, env = "RINGCTL_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// With --server: the operator token (`ringctl operator token create`). Other local users
+    /// can read a command line: prefer --token-file or RINGCTL_TOKEN.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGCTL_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// With --server: a file holding the operator token.
+    #[arg(long, global = true, env = "RINGCTL_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl Connection {
+    /// Where the daemon is, from these options (`m`: where each value came from).
+    fn target(&self, m: &ArgMatches) -> Result<Target, String> {
+        let Some(server) = &self.server else {
+            return Ok(Target::Socket(self.socket.clone()));
+        };
+        let from_flag = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+        // A flag beats an environment variable; --token beats --token-file.
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), Some(_)) if from_flag("token") || !from_flag("token_file") => Some(t.clone()),
+            (_, Some(f)) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("--token-file {}: {e}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (t, None) => t.clone(),
+        };
+        client::Remote::new(server, self.ca_file.as_deref(), token)
+            .map(Target::Remote)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// `-o` of `get`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// JSON, as the daemon's API answers.
+    Json,
+    /// The same, as YAML.
+    Yaml,
+    /// The table with more columns.
+    Wide,
+}
+
+/// `-o` of `describe`, `why` and `doctor` (text when not given).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// JSON or YAML as `-o` prints it: object keys sorted (the order JSON always had).
+fn print_as<T: Serialize>(v: &T, yaml: bool) {
+    let v = serde_json::to_value(v).unwrap_or_default();
+    if yaml {
+        print!("{}", serde_yaml::to_string(&v).unwrap_or_default());
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control daemon: state in DIR (or in etcd with --store), HTTP/JSON API on a Unix
-    /// socket.
+    /// socket and, with --listen, on TCP with TLS and operator tokens.
     Daemon {
         /// Directory of the embedded store and of its CA (with --store etcd the CA is the mesh's,
         /// in etcd; a CA found here seeds it when the mesh has none yet).
@@ -69,9 +169,22 @@ enum Command {
         /// proxy may stay silent before its endpoint is removed (either store).
         #[arg(long, default_value = "15s", value_parser = humantime_parse)]
         lease_ttl: std::time::Duration,
-        /// API socket.
+        /// The operator socket it serves (mode 0660). Like the clients' global --socket, it
+        /// follows RINGCTL_SOCKET.
         #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Also serve the operator API on this TCP address (e.g. 0.0.0.0:8501), with TLS (a
+        /// certificate from the mesh CA) and operator tokens (`ringctl operator token create`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Another name (DNS name or IP address) for the --listen certificate, beside the node,
+        /// the host name, localhost and the listen address (repeat).
+        #[arg(long = "tls-san", value_name = "NAME")]
+        tls_san: Vec<String>,
+        /// This daemon's node name, shown with its proxies (`ringctl get proxies`). Default: the
+        /// host name.
+        #[arg(long)]
+        node: Option<String>,
         /// Trust domain of the mesh's SPIFFE IDs.
         #[arg(long, default_value = "dc1")]
         trust_domain: String,
@@ -90,25 +203,19 @@ enum Command {
     Register {
         #[command(subcommand)]
         what: RegisterCommand,
-        /// The daemon's socket.
-        #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// Remove an endpoint (one registered by hand; a running proxy's comes back with its next
     /// report).
     Deregister {
         #[command(subcommand)]
         what: DeregisterCommand,
-        /// The daemon's socket.
-        #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// Get a workload certificate from the daemon with a proxy token: a key and CSR are made
     /// here (the key never leaves this host), the daemon signs for the token's service.
     Issue {
-        /// The proxy token (`ringctl token create`).
+        /// The proxy token of the service (`ringctl token create`).
         #[arg(long)]
-        token: String,
+        proxy_token: String,
         /// Where to write the private key (mode 0600).
         #[arg(long)]
         key_out: PathBuf,
@@ -118,9 +225,6 @@ enum Command {
         /// Where to write the trust bundle.
         #[arg(long)]
         bundle_out: PathBuf,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// A pod's traffic-redirect rules (the same as `ringside-init`).
     Redirect {
@@ -136,13 +240,15 @@ enum Command {
         #[arg(long)]
         backend: Option<String>,
     },
+    /// Operator tokens: the credentials of the daemon's TCP operator port (`--listen`).
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Proxy tokens.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
-        /// The daemon's socket.
-        #[arg(long, global = true, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// Apply Consul-style documents (ServiceDefaults, ServiceIntentions, ServiceRouter,
     /// ServiceSplitter, ServiceResolver): the whole file or nothing.
@@ -153,20 +259,15 @@ enum Command {
         /// Check only; store nothing (no daemon needed).
         #[arg(long)]
         dry_run: bool,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
-    /// List what the daemon stores.
+    /// List what the daemon stores: config (every document), services, endpoints, intentions,
+    /// proxies (of every node).
     Get {
-        /// `config` (every document).
+        /// config, services, endpoints, intentions or proxies.
         what: String,
-        /// `json` for JSON.
-        #[arg(short = 'o', long)]
-        output: Option<String>,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// json, yaml, or wide (the table with more columns); default: the table.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
     },
     /// Delete a stored document.
     Delete {
@@ -174,9 +275,6 @@ enum Command {
         kind: String,
         /// Name.
         name: String,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// Intentions.
     Intention {
@@ -194,12 +292,9 @@ enum Command {
     Describe {
         /// Service name.
         service: String,
-        /// `json` for JSON.
-        #[arg(short = 'o', long)]
-        output: Option<String>,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// json or yaml; default: text.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Format>,
     },
     /// Why connections from SRC to DST fail (or that they should not): catalog, ports,
     /// intentions, endpoints, both proxies, certificates, their recent failures, and the pods
@@ -215,24 +310,18 @@ enum Command {
         /// The destination pod's network namespace (rules, sidecar, what the app listens on).
         #[arg(long)]
         dst_netns: Option<String>,
-        /// `json` for JSON.
-        #[arg(short = 'o', long)]
-        output: Option<String>,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// json or yaml; default: text.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Format>,
     },
     /// Checks of the mesh and, with --netns, of one pod: each passes or fails with the fix.
     Doctor {
         /// The pod's network namespace.
         #[arg(long)]
         netns: Option<String>,
-        /// `json` for JSON.
-        #[arg(short = 'o', long)]
-        output: Option<String>,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// json or yaml; default: text.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Format>,
     },
     /// GET an HTTP URL and print the body (used by `why` inside a pod's namespace).
     #[command(hide = true)]
@@ -312,6 +401,36 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 #[derive(Subcommand, Debug)]
+enum OperatorCommand {
+    /// Operator tokens.
+    Token {
+        #[command(subcommand)]
+        command: OperatorTokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorTokenCommand {
+    /// Create an operator token (printed once; the daemon keeps its hash).
+    Create {
+        /// Who or what it is for (unique; 1 to 64 letters, digits, '.', '_', '-', '@').
+        #[arg(long)]
+        name: String,
+    },
+    /// List the operator tokens (names and creation times; never the tokens).
+    List {
+        /// json or yaml; default: a table.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Format>,
+    },
+    /// Revoke the operator token named NAME: refused from its next request on.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Create a token for the proxies of a service.
     Create {
@@ -354,9 +473,6 @@ enum CertCommand {
         /// Only this service's proxies.
         #[arg(long)]
         service: Option<String>,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
 }
 
@@ -369,9 +485,6 @@ enum CaCommand {
         /// The longest to wait for the proxies at each step.
         #[arg(long, value_parser = humantime_parse, default_value = "120s")]
         timeout: std::time::Duration,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// Make a secret for `ringctl daemon --ca-secret` (32 random bytes in hex, mode 0600): give
     /// the same file to every daemon of a mesh on etcd. An existing file is not replaced.
@@ -381,10 +494,13 @@ enum CaCommand {
         out: PathBuf,
     },
     /// Show the daemon's roots and any rollover in progress.
-    Show {
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
+    Show,
+    /// Print the mesh CA bundle (the roots the daemon trusts), or write it to a file: what
+    /// `--ca-file` needs to reach the daemon's TCP operator port.
+    Bundle {
+        /// Write it here instead (an existing file is replaced).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Create the root in DIR (ca.pem, ca.key with mode 0600), or load it; print the root.
     Init {
@@ -428,23 +544,13 @@ enum CaCommand {
 }
 
 fn humantime_parse(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 72h, 30m or 3600s"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("'{s}': unit must be s, m, h or d")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 72h, 1m30s or 500ms: {e}"))
 }
 
 /// Wait until every live proxy satisfies `ok` (or `timeout` passes).
 fn wait_proxies(
-    socket: &std::path::Path,
+    at: &Target,
     timeout: std::time::Duration,
     what: &str,
     ok: impl Fn(&ProxyStatus) -> bool,
@@ -452,7 +558,7 @@ fn wait_proxies(
     let start = std::time::Instant::now();
     loop {
         let proxies: Vec<ProxyStatus> =
-            match daemon::call(socket, hyper::Method::GET, "/v1/proxies", None) {
+            match daemon::call(at, hyper::Method::GET, "/v1/proxies", None) {
                 Ok(p) => p,
                 Err(daemon::CallError::Answer(AnswerError::Refused { status, .. })) => {
                     return Err(format!("cannot list proxies ({status})"))
@@ -499,16 +605,12 @@ fn store_choice(
 }
 
 /// A daemon answer read as `T`, or the error as the CLI prints it.
-fn fetch<T: DeserializeOwned>(
-    socket: &std::path::Path,
-    method: hyper::Method,
-    path: &str,
-) -> Result<T, String> {
-    daemon::call(socket, method, path, None).map_err(|e| e.to_string())
+fn fetch<T: DeserializeOwned>(at: &Target, method: hyper::Method, path: &str) -> Result<T, String> {
+    daemon::call(at, method, path, None).map_err(|e| e.to_string())
 }
 
-fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(), String> {
-    let mut state: CaStatus = fetch(socket, hyper::Method::GET, "/v1/ca")?;
+fn ca_rotate(at: &Target, timeout: std::time::Duration) -> Result<(), String> {
+    let mut state: CaStatus = fetch(at, hyper::Method::GET, "/v1/ca")?;
     let mut started = false;
     loop {
         match state.phase {
@@ -517,7 +619,7 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
                 return Ok(());
             }
             RotationPhase::Idle => {
-                state = fetch(socket, hyper::Method::POST, "/v1/ca/rotate?from=idle")?;
+                state = fetch(at, hyper::Method::POST, "/v1/ca/rotate?from=idle")?;
                 println!(
                     "1/3 new root {} trusted beside the old one",
                     state.roots.trusted.get(1).map_or("", |t| t.as_str())
@@ -525,14 +627,10 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
             }
             RotationPhase::NewTrusted => {
                 let index = state.index;
-                wait_proxies(socket, timeout, "taken the new trust bundle", |p| {
+                wait_proxies(at, timeout, "taken the new trust bundle", |p| {
                     p.report.applied_index >= index
                 })?;
-                state = fetch(
-                    socket,
-                    hyper::Method::POST,
-                    "/v1/ca/rotate?from=new_trusted",
-                )?;
+                state = fetch(at, hyper::Method::POST, "/v1/ca/rotate?from=new_trusted")?;
                 println!(
                     "2/3 every live proxy trusts both roots; the new root {} signs, leaves are being re-issued",
                     state.roots.signer
@@ -540,14 +638,10 @@ fn ca_rotate(socket: &std::path::Path, timeout: std::time::Duration) -> Result<(
             }
             RotationPhase::NewSigning => {
                 let generation = state.generation;
-                wait_proxies(socket, timeout, "re-issued their certificates", |p| {
+                wait_proxies(at, timeout, "re-issued their certificates", |p| {
                     p.report.cert_generation >= generation
                 })?;
-                state = fetch(
-                    socket,
-                    hyper::Method::POST,
-                    "/v1/ca/rotate?from=new_signing",
-                )?;
+                state = fetch(at, hyper::Method::POST, "/v1/ca/rotate?from=new_signing")?;
                 println!(
                     "3/3 every live proxy has a leaf from the new root; the old root is retired"
                 );
@@ -565,19 +659,206 @@ fn action_name(a: Action) -> &'static str {
     }
 }
 
-/// JSON as `-o json` prints it: pretty, with object keys sorted (the order it always had).
-fn print_json<T: Serialize>(v: &T) {
-    let v = serde_json::to_value(v).unwrap_or_default();
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+/// `-o json|yaml` of `describe`, `why`, `doctor` and `operator token list`: the fields in the
+/// order of the answer's type.
+fn print_format<T: Serialize>(v: &T, f: Format) {
+    match f {
+        Format::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Format::Yaml => print!("{}", serde_yaml::to_string(v).unwrap_or_default()),
+    }
 }
 
-fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), String> {
+/// A table: a header, then the rows, columns padded to their widest cell (two spaces apart; the
+/// last column is not padded).
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// `ringctl get WHAT [-o json|yaml|wide]`.
+fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
+    fn fetch_as<T: DeserializeOwned>(at: &Target, path: &str) -> Result<T, daemon::CallError> {
+        daemon::call(at, hyper::Method::GET, path, None)
+    }
+    let wide = output == Some(Output::Wide);
+    // JSON and YAML show the answer (object keys sorted, the order JSON always had).
+    let as_data = matches!(output, Some(Output::Json | Output::Yaml));
+    let yaml = output == Some(Output::Yaml);
+    match what {
+        // The stored documents are the operators' own: shown as stored.
+        "config" if as_data => report(
+            fetch_as(at, "/v1/config"),
+            |docs: Vec<serde_json::Value>| print_as(&docs, yaml),
+        ),
+        "config" => report(fetch_as(at, "/v1/config"), |docs: Vec<consul::Document>| {
+            let rows: Vec<Vec<String>> = docs
+                .iter()
+                .map(|d| vec![d.kind().to_string(), d.name().to_string()])
+                .collect();
+            print_table(&["KIND", "NAME"], &rows);
+        }),
+        "services" => report(fetch_as(at, "/v1/services"), |rows: Vec<ServiceRecord>| {
+            if as_data {
+                return print_as(&rows, yaml);
+            }
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.virtual_ip.to_string(),
+                        s.ports
+                            .iter()
+                            .map(|p| format!("{}->{}", p.port, p.target_port))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "VIRTUAL IP", "PORTS"], &rows);
+        }),
+        "endpoints" => report(
+            fetch_as(at, "/v1/endpoints"),
+            |rows: Vec<EndpointRecord>| {
+                if as_data {
+                    return print_as(&rows, yaml);
+                }
+                let rows: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|e| {
+                        let mut r = vec![e.service.clone(), e.address.to_string(), e.node.clone()];
+                        if wide {
+                            r.push(if e.healthy { "healthy" } else { "unhealthy" }.into());
+                            r.push(
+                                e.meta
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            );
+                        }
+                        r
+                    })
+                    .collect();
+                // NODE: the node given at registration, or the proxy that registered it.
+                let header: &[&str] = if wide {
+                    &["SERVICE", "ADDRESS", "NODE", "HEALTH", "META"]
+                } else {
+                    &["SERVICE", "ADDRESS", "NODE"]
+                };
+                print_table(header, &rows);
+            },
+        ),
+        "intentions" => report(fetch_as(at, "/v1/intentions"), |l: IntentionList| {
+            if as_data {
+                return print_as(&l, yaml);
+            }
+            let rows: Vec<Vec<String>> = l
+                .rules
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.intention.source.to_string(),
+                        r.intention.destination.to_string(),
+                        action_name(r.intention.action).to_string(),
+                        r.precedence.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["SOURCE", "DESTINATION", "ACTION", "PRECEDENCE"], &rows);
+            println!("(no match: {})", action_name(l.default));
+        }),
+        "proxies" => report(fetch_as(at, "/v1/proxies"), |rows: Vec<ProxyStatus>| {
+            if as_data {
+                return print_as(&rows, yaml);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|p| {
+                    let mut r = vec![
+                        p.report.id.clone(),
+                        if p.node.is_empty() {
+                            "-".into()
+                        } else {
+                            p.node.clone()
+                        },
+                        p.report.service.clone(),
+                        if p.live { "live" } else { "silent" }.into(),
+                        p.report.applied_index.to_string(),
+                        format!("{}s", p.cert_expires_in_s),
+                        p.report.cert_generation.to_string(),
+                    ];
+                    if wide {
+                        r.push(p.report.address.map_or("-".into(), |a| a.to_string()));
+                        r.push(format!("{}s", now - p.last_seen));
+                    }
+                    r.push(p.report.cert_issuer.clone());
+                    r
+                })
+                .collect();
+            let header: &[&str] = if wide {
+                &[
+                    "ID",
+                    "NODE",
+                    "SERVICE",
+                    "STATE",
+                    "VERSION",
+                    "CERT EXPIRY",
+                    "GEN",
+                    "ADDRESS",
+                    "LAST REPORT",
+                    "ISSUER",
+                ]
+            } else {
+                &[
+                    "ID",
+                    "NODE",
+                    "SERVICE",
+                    "STATE",
+                    "VERSION",
+                    "CERT EXPIRY",
+                    "GEN",
+                    "ISSUER",
+                ]
+            };
+            print_table(header, &rows);
+        }),
+        other => {
+            eprintln!("ringctl get: '{other}' is not known (config, services, endpoints, intentions, proxies)");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe(at: &Target, name: &str, output: Option<Format>) -> Result<(), String> {
     let get = hyper::Method::GET;
-    let service = fetch::<Vec<ServiceRecord>>(socket, get.clone(), "/v1/services")?
+    let service = fetch::<Vec<ServiceRecord>>(at, get.clone(), "/v1/services")?
         .into_iter()
         .find(|s| s.name == name);
     let endpoints: Vec<EndpointRecord> =
-        fetch::<Vec<EndpointRecord>>(socket, get.clone(), "/v1/endpoints")?
+        fetch::<Vec<EndpointRecord>>(at, get.clone(), "/v1/endpoints")?
             .into_iter()
             .filter(|e| e.service == name)
             .collect();
@@ -585,20 +866,19 @@ fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), 
         Pattern::Any => true,
         Pattern::Exact(d) => d == name,
     };
-    let intentions: Vec<IntentionRow> =
-        fetch::<IntentionList>(socket, get.clone(), "/v1/intentions")?
-            .rules
-            .into_iter()
-            .filter(|r| for_it(&r.intention.destination))
-            .collect();
-    let proxies: Vec<ProxyStatus> = fetch::<Vec<ProxyStatus>>(socket, get.clone(), "/v1/proxies")?
+    let intentions: Vec<IntentionRow> = fetch::<IntentionList>(at, get.clone(), "/v1/intentions")?
+        .rules
+        .into_iter()
+        .filter(|r| for_it(&r.intention.destination))
+        .collect();
+    let proxies: Vec<ProxyStatus> = fetch::<Vec<ProxyStatus>>(at, get.clone(), "/v1/proxies")?
         .into_iter()
         .filter(|p| p.report.service == name)
         .collect();
     // The stored documents are shown as stored (`-o json`); they are read as documents to pick
     // the ones about this service.
     let mut docs: Vec<(consul::Document, serde_json::Value)> = Vec::new();
-    for v in fetch::<Vec<serde_json::Value>>(socket, get, "/v1/config")? {
+    for v in fetch::<Vec<serde_json::Value>>(at, get, "/v1/config")? {
         let d: consul::Document = serde_json::from_value(v.clone())
             .map_err(|e| format!("a stored document cannot be read: {e}"))?;
         if d.name() == name || d.destination() == Some(name) {
@@ -619,13 +899,13 @@ fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), 
         })
         .unwrap_or("tcp")
         .to_string();
-    if json_out {
+    if let Some(f) = output {
         let documents: Vec<&serde_json::Value> = docs.iter().map(|(_, v)| v).collect();
         let v = serde_json::json!({
             "service": service, "protocol": protocol, "endpoints": endpoints,
             "intentions": intentions, "proxies": proxies, "documents": documents,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        print_format(&v, f);
         return Ok(());
     }
     println!("service:     {name}");
@@ -692,11 +972,27 @@ fn describe(socket: &std::path::Path, name: &str, json_out: bool) -> Result<(), 
     Ok(())
 }
 
-fn run_ca(command: CaCommand) -> Result<(), String> {
+fn run_ca(command: CaCommand, at: &Target) -> Result<(), String> {
     match command {
-        CaCommand::Rotate { timeout, socket } => ca_rotate(&socket, timeout),
-        CaCommand::Show { socket } => {
-            let v: CaStatus = fetch(&socket, hyper::Method::GET, "/v1/ca")?;
+        CaCommand::Bundle { out } => {
+            let v: CaStatus = fetch(at, hyper::Method::GET, "/v1/ca")?;
+            let bundle = v.bundle.unwrap_or_default();
+            match out {
+                None => print!("{bundle}"),
+                Some(f) => {
+                    std::fs::write(&f, &bundle).map_err(|e| format!("{}: {e}", f.display()))?;
+                    eprintln!(
+                        "{}: the mesh CA bundle ({} roots); take it again after `ringctl ca rotate`",
+                        f.display(),
+                        v.roots.trusted.len()
+                    );
+                }
+            }
+            Ok(())
+        }
+        CaCommand::Rotate { timeout } => ca_rotate(at, timeout),
+        CaCommand::Show => {
+            let v: CaStatus = fetch(at, hyper::Method::GET, "/v1/ca")?;
             println!("phase:   {}", v.phase.as_str());
             println!("signer:  {}", v.roots.signer);
             println!("trusted: {}", v.roots.trusted.join(", "));
@@ -756,9 +1052,6 @@ enum IntentionCommand {
         /// File with ServiceIntentions documents (default: ask the daemon).
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
-        /// The daemon's socket.
-        #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-        socket: PathBuf,
         /// Action when no intention matches.
         #[arg(long, default_value = "deny")]
         default: String,
@@ -771,6 +1064,50 @@ const EXIT_FOUND: u8 = 1;
 /// Exit status of `why` and `intention check` when they could not answer (daemon unreachable,
 /// bad arguments, unreadable file).
 const EXIT_ERROR: u8 = 2;
+
+/// `ringctl operator token ...`.
+fn operator_token(at: &Target, command: OperatorTokenCommand) -> ExitCode {
+    match command {
+        OperatorTokenCommand::Create { name } => report(
+            daemon::call(
+                at,
+                hyper::Method::POST,
+                "/v1/operator/tokens",
+                body(&OperatorTokenRequest { name }),
+            ),
+            |t: OperatorTokenResponse| println!("{}", t.token),
+        ),
+        OperatorTokenCommand::List { output } => report(
+            daemon::call(at, hyper::Method::GET, "/v1/operator/tokens", None),
+            |rows: Vec<OperatorTokenRecord>| match output {
+                Some(f) => print_format(&rows, f),
+                None => {
+                    let rows: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|r| {
+                            let created = std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(r.created.max(0) as u64);
+                            vec![
+                                r.name.clone(),
+                                humantime::format_rfc3339_seconds(created).to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["NAME", "CREATED"], &rows);
+                }
+            },
+        ),
+        OperatorTokenCommand::Revoke { name } => report(
+            daemon::call(
+                at,
+                hyper::Method::DELETE,
+                &format!("/v1/operator/tokens/{name}"),
+                None,
+            ),
+            |r: OperatorTokenRevoked| println!("operator token {} revoked", r.name),
+        ),
+    }
+}
 
 /// Print a daemon answer, or its error; the exit status says which.
 fn report<T>(r: Result<T, daemon::CallError>, ok: impl FnOnce(T)) -> ExitCode {
@@ -797,12 +1134,59 @@ fn read_docs(file: &PathBuf) -> Result<Vec<consul::Document>, String> {
     consul::parse(&text).map_err(|e| format!("{}: {e}", file.display()))
 }
 
+/// Whether a command talks to the daemon (as a client).
+fn needs_daemon(c: &Command) -> bool {
+    match c {
+        Command::Daemon { .. }
+        | Command::Redirect { .. }
+        | Command::AdminGet { .. }
+        | Command::Validate { .. }
+        | Command::Apply { dry_run: true, .. } => false,
+        Command::Intention {
+            command: IntentionCommand::Check { file, .. },
+        } => file.is_none(),
+        Command::Ca { command } => matches!(
+            command,
+            CaCommand::Rotate { .. } | CaCommand::Show | CaCommand::Bundle { .. }
+        ),
+        _ => true,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let at = if needs_daemon(&cli.command) {
+        match cli.conn.target(&matches) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("ringctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        Target::Socket(cli.conn.socket.clone())
+    };
+    if let Command::Daemon { .. } = cli.command {
+        // The daemon serves; the client options would be silently ignored.
+        for (id, flag) in [
+            ("server", "--server"),
+            ("ca_file", "--ca-file"),
+            ("token", "--token"),
+            ("token_file", "--token-file"),
+        ] {
+            if matches.value_source(id) == Some(ValueSource::CommandLine) {
+                eprintln!("ringctl daemon: {flag} is for clients; the daemon's TCP operator port is --listen ADDR");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match cli.command {
         Command::Register {
             what: RegisterCommand::Service { name, ports },
-            socket,
         } => {
             let req = RegisterService {
                 name,
@@ -812,7 +1196,7 @@ fn main() -> ExitCode {
                     .collect(),
             };
             report(
-                daemon::call(&socket, hyper::Method::POST, "/v1/services", body(&req)),
+                daemon::call(&at, hyper::Method::POST, "/v1/services", body(&req)),
                 |s: ServiceRecord| {
                     println!("service {} registered, virtual IP {}", s.name, s.virtual_ip);
                 },
@@ -826,7 +1210,6 @@ fn main() -> ExitCode {
                     node,
                     meta,
                 },
-            socket,
         } => {
             let req = EndpointRecord {
                 service,
@@ -836,7 +1219,7 @@ fn main() -> ExitCode {
                 meta: meta.into_iter().collect(),
             };
             report(
-                daemon::call(&socket, hyper::Method::POST, "/v1/endpoints", body(&req)),
+                daemon::call(&at, hyper::Method::POST, "/v1/endpoints", body(&req)),
                 |e: EndpointRecord| {
                     println!("endpoint {} of {} registered", e.address, e.service);
                 },
@@ -844,10 +1227,9 @@ fn main() -> ExitCode {
         }
         Command::Deregister {
             what: DeregisterCommand::Endpoint { service, address },
-            socket,
         } => report(
             daemon::call(
-                &socket,
+                &at,
                 hyper::Method::DELETE,
                 &format!("/v1/endpoints/{service}/{address}"),
                 None,
@@ -857,11 +1239,10 @@ fn main() -> ExitCode {
             },
         ),
         Command::Issue {
-            token,
+            proxy_token,
             key_out,
             cert_out,
             bundle_out,
-            socket,
         } => {
             let (csr, key) = match ca::make_csr() {
                 Ok(x) => x,
@@ -871,11 +1252,11 @@ fn main() -> ExitCode {
                 }
             };
             let r = daemon::call_with(
-                &socket,
+                &at,
                 hyper::Method::POST,
                 "/v1/sign",
                 Some(csr),
-                Some(&token),
+                Some(&proxy_token),
             );
             let v: SignResponse = match r {
                 Ok(v) => v,
@@ -944,12 +1325,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Operator {
+            command: OperatorCommand::Token { command },
+        } => operator_token(&at, command),
         Command::Token {
             command: TokenCommand::Create { service },
-            socket,
         } => report(
             daemon::call(
-                &socket,
+                &at,
                 hyper::Method::POST,
                 "/v1/tokens",
                 body(&TokenRequest { service }),
@@ -967,6 +1350,9 @@ fn main() -> ExitCode {
             ca_secret,
             lease_ttl,
             socket,
+            listen,
+            tls_san,
+            node,
             trust_domain,
             vip_range,
             proxy_socket,
@@ -987,6 +1373,11 @@ fn main() -> ExitCode {
                 trust_domain,
                 vip_range,
                 leaf_lifetime,
+                node: node
+                    .or_else(daemon::hostname)
+                    .unwrap_or_else(|| "localhost".into()),
+                listen,
+                tls_names: tls_san,
             })
         }) {
             Ok(()) => ExitCode::SUCCESS,
@@ -998,7 +1389,6 @@ fn main() -> ExitCode {
         Command::Apply {
             file,
             dry_run: false,
-            socket,
         } => {
             let text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
@@ -1008,7 +1398,7 @@ fn main() -> ExitCode {
                 }
             };
             report(
-                daemon::call(&socket, hyper::Method::POST, "/v1/apply", Some(text)),
+                daemon::call(&at, hyper::Method::POST, "/v1/apply", Some(text)),
                 |a: ApplyResponse| {
                     for id in &a.applied {
                         println!("{id} applied");
@@ -1017,117 +1407,12 @@ fn main() -> ExitCode {
                 },
             )
         }
-        Command::Get {
-            what,
-            output,
-            socket,
-        } => {
-            let json_out = output.as_deref() == Some("json");
-            let socket = socket.as_path();
-            fn get<T: DeserializeOwned>(
-                socket: &std::path::Path,
-                path: &str,
-            ) -> Result<T, daemon::CallError> {
-                daemon::call(socket, hyper::Method::GET, path, None)
-            }
-            match what.as_str() {
-                // The stored documents are the operators' own: `-o json` shows them as stored.
-                "config" if json_out => {
-                    report(get(socket, "/v1/config"), |docs: Vec<serde_json::Value>| {
-                        print_json(&docs)
-                    })
-                }
-                "config" => report(get(socket, "/v1/config"), |docs: Vec<consul::Document>| {
-                    println!("{:<20} NAME", "KIND");
-                    for d in &docs {
-                        println!("{:<20} {}", d.kind(), d.name());
-                    }
-                }),
-                "services" => report(get(socket, "/v1/services"), |rows: Vec<ServiceRecord>| {
-                    if json_out {
-                        return print_json(&rows);
-                    }
-                    for s in &rows {
-                        println!(
-                            "{:<20} {:<16} {}",
-                            s.name,
-                            s.virtual_ip.to_string(),
-                            s.ports
-                                .iter()
-                                .map(|p| format!("{}->{}", p.port, p.target_port))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        );
-                    }
-                }),
-                "endpoints" => report(get(socket, "/v1/endpoints"), |rows: Vec<EndpointRecord>| {
-                    if json_out {
-                        return print_json(&rows);
-                    }
-                    for e in &rows {
-                        println!("{:<20} {:<40} {}", e.service, e.address.to_string(), e.node);
-                    }
-                }),
-                "intentions" => report(get(socket, "/v1/intentions"), |l: IntentionList| {
-                    if json_out {
-                        return print_json(&l);
-                    }
-                    println!(
-                        "{:<20} {:<20} {:<6} PRECEDENCE",
-                        "SOURCE", "DESTINATION", "ACTION"
-                    );
-                    for r in &l.rules {
-                        println!(
-                            "{:<20} {:<20} {:<6} {}",
-                            r.intention.source.to_string(),
-                            r.intention.destination.to_string(),
-                            action_name(r.intention.action),
-                            r.precedence
-                        );
-                    }
-                    println!("(no match: {})", action_name(l.default));
-                }),
-                "proxies" => report(get(socket, "/v1/proxies"), |rows: Vec<ProxyStatus>| {
-                    if json_out {
-                        return print_json(&rows);
-                    }
-                    println!(
-                        "{:<24} {:<16} {:<8} {:<8} {:<12} {:<5} ISSUER",
-                        "ID", "SERVICE", "STATE", "VERSION", "CERT EXPIRY", "GEN"
-                    );
-                    // VERSION and GEN are not padded: the table has always printed them so.
-                    for p in &rows {
-                        println!(
-                            "{:<24} {:<16} {:<8} {} {:<12} {} {}",
-                            p.report.id,
-                            p.report.service,
-                            if p.live { "live" } else { "silent" },
-                            p.report.applied_index,
-                            format!("{}s", p.cert_expires_in_s),
-                            p.report.cert_generation,
-                            p.report.cert_issuer
-                        );
-                    }
-                }),
-                other => {
-                    eprintln!("ringctl get: '{other}' is not known (config, services, endpoints, intentions, proxies)");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Doctor {
-            netns,
-            output,
-            socket,
-        } => {
-            let items = doctor::doctor(&socket, netns.as_deref());
-            if output.as_deref() == Some("json") {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&items).unwrap_or_default()
-                );
-            } else {
-                doctor::print(&items);
+        Command::Get { what, output } => get(&at, &what, output),
+        Command::Doctor { netns, output } => {
+            let items = doctor::doctor(&at, netns.as_deref());
+            match output {
+                Some(f) => print_format(&items, f),
+                None => doctor::print(&items),
             }
             if items.iter().all(|i| i.ok) {
                 ExitCode::SUCCESS
@@ -1171,7 +1456,6 @@ fn main() -> ExitCode {
             src_netns,
             dst_netns,
             output,
-            socket,
         } => {
             let (dst, port) = match dst.rsplit_once(':') {
                 Some((d, p)) => match p.parse::<u16>() {
@@ -1184,7 +1468,7 @@ fn main() -> ExitCode {
                 None => (dst, None),
             };
             match why::why(
-                &socket,
+                &at,
                 &src,
                 &dst,
                 port,
@@ -1192,10 +1476,9 @@ fn main() -> ExitCode {
                 dst_netns.as_deref(),
             ) {
                 Ok(v) => {
-                    if output.as_deref() == Some("json") {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                    } else {
-                        why::print(&v);
+                    match output {
+                        Some(f) => print_format(&v, f),
+                        None => why::print(&v),
                     }
                     // Like `linkerd check`: scripts see a found cause in the exit status.
                     if v.reason.is_some() {
@@ -1210,11 +1493,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Describe {
-            service,
-            output,
-            socket,
-        } => match describe(&socket, &service, output.as_deref() == Some("json")) {
+        Command::Describe { service, output } => match describe(&at, &service, output) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringctl describe: {e}");
@@ -1222,14 +1501,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Cert {
-            command: CertCommand::Rotate { service, socket },
+            command: CertCommand::Rotate { service },
         } => {
             let path = match &service {
                 Some(s) => format!("/v1/certs/rotate?service={s}"),
                 None => "/v1/certs/rotate".to_string(),
             };
             report(
-                daemon::call(&socket, hyper::Method::POST, &path, None),
+                daemon::call(&at, hyper::Method::POST, &path, None),
                 |r: CertRotateResponse| {
                     println!(
                         "certificates of {} will be re-issued (config index {})",
@@ -1238,9 +1517,9 @@ fn main() -> ExitCode {
                 },
             )
         }
-        Command::Delete { kind, name, socket } => report(
+        Command::Delete { kind, name } => report(
             daemon::call(
-                &socket,
+                &at,
                 hyper::Method::DELETE,
                 &format!("/v1/config/{kind}/{name}"),
                 None,
@@ -1275,11 +1554,10 @@ fn main() -> ExitCode {
                     src,
                     dst,
                     file: None,
-                    socket,
                     ..
                 },
         } => match daemon::call::<IntentionCheck>(
-            &socket,
+            &at,
             hyper::Method::GET,
             &format!("/v1/intentions/check?source={src}&destination={dst}"),
             None,
@@ -1343,7 +1621,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Ca { command } => match run_ca(command) {
+        Command::Ca { command } => match run_ca(command, &at) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringctl ca: {e}");
@@ -1380,5 +1658,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn socket_is_global_and_the_daemon_serves_it() {
+        let cli = Cli::try_parse_from(["ringctl", "get", "proxies", "--socket", "/y"]).unwrap();
+        assert_eq!(cli.conn.socket, PathBuf::from("/y"));
+        let cli = Cli::try_parse_from(["ringctl", "--socket", "/x", "ca", "show"]).unwrap();
+        assert_eq!(cli.conn.socket, PathBuf::from("/x"));
+        let cli = Cli::try_parse_from(["ringctl", "--socket", "/x", "daemon", "--data-dir", "/d"])
+            .unwrap();
+        let Command::Daemon { socket, .. } = cli.command else {
+            panic!("not the daemon")
+        };
+        assert_eq!(socket, PathBuf::from("/x"));
+        let cli = Cli::try_parse_from(["ringctl", "daemon", "--data-dir", "/d", "--socket", "/z"])
+            .unwrap();
+        let Command::Daemon { socket, .. } = cli.command else {
+            panic!("not the daemon")
+        };
+        assert_eq!(socket, PathBuf::from("/z"));
     }
 }

@@ -7,7 +7,6 @@
 //! listens on). Checks run in the order a connection meets them; the first that fails is the cause.
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use ringside_core::control::api::{
     EndpointRecord, IntentionCheck, ProxyEvent, ProxyStatus, ServiceRecord,
@@ -53,8 +52,8 @@ const RECENT_START_S: i64 = 300;
 /// Longest a live proxy takes to fetch a change (its watch is at most 10 s).
 const UPDATE_WITHIN_S: i64 = 12;
 
-fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, String> {
-    daemon::call(socket, hyper::Method::GET, path, None).map_err(|e| e.to_string())
+fn get<T: DeserializeOwned>(at: &daemon::Target, path: &str) -> Result<T, String> {
+    daemon::call(at, hyper::Method::GET, path, None).map_err(|e| e.to_string())
 }
 
 fn now() -> i64 {
@@ -282,7 +281,7 @@ fn check(
 
 /// Work out the answer.
 pub fn why(
-    socket: &Path,
+    at: &daemon::Target,
     src: &str,
     dst: &str,
     port: Option<u16>,
@@ -300,7 +299,7 @@ pub fn why(
     let t = now();
 
     // 1. The catalog.
-    let services: Vec<ServiceRecord> = get(socket, "/v1/services")?;
+    let services: Vec<ServiceRecord> = get(at, "/v1/services")?;
     let dst_svc = services.into_iter().find(|s| s.name == dst);
     let Some(dst_svc) = dst_svc else {
         check(
@@ -373,7 +372,7 @@ pub fn why(
 
     // 2. The intention that decides.
     let ic: IntentionCheck = get(
-        socket,
+        at,
         &format!("/v1/intentions/check?source={src}&destination={dst}"),
     )?;
     let allowed = ic.allowed;
@@ -391,7 +390,7 @@ pub fn why(
     );
 
     // 3. Endpoints.
-    let endpoints: Vec<EndpointRecord> = get::<Vec<EndpointRecord>>(socket, "/v1/endpoints")?
+    let endpoints: Vec<EndpointRecord> = get::<Vec<EndpointRecord>>(at, "/v1/endpoints")?
         .into_iter()
         .filter(|e| e.service == dst)
         .collect();
@@ -409,7 +408,7 @@ pub fn why(
     );
 
     // 4. The proxies.
-    let proxies: Vec<ProxyStatus> = get(socket, "/v1/proxies")?;
+    let proxies: Vec<ProxyStatus> = get(at, "/v1/proxies")?;
     let of = |name: &str| -> Vec<&ProxyStatus> {
         proxies
             .iter()

@@ -91,6 +91,31 @@ impl Ca {
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A server leaf for the host names or IP addresses `hosts`, with the URI SANs `uris`;
+    /// returns (certificate PEM, key PEM).
+    pub fn leaf_for_hosts(&self, uris: &[&str], hosts: &[&str]) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, hosts[0]);
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        for h in hosts {
+            p.subject_alt_names
+                .push(match h.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName((*h).try_into().unwrap()),
+                });
+        }
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.not_before = date_time_ymd(2020, 1, 1);
+        p.not_after = date_time_ymd(2099, 1, 1);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 /// Certificate, key and bundle files of one workload.

@@ -437,7 +437,7 @@ fn issue(d: &Daemon, token: &str, tag: &str) -> (std::path::PathBuf, std::path::
     let (key, cert, bundle) = (f("key"), f("pem"), f("bundle"));
     d.ok(&[
         "issue",
-        "--token",
+        "--proxy-token",
         token,
         "--key-out",
         key.to_str().unwrap(),

@@ -91,3 +91,43 @@ fn troubleshooting_names_real_codes() {
         );
     }
 }
+
+/// Every global option of `ringctl` and its environment variable is in docs/reference.md.
+#[test]
+fn ringctl_global_options_are_documented() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/reference.md"))
+        .expect("docs/reference.md");
+    let out = std::process::Command::new(ringside_tests::workspace_bin("ringctl"))
+        .arg("--help")
+        .env_remove("RINGCTL_TOKEN")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let mut seen = 0;
+    for line in help.lines() {
+        // An option's line starts with it: `  -o, --output <X>  what...` or `      --socket <P>`.
+        let flag = line
+            .trim_start()
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .take(2)
+            .find(|w| w.starts_with("--"));
+        if let Some(word) = flag {
+            if word != "--help" && word != "--version" {
+                assert!(
+                    doc.contains(&format!("`{word} ")) || doc.contains(&format!("`{word}`")),
+                    "docs/reference.md lacks the global option {word}"
+                );
+                seen += 1;
+            }
+        }
+        if let Some(rest) = line.split("[env: ").nth(1) {
+            let var = rest.split(['=', ']']).next().unwrap();
+            assert!(
+                doc.contains(&format!("`{var}`")),
+                "docs/reference.md lacks the variable {var}"
+            );
+        }
+    }
+    assert!(seen >= 5, "no global options in:\n{help}");
+}

@@ -275,7 +275,7 @@ fn the_destination_boundary_holds() {
     let (k, c, b) = (dir.join("k.pem"), dir.join("c.pem"), dir.join("b.pem"));
     daemon.ok(&[
         "issue",
-        "--token",
+        "--proxy-token",
         token.trim(),
         "--key-out",
         k.to_str().unwrap(),

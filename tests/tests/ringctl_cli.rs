@@ -334,7 +334,7 @@ fn daemon_catalog_tokens_and_issue() {
     let issue = |t: &str| {
         ringctl(&[
             "issue",
-            "--token",
+            "--proxy-token",
             t,
             "--key-out",
             k.to_str().unwrap(),
@@ -441,7 +441,7 @@ fn exit_codes_for_scripts() {
     let token = daemon.ok(&["token", "create", "--service", "payments"]);
     let (c, out, err) = code(&[
         "issue",
-        "--token",
+        "--proxy-token",
         token.trim(),
         "--key-out",
         "/nonexistent/dir/w.key",
@@ -499,4 +499,130 @@ fn completions_and_man_pages() {
     let why = std::fs::read_to_string(man.join("ringctl-why.1")).unwrap();
     assert!(why.contains("src\\-netns"), "{why}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ringctl` with `env` (and none of the caller's `RINGCTL_*` variables).
+fn ringctl_env(args: &[&str], env: &[(&str, &str)]) -> (bool, i32, String, String) {
+    let mut cmd = Command::new(workspace_bin("ringctl"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RINGCTL_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.args(args).envs(env.iter().copied()).output().unwrap();
+    (
+        out.status.success(),
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn one_way_to_find_the_daemon_and_checked_output() {
+    // Durations as humantime reads them, on the daemon's flags too.
+    let d = ringside_tests::ctl::Daemon::start(
+        &format!("ringctl-global-{}", std::process::id()),
+        &["--lease-ttl", "1m30s", "--leaf-lifetime", "36h30m"],
+    );
+    let s = d.socket.to_str().unwrap();
+    // --socket before the subcommand, after it, after a nested one, and from the environment.
+    let (ok, _, out, err) = ringctl_env(
+        &["--socket", s, "register", "service", "web", "--port", "80"],
+        &[],
+    );
+    assert!(ok && out.contains("service web registered"), "{out}{err}");
+    let (ok, _, out, err) = ringctl_env(
+        &[
+            "register", "service", "api", "--port", "81:8081", "--socket", s,
+        ],
+        &[],
+    );
+    assert!(ok && out.contains("service api registered"), "{out}{err}");
+    let (ok, _, out, err) = ringctl_env(
+        &["register", "endpoint", "web", "198.18.0.4", "--socket", s],
+        &[],
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, _, out, err) = ringctl_env(&["ca", "show", "--socket", s], &[]);
+    assert!(ok && out.contains("phase:   idle"), "{out}{err}");
+    let env = [("RINGCTL_SOCKET", s)];
+    let (ok, _, out, err) = ringctl_env(&["get", "services"], &env);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "VIRTUAL", "IP", "PORTS"],
+        "{out}"
+    );
+    assert!(out.contains("web") && out.contains("81->8081"), "{out}");
+    // A flag beats the environment.
+    let (ok, _, _, err) = ringctl_env(
+        &["--socket", "/nonexistent/ctl.sock", "get", "services"],
+        &env,
+    );
+    assert!(!ok && err.contains("/nonexistent/ctl.sock"), "{err}");
+    // Every table has its header.
+    for (what, header) in [
+        ("config", "KIND"),
+        ("services", "NAME"),
+        ("endpoints", "SERVICE"),
+        ("intentions", "SOURCE"),
+        ("proxies", "ID"),
+    ] {
+        let (ok, _, out, err) = ringctl_env(&["get", what], &env);
+        assert!(ok, "{what}: {err}");
+        assert!(out.starts_with(header), "get {what}: {out}");
+    }
+    let (_, _, out, _) = ringctl_env(&["get", "endpoints", "-o", "wide"], &env);
+    assert!(
+        out.lines().next().unwrap().contains("HEALTH") && out.contains("healthy"),
+        "{out}"
+    );
+    let (_, _, out, _) = ringctl_env(&["get", "proxies", "-o", "wide"], &env);
+    assert!(
+        out.starts_with("ID") && out.contains("NODE") && out.contains("ADDRESS"),
+        "{out}"
+    );
+    // -o yaml is YAML of the same answer as -o json.
+    let (ok, _, yaml, _) = ringctl_env(&["get", "services", "-o", "yaml"], &env);
+    let (_, _, json, _) = ringctl_env(&["get", "services", "-o", "json"], &env);
+    assert!(ok);
+    let from_yaml: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    let from_json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(from_yaml, from_json, "{yaml}");
+    // Anything else is refused by name, with the choices; the exit status is clap's (2).
+    let (ok, code, out, err) = ringctl_env(&["get", "services", "-o", "xml"], &env);
+    assert!(!ok && code == 2 && out.is_empty(), "{out}");
+    assert!(
+        err.contains("invalid value 'xml' for '--output <OUTPUT>'")
+            && err.contains("json, yaml, wide"),
+        "{err}"
+    );
+    let (ok, _, _, err) = ringctl_env(&["describe", "web", "-o", "wide"], &env);
+    assert!(
+        !ok && err.contains("invalid value 'wide'") && err.contains("json, yaml"),
+        "{err}"
+    );
+    let (ok, _, out, _) = ringctl_env(&["describe", "web", "-o", "yaml"], &env);
+    assert!(ok && out.contains("virtual_ip:"), "{out}");
+    let (ok, _, _, err) = ringctl_env(&["ca", "rotate", "--timeout", "90x"], &env);
+    assert!(
+        !ok && err.contains("'--timeout <TIMEOUT>'") && err.contains("not a duration"),
+        "{err}"
+    );
+    // The client options are not the daemon's: refused rather than ignored.
+    let (ok, _, _, err) = ringctl_env(
+        &[
+            "daemon",
+            "--data-dir",
+            "/nonexistent",
+            "--server",
+            "https://h:1",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("--server is for clients"), "{err}");
+    // The daemon's own flags were read with the same parser.
+    assert!(d.log().contains("listening on"), "{}", d.log());
 }

@@ -192,6 +192,10 @@ pub struct ProxyStatus {
     pub live: bool,
     /// Seconds until its certificate expires (negative: expired).
     pub cert_expires_in_s: i64,
+    /// The node of the daemon it reports to (`ringctl daemon --node`; empty for a report
+    /// stored before daemons had node names).
+    #[serde(default)]
+    pub node: String,
 }
 
 /// The answer to `POST /v1/apply`.
@@ -331,6 +335,40 @@ pub struct TokenResponse {
     pub service: String,
     /// The token (64 hex digits).
     pub token: String,
+}
+
+/// `POST /v1/operator/tokens`: a credential for the daemon's TCP operator port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorTokenRequest {
+    /// Who or what the token is for (unique; `revoke` names it).
+    pub name: String,
+}
+
+/// The answer to `POST /v1/operator/tokens` (the token is shown once; the daemon keeps its
+/// hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorTokenResponse {
+    /// Its name.
+    pub name: String,
+    /// The token (`ringop-` and 64 hex digits).
+    pub token: String,
+}
+
+/// An operator token as the daemon keeps it (beside its hash) and `GET /v1/operator/tokens`
+/// lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorTokenRecord {
+    /// Its name.
+    pub name: String,
+    /// When it was created (Unix seconds).
+    pub created: i64,
+}
+
+/// The answer to `DELETE /v1/operator/tokens/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorTokenRevoked {
+    /// The name.
+    pub name: String,
 }
 
 /// The answer to `POST /v1/certs/rotate[?service=S]`.
@@ -493,6 +531,7 @@ mod tests {
             last_seen: 1_800_000_001,
             live: true,
             cert_expires_in_s: -5,
+            node: "node-1".into(),
         });
         round_trip(ApplyResponse {
             applied: vec!["ServiceIntentions/products".into()],

@@ -158,6 +158,7 @@ contract!(
     concurrent_registrations_get_distinct_ips,
     endpoints_need_their_service,
     tokens_name_their_service,
+    operator_tokens_are_kept_apart,
     proxy_reports_register_endpoints_and_keep_failures,
     counters_count_under_contention,
     snapshots_hold_what_proxies_are_sent,
@@ -431,6 +432,40 @@ async fn tokens_name_their_service(h: Harness) {
     assert_eq!(other.token_service("nope").await.unwrap(), None);
 }
 
+async fn operator_tokens_are_kept_apart(h: Harness) {
+    let s = &h.store;
+    let rec = |name: &str| crate::store::OperatorTokenRecord {
+        name: name.into(),
+        created: 7,
+    };
+    assert_eq!(s.operator_token("o1").await.unwrap(), None);
+    assert!(s.operator_tokens().await.unwrap().is_empty());
+    let before = s.index().await.unwrap();
+    s.add_operator_token("o1", &rec("alice")).await.unwrap();
+    s.add_operator_token("o2", &rec("bob")).await.unwrap();
+    s.add_token("p1", "web").await.unwrap();
+    assert_eq!(s.index().await.unwrap(), before);
+    let other = h.handle().await;
+    assert_eq!(
+        other.operator_token("o1").await.unwrap(),
+        Some(rec("alice"))
+    );
+    // A proxy token is not an operator token, nor an operator token a proxy token.
+    assert_eq!(other.operator_token("p1").await.unwrap(), None);
+    assert_eq!(other.token_service("o1").await.unwrap(), None);
+    assert_eq!(
+        other.operator_tokens().await.unwrap(),
+        vec![
+            ("o1".to_string(), rec("alice")),
+            ("o2".to_string(), rec("bob"))
+        ]
+    );
+    assert!(other.remove_operator_token("o1").await.unwrap());
+    assert!(!other.remove_operator_token("o1").await.unwrap());
+    assert_eq!(s.operator_token("o1").await.unwrap(), None);
+    assert_eq!(s.operator_token("o2").await.unwrap(), Some(rec("bob")));
+}
+
 fn report(
     id: &str,
     service: &str,
@@ -463,6 +498,7 @@ fn report(
             meta: BTreeMap::new(),
         },
         last_seen: 50,
+        node: "node-a".into(),
     }
 }
 

@@ -82,7 +82,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     advance_index, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, Down, EndpointRecord,
-    PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
+    OperatorTokenRecord, PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
 };
 use crate::ca::SharedCa;
 use crate::consul::Document;
@@ -1101,5 +1101,70 @@ impl EtcdStore {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+/// Operator tokens, under `operator_tokens/<sha256 hex>`: plain puts and deletes (they change
+/// nothing proxies are sent).
+impl EtcdStore {
+    /// See [`super::Store::add_operator_token`].
+    pub async fn add_operator_token(
+        &self,
+        token_hash: &str,
+        rec: &OperatorTokenRecord,
+    ) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .put(
+                self.key(&format!("operator_tokens/{token_hash}")),
+                to_json(rec)?,
+                None,
+            )
+            .await
+            .map_err(|x| self.fail(x))?;
+        self.up();
+        Ok(())
+    }
+
+    /// See [`super::Store::operator_token`].
+    pub async fn operator_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<OperatorTokenRecord>, StoreError> {
+        match self
+            .get(&self.key(&format!("operator_tokens/{token_hash}")))
+            .await?
+        {
+            Some(kv) => Ok(Some(from_json(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// See [`super::Store::operator_tokens`].
+    pub async fn operator_tokens(&self) -> Result<Vec<(String, OperatorTokenRecord)>, StoreError> {
+        let dir = self.key("operator_tokens/");
+        self.list("operator_tokens/")
+            .await?
+            .iter()
+            .map(|kv| {
+                let hash = String::from_utf8_lossy(kv.key())
+                    .strip_prefix(dir.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                Ok((hash, from_json::<OperatorTokenRecord>(kv)?))
+            })
+            .collect()
+    }
+
+    /// See [`super::Store::remove_operator_token`].
+    pub async fn remove_operator_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .delete(self.key(&format!("operator_tokens/{token_hash}")), None)
+            .await
+            .map_err(|x| self.fail(x))?;
+        self.up();
+        Ok(r.deleted() > 0)
     }
 }

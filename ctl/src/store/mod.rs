@@ -47,7 +47,9 @@ use crate::consul::Document;
 
 pub use self::etcd::{EtcdOptions, EtcdStore};
 pub use self::redb::RedbStore;
-pub use ringside_core::control::api::{EndpointRecord, PortMap, ServiceRecord};
+pub use ringside_core::control::api::{
+    EndpointRecord, OperatorTokenRecord, PortMap, ServiceRecord,
+};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +244,33 @@ impl Store {
         dispatch!(self.token_service(token_hash))
     }
 
+    /// Remember an operator token (by its hash).
+    pub async fn add_operator_token(
+        &self,
+        token_hash: &str,
+        rec: &OperatorTokenRecord,
+    ) -> Result<(), StoreError> {
+        dispatch!(self.add_operator_token(token_hash, rec))
+    }
+
+    /// The operator token with this hash.
+    pub async fn operator_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<OperatorTokenRecord>, StoreError> {
+        dispatch!(self.operator_token(token_hash))
+    }
+
+    /// Every operator token: (hash, record).
+    pub async fn operator_tokens(&self) -> Result<Vec<(String, OperatorTokenRecord)>, StoreError> {
+        dispatch!(self.operator_tokens())
+    }
+
+    /// Forget an operator token; whether it was there.
+    pub async fn remove_operator_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        dispatch!(self.remove_operator_token(token_hash))
+    }
+
     /// A counter (0 when unset), e.g. the certificate generation `certgen`.
     #[cfg(test)] // the daemon reads counters from its snapshot
     pub async fn meta(&self, key: &str) -> Result<u64, StoreError> {
@@ -403,6 +432,9 @@ pub struct ProxyRecord {
     /// When it last reported (Unix seconds, daemon clock).
     #[serde(default)]
     pub last_seen: i64,
+    /// The node of the daemon it reported to (empty in records older than node names).
+    #[serde(default)]
+    pub node: String,
 }
 
 /// Failures kept per proxy.

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{
-    e, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord, PortMap,
-    ProxyRecord, ServiceRecord, Snapshot, StoreError,
+    e, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord,
+    OperatorTokenRecord, PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
 };
 use crate::consul::Document;
 
@@ -460,6 +460,74 @@ fn bump(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     let index = m.get("index").map_err(e)?.map(|v| v.value()).unwrap_or(0) + 1;
     m.insert("index", index).map_err(e)?;
     Ok(())
+}
+
+/// Operator tokens: hash -> [`OperatorTokenRecord`] (JSON).
+const OPERATOR_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("operator_tokens");
+
+impl RedbStore {
+    /// See [`super::Store::add_operator_token`].
+    pub fn add_operator_token(
+        &self,
+        token_hash: &str,
+        rec: &OperatorTokenRecord,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(rec).map_err(e)?;
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(OPERATOR_TOKENS).map_err(e)?;
+            t.insert(token_hash, json.as_str()).map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// See [`super::Store::operator_token`].
+    pub fn operator_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<OperatorTokenRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = match tx.open_table(OPERATOR_TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(x) => return Err(e(x)),
+        };
+        match t.get(token_hash).map_err(e)? {
+            Some(v) => Ok(Some(serde_json::from_str(v.value()).map_err(e)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// See [`super::Store::operator_tokens`].
+    pub fn operator_tokens(&self) -> Result<Vec<(String, OperatorTokenRecord)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = match tx.open_table(OPERATOR_TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x)),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.push((
+                k.value().to_string(),
+                serde_json::from_str(v.value()).map_err(e)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// See [`super::Store::remove_operator_token`].
+    pub fn remove_operator_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let removed = {
+            let mut t = tx.open_table(OPERATOR_TOKENS).map_err(e)?;
+            let r = t.remove(token_hash).map_err(e)?.is_some();
+            r
+        };
+        tx.commit().map_err(e)?;
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
