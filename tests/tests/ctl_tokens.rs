@@ -151,9 +151,9 @@ fn a_token_speaks_for_its_own_service_only() {
     // web's record and endpoints are untouched.
     let p = proxies(&d);
     assert_eq!(p.len(), 1, "{p:?}");
-    assert_eq!(p[0]["report"]["id"], "web-1");
-    assert_eq!(p[0]["report"]["service"], "web");
-    assert_eq!(p[0]["report"]["cert_generation"], 5);
+    assert_eq!(p[0]["id"], "web-1");
+    assert_eq!(p[0]["service"], "web");
+    assert_eq!(p[0]["cert_generation"], 5);
     let eps: Vec<String> = d
         .get_json("endpoints")
         .as_array()
@@ -206,7 +206,7 @@ fn a_token_speaks_for_its_own_service_only() {
     assert_eq!(st, 200, "{v}");
     assert!(proxies(&d)
         .iter()
-        .any(|p| p["report"]["id"] == "api-2" && p["report"]["service"] == "api"));
+        .any(|p| p["id"] == "api-2" && p["service"] == "api"));
 }
 
 #[test]
@@ -335,18 +335,27 @@ fn sockets_have_their_modes_from_the_start() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (sock, proxy_sock) = (dir.join("ctl.sock"), dir.join("proxy.sock"));
-        let mut daemon = ChildGuard::spawn(
-            Command::new(workspace_bin("ringctl"))
-                .arg("daemon")
-                .arg("--data-dir")
-                .arg(dir.join("data"))
-                .arg("--socket")
-                .arg(&sock)
-                .arg("--proxy-socket")
-                .arg(&proxy_sock)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
+        let mut cmd = Command::new(workspace_bin("ringctl"));
+        cmd.arg("daemon")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--proxy-socket")
+            .arg(&proxy_sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // With umask 0 a socket is bound with mode 0777: any moment it were visible with that
+        // mode, every local user could connect to the operator socket.
+        // SAFETY: umask is async-signal-safe and touches only the child's own state.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+        let mut daemon = ChildGuard::spawn(&mut cmd);
         let mut seen = [None, None];
         let t0 = Instant::now();
         while seen.iter().any(Option::is_none) {
