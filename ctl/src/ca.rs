@@ -1,7 +1,9 @@
 //! The mesh certificate authority: a root generated once (or loaded), leaf certificates signed from
 //! proxies' CSRs. The identity in a leaf is decided here, from the service the proxy's token belongs
-//! to: whatever names the CSR asks for are ignored, only its public key is used, and the private key
-//! never leaves the proxy.
+//! to: only the CSR's public key is used (a CSR that asks for another SPIFFE identity is refused),
+//! and the private key never leaves the proxy. Files are written whole (temporary name, sync,
+//! rename), a new root's key and certificate put in place so that the certificate's rename makes
+//! the pair (see [`Ca::load_or_create`]).
 //!
 //! With the embedded store the roots are files in `DATA/ca` (keys created with mode 0600). With
 //! etcd every daemon of the mesh signs with the same roots: they are one record in the store
@@ -9,7 +11,7 @@
 //! ([`SealKey`]).
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,6 +37,9 @@ pub enum CaError {
     /// Certificate generation or parsing failed.
     #[error("{0}")]
     Cert(String),
+    /// A CSR asks for an identity other than the one its token may have.
+    #[error("{0}")]
+    Identity(String),
 }
 
 fn cert_err(e: impl std::fmt::Display) -> CaError {
@@ -58,31 +63,90 @@ impl Ca {
     }
 
     /// Load `<name>.pem` and `<name>.key` from `dir`, or create them.
+    ///
+    /// A root exists once its certificate is in place. A new one is written whole (key and
+    /// certificate, synced) into a private directory `.<name>.new` beside them, then its key is
+    /// renamed into place and then its certificate: that last rename is the one step that makes
+    /// the pair. A crash before the key's rename leaves nothing (the next start begins again); a
+    /// crash between the two renames is finished by the next start, which finds the staged
+    /// certificate of that key. A key without its certificate that is not ours is never
+    /// overwritten.
     fn load_or_create_named(dir: &Path, name: &str, trust_domain: &str) -> Result<Ca, CaError> {
         let (cert_path, key_path) = (
             dir.join(format!("{name}.pem")),
             dir.join(format!("{name}.key")),
         );
-        if cert_path.exists() && key_path.exists() {
-            let read = |p: &Path| {
-                std::fs::read_to_string(p).map_err(|source| CaError::Io {
-                    path: p.to_path_buf(),
-                    source,
-                })
-            };
-            return Ca::from_pem(trust_domain, read(&cert_path)?, &read(&key_path)?);
+        let staged = dir.join(format!(".{name}.new"));
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| CaError::Io { path: p, source }
+        };
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(io(p));
+        let load = |cert: &Path| -> Result<Ca, CaError> {
+            let ca = Ca::from_pem(trust_domain, read(cert)?, &read(&key_path)?)?;
+            ca.check_pair().map_err(|e| {
+                CaError::Cert(format!(
+                    "{} and {}: {e}",
+                    cert.display(),
+                    key_path.display()
+                ))
+            })?;
+            Ok(ca)
+        };
+        if !cert_path.exists() && key_path.exists() {
+            // Interrupted between the two renames: finish with the staged certificate.
+            let staged_cert = staged.join("cert.pem");
+            if staged_cert.exists() && load(&staged_cert).is_ok() {
+                std::fs::rename(&staged_cert, &cert_path).map_err(io(&cert_path))?;
+                sync_dir(dir)?;
+            } else {
+                return Err(CaError::Cert(format!(
+                    "{} has no certificate beside it ({}): put the root's certificate there, or remove the key to make a new root",
+                    key_path.display(),
+                    cert_path.display()
+                )));
+            }
         }
-        std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        if cert_path.exists() {
+            if !key_path.exists() {
+                return Err(CaError::Cert(format!(
+                    "{} has no key beside it ({})",
+                    cert_path.display(),
+                    key_path.display()
+                )));
+            }
+            let _ = std::fs::remove_dir_all(&staged);
+            return load(&cert_path);
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let _ = std::fs::remove_dir_all(&staged);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staged)
+            .map_err(io(&staged))?;
         let (ca, key_pem) = Ca::generate(trust_domain, name)?;
-        write_private(&key_path, key_pem.as_bytes())?;
-        std::fs::write(&cert_path, &ca.cert_pem).map_err(|source| CaError::Io {
-            path: cert_path.clone(),
-            source,
-        })?;
+        write_synced(&staged.join("key.pem"), key_pem.as_bytes(), 0o600)?;
+        write_synced(&staged.join("cert.pem"), ca.cert_pem.as_bytes(), 0o644)?;
+        sync_dir(&staged)?;
+        std::fs::rename(staged.join("key.pem"), &key_path).map_err(io(&key_path))?;
+        failpoint("ca-after-key");
+        std::fs::rename(staged.join("cert.pem"), &cert_path).map_err(io(&cert_path))?;
+        sync_dir(dir)?;
+        let _ = std::fs::remove_dir_all(&staged);
         Ok(ca)
+    }
+
+    /// Whether the certificate is the key's (the same public key).
+    fn check_pair(&self) -> Result<(), String> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .map_err(|e| format!("not a PEM certificate: {e}"))?;
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| format!("not a certificate: {e}"))?;
+        if cert.public_key().subject_public_key.data.as_ref() != self.key.public_key_raw() {
+            return Err("the certificate is not the key's (they are from different roots)".into());
+        }
+        Ok(())
     }
 
     /// A CA from its certificate and private key (PEM).
@@ -141,6 +205,18 @@ impl Ca {
     ) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err)?;
         let id = format!("spiffe://{}/ns/{namespace}/sa/{service}", self.trust_domain);
+        // As Consul's CA refuses a CSR whose SPIFFE id names a service the token may not write:
+        // a CSR may leave its identity out (the leaf gets the token's), never ask for another.
+        for san in &csr.params.subject_alt_names {
+            if let SanType::URI(uri) = san {
+                let uri: &str = uri.as_ref();
+                if uri != id {
+                    return Err(CaError::Identity(format!(
+                        "the CSR asks for identity {uri}, but its token is for service '{service}' ({id})"
+                    )));
+                }
+            }
+        }
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
         p.distinguished_name.push(DnType::CommonName, service);
         p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().map_err(cert_err)?)];
@@ -342,18 +418,12 @@ impl Authority {
             ));
         };
         let (next, _) = next_state(&self.state);
-        // Create the files first, then switch the state file in one rename.
+        // Create the files first, then switch the state file in one rename: a crash in between
+        // leaves the old state (and a root nobody names, never used).
         let loaded = Authority::with_state(&dir, &self.trust_domain, next.clone())?;
-        let tmp = dir.join("state.json.tmp");
-        let io = |source| CaError::Io {
-            path: tmp.clone(),
-            source,
-        };
+        failpoint("ca-before-state");
         let text = serde_json::to_string(&next).map_err(cert_err)?;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, dir.join("state.json")).map_err(io)?;
+        write_atomic(&dir.join("state.json"), text.as_bytes(), 0o644)?;
         *self = loaded;
         Ok(self.phase())
     }
@@ -612,6 +682,65 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
+/// A test-only crash point: when `RINGSIDE_FAILPOINT` is `point` (or `point:N`, the N-th time it
+/// is reached), the process aborts there, as a kill would (the proxy has the same, for its
+/// certificate files).
+fn failpoint(point: &str) {
+    static REACHED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Ok(v) = std::env::var("RINGSIDE_FAILPOINT") else {
+        return;
+    };
+    let (name, nth) = v
+        .split_once(':')
+        .map_or((v.as_str(), 1), |(n, k)| (n, k.parse().unwrap_or(1)));
+    if name == point && REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
+        eprintln!("ringctl: failpoint {point} reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Write a new file (mode `mode` from its creation) and sync it.
+fn write_synced(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    let io = |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Sync a directory, so the renames in it survive a power cut.
+fn sync_dir(dir: &Path) -> Result<(), CaError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| CaError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Write `path` whole or not at all: a temporary file beside it, synced, renamed over it.
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    write_synced(&tmp, data, mode)?;
+    std::fs::rename(&tmp, path).map_err(|source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
 /// Write a private key file readable by its owner only.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), CaError> {
     let io = |source| CaError::Io {
@@ -670,6 +799,37 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// A crash between the key's rename and the certificate's is finished at the next load
+    /// (the staged certificate is the key's); a key alone that is not ours is kept and refused;
+    /// a certificate with another root's key is refused.
+    #[test]
+    fn a_root_is_finished_or_refused_never_mismatched() {
+        let d = dir("pair");
+        let ca = Ca::load_or_create(&d, "dc1").unwrap();
+        // As left by a crash between the two renames.
+        std::fs::create_dir_all(d.join(".ca.new")).unwrap();
+        std::fs::rename(d.join("ca.pem"), d.join(".ca.new/cert.pem")).unwrap();
+        let again = Ca::load_or_create(&d, "dc1").unwrap();
+        assert_eq!(again.cert_pem, ca.cert_pem, "the staged pair is finished");
+        assert!(!d.join(".ca.new").exists());
+        // A key alone: kept, refused.
+        let key = std::fs::read(d.join("ca.key")).unwrap();
+        std::fs::remove_file(d.join("ca.pem")).unwrap();
+        let err = Ca::load_or_create(&d, "dc1").unwrap_err().to_string();
+        assert!(err.contains("no certificate beside it"), "{err}");
+        assert_eq!(
+            std::fs::read(d.join("ca.key")).unwrap(),
+            key,
+            "the key is kept"
+        );
+        // Another root's certificate beside the key: refused.
+        let (other, _) = Ca::generate("dc1", "ca").unwrap();
+        std::fs::write(d.join("ca.pem"), &other.cert_pem).unwrap();
+        let err = Ca::load_or_create(&d, "dc1").unwrap_err().to_string();
+        assert!(err.contains("not the key's"), "{err}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn creates_once_with_a_private_key_file_then_loads() {
         let d = dir("create");
@@ -685,17 +845,44 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
-    #[test]
-    fn signs_the_token_identity_not_what_the_csr_asks() {
-        let d = dir("sign");
-        let ca = Ca::load_or_create(&d, "dc1").unwrap();
-        // A CSR that asks for another identity: ignored.
+    fn csr_for(uri: &str) -> String {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = vec![SanType::URI(
-            "spiffe://dc1/ns/default/sa/admin".try_into().unwrap(),
-        )];
-        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn signs_the_token_identity_and_refuses_another() {
+        let d = dir("sign");
+        let ca = Ca::load_or_create(&d, "dc1").unwrap();
+        // A CSR that asks for another service's identity, or another trust domain's: refused.
+        for other in [
+            "spiffe://dc1/ns/default/sa/admin",
+            "spiffe://dc2/ns/default/sa/products-api",
+            "spiffe://dc1/ns/prod/sa/products-api",
+        ] {
+            let err = ca
+                .sign_csr(
+                    &csr_for(other),
+                    "default",
+                    "products-api",
+                    DEFAULT_LEAF_LIFETIME,
+                )
+                .unwrap_err();
+            assert!(matches!(err, CaError::Identity(_)), "{other}: {err}");
+            assert!(err.to_string().contains(other), "{err}");
+        }
+        // One that asks for its own identity is signed.
+        ca.sign_csr(
+            &csr_for("spiffe://dc1/ns/default/sa/products-api"),
+            "default",
+            "products-api",
+            DEFAULT_LEAF_LIFETIME,
+        )
+        .unwrap();
+        // One that asks for none gets the token's.
+        let (csr, _) = make_csr().unwrap();
         let leaf = ca
             .sign_csr(&csr, "default", "products-api", DEFAULT_LEAF_LIFETIME)
             .unwrap();

@@ -9,6 +9,11 @@
 //! - `POST /v1/endpoints`, `DELETE /v1/endpoints/<service>/<address>`: endpoints by hand.
 //! - `POST /v1/operator/tokens`, `GET /v1/operator/tokens`, `DELETE /v1/operator/tokens/<name>`:
 //!   the credentials of the TCP operator port.
+//! - `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/<id>`: proxy tokens (stored hashed,
+//!   with an optional expiry).
+//!
+//! On the proxy socket every request carries a proxy token, and what it writes speaks for the
+//! token's service only (see [`take_report`], [`sign`]): refused with 403 otherwise.
 //!
 //! The state is in a [`Store`]: the embedded one in `--data-dir` (the default), or etcd
 //! (`--store etcd://...`), shared with the other daemons pointed at it; the daemon then follows
@@ -25,7 +30,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +44,7 @@ use ringside_core::control::api::{
     DeregisterResponse, EndpointRecord, ErrorBody, IndexResponse, IntentionCheck, IntentionList,
     IntentionRow, OperatorTokenRecord, OperatorTokenRequest, OperatorTokenResponse,
     OperatorTokenRevoked, ProxyConfig, ProxyReport, ProxyStatus, RegisterService, ReportAck,
-    RotationPhase, SignResponse, StoreStatus, TokenRequest, TokenResponse,
+    RotationPhase, SignResponse, StoreStatus, TokenInfo, TokenRequest, TokenResponse,
 };
 use ringside_core::control::AnswerError;
 use ringside_core::Reason;
@@ -99,9 +104,10 @@ pub struct State {
     snapshot: RwLock<Arc<Snapshot>>,
     /// One snapshot read at a time.
     refreshing: tokio::sync::Mutex<()>,
-    /// Proxy tokens (hash -> service) seen valid, to authenticate proxies while the store
-    /// cannot be reached.
-    tokens: Mutex<HashMap<String, String>>,
+    /// Proxy tokens (by hash) seen valid, to authenticate proxies while the store cannot be
+    /// reached: a revoke through this daemon evicts one, a token the store no longer has (or
+    /// that expired) is evicted when seen, and an expired one is never taken from here.
+    tokens: Mutex<HashMap<String, TokenInfo>>,
     /// The proxies reporting to this daemon, by id.
     local: Mutex<HashMap<String, LocalProxy>>,
     /// Reports taken while the store could not be reached, written with the proxy's next one.
@@ -458,6 +464,12 @@ async fn flush_pending(state: &State) {
     for rec in pending {
         match state.store.report_proxy(&rec, &rec.report.id).await {
             Ok(c) => changed |= c,
+            Err(e) if e.forbidden => {
+                eprintln!(
+                    "ringctl daemon: a report kept while the store was unreachable is dropped: {}",
+                    e.message
+                );
+            }
             Err(_) => {
                 // Kept, merged under any report taken meanwhile.
                 let mut p = lock(&state.pending);
@@ -518,22 +530,58 @@ async fn reaper(state: Arc<State>) {
     }
 }
 
+/// Listen on `socket` with file mode `mode` from the moment the path exists: the socket is bound
+/// in a private directory (0700) beside it, given its mode there, then hard-linked into place
+/// (which, unlike a rename, never replaces a path another daemon just bound) — no window in which
+/// a wider mode (from the umask) lets anyone connect.
 fn bind(socket: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // A socket file left by a killed daemon is stale: nothing accepts on it.
-    if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_err() {
-        std::fs::remove_file(socket)?;
-    }
-    let listener = tokio::net::UnixListener::bind(socket).map_err(|e| {
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let in_use = || {
         anyhow::anyhow!(
-            "cannot listen on {}: {e} (is another ringctl daemon running?)",
+            "cannot listen on {}: another ringctl daemon is listening there",
             socket.display()
         )
-    })?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    };
+    // A socket file left by a killed daemon is stale: nothing accepts on it.
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(in_use());
+        }
+        std::fs::remove_file(socket)?;
+    }
+    let name = socket
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{}: not a socket path", socket.display()))?;
+    let private = dir.join(format!(
+        ".{}.{}.bind",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", private.display()))?;
+    let staged = private.join(name);
+    let bound = (|| {
+        let listener = tokio::net::UnixListener::bind(&staged)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", staged.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        std::fs::hard_link(&staged, socket).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                in_use()
+            } else {
+                anyhow::anyhow!("cannot listen on {}: {e}", socket.display())
+            }
+        })?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// A connection accepted by the daemon.
@@ -701,8 +749,10 @@ pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
     }
 }
 
-/// The service of the request's proxy token (`Authorization: Bearer`), or the error answer.
-/// While the store cannot be reached, tokens seen valid before are still taken.
+/// The service of the request's proxy token (`Authorization: Bearer`), or the error answer:
+/// 401 without a token, 403 for a token the store does not have (never issued, or revoked) or
+/// one that expired. While the store cannot be reached, tokens seen valid before are still
+/// taken until they expire.
 #[allow(clippy::result_large_err)] // the error is the answer itself, sent once
 async fn token_service(
     req: &Request<Incoming>,
@@ -720,22 +770,147 @@ async fn token_service(
             "a proxy token is required (Authorization: Bearer)",
         ));
     };
-    let cached = || lock(&state.tokens).get(&hash).cloned();
+    let now = unix_now();
+    let expired = |t: &TokenInfo| {
+        error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {} of service '{}' expired at {}: make a new one (ringctl token create --service {})",
+                t.id,
+                t.service,
+                show_time(t.expires.unwrap_or(0)),
+                t.service
+            ),
+        )
+    };
+    let cached = || -> Option<Result<String, Response<Full<Bytes>>>> {
+        let mut cache = lock(&state.tokens);
+        let t = cache.get(&hash)?.clone();
+        if t.expired_at(now) {
+            cache.remove(&hash);
+            return Some(Err(expired(&t)));
+        }
+        Some(Ok(t.service))
+    };
     if state.store.unreachable().is_some() {
-        if let Some(s) = cached() {
-            return Ok(s);
+        if let Some(r) = cached() {
+            return r;
         }
     }
-    match state.store.token_service(&hash).await {
+    match state.store.token(&hash).await {
         Err(e) if e.unreachable => {
-            cached().ok_or_else(|| state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e))
+            cached().unwrap_or_else(|| Err(state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e)))
         }
         Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
-        Ok(None) => Err(error(StatusCode::FORBIDDEN, "unknown token")),
-        Ok(Some(s)) => {
-            lock(&state.tokens).insert(hash, s.clone());
-            Ok(s)
+        Ok(None) => {
+            lock(&state.tokens).remove(&hash);
+            Err(error(
+                StatusCode::FORBIDDEN,
+                "unknown token (never issued, or revoked)",
+            ))
         }
+        Ok(Some(t)) if t.expired_at(now) => {
+            lock(&state.tokens).remove(&hash);
+            Err(expired(&t))
+        }
+        Ok(Some(t)) => {
+            let service = t.service.clone();
+            lock(&state.tokens).insert(hash, t);
+            Ok(service)
+        }
+    }
+}
+
+/// A Unix time as RFC 3339 (UTC), for messages and listings.
+pub fn show_time(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// `POST /v1/tokens`: a new random token for a service, valid for `ttl_s` when given. Only its
+/// hash is stored; the token is in this answer alone.
+async fn create_token(state: &State, r: TokenRequest) -> Response<Full<Bytes>> {
+    if r.service.is_empty() || r.service.contains(['/', ' ']) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("service: '{}' is not a service name", r.service),
+        );
+    }
+    if r.ttl_s == Some(0) {
+        return error(StatusCode::BAD_REQUEST, "ttl_s: must be more than 0");
+    }
+    let mut raw = [0u8; 32];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "no randomness");
+    }
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = token_hash(&token);
+    let now = unix_now();
+    let info = TokenInfo {
+        id: crate::store::token_id(&hash),
+        service: r.service,
+        created: now,
+        expires: r
+            .ttl_s
+            .map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
+    };
+    match state.store.add_token(&hash, &info).await {
+        Ok(()) => json(
+            StatusCode::OK,
+            &TokenResponse {
+                service: info.service,
+                token,
+                id: info.id,
+                expires: info.expires,
+            },
+        ),
+        Err(e) => state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// `DELETE /v1/tokens/<id>` (or a prefix of the id naming one token): forgotten by the store
+/// and evicted from this daemon's cache, so the token's next request is refused.
+async fn revoke_token(state: &State, id: &str) -> Response<Full<Bytes>> {
+    if id.len() < 4 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("'{id}' is not a token id (at least 4 hex digits; see ringctl token list)"),
+        );
+    }
+    let id = id.to_ascii_lowercase();
+    let list = match state.store.tokens().await {
+        Ok(l) => l,
+        Err(e) => return state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let matching: Vec<(String, TokenInfo)> = list
+        .into_iter()
+        .filter(|(_, t)| t.id.starts_with(&id))
+        .collect();
+    let (hash, info) = match matching.as_slice() {
+        [one] => one.clone(),
+        [] => return error(StatusCode::NOT_FOUND, format!("no token with id {id}")),
+        many => {
+            return error(
+                StatusCode::CONFLICT,
+                format!(
+                    "'{id}' names {} tokens ({}): give more of the id",
+                    many.len(),
+                    many.iter()
+                        .map(|(_, t)| t.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        }
+    };
+    // Evicted first: from here on this daemon asks the store, which no longer has it.
+    lock(&state.tokens).remove(&hash);
+    let removed = state.store.remove_token(&hash).await;
+    // And after: a request that read the store before the removal may have cached it again.
+    lock(&state.tokens).remove(&hash);
+    match removed {
+        Ok(_) => json(StatusCode::OK, &info),
+        Err(e) => state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -785,21 +960,41 @@ async fn handle_proxy(
 /// A proxy's report: recorded (its endpoint registered, on this daemon's lease with etcd), and
 /// the proxy counted as this daemon's. While the store cannot be reached the report is kept and
 /// written with the proxy's next one: a proxy does not notice the outage.
+///
+/// A report speaks for the token's service only: one naming another service, or under the id of
+/// another service's live proxy (its record holds the certificate generation `ringctl ca rotate`
+/// waits on, and its endpoint), is refused with 403.
 async fn take_report(
     state: &State,
     service: String,
     mut report: ProxyReport,
 ) -> Response<Full<Bytes>> {
+    if !report.service.is_empty() && report.service != service {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the report is for service '{}' but the token is for service '{service}': a proxy reports for its token's service only",
+                report.service
+            ),
+        );
+    }
     report.service = service.clone();
     let id = report.id.clone();
-    lock(&state.local).insert(
-        id.clone(),
-        LocalProxy {
-            service,
-            address: report.address,
-            last: Instant::now(),
-        },
-    );
+    // Another service's proxy reporting to this daemon under the same id (the store checks the
+    // same against its record; this also holds while the store cannot be reached).
+    let held = lock(&state.local).get(&id).and_then(|p| {
+        (p.service != service
+            && p.last.elapsed() <= Duration::from_secs(crate::store::PROXY_ID_HELD_SECS as u64))
+        .then(|| p.service.clone())
+    });
+    if let Some(owner) = held {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "proxy id '{id}' belongs to a proxy of service '{owner}'; a token of service '{service}' cannot report for it (give this proxy another --proxy-id)"
+            ),
+        );
+    }
     let mut rec = ProxyRecord {
         report,
         last_seen: unix_now(),
@@ -808,18 +1003,26 @@ async fn take_report(
     if let Some(pending) = lock(&state.pending).remove(&id) {
         rec = crate::store::merge_report(Some(pending), &rec);
     }
+    let local = LocalProxy {
+        service,
+        address: rec.report.address,
+        last: Instant::now(),
+    };
     if state.store.unreachable().is_none() {
         match state.store.report_proxy(&rec, &id).await {
             Ok(changed) => {
+                lock(&state.local).insert(id, local);
                 if changed {
                     state.notify().await;
                 }
                 return json(StatusCode::OK, &ReportAck { ok: true });
             }
+            Err(e) if e.forbidden => return error(StatusCode::FORBIDDEN, e.message),
             Err(e) if e.unreachable || e.message.contains("lease not found") => {}
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
         }
     }
+    lock(&state.local).insert(id.clone(), local);
     lock(&state.pending).insert(id, rec);
     json(StatusCode::OK, &ReportAck { ok: true })
 }
@@ -840,6 +1043,7 @@ fn sign(state: &State, service: &str, csr: &str) -> Response<Full<Bytes>> {
                 cert_generation: generation,
             },
         ),
+        Err(e @ crate::ca::CaError::Identity(_)) => error(StatusCode::FORBIDDEN, e),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }
@@ -1103,26 +1307,19 @@ async fn handle(
         },
         (Method::POST, "/v1/tokens") => match body_json::<TokenRequest>(req).await {
             Err(r) => r,
-            Ok(r) => {
-                let mut raw = [0u8; 32];
-                match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw) {
-                    Err(_) => error(internal, "no randomness"),
-                    Ok(()) => {
-                        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-                        match store.add_token(&token_hash(&token), &r.service).await {
-                            Ok(()) => json(
-                                StatusCode::OK,
-                                &TokenResponse {
-                                    service: r.service,
-                                    token,
-                                },
-                            ),
-                            Err(e) => state.store_error(internal, e),
-                        }
-                    }
-                }
-            }
+            Ok(r) => create_token(&state, r).await,
         },
+        (Method::GET, "/v1/tokens") => match store.tokens().await {
+            Ok(list) => {
+                let mut rows: Vec<TokenInfo> = list.into_iter().map(|(_, t)| t).collect();
+                rows.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+                json(StatusCode::OK, &rows)
+            }
+            Err(e) => state.store_error(internal, e),
+        },
+        (Method::DELETE, p) if p.starts_with("/v1/tokens/") => {
+            revoke_token(&state, &p["/v1/tokens/".len()..]).await
+        }
         (Method::POST, "/v1/sign") => {
             let service = match token_service(&req, &state).await {
                 Ok(s) => s,

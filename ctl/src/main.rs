@@ -31,7 +31,8 @@ use ringside_core::control::api::{
     ApplyResponse, CaStatus, CertRotateResponse, DeleteResponse, DeregisterResponse,
     EndpointRecord, IntentionCheck, IntentionList, IntentionRow, OperatorTokenRecord,
     OperatorTokenRequest, OperatorTokenResponse, OperatorTokenRevoked, PortMap, ProxyStatus,
-    RegisterService, RotationPhase, ServiceRecord, SignResponse, TokenRequest, TokenResponse,
+    RegisterService, RotationPhase, ServiceRecord, SignResponse, TokenInfo, TokenRequest,
+    TokenResponse,
 };
 use ringside_core::control::AnswerError;
 use ringside_core::intentions::{Action, Pattern};
@@ -432,12 +433,90 @@ enum OperatorTokenCommand {
 
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
-    /// Create a token for the proxies of a service.
+    /// Create a token for the proxies of a service (printed once; the daemon keeps its hash).
     Create {
         /// Service.
         #[arg(long)]
         service: String,
+        /// How long it is valid (e.g. 24h, 30m, 7d); without it, until revoked.
+        #[arg(long, value_parser = humantime_parse)]
+        ttl: Option<std::time::Duration>,
     },
+    /// List the tokens: id, service, created, expires (never the tokens themselves).
+    List,
+    /// Revoke a token: its proxies' next request is refused.
+    Revoke {
+        /// Its id (or a prefix of at least 4 hex digits naming one token), from `token list`.
+        id: String,
+    },
+}
+
+fn token_command(socket: &daemon::Target, command: TokenCommand) -> ExitCode {
+    match command {
+        TokenCommand::Create { service, ttl } => report(
+            daemon::call(
+                socket,
+                hyper::Method::POST,
+                "/v1/tokens",
+                body(&TokenRequest {
+                    service,
+                    ttl_s: ttl.map(|t| t.as_secs()),
+                }),
+            ),
+            |t: TokenResponse| {
+                // The token alone on stdout (scripts read it); what it is on stderr.
+                eprintln!(
+                    "token {} for service {}, {}",
+                    t.id,
+                    t.service,
+                    t.expires.map_or("until revoked".to_string(), |e| format!(
+                        "expires {}",
+                        daemon::show_time(e)
+                    ))
+                );
+                println!("{}", t.token);
+            },
+        ),
+        TokenCommand::List => report(
+            daemon::call(socket, hyper::Method::GET, "/v1/tokens", None),
+            |rows: Vec<TokenInfo>| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                println!(
+                    "{:<16}  {:<24}  {:<20}  EXPIRES",
+                    "ID", "SERVICE", "CREATED"
+                );
+                for t in rows {
+                    let created = if t.created > 0 {
+                        daemon::show_time(t.created)
+                    } else {
+                        "-".into()
+                    };
+                    let expires = match t.expires {
+                        None => "never".to_string(),
+                        Some(e) if t.expired_at(now) => {
+                            format!("{} (expired)", daemon::show_time(e))
+                        }
+                        Some(e) => daemon::show_time(e),
+                    };
+                    println!(
+                        "{:<16}  {:<24}  {:<20}  {expires}",
+                        t.id, t.service, created
+                    );
+                }
+            },
+        ),
+        TokenCommand::Revoke { id } => report(
+            daemon::call(
+                socket,
+                hyper::Method::DELETE,
+                &format!("/v1/tokens/{id}"),
+                None,
+            ),
+            |t: TokenInfo| println!("revoked token {} of service {}", t.id, t.service),
+        ),
+    }
 }
 
 fn parse_range(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -1328,19 +1407,7 @@ fn main() -> ExitCode {
         Command::Operator {
             command: OperatorCommand::Token { command },
         } => operator_token(&at, command),
-        Command::Token {
-            command: TokenCommand::Create { service },
-        } => report(
-            daemon::call(
-                &at,
-                hyper::Method::POST,
-                "/v1/tokens",
-                body(&TokenRequest { service }),
-            ),
-            |t: TokenResponse| {
-                println!("{}", t.token);
-            },
-        ),
+        Command::Token { command } => token_command(&at, command),
         Command::Daemon {
             data_dir,
             store,

@@ -16,7 +16,8 @@
 //! ([`EndpointRecord`]) → [`EndpointRecord`]; `GET /v1/endpoints` → `[EndpointRecord]`;
 //! `DELETE /v1/endpoints/<service>/<address>` → [`DeregisterResponse`]; `GET /v1/store` →
 //! [`StoreStatus`];
-//! `POST /v1/tokens` ([`TokenRequest`]) → [`TokenResponse`]; `POST /v1/sign` (a CSR, with a proxy
+//! `POST /v1/tokens` ([`TokenRequest`]) → [`TokenResponse`]; `GET /v1/tokens` → `[TokenInfo]`;
+//! `DELETE /v1/tokens/<id or prefix>` → [`TokenInfo`]; `POST /v1/sign` (a CSR, with a proxy
 //! token) → [`SignResponse`]; `GET /v1/proxies` → `[ProxyStatus]`; `POST /v1/certs/rotate` →
 //! [`CertRotateResponse`]; `GET /v1/ca` and `POST /v1/ca/rotate` → [`CaStatus`].
 //!
@@ -326,6 +327,9 @@ pub struct EndpointRecord {
 pub struct TokenRequest {
     /// The service whose proxies will use it.
     pub service: String,
+    /// How long it is valid, in seconds (left out: until revoked).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
 }
 
 /// The answer to `POST /v1/tokens` (the token is shown once; the daemon keeps its hash).
@@ -335,6 +339,34 @@ pub struct TokenResponse {
     pub service: String,
     /// The token (64 hex digits).
     pub token: String,
+    /// Its id (what `GET /v1/tokens` lists and `DELETE /v1/tokens/<id>` revokes; not a secret).
+    pub id: String,
+    /// When it expires (Unix seconds; none: when revoked).
+    #[serde(default)]
+    pub expires: Option<i64>,
+}
+
+/// A proxy token as the daemon keeps it and lists it (`GET /v1/tokens`, the answer to
+/// `DELETE /v1/tokens/<id>`): never the token itself, which only its holder knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its id: the first 16 hex digits of the SHA-256 of the token.
+    pub id: String,
+    /// The service its proxies speak for.
+    pub service: String,
+    /// When it was created (Unix seconds; 0 for tokens made before this was recorded).
+    #[serde(default)]
+    pub created: i64,
+    /// When it expires (Unix seconds; none: when revoked).
+    #[serde(default)]
+    pub expires: Option<i64>,
+}
+
+impl TokenInfo {
+    /// Whether it has expired at `now` (Unix seconds).
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.expires.is_some_and(|e| now >= e)
+    }
 }
 
 /// `POST /v1/operator/tokens`: a credential for the daemon's TCP operator port.
@@ -580,10 +612,19 @@ mod tests {
         });
         round_trip(TokenRequest {
             service: "products".into(),
+            ttl_s: Some(86400),
         });
         round_trip(TokenResponse {
             service: "products".into(),
             token: "ab".repeat(32),
+            id: "ab".repeat(8),
+            expires: None,
+        });
+        round_trip(TokenInfo {
+            id: "ab".repeat(8),
+            service: "products".into(),
+            created: 1,
+            expires: Some(2),
         });
         round_trip(CertRotateResponse {
             rotated: "*".into(),
@@ -704,7 +745,8 @@ mod tests {
             "healthy",
         );
         refused::<TokenRequest>(r#"{"svc":"a"}"#, "service");
-        refused::<TokenResponse>(r#"{"service":"a","tok":"t"}"#, "token");
+        refused::<TokenResponse>(r#"{"service":"a","tok":"t","id":"x"}"#, "token");
+        refused::<TokenInfo>(r#"{"service":"a","created":1}"#, "id");
         refused::<CertRotateResponse>(r#"{"rotate":"*","index":1}"#, "rotated");
         refused::<CaStatus>(
             r#"{"phase":"idle","roots":{"signer":"ca","trusted":["ca"]},"gen":0,"index":1}"#,

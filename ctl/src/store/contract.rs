@@ -14,7 +14,9 @@ use std::time::Duration;
 use ringside_core::control::api::{ProxyEvent, ProxyReport};
 
 use super::etcd_server::EtcdServer;
-use super::{EndpointRecord, EtcdOptions, PortMap, ProxyRecord, Store};
+use super::{
+    EndpointRecord, EtcdOptions, PortMap, ProxyRecord, Store, TokenInfo, PROXY_ID_HELD_SECS,
+};
 use crate::consul::{Document, Protocol, ServiceDefaultsSpec};
 
 /// The longest one test body may run.
@@ -159,6 +161,8 @@ contract!(
     endpoints_need_their_service,
     tokens_name_their_service,
     operator_tokens_are_kept_apart,
+    tokens_are_revoked,
+    proxy_ids_belong_to_their_service,
     proxy_reports_register_endpoints_and_keep_failures,
     counters_count_under_contention,
     snapshots_hold_what_proxies_are_sent,
@@ -409,12 +413,24 @@ async fn endpoints_need_their_service(h: Harness) {
     );
 }
 
+fn token(id: &str, service: &str, expires: Option<i64>) -> TokenInfo {
+    TokenInfo {
+        id: id.into(),
+        service: service.into(),
+        created: 1_700_000_000,
+        expires,
+    }
+}
+
 async fn tokens_name_their_service(h: Harness) {
     let s = &h.store;
-    assert_eq!(s.token_service("h1").await.unwrap(), None);
+    assert_eq!(s.token("h1").await.unwrap(), None);
+    assert!(s.tokens().await.unwrap().is_empty());
     let before = s.index().await.unwrap();
-    s.add_token("h1", "a").await.unwrap();
-    s.add_token("h2", "b").await.unwrap();
+    s.add_token("h1", &token("h1", "a", None)).await.unwrap();
+    s.add_token("h2", &token("h2", "b", Some(1_800_000_000)))
+        .await
+        .unwrap();
     assert_eq!(
         s.index().await.unwrap(),
         before,
@@ -422,14 +438,77 @@ async fn tokens_name_their_service(h: Harness) {
     );
     let other = h.handle().await;
     assert_eq!(
-        other.token_service("h1").await.unwrap().as_deref(),
-        Some("a")
+        other.token("h1").await.unwrap(),
+        Some(token("h1", "a", None))
     );
     assert_eq!(
-        other.token_service("h2").await.unwrap().as_deref(),
-        Some("b")
+        other.token("h2").await.unwrap(),
+        Some(token("h2", "b", Some(1_800_000_000))),
+        "the expiry is kept"
     );
-    assert_eq!(other.token_service("nope").await.unwrap(), None);
+    assert_eq!(other.token("nope").await.unwrap(), None);
+    assert_eq!(
+        other.tokens().await.unwrap(),
+        vec![
+            ("h1".to_string(), token("h1", "a", None)),
+            ("h2".to_string(), token("h2", "b", Some(1_800_000_000))),
+        ]
+    );
+}
+
+/// A revoked token is gone for every daemon sharing the store; revoking it again says so.
+async fn tokens_are_revoked(h: Harness) {
+    let s = &h.store;
+    s.add_token("h1", &token("h1", "a", None)).await.unwrap();
+    s.add_token("h2", &token("h2", "a", None)).await.unwrap();
+    let before = s.index().await.unwrap();
+    let other = h.handle().await;
+    assert!(other.remove_token("h1").await.unwrap());
+    assert!(!other.remove_token("h1").await.unwrap(), "already gone");
+    assert_eq!(s.token("h1").await.unwrap(), None);
+    assert_eq!(s.token("h2").await.unwrap(), Some(token("h2", "a", None)));
+    assert_eq!(s.tokens().await.unwrap().len(), 1);
+    assert_eq!(s.index().await.unwrap(), before);
+}
+
+/// A proxy id is its service's while its proxy reports: another service's report under it is
+/// refused (forbidden) and changes nothing; once the proxy has been silent longer than
+/// [`PROXY_ID_HELD_SECS`], the id may be taken over.
+async fn proxy_ids_belong_to_their_service(h: Harness) {
+    let s = &h.store;
+    let range = ("240.0.0.0".parse().unwrap(), 16);
+    s.register_service("web", port(80), range).await.unwrap();
+    s.register_service("api", port(80), range).await.unwrap();
+    let mut web = report("p1", "web", Some("198.18.0.5"), 10, 1);
+    web.report.cert_generation = 3;
+    s.report_proxy(&web, "n").await.unwrap();
+    let index = s.index().await.unwrap();
+    let mut forged = report("p1", "api", Some("198.18.0.9"), 10, 0);
+    forged.report.cert_generation = 99;
+    forged.last_seen = web.last_seen + PROXY_ID_HELD_SECS;
+    let other = h.handle().await;
+    let err = other.report_proxy(&forged, "n").await.unwrap_err();
+    assert!(err.forbidden, "{err}");
+    assert!(
+        err.message.contains("'web'") && err.message.contains("'api'"),
+        "{err}"
+    );
+    let p = s.proxies().await.unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].report.service, "web");
+    assert_eq!(
+        p[0].report.cert_generation, 3,
+        "its generation is untouched"
+    );
+    assert_eq!(s.index().await.unwrap(), index);
+    assert_eq!(s.endpoints().await.unwrap().len(), 1);
+    // Its own service's proxy still reports under it.
+    web.last_seen += 5;
+    s.report_proxy(&web, "n").await.unwrap();
+    // Silent past the hold: taken over.
+    forged.last_seen = web.last_seen + PROXY_ID_HELD_SECS + 1;
+    other.report_proxy(&forged, "n").await.unwrap();
+    assert_eq!(s.proxies().await.unwrap()[0].report.service, "api");
 }
 
 async fn operator_tokens_are_kept_apart(h: Harness) {
@@ -443,7 +522,7 @@ async fn operator_tokens_are_kept_apart(h: Harness) {
     let before = s.index().await.unwrap();
     s.add_operator_token("o1", &rec("alice")).await.unwrap();
     s.add_operator_token("o2", &rec("bob")).await.unwrap();
-    s.add_token("p1", "web").await.unwrap();
+    s.add_token("p1", &token("p1", "web", None)).await.unwrap();
     assert_eq!(s.index().await.unwrap(), before);
     let other = h.handle().await;
     assert_eq!(
@@ -452,7 +531,7 @@ async fn operator_tokens_are_kept_apart(h: Harness) {
     );
     // A proxy token is not an operator token, nor an operator token a proxy token.
     assert_eq!(other.operator_token("p1").await.unwrap(), None);
-    assert_eq!(other.token_service("o1").await.unwrap(), None);
+    assert_eq!(other.token("o1").await.unwrap(), None);
     assert_eq!(
         other.operator_tokens().await.unwrap(),
         vec![
@@ -729,7 +808,7 @@ fn etcd_index_is_the_revision_of_the_last_change() {
         s.report_proxy(&report("cli", "web", None, 1, 0), "n")
             .await
             .unwrap();
-        s.add_token("h", "web").await.unwrap();
+        s.add_token("h", &token("h", "web", None)).await.unwrap();
         assert_eq!(s.index().await.unwrap(), applied);
         let other = h.handle().await;
         assert_eq!(other.index().await.unwrap(), applied);

@@ -12,7 +12,7 @@
 //! | `services/<name>` | a [`ServiceRecord`]; its `registered_index` is the key's `create_revision` |
 //! | `vips/<ip>` | the name of the service holding that virtual IP |
 //! | `endpoints/<service>/<address>` | an [`EndpointRecord`]; attached to the lease of the daemon whose proxy registered it (none when registered by hand) |
-//! | `tokens/<sha256 hex>` | the service of a proxy token |
+//! | `tokens/<sha256 hex>` | a proxy token's [`TokenInfo`]: id, service, created, expires (older ones: the service alone) |
 //! | `proxies/<id>` | a [`ProxyRecord`] (a proxy's last report) |
 //! | `meta/<counter>` | a number, e.g. `certgen`, `certgen/<service>` |
 //! | `ca` | the mesh's CA, a [`SharedCa`]: trust domain, which roots are trusted and which signs, each root's certificate and its private key sealed with the daemons' `--ca-secret` |
@@ -44,7 +44,9 @@
 //!   same transaction: of daemons starting at once, the first one's root is everyone's.
 //! - `ca_step`: the next rollover state, only if `ca` is still at the revision it was computed
 //!   from; the step that makes the new root sign bumps `meta/certgen` in the same transaction.
-//! - `add_token`: a plain put (a token changes nothing proxies are sent).
+//! - `add_token`, `remove_token`: a plain put and delete (a token changes nothing proxies are
+//!   sent); `report_proxy` also refuses a report for a proxy id held by another service's live
+//!   proxy, judged on the record read, which the transaction guards.
 //!
 //! # Following other daemons
 //!
@@ -81,8 +83,9 @@ use etcd_client::{
 use serde::de::DeserializeOwned;
 
 use super::{
-    advance_index, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, Down, EndpointRecord,
-    OperatorTokenRecord, PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
+    advance_index, check_owner, endpoint_key, endpoint_of, merge_report, token_from_stored,
+    unix_now, vip_at, Down, EndpointRecord, OperatorTokenRecord, PortMap, ProxyRecord,
+    ServiceRecord, Snapshot, StoreError, TokenInfo,
 };
 use crate::ca::SharedCa;
 use crate::consul::Document;
@@ -588,12 +591,12 @@ impl EtcdStore {
     }
 
     /// See [`super::Store::add_token`].
-    pub async fn add_token(&self, token_hash: &str, service: &str) -> Result<(), StoreError> {
+    pub async fn add_token(&self, token_hash: &str, token: &TokenInfo) -> Result<(), StoreError> {
         self.client
             .kv_client()
             .put(
                 self.key(&format!("tokens/{token_hash}")),
-                to_json(service)?,
+                to_json(token)?,
                 None,
             )
             .await
@@ -602,12 +605,39 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// See [`super::Store::token_service`].
-    pub async fn token_service(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+    /// See [`super::Store::token`].
+    pub async fn token(&self, token_hash: &str) -> Result<Option<TokenInfo>, StoreError> {
         match self.get(&self.key(&format!("tokens/{token_hash}"))).await? {
-            Some(kv) => Ok(Some(from_json(&kv)?)),
+            Some(kv) => Ok(Some(token_from_stored(token_hash, kv.value())?)),
             None => Ok(None),
         }
+    }
+
+    /// See [`super::Store::tokens`].
+    pub async fn tokens(&self) -> Result<Vec<(String, TokenInfo)>, StoreError> {
+        let dir = self.key("tokens/");
+        self.list("tokens/")
+            .await?
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let hash = key.strip_prefix(dir.as_str()).unwrap_or(&key).to_string();
+                let info = token_from_stored(&hash, kv.value())?;
+                Ok((hash, info))
+            })
+            .collect()
+    }
+
+    /// See [`super::Store::remove_token`].
+    pub async fn remove_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let r = self
+            .client
+            .kv_client()
+            .delete(self.key(&format!("tokens/{token_hash}")), None)
+            .await
+            .map_err(|x| self.fail(x))?;
+        self.up();
+        Ok(r.deleted() > 0)
     }
 
     /// See [`super::Store::meta`].
@@ -668,11 +698,11 @@ impl EtcdStore {
             }
             let mut read = self.get_many(&keys).await?.into_iter();
             let old = read.next().flatten();
-            let merged = merge_report(
-                old.as_ref()
-                    .and_then(|kv| serde_json::from_slice(kv.value()).ok()),
-                rec,
-            );
+            let stored: Option<ProxyRecord> = old
+                .as_ref()
+                .and_then(|kv| serde_json::from_slice(kv.value()).ok());
+            check_owner(stored.as_ref(), rec)?;
+            let merged = merge_report(stored, rec);
             let mut when = vec![unchanged(&pkey, old.as_ref())];
             let mut then = vec![TxnOp::put(pkey.as_str(), to_json(&merged)?, None)];
             let mut changed = false;

@@ -48,7 +48,7 @@ use crate::consul::Document;
 pub use self::etcd::{EtcdOptions, EtcdStore};
 pub use self::redb::RedbStore;
 pub use ringside_core::control::api::{
-    EndpointRecord, OperatorTokenRecord, PortMap, ServiceRecord,
+    EndpointRecord, OperatorTokenRecord, PortMap, ServiceRecord, TokenInfo,
 };
 
 /// Why a store operation failed.
@@ -60,6 +60,9 @@ pub struct StoreError {
     /// daemon refuses writes and serves its proxies the last good state
     /// ([`ringside_core::Reason::StoreUnreachable`]).
     pub unreachable: bool,
+    /// The write was refused because it would touch another service's record (a proxy id held
+    /// by a live proxy of another service): the daemon answers 403.
+    pub forbidden: bool,
 }
 
 impl StoreError {
@@ -68,6 +71,7 @@ impl StoreError {
         StoreError {
             message: message.into(),
             unreachable: false,
+            forbidden: false,
         }
     }
 
@@ -76,6 +80,16 @@ impl StoreError {
         StoreError {
             message: message.into(),
             unreachable: true,
+            forbidden: false,
+        }
+    }
+
+    /// Refused: the record belongs to another service.
+    pub fn forbidden(message: impl Into<String>) -> StoreError {
+        StoreError {
+            message: message.into(),
+            unreachable: false,
+            forbidden: true,
         }
     }
 }
@@ -234,14 +248,24 @@ impl Store {
         dispatch!(self.endpoints())
     }
 
-    /// Remember a token (by its hash) as belonging to `service`.
-    pub async fn add_token(&self, token_hash: &str, service: &str) -> Result<(), StoreError> {
-        dispatch!(self.add_token(token_hash, service))
+    /// Remember a token (by its hash): its id, service, creation and expiry.
+    pub async fn add_token(&self, token_hash: &str, token: &TokenInfo) -> Result<(), StoreError> {
+        dispatch!(self.add_token(token_hash, token))
     }
 
-    /// The service a token (by its hash) belongs to.
-    pub async fn token_service(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
-        dispatch!(self.token_service(token_hash))
+    /// A token (by its hash), if it is stored (expired ones are, until revoked).
+    pub async fn token(&self, token_hash: &str) -> Result<Option<TokenInfo>, StoreError> {
+        dispatch!(self.token(token_hash))
+    }
+
+    /// Every stored token, with its hash (the key), in hash order.
+    pub async fn tokens(&self) -> Result<Vec<(String, TokenInfo)>, StoreError> {
+        dispatch!(self.tokens())
+    }
+
+    /// Forget a token (by its hash); returns whether it was stored.
+    pub async fn remove_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        dispatch!(self.remove_token(token_hash))
     }
 
     /// Remember an operator token (by its hash).
@@ -290,7 +314,9 @@ impl Store {
     }
 
     /// Record a proxy's report; with an address, its endpoint is registered (healthy) for its
-    /// service. Returns whether the catalog changed (then the index moved).
+    /// service. Returns whether the catalog changed (then the index moved). Refused
+    /// ([`StoreError::forbidden`]) when the proxy id is held by another service's proxy that
+    /// reported within [`PROXY_ID_HELD_SECS`] (see [`check_owner`]).
     pub async fn report_proxy(&self, rec: &ProxyRecord, node: &str) -> Result<bool, StoreError> {
         dispatch!(self.report_proxy(rec, node))
     }
@@ -435,6 +461,56 @@ pub struct ProxyRecord {
     /// The node of the daemon it reported to (empty in records older than node names).
     #[serde(default)]
     pub node: String,
+}
+
+/// How long a proxy id stays its service's after the proxy's last report: until then a report
+/// under that id from another service's token is refused. After it (the proxy is gone, and its
+/// endpoint expired with it) another service's proxy may take the id over, as Consul frees a
+/// service instance id once it is deregistered.
+pub const PROXY_ID_HELD_SECS: i64 = 30;
+
+/// Refuse a report that would overwrite the record of another service's live proxy (its
+/// certificate generation, which `ringctl ca rotate` waits on, and its endpoint).
+pub(crate) fn check_owner(old: Option<&ProxyRecord>, new: &ProxyRecord) -> Result<(), StoreError> {
+    match old {
+        Some(o)
+            if o.report.service != new.report.service
+                && new.last_seen - o.last_seen <= PROXY_ID_HELD_SECS =>
+        {
+            Err(StoreError::forbidden(format!(
+                "proxy id '{}' belongs to a proxy of service '{}' (last report {}s ago); a token of service '{}' cannot report for it (give this proxy another --proxy-id)",
+                new.report.id,
+                o.report.service,
+                (new.last_seen - o.last_seen).max(0),
+                new.report.service
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A stored token's value: the [`TokenInfo`] as JSON; tokens stored before it had ids and
+/// expiry hold just the service (a JSON string with etcd, plain text with redb).
+pub(crate) fn token_from_stored(token_hash: &str, value: &[u8]) -> Result<TokenInfo, StoreError> {
+    if let Ok(t) = serde_json::from_slice::<TokenInfo>(value) {
+        return Ok(t);
+    }
+    let service = serde_json::from_slice::<String>(value)
+        .or_else(|_| String::from_utf8(value.to_vec()))
+        .map_err(|_| {
+            StoreError::new(format!("token {}: unreadable record", token_id(token_hash)))
+        })?;
+    Ok(TokenInfo {
+        id: token_id(token_hash),
+        service,
+        created: 0,
+        expires: None,
+    })
+}
+
+/// A token's id: the first 16 hex digits of its hash (enough to name it, not to find it).
+pub fn token_id(token_hash: &str) -> String {
+    token_hash.chars().take(16).collect()
 }
 
 /// Failures kept per proxy.

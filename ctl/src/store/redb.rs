@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{
-    e, endpoint_key, endpoint_of, merge_report, unix_now, vip_at, EndpointRecord,
-    OperatorTokenRecord, PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
+    check_owner, e, endpoint_key, endpoint_of, merge_report, token_from_stored, unix_now, vip_at,
+    EndpointRecord, OperatorTokenRecord, PortMap, ProxyRecord, ServiceRecord, Snapshot, StoreError,
+    TokenInfo,
 };
 use crate::consul::Document;
 
@@ -218,25 +219,58 @@ impl RedbStore {
         Ok(out)
     }
 
-    /// Remember a token (by its hash) as belonging to `service`.
-    pub fn add_token(&self, token_hash: &str, service: &str) -> Result<(), StoreError> {
+    /// Remember a token (by its hash).
+    pub fn add_token(&self, token_hash: &str, token: &TokenInfo) -> Result<(), StoreError> {
+        let json = serde_json::to_string(token).map_err(e)?;
         let tx = self.db.begin_write().map_err(e)?;
         {
             let mut t = tx.open_table(TOKENS).map_err(e)?;
-            t.insert(token_hash, service).map_err(e)?;
+            t.insert(token_hash, json.as_str()).map_err(e)?;
         }
         tx.commit().map_err(e)
     }
 
-    /// The service a token (by its hash) belongs to.
-    pub fn token_service(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+    /// A token (by its hash).
+    pub fn token(&self, token_hash: &str) -> Result<Option<TokenInfo>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = match tx.open_table(TOKENS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(x) => return Err(e(x)),
         };
-        Ok(t.get(token_hash).map_err(e)?.map(|v| v.value().to_string()))
+        let v = t.get(token_hash).map_err(e)?;
+        v.map(|v| token_from_stored(token_hash, v.value().as_bytes()))
+            .transpose()
+    }
+
+    /// Every token, with its hash.
+    pub fn tokens(&self) -> Result<Vec<(String, TokenInfo)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = match tx.open_table(TOKENS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(x) => return Err(e(x)),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let hash = k.value().to_string();
+            let info = token_from_stored(&hash, v.value().as_bytes())?;
+            out.push((hash, info));
+        }
+        Ok(out)
+    }
+
+    /// Forget a token (by its hash); returns whether it was stored.
+    pub fn remove_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let existed;
+        {
+            let mut t = tx.open_table(TOKENS).map_err(e)?;
+            existed = t.remove(token_hash).map_err(e)?.is_some();
+        }
+        tx.commit().map_err(e)?;
+        Ok(existed)
     }
 }
 
@@ -288,6 +322,7 @@ impl RedbStore {
                 Some(v) => serde_json::from_str(v.value()).ok(),
                 None => None,
             };
+            check_owner(old.as_ref(), rec)?;
             let rec = merge_report(old, rec);
             t.insert(
                 rec.report.id.as_str(),
@@ -593,13 +628,22 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("no service 'zzz'"));
-            s.add_token("h1", "a").unwrap();
+            s.add_token(
+                "h1",
+                &TokenInfo {
+                    id: "h1".into(),
+                    service: "a".into(),
+                    created: 1,
+                    expires: None,
+                },
+            )
+            .unwrap();
         }
         let s = RedbStore::open(&dir).unwrap();
         assert_eq!(s.services().unwrap().len(), 2);
         assert_eq!(s.endpoints().unwrap()[0].node, "n1");
-        assert_eq!(s.token_service("h1").unwrap().as_deref(), Some("a"));
-        assert_eq!(s.token_service("nope").unwrap(), None);
+        assert_eq!(s.token("h1").unwrap().unwrap().service, "a");
+        assert_eq!(s.token("nope").unwrap(), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
