@@ -104,6 +104,45 @@ fn mounts(
         .collect()
 }
 
+/// The read-only mounts of a container: each of its `readOnly` mount paths gets a mount point of
+/// its own, where the container's process sees its volume's directory bound read-only (in a
+/// mount namespace of its own, see [`container_cmd`]). Returns the mounts to use and the binds.
+fn read_only(
+    tag: &str,
+    c: &Value,
+    mounts: Vec<(String, PathBuf)>,
+) -> (Vec<(String, PathBuf)>, Vec<Bind>) {
+    let mut binds = Vec::new();
+    let mounts = mounts
+        .into_iter()
+        .map(|(path, dir)| {
+            let m = c["volumeMounts"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"].as_str() == Some(path.as_str()))
+                .unwrap();
+            if m["readOnly"] != Value::Bool(true) {
+                return (path, dir);
+            }
+            let point = dir_for(&format!("{tag}-ro{}", binds.len()), 0, 0o755);
+            binds.push(Bind {
+                from: dir,
+                to: point.clone(),
+            });
+            (path, point)
+        })
+        .collect();
+    (mounts, binds)
+}
+
+/// A directory bound read-only at a mount point.
+#[derive(Debug, Clone)]
+struct Bind {
+    from: PathBuf,
+    to: PathBuf,
+}
+
 /// `setpriv` arguments for a container's securityContext: its uid and gid, its capabilities
 /// (the bounding set: a root process gets exactly those), no new privileges.
 fn setpriv(sc: &Value) -> Vec<String> {
@@ -131,7 +170,7 @@ fn setpriv(sc: &Value) -> Vec<String> {
 
 /// Run a container's command line in `pod` (or on the node, `pod` None) under its
 /// securityContext; the binary is this workspace's.
-fn container_cmd(pod: Option<&Pod>, sc: &Value, argv: &[String]) -> Command {
+fn container_cmd(pod: Option<&Pod>, sc: &Value, argv: &[String], binds: &[Bind]) -> Command {
     let mut cmd = match pod {
         Some(p) => {
             let mut c = Command::new("ip");
@@ -140,6 +179,26 @@ fn container_cmd(pod: Option<&Pod>, sc: &Value, argv: &[String]) -> Command {
         }
         None => Command::new("env"),
     };
+    if !binds.is_empty() {
+        let mut script = String::new();
+        for b in binds {
+            let (from, to) = (b.from.display(), b.to.display());
+            script.push_str(&format!(
+                "mount --bind {from} {to} && mount -o remount,bind,ro {to} && "
+            ));
+        }
+        script.push_str("exec \"$@\"");
+        cmd.args([
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ]);
+    }
     cmd.args(setpriv(sc))
         .arg(workspace_bin(&argv[0]))
         .args(&argv[1..]);
@@ -254,10 +313,11 @@ fn a_node_runs_the_daemonset_and_an_injected_pod() {
             config["data"][key].as_str().unwrap().to_string()
         }
     });
+    let (d_mounts, d_binds) = read_only("daemon", daemon, d_mounts);
     let argv = command_line(daemon, &d_env, &d_mounts);
     let log = std::fs::File::create(data_dir.join("daemon.log")).unwrap();
     let _daemon = ChildGuard::spawn(
-        container_cmd(None, &daemon["securityContext"], &argv)
+        container_cmd(None, &daemon["securityContext"], &argv, &d_binds)
             .stdout(Stdio::null())
             .stderr(log),
     );
@@ -342,7 +402,7 @@ fn a_node_runs_the_daemonset_and_an_injected_pod() {
     // Without the capabilities the same command cannot install anything: the bounding set bites.
     let mut bare = init["securityContext"].clone();
     bare["capabilities"]["add"] = Value::Sequence(vec![]);
-    let denied = container_cmd(Some(&pod), &bare, &init_argv)
+    let denied = container_cmd(Some(&pod), &bare, &init_argv, &[])
         .output()
         .unwrap();
     assert!(
@@ -350,7 +410,7 @@ fn a_node_runs_the_daemonset_and_an_injected_pod() {
         "ringside-init worked without NET_ADMIN"
     );
     assert_eq!(show().trim(), "", "rules installed without NET_ADMIN");
-    let done = container_cmd(Some(&pod), &init["securityContext"], &init_argv)
+    let done = container_cmd(Some(&pod), &init["securityContext"], &init_argv, &[])
         .output()
         .unwrap();
     assert!(
@@ -394,9 +454,12 @@ fn a_node_runs_the_daemonset_and_an_injected_pod() {
         assert_eq!(s["key"].as_str(), Some("token"));
         token.clone()
     });
+    // The node's proxy directory is mounted read-only: connecting to a socket needs no write.
+    let (s_mounts, s_binds) = read_only("sidecar", sidecar, s_mounts);
+    assert_eq!(s_binds.len(), 1, "{s_binds:?}");
     let argv = command_line(sidecar, &s_env, &s_mounts);
     let log_path = state.join("sidecar.log");
-    let mut cmd = container_cmd(Some(&pod), &sidecar["securityContext"], &argv);
+    let mut cmd = container_cmd(Some(&pod), &sidecar["securityContext"], &argv, &s_binds);
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(&s_env)
@@ -442,7 +505,13 @@ fn a_node_runs_the_daemonset_and_an_injected_pod() {
     side.signal(libc::SIGTERM);
     let st = side.wait_timeout(Duration::from_secs(20));
     assert!(st.success(), "sidecar exit {st}: {}", sidecar_log());
-    for d in [&node_run, &ca_dir, &etcd_dir, &data_dir, &state] {
+    drop(side);
+    drop(_daemon);
+    let points = d_binds.iter().chain(&s_binds).map(|b| &b.to);
+    for d in [&node_run, &ca_dir, &etcd_dir, &data_dir, &state]
+        .into_iter()
+        .chain(points)
+    {
         let _ = std::fs::remove_dir_all(d);
     }
 }
