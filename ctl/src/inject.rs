@@ -432,7 +432,29 @@ fn item_workload(
         message,
     };
     let mut w = match Workload::read(&value) {
-        None => return Ok(None),
+        None => {
+            let kind = str_field(&value, "kind");
+            let known = [
+                "Deployment",
+                "StatefulSet",
+                "DaemonSet",
+                "ReplicaSet",
+                "Job",
+                "CronJob",
+                "Pod",
+            ];
+            if known.contains(&kind) {
+                notes.push(Note {
+                    line,
+                    id: id.clone(),
+                    what: format!(
+                        "left as it is (apiVersion '{}': inject knows apps/v1, batch/v1 and v1)",
+                        str_field(&value, "apiVersion")
+                    ),
+                });
+            }
+            return Ok(None);
+        }
         Some(r) => r.map_err(|(f, m)| field_err(f, m))?,
     };
     // The typed structs skip what they do not know: refuse to lose a field.

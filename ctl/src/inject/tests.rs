@@ -284,6 +284,18 @@ fn disabled_and_host_network_workloads_are_left_byte_for_byte() {
 }
 
 #[test]
+fn an_old_api_version_is_left_alone_and_said_so() {
+    let old = DEPLOYMENT.replace("apiVersion: apps/v1", "apiVersion: extensions/v1beta1");
+    let r = run(&old);
+    assert_eq!(r.text, old);
+    assert!(
+        r.notes[0].what.contains("extensions/v1beta1"),
+        "{:?}",
+        r.notes
+    );
+}
+
+#[test]
 fn an_app_port_among_the_sidecars_is_refused() {
     let text = DEPLOYMENT.replace("containerPort: 8080", "containerPort: 15006");
     let e = inject(&text, &opts()).unwrap_err().to_string();
