@@ -3,7 +3,7 @@
 # what is missing. Usage: scripts/deps.sh [test|bench]
 set -euo pipefail
 want=(postgresql postgresql-contrib iproute2 procps iptables nftables python3 sockperf util-linux
-  protobuf-compiler libprotobuf-dev etcd-server)
+  protobuf-compiler libprotobuf-dev etcd-server systemd)
 if [ "${1:-test}" = bench ]; then
   want+=(iperf3 haproxy nginx-light libnginx-mod-stream socat wrk)
 fi
@@ -21,4 +21,5 @@ fi
 # The Debian package starts a cluster of its own on 5432; nothing here uses it.
 # Likewise etcd-server's own member (if its package starts one on 2379): tests start their own
 # etcd members on free loopback ports. etcd-client's build runs protoc (protobuf-compiler) on protos
-# that import the well-known types (libprotobuf-dev).
+# that import the well-known types (libprotobuf-dev). systemd: `systemd-analyze verify` and
+# `systemd-sysusers --dry-run` check deploy/systemd (nothing is started with it).

@@ -17,7 +17,9 @@ mod ca;
 mod client;
 mod consul;
 mod daemon;
+mod deploy;
 mod doctor;
+mod inject;
 mod store;
 mod why;
 
@@ -334,6 +336,24 @@ enum Command {
     Cert {
         #[command(subcommand)]
         command: CertCommand,
+    },
+    /// Add ringside to Kubernetes workloads (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job,
+    /// CronJob, Pod, and Lists of them) and print the manifests; every other document is printed
+    /// as it was. All or nothing: on an error nothing is printed.
+    Inject {
+        /// Manifests (YAML, many documents per file); `-` or none: stdin.
+        #[arg(short = 'f', long = "file")]
+        files: Vec<PathBuf>,
+        /// Image of the added containers (`ringside`, `ringside-init`).
+        #[arg(long, default_value = inject::DEFAULT_IMAGE)]
+        image: String,
+    },
+    /// Print the control plane's Kubernetes manifests (deploy/kubernetes/ringside.yaml) for an
+    /// image: the `ringctl daemon` DaemonSet, its ConfigMap, namespace and service account.
+    Manifests {
+        /// Image of the daemon.
+        #[arg(long, default_value = inject::DEFAULT_IMAGE)]
+        image: String,
     },
     /// Validate ringside configuration files (TOML or YAML).
     Validate {
@@ -1264,6 +1284,17 @@ fn main() -> ExitCode {
         }
     }
     match cli.command {
+        Command::Inject { files, image } => inject::main(&files, &inject::Options { image }),
+        Command::Manifests { image } => match deploy::control_plane(&image) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ringctl manifests: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Register {
             what: RegisterCommand::Service { name, ports },
         } => {
