@@ -143,6 +143,15 @@ impl ControlOptions {
 }
 
 impl ProxyConfig {
+    /// How this proxy calls `upstream`: the defaults (`*`) with its override on top.
+    pub fn upstream_settings(&self, upstream: &str) -> crate::config::UpstreamSettings {
+        let defaults = self.upstreams.get("*").copied().unwrap_or_default();
+        match self.upstreams.get(upstream) {
+            Some(o) => defaults.merged(o),
+            None => defaults,
+        }
+    }
+
     /// The data plane's services: every catalog service and port; the proxy's own service is
     /// also local (inbound to its `targetPort`).
     pub fn services(&self) -> Vec<Service> {
@@ -161,7 +170,21 @@ impl ProxyConfig {
                 svc.port = Some(p.port);
                 svc.target_port = Some(p.target_port);
                 svc.local = s.name == self.service;
+                if svc.local {
+                    svc.inbound = self.inbound;
+                }
                 svc.protocol = crate::config::Protocol::from_declared(s.protocol.as_deref());
+                // Connect timeout: the calling service's upstream config, else the upstream's
+                // ServiceResolver, else the default (Consul's precedence).
+                if let Some(t) = self
+                    .l7
+                    .resolvers
+                    .get(&s.name)
+                    .and_then(|r| r.connect_timeout)
+                {
+                    svc.connect_timeout = t;
+                }
+                self.upstream_settings(&s.name).apply(&mut svc);
                 // Requests (HTTP, or detected HTTP) are balanced by least request with latency.
                 svc.lb = crate::config::LbPolicy::LeastRequest;
                 // One more cluster per ServiceResolver subset: the endpoints its filter selects.
