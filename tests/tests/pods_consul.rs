@@ -192,14 +192,14 @@ fn consul_documents_take_effect_in_pods() {
 
     // 1. mutualTLSMode: permissive lets plaintext from outside the mesh reach api on its
     // strict sidecar; strict, applied later, refuses it while mesh callers go on.
-    until("mesh call to api", wait, &logs, || {
+    until("mesh call to api", wait, logs, || {
         open(&front, api_vip).is_ok()
     });
-    until("permissive plaintext to api", wait, &logs, || {
+    until("permissive plaintext to api", wait, logs, || {
         open(&outsider, api.addr4(9090)).is_ok()
     });
     daemon.apply(&DOCS.replace("mutualTLSMode: permissive", "mutualTLSMode: strict"));
-    until("strict refuses plaintext", wait, &logs, || {
+    until("strict refuses plaintext", wait, logs, || {
         open(&outsider, api.addr4(9090)).is_err()
     });
     open(&front, api_vip).unwrap_or_else(|e| panic!("mesh call in strict mode: {e}\n{}", logs()));
@@ -215,7 +215,7 @@ fn consul_documents_take_effect_in_pods() {
         logs()
     );
     drop(a);
-    until("a connection after one closed", wait, &logs, || {
+    until("a connection after one closed", wait, logs, || {
         open(&front, api_vip).is_ok()
     });
     drop(b);
@@ -243,7 +243,7 @@ spec:
     until(
         "the local connect timeout",
         Duration::from_secs(30),
-        &logs,
+        logs,
         || {
             after = time_to_close(&front, slow_vip);
             after < Duration::from_millis(1500)
@@ -253,7 +253,7 @@ spec:
 
     // 4. Failover: web has no endpoint; its resolver sends requests to web-dr.
     let mut served = String::new();
-    until("failover to web-dr", wait, &logs, || {
+    until("failover to web-dr", wait, logs, || {
         let u = format!("{web_url}/x");
         served = front
             .enter(move || Client::new().get(&u).map(|r| r.header("x-server")))
