@@ -663,3 +663,81 @@ pub fn default_proxy_id() -> String {
         .unwrap_or_else(|_| "host".into());
     format!("{host}-{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InboundSettings, MtlsMode, UpstreamSettings};
+    use std::time::Duration;
+
+    fn config() -> ProxyConfig {
+        let svc = |name: &str| CatalogService {
+            name: name.into(),
+            virtual_ip: "240.0.0.1".parse().unwrap(),
+            ports: vec![PortMap {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: vec!["198.18.0.2".parse().unwrap()],
+            protocol: Some("http".into()),
+            endpoint_meta: vec![Default::default()],
+        };
+        ProxyConfig {
+            index: 1,
+            service: "web".into(),
+            trust_domain: "dc1".into(),
+            services: vec![svc("web"), svc("api"), svc("db")],
+            intentions: Default::default(),
+            l7: serde_json::from_value(serde_json::json!({
+                "resolvers": {"api": {"connectTimeout": "3s"}, "db": {"connectTimeout": "4s"}}
+            }))
+            .unwrap(),
+            inbound: InboundSettings {
+                mtls_mode: Some(MtlsMode::Permissive),
+                max_inbound_connections: Some(5),
+                ..Default::default()
+            },
+            upstreams: [
+                (
+                    "*".to_string(),
+                    UpstreamSettings {
+                        max_requests: Some(7),
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "api".to_string(),
+                    UpstreamSettings {
+                        connect_timeout: Some(Duration::from_millis(250)),
+                        max_connections: Some(3),
+                        ..Default::default()
+                    },
+                ),
+            ]
+            .into(),
+            bundle: String::new(),
+            cert_generation: 0,
+        }
+    }
+
+    #[test]
+    fn pushed_settings_reach_the_services() {
+        let services = config().services();
+        let by = |n: &str| services.iter().find(|s| s.name == n).unwrap();
+        let web = by("web");
+        assert!(web.local);
+        assert_eq!(web.inbound.mtls_mode, Some(MtlsMode::Permissive));
+        assert_eq!(web.inbound.max_inbound_connections, Some(5));
+        // api: the caller's override wins over api's resolver; the defaults stay under it.
+        let api = by("api");
+        assert_eq!(api.inbound, InboundSettings::default(), "not local");
+        assert_eq!(api.connect_timeout, Duration::from_millis(250));
+        assert_eq!(api.max_connections, Some(3));
+        assert_eq!(api.max_requests, 7);
+        // db: its resolver's connect timeout, the defaults' request limit.
+        let db = by("db");
+        assert_eq!(db.connect_timeout, Duration::from_secs(4));
+        assert_eq!(db.max_connections, None);
+        assert_eq!(db.max_requests, 7);
+    }
+}

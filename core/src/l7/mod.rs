@@ -1305,3 +1305,68 @@ async fn to_local_app(
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::rules::RouteDestination;
+
+    fn service_policy() -> Policy {
+        Policy {
+            request_timeout: std::time::Duration::from_secs(15),
+            retries: 2,
+            retry_on: Vec::new(),
+            retry_connect: true,
+            retry_class: RetryClass::default(),
+        }
+    }
+
+    #[test]
+    fn a_route_with_retry_fields_retries_only_what_it_names() {
+        // No retry field: the service's retries stay (connect failures, twice).
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            request_timeout: Some(std::time::Duration::from_secs(1)),
+            ..Default::default()
+        });
+        assert_eq!((p.retries, p.retry_connect), (2, true));
+
+        // Status codes only: one retry (Envoy's default), on those codes, not on connect failures.
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            retry_on_status_codes: vec![503],
+            ..Default::default()
+        });
+        assert_eq!((p.retries, p.retry_connect), (1, false));
+        assert!(p.retries_status(503) && !p.retries_status(502));
+
+        // numRetries with retryOnConnectFailure.
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            num_retries: Some(4),
+            retry_on_connect_failure: Some(true),
+            ..Default::default()
+        });
+        assert_eq!((p.retries, p.retry_connect), (4, true));
+        assert!(!p.retries_status(503));
+
+        // retryOn classes.
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            retry_on: vec!["gateway-error".into(), "retriable-4xx".into()],
+            ..Default::default()
+        });
+        assert!(
+            p.retry_connect,
+            "gateway-error covers connect failures, as in Envoy"
+        );
+        assert!(p.retries_status(502) && p.retries_status(504) && p.retries_status(409));
+        assert!(!p.retries_status(500) && !p.retries_status(404));
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            retry_on: vec!["5xx".into()],
+            ..Default::default()
+        });
+        assert!(p.retries_status(500) && p.retries_status(599) && !p.retries_status(409));
+    }
+}
