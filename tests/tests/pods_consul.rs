@@ -1,6 +1,7 @@
 //! Consul documents in effect, between sidecars in pods configured by the control daemon:
 //! `mutualTLSMode` switching a service between permissive and strict, `localConnectTimeoutMs`
-//! on a stuck application, `maxInboundConnections`, and `ServiceResolver` failover. Needs root.
+//! on a stuck application, `maxInboundConnections`, `upstreamConfig` `connectTimeoutMs` on an
+//! upstream that never accepts, and `ServiceResolver` failover. Needs root.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -158,12 +159,17 @@ fn consul_documents_take_effect_in_pods() {
     daemon.ok(&["register", "service", "web", "--port", "80:8080"]);
     daemon.ok(&["register", "service", "web-dr", "--port", "80:8080"]);
     daemon.ok(&["register", "service", "frontend"]);
+    // An upstream whose one endpoint (outside the mesh) never accepts.
+    daemon.ok(&["register", "service", "stuck", "--port", "7100:7100"]);
+    let out_ip = outsider.ip4.to_string();
+    daemon.ok(&["register", "endpoint", "stuck", &out_ip, "--node", "n1"]);
     daemon.apply(DOCS);
     for p in [&front, &api, &slow, &dr] {
         p.install_redirect(&[]);
     }
     api.echo_app("0.0.0.0:8080".parse().unwrap());
     let _stuck = stuck_app(&slow, 7000);
+    let _stuck_upstream = stuck_app(&outsider, 7100);
     dr.enter(|| serve("web-dr-app", "127.0.0.1:8080".parse().unwrap()))
         .join()
         .unwrap();
@@ -251,7 +257,45 @@ spec:
     );
     println!("stuck local app: caller closed after {before:?} by default, {after:?} with localConnectTimeoutMs 300");
 
-    // 4. Failover: web has no endpoint; its resolver sends requests to web-dr.
+    // 4. upstreamConfig: frontend's override for stuck sets the connect timeout its sidecar
+    // uses (default 5 s).
+    let stuck_vip = SocketAddr::new(vip(&daemon, "stuck"), 7100);
+    let before = time_to_close(&front, stuck_vip);
+    assert!(
+        before >= Duration::from_millis(4900),
+        "{before:?}\n{}",
+        logs()
+    );
+    daemon.apply(&format!(
+        "{DOCS}---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: frontend
+spec:
+  upstreamConfig:
+    overrides:
+      - name: stuck
+        connectTimeoutMs: 300
+"
+    ));
+    let mut after = Duration::MAX;
+    until(
+        "the upstream connect timeout",
+        Duration::from_secs(30),
+        logs,
+        || {
+            after = time_to_close(&front, stuck_vip);
+            after < Duration::from_millis(1500)
+        },
+    );
+    assert!(
+        after >= Duration::from_millis(250),
+        "{after:?}: no connect was waited for"
+    );
+    println!("upstream that never accepts: caller closed after {before:?} by default, {after:?} with connectTimeoutMs 300");
+
+    // 5. Failover: web has no endpoint; its resolver sends requests to web-dr.
     let mut served = String::new();
     until("failover to web-dr", wait, logs, || {
         let u = format!("{web_url}/x");
