@@ -1,7 +1,8 @@
 //! Consul documents in effect, between sidecars in pods configured by the control daemon:
 //! `mutualTLSMode` switching a service between permissive and strict, `localConnectTimeoutMs`
 //! on a stuck application, `maxInboundConnections`, `upstreamConfig` `connectTimeoutMs` on an
-//! upstream that never accepts, and `ServiceResolver` failover. Needs root.
+//! upstream that never accepts and `limits.maxConnections`, and `ServiceResolver` failover.
+//! Needs root.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -277,6 +278,9 @@ spec:
     overrides:
       - name: stuck
         connectTimeoutMs: 300
+      - name: api
+        limits:
+          maxConnections: 1
 "
     ));
     let mut after = Duration::MAX;
@@ -294,6 +298,18 @@ spec:
         "{after:?}: no connect was waited for"
     );
     println!("upstream that never accepts: caller closed after {before:?} by default, {after:?} with connectTimeoutMs 300");
+
+    // And its limit on api: one connection open at once from this caller.
+    let a = open(&front, api_vip).unwrap_or_else(|e| panic!("first: {e}\n{}", logs()));
+    assert!(
+        open(&front, api_vip).is_err(),
+        "a second connection passed maxConnections 1\n{}",
+        logs()
+    );
+    drop(a);
+    until("a connection after the first closed", wait, logs, || {
+        open(&front, api_vip).is_ok()
+    });
 
     // 5. Failover: web has no endpoint; its resolver sends requests to web-dr.
     let mut served = String::new();
