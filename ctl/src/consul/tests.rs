@@ -493,3 +493,36 @@ fn documents_stored_by_earlier_versions_still_read() {
         "Consul's spelling"
     );
 }
+
+#[test]
+fn every_field_without_effect_in_the_corpus_is_documented() {
+    let doc = include_str!("../../../docs/reference.md");
+    let corpus = [
+        fixture!("service-defaults.yaml"),
+        fixture!("service-router.yaml"),
+        fixture!("service-splitter.yaml"),
+        fixture!("service-resolver.yaml"),
+        fixture!("web-defaults.json"),
+    ];
+    for text in corpus {
+        for w in parse_checked(text).unwrap().warnings {
+            // The field's own name (`retryOn[1]` -> `retryOn`), or its list's for a whole entry.
+            let name = w
+                .field
+                .rsplit('.')
+                .map(|s| s.split('[').next().unwrap_or(s))
+                .find(|s| !s.is_empty())
+                .unwrap();
+            assert!(
+                [
+                    format!("`{name}`"),
+                    format!(".{name}`"),
+                    format!(".{name}[]")
+                ]
+                .iter()
+                .any(|n| doc.contains(n.as_str())),
+                "docs/reference.md does not name `{name}` ({w})"
+            );
+        }
+    }
+}
