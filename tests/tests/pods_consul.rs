@@ -1,8 +1,8 @@
 //! Consul documents in effect, between sidecars in pods configured by the control daemon:
 //! `mutualTLSMode` switching a service between permissive and strict, `localConnectTimeoutMs`
 //! on a stuck application, `maxInboundConnections`, `upstreamConfig` `connectTimeoutMs` on an
-//! upstream that never accepts and `limits.maxConnections`, and `ServiceResolver` failover.
-//! Needs root.
+//! upstream that never accepts and `limits.maxConnections`, `ServiceResolver` failover, and
+//! `localRequestTimeoutMs` on a slow application. Needs root.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -321,5 +321,25 @@ spec:
             .unwrap()
             .unwrap_or_default();
         served == "web-dr-app"
+    });
+
+    // 6. localRequestTimeoutMs: web-dr's app takes 1 s; by default that is answered, with 300 ms
+    // set the destination sidecar answers 504 upstream_request_timeout.
+    let slow_url = format!("http://{}:80/slow/1000", vip(&daemon, "web-dr"));
+    let get = |pod: &Pod, url: String| pod.enter(move || Client::new().get(&url)).join().unwrap();
+    let r = get(&front, slow_url.clone()).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_eq!(r.status, 200, "{r:?}");
+    daemon.apply(&DOCS.replace(
+        "  name: web-dr\nspec:\n  protocol: http\n",
+        "  name: web-dr\nspec:\n  protocol: http\n  localRequestTimeoutMs: 300\n",
+    ));
+    let mut last = None;
+    until("the local request timeout", wait, logs, || {
+        let r = get(&front, slow_url.clone());
+        let timed_out = r.as_ref().is_ok_and(|r| {
+            r.status == 504 && r.header("x-ringside-reason") == "upstream_request_timeout"
+        });
+        last = Some(r);
+        timed_out
     });
 }

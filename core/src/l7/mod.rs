@@ -705,11 +705,19 @@ async fn forward(
         retry_connect: true,
         retry_class: RetryClass::default(),
     };
-    if conn.inbound.is_some() {
-        // Consul's `localRequestTimeoutMs`: how long the local application may take.
-        if let Some(t) = base.inbound.local_request_timeout {
-            policy.request_timeout = t;
-        }
+    // The local service's inbound settings in force now (a kept-alive connection outlives
+    // the snapshot it was accepted under).
+    let local = match conn.inbound {
+        Some(_) => now
+            .services
+            .iter()
+            .find(|s| s.local && s.name == base.name && s.port == base.port)
+            .map_or(base.inbound, |s| s.inbound),
+        None => Default::default(),
+    };
+    // Consul's `localRequestTimeoutMs`: how long the local application may take.
+    if let Some(t) = local.local_request_timeout {
+        policy.request_timeout = t;
     }
     let target = if conn.inbound.is_some() {
         None
@@ -845,7 +853,14 @@ async fn forward(
         }
     }
     if let Some(inb) = &conn.inbound {
-        return to_local_app(parts, replay, stream, inb, svc, deadline, ctx, version).await;
+        let timeouts = (
+            local.local_connect_timeout.unwrap_or(LOCAL_CONNECT_TIMEOUT),
+            policy.request_timeout,
+        );
+        return to_local_app(
+            parts, replay, stream, inb, svc, timeouts, deadline, ctx, version,
+        )
+        .await;
     }
 
     // Circuit breaker: a bound on requests in flight to the service.
@@ -1240,6 +1255,7 @@ async fn to_local_app(
     stream: Option<Incoming>,
     inb: &InboundConn,
     svc: &crate::config::Service,
+    (connect_timeout, request_timeout): (std::time::Duration, std::time::Duration),
     deadline: tokio::time::Instant,
     ctx: &Ctx,
     version: hyper::Version,
@@ -1251,10 +1267,6 @@ async fn to_local_app(
         (None, None) => Either::Left(Full::new(Bytes::new())),
     };
     let mut req = Some(Request::from_parts(parts, body));
-    let connect_timeout = svc
-        .inbound
-        .local_connect_timeout
-        .unwrap_or(LOCAL_CONNECT_TIMEOUT);
     let mut timed_out = false;
     for addr in &candidates {
         let key = pool::Key {
@@ -1269,10 +1281,7 @@ async fn to_local_app(
                 return Err((
                     Reason::UpstreamRequestTimeout,
                     format!(
-                        "the local application ({addr}) did not answer within {:?}",
-                        svc.inbound
-                            .local_request_timeout
-                            .unwrap_or(svc.request_timeout)
+                        "the local application ({addr}) did not answer within {request_timeout:?}"
                     ),
                 ))
             }
