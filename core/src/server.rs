@@ -86,6 +86,9 @@ pub struct ConfigSnapshot {
     pub routes: crate::decide::route::Routes,
     /// Sidecar inbound TLS per service (same order as `services`), for local mesh services.
     pub inbound_tls: Vec<crate::tls::sidecar::InboundTls>,
+    /// Inbound connections allowed at once by the local services' settings (Consul's
+    /// `maxInboundConnections`; the smallest when several set it), beside the proxy's own limit.
+    pub max_inbound: Option<usize>,
 }
 
 impl ConfigSnapshot {
@@ -121,6 +124,11 @@ impl ConfigSnapshot {
             version,
             generation: GENERATION.fetch_add(1, SeqCst),
             routes: crate::decide::route::Routes::new(&services, registry_only),
+            max_inbound: services
+                .iter()
+                .filter(|s| s.local)
+                .filter_map(|s| s.inbound.max_inbound_connections)
+                .min(),
             services,
             intentions,
             l7: Arc::new(l7),

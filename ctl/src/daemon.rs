@@ -744,6 +744,8 @@ pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
         services: catalog,
         intentions,
         l7: consul::l7_config(docs),
+        inbound: consul::inbound_settings(docs, service),
+        upstreams: consul::upstream_settings(docs, service),
         bundle,
         cert_generation: cert_generation(&snap, service),
     }
@@ -1145,9 +1147,9 @@ async fn handle(
                 Err(r) => return Ok(r),
             };
             let text = String::from_utf8_lossy(&body);
-            match consul::parse(&text) {
+            match consul::parse_checked(&text) {
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("{e}; nothing applied")),
-                Ok(docs) => match store.apply(&docs).await {
+                Ok(consul::Parsed { docs, warnings }) => match store.apply(&docs).await {
                     Ok(index) => {
                         state.notify().await;
                         json(
@@ -1155,6 +1157,7 @@ async fn handle(
                             &ApplyResponse {
                                 applied: docs.iter().map(|d| d.id()).collect(),
                                 index,
+                                warnings: warnings.iter().map(|w| w.to_string()).collect(),
                             },
                         )
                     }

@@ -1498,6 +1498,9 @@ fn main() -> ExitCode {
             report(
                 daemon::call(&at, hyper::Method::POST, "/v1/apply", Some(text)),
                 |a: ApplyResponse| {
+                    for w in &a.warnings {
+                        eprintln!("warning: {w}");
+                    }
                     for id in &a.applied {
                         println!("{id} applied");
                     }
@@ -1628,8 +1631,14 @@ fn main() -> ExitCode {
             file,
             dry_run: true,
             ..
-        } => match read_docs(&file) {
-            Ok(docs) => {
+        } => match std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+            .and_then(|t| consul::parse_checked(&t).map_err(|e| format!("{}: {e}", file.display())))
+        {
+            Ok(consul::Parsed { docs, warnings }) => {
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
                 for d in &docs {
                     println!("{} (valid)", d.id());
                 }

@@ -556,6 +556,88 @@ pub struct Service {
     /// A `ServiceResolver` subset of the service (its endpoints filtered by metadata); `None`
     /// for the whole service.
     pub subset: Option<String>,
+    /// L4: connections open to the service above which new ones are refused (`circuit_open`);
+    /// `None`: no bound (Consul's `upstreamConfig` `limits.maxConnections`).
+    pub max_connections: Option<u32>,
+    /// For a local service: what the control daemon set for its inbound side (Consul's
+    /// `ServiceDefaults`); empty otherwise.
+    pub inbound: InboundSettings,
+}
+
+/// The inbound side of a local service as the control daemon sets it (Consul's
+/// `ServiceDefaults`): every field absent keeps the proxy's own setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundSettings {
+    /// Strict or permissive mesh mTLS for the service's port (`mutualTLSMode`); overrides the
+    /// sidecar's `mtls.mode`.
+    #[serde(default)]
+    pub mtls_mode: Option<MtlsMode>,
+    /// Time allowed to connect to the local application (`localConnectTimeoutMs`; default 2 s).
+    #[serde(default, with = "humantime_serde")]
+    pub local_connect_timeout: Option<Duration>,
+    /// L7: time allowed for the local application to answer a request
+    /// (`localRequestTimeoutMs`; default the service's request timeout, 15 s).
+    #[serde(default, with = "humantime_serde")]
+    pub local_request_timeout: Option<Duration>,
+    /// Inbound connections open at once to this instance (`maxInboundConnections`); beyond it
+    /// new ones are refused (`overloaded`). The proxy's own `max_inbound_connections` still holds.
+    #[serde(default)]
+    pub max_inbound_connections: Option<usize>,
+}
+
+/// How a proxy calls one upstream service, as the control daemon sets it (Consul's
+/// `ServiceDefaults.upstreamConfig` of the calling service, defaults then overrides): every field
+/// absent keeps the service's setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamSettings {
+    /// Time allowed for one TCP connect (`connectTimeoutMs`).
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// L4: connections open at once (`limits.maxConnections`).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// L7: requests in flight at once (`limits.maxConcurrentRequests`).
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// L7: consecutive 5xx that eject an endpoint (`passiveHealthCheck.maxFailures`).
+    #[serde(default)]
+    pub outlier_5xx: Option<u32>,
+    /// First ejection period (`passiveHealthCheck.baseEjectionTime`).
+    #[serde(default, with = "humantime_serde")]
+    pub base_ejection: Option<Duration>,
+}
+
+impl UpstreamSettings {
+    /// `self`, with the fields `over` sets replaced.
+    pub fn merged(self, over: &UpstreamSettings) -> UpstreamSettings {
+        UpstreamSettings {
+            connect_timeout: over.connect_timeout.or(self.connect_timeout),
+            max_connections: over.max_connections.or(self.max_connections),
+            max_requests: over.max_requests.or(self.max_requests),
+            outlier_5xx: over.outlier_5xx.or(self.outlier_5xx),
+            base_ejection: over.base_ejection.or(self.base_ejection),
+        }
+    }
+
+    /// Set what is given on `svc`.
+    pub fn apply(&self, svc: &mut Service) {
+        if let Some(t) = self.connect_timeout {
+            svc.connect_timeout = t;
+        }
+        if let Some(n) = self.max_connections {
+            svc.max_connections = Some(n);
+        }
+        if let Some(n) = self.max_requests {
+            svc.max_requests = n;
+        }
+        if let Some(n) = self.outlier_5xx {
+            svc.outlier_5xx = n;
+        }
+        if let Some(t) = self.base_ejection {
+            svc.base_ejection = t;
+            svc.max_ejection = svc.max_ejection.max(t);
+        }
+    }
 }
 
 impl Service {
@@ -581,6 +663,8 @@ impl Service {
             outlier_5xx: default_outlier_5xx(),
             max_requests: default_max_requests(),
             subset: None,
+            max_connections: None,
+            inbound: InboundSettings::default(),
         }
     }
 }
@@ -924,6 +1008,8 @@ impl ConfigFile {
                 outlier_5xx: s.outlier_5xx,
                 max_requests: s.max_requests,
                 subset: None,
+                max_connections: None,
+                inbound: InboundSettings::default(),
             });
         }
 

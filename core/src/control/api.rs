@@ -85,6 +85,14 @@ pub struct ProxyConfig {
     /// Routers, splitters and resolvers (absent in configurations saved by older proxies).
     #[serde(default)]
     pub l7: crate::policy::rules::L7Config,
+    /// The inbound side of this proxy's service (its `ServiceDefaults`: mTLS mode, local
+    /// timeouts, inbound connection limit); absent in configurations saved by older proxies.
+    #[serde(default)]
+    pub inbound: crate::config::InboundSettings,
+    /// How this proxy calls each upstream (its service's `ServiceDefaults.upstreamConfig`), by
+    /// upstream name (`*`: the defaults); absent in configurations saved by older proxies.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, crate::config::UpstreamSettings>,
     /// Trust bundle (PEM).
     pub bundle: String,
     /// Certificates issued before this generation must be replaced.
@@ -206,6 +214,10 @@ pub struct ApplyResponse {
     pub applied: Vec<String>,
     /// The configuration index after the apply.
     pub index: u64,
+    /// Consul fields the documents carry that have no effect in ringside, one line each
+    /// naming the document and the field (absent from older daemons).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// An intention as `GET /v1/intentions` lists it.
@@ -542,6 +554,21 @@ mod tests {
                 default: Action::Deny,
             },
             l7: Default::default(),
+            inbound: crate::config::InboundSettings {
+                mtls_mode: Some(crate::config::MtlsMode::Permissive),
+                local_connect_timeout: Some(std::time::Duration::from_millis(250)),
+                local_request_timeout: None,
+                max_inbound_connections: Some(10),
+            },
+            upstreams: [(
+                "*".to_string(),
+                crate::config::UpstreamSettings {
+                    connect_timeout: Some(std::time::Duration::from_secs(1)),
+                    max_requests: Some(64),
+                    ..Default::default()
+                },
+            )]
+            .into(),
             bundle: "-----BEGIN CERTIFICATE-----\n".into(),
             cert_generation: 2,
         });
@@ -568,6 +595,7 @@ mod tests {
         round_trip(ApplyResponse {
             applied: vec!["ServiceIntentions/products".into()],
             index: 4,
+            warnings: vec!["document 1 (ServiceDefaults/products): `spec.meshGateway` has no effect in ringside".into()],
         });
         let row = IntentionRow {
             intention: intention("*", "products", Action::Deny),

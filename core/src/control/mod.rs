@@ -143,6 +143,15 @@ impl ControlOptions {
 }
 
 impl ProxyConfig {
+    /// How this proxy calls `upstream`: the defaults (`*`) with its override on top.
+    pub fn upstream_settings(&self, upstream: &str) -> crate::config::UpstreamSettings {
+        let defaults = self.upstreams.get("*").copied().unwrap_or_default();
+        match self.upstreams.get(upstream) {
+            Some(o) => defaults.merged(o),
+            None => defaults,
+        }
+    }
+
     /// The data plane's services: every catalog service and port; the proxy's own service is
     /// also local (inbound to its `targetPort`).
     pub fn services(&self) -> Vec<Service> {
@@ -161,7 +170,21 @@ impl ProxyConfig {
                 svc.port = Some(p.port);
                 svc.target_port = Some(p.target_port);
                 svc.local = s.name == self.service;
+                if svc.local {
+                    svc.inbound = self.inbound;
+                }
                 svc.protocol = crate::config::Protocol::from_declared(s.protocol.as_deref());
+                // Connect timeout: the calling service's upstream config, else the upstream's
+                // ServiceResolver, else the default (Consul's precedence).
+                if let Some(t) = self
+                    .l7
+                    .resolvers
+                    .get(&s.name)
+                    .and_then(|r| r.connect_timeout)
+                {
+                    svc.connect_timeout = t;
+                }
+                self.upstream_settings(&s.name).apply(&mut svc);
                 // Requests (HTTP, or detected HTTP) are balanced by least request with latency.
                 svc.lb = crate::config::LbPolicy::LeastRequest;
                 // One more cluster per ServiceResolver subset: the endpoints its filter selects.
@@ -643,4 +666,82 @@ pub fn default_proxy_id() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "host".into());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InboundSettings, MtlsMode, UpstreamSettings};
+    use std::time::Duration;
+
+    fn config() -> ProxyConfig {
+        let svc = |name: &str| CatalogService {
+            name: name.into(),
+            virtual_ip: "240.0.0.1".parse().unwrap(),
+            ports: vec![PortMap {
+                port: 80,
+                target_port: 8080,
+            }],
+            endpoints: vec!["198.18.0.2".parse().unwrap()],
+            protocol: Some("http".into()),
+            endpoint_meta: vec![Default::default()],
+        };
+        ProxyConfig {
+            index: 1,
+            service: "web".into(),
+            trust_domain: "dc1".into(),
+            services: vec![svc("web"), svc("api"), svc("db")],
+            intentions: Default::default(),
+            l7: serde_json::from_value(serde_json::json!({
+                "resolvers": {"api": {"connectTimeout": "3s"}, "db": {"connectTimeout": "4s"}}
+            }))
+            .unwrap(),
+            inbound: InboundSettings {
+                mtls_mode: Some(MtlsMode::Permissive),
+                max_inbound_connections: Some(5),
+                ..Default::default()
+            },
+            upstreams: [
+                (
+                    "*".to_string(),
+                    UpstreamSettings {
+                        max_requests: Some(7),
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "api".to_string(),
+                    UpstreamSettings {
+                        connect_timeout: Some(Duration::from_millis(250)),
+                        max_connections: Some(3),
+                        ..Default::default()
+                    },
+                ),
+            ]
+            .into(),
+            bundle: String::new(),
+            cert_generation: 0,
+        }
+    }
+
+    #[test]
+    fn pushed_settings_reach_the_services() {
+        let services = config().services();
+        let by = |n: &str| services.iter().find(|s| s.name == n).unwrap();
+        let web = by("web");
+        assert!(web.local);
+        assert_eq!(web.inbound.mtls_mode, Some(MtlsMode::Permissive));
+        assert_eq!(web.inbound.max_inbound_connections, Some(5));
+        // api: the caller's override wins over api's resolver; the defaults stay under it.
+        let api = by("api");
+        assert_eq!(api.inbound, InboundSettings::default(), "not local");
+        assert_eq!(api.connect_timeout, Duration::from_millis(250));
+        assert_eq!(api.max_connections, Some(3));
+        assert_eq!(api.max_requests, 7);
+        // db: its resolver's connect timeout, the defaults' request limit.
+        let db = by("db");
+        assert_eq!(db.connect_timeout, Duration::from_secs(4));
+        assert_eq!(db.max_connections, None);
+        assert_eq!(db.max_requests, 7);
+    }
 }

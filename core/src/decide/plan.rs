@@ -269,6 +269,8 @@ fn inbound(input: &Input, orig: SocketAddr, detected: Option<&Detection>) -> Pla
             false => Plan::Relay(app),
         };
     };
+    // The control daemon may set the service's own mode (Consul's `mutualTLSMode`).
+    let mode = svc.and_then(|(_, s)| s.inbound.mtls_mode).unwrap_or(mode);
     if svc.is_some_and(|(_, s)| s.mtls == ServiceMtls::Disable) {
         // The app speaks its own TLS: passthrough (zero-copy), also in strict mode.
         return Plan::Relay(app);
@@ -646,6 +648,48 @@ services:
             } => {}
             p => panic!("mesh TLS to an undeclared port: {p:?}"),
         }
+    }
+
+    #[test]
+    fn the_service_mode_pushed_by_the_daemon_overrides_the_sidecars() {
+        let mut w = world(false);
+        let i = ListenerKind::Inbound;
+        let db = idx(&w, "db");
+        let pod: IpAddr = "198.18.0.2".parse().unwrap();
+        // Strict sidecar, service set permissive: plaintext reaches the app.
+        w.config.services[db].inbound.mtls_mode = Some(MtlsMode::Permissive);
+        assert_eq!(
+            run(&w, i, "198.18.0.2:5432", STRICT, Some(Detection::Other)),
+            Plan::Relay(Route::Local {
+                service: Some(db),
+                port: 5432,
+                pod_ip: pod
+            })
+        );
+        // Other services keep the sidecar's mode.
+        match run(&w, i, "198.18.0.2:80", STRICT, Some(Detection::Other)) {
+            Plan::Refuse {
+                reason: Reason::PlaintextRejected,
+                ..
+            } => {}
+            p => panic!("{p:?}"),
+        }
+        // Permissive sidecar, service set strict: plaintext is refused.
+        w.config.services[db].inbound.mtls_mode = Some(MtlsMode::Strict);
+        match run(&w, i, "198.18.0.2:5432", PERMISSIVE, Some(Detection::Other)) {
+            Plan::Refuse {
+                reason: Reason::PlaintextRejected,
+                ..
+            } => {}
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(
+            run(&w, i, "198.18.0.2:5432", PERMISSIVE, None),
+            Plan::Detect {
+                want: Want::TlsOrPlain,
+                wait: DETECT_STRICT
+            }
+        );
     }
 
     #[test]

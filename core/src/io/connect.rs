@@ -89,8 +89,16 @@ pub(crate) async fn connect_to(
             pod_ip,
         } => {
             let candidates = local_candidates(port, pod_ip, service.is_some());
+            // Consul's `localConnectTimeoutMs`, when the daemon set it for the service.
+            let timeout = service
+                .and_then(|i| snap.services.get(i))
+                .and_then(|s| s.inbound.local_connect_timeout)
+                .unwrap_or(LOCAL_CONNECT_TIMEOUT);
+            let mut timed_out = false;
             for &addr in &candidates {
-                if let Ok(stream) = connect_one(addr, LOCAL_CONNECT_TIMEOUT).await {
+                let r = connect_one(addr, timeout).await;
+                timed_out |= r.as_ref().err() == Some(&Reason::UpstreamConnectTimeout);
+                if let Ok(stream) = r {
                     let via = match addr.ip() {
                         ip if ip.is_loopback() && ip.is_ipv4() => 0,
                         ip if ip.is_loopback() => 1,
@@ -104,6 +112,14 @@ pub(crate) async fn connect_to(
                         _guard: None,
                     });
                 }
+            }
+            if timed_out {
+                return Err(Failure {
+                    reason: Reason::UpstreamConnectTimeout,
+                    hint: Some(format!(
+                        "the local application on port {port} did not accept within {timeout:?} (localConnectTimeoutMs): is it overloaded or stuck?"
+                    )),
+                });
             }
             let listening = crate::io::listening::listening();
             Err(Failure {
@@ -135,6 +151,17 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, R
 /// Connect to an endpoint of `cluster`, trying others (bounded) when one refuses or times out.
 async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream, Reason> {
     let stats = w.stats();
+    if let Some(max) = cluster.service.max_connections {
+        // Consul's `limits.maxConnections`: a bound on the connections open to the service.
+        let open: u32 = cluster
+            .endpoints
+            .iter()
+            .map(|e| e.active.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        if open >= max {
+            return Err(Reason::CircuitOpen);
+        }
+    }
     let mut tried = 0u64;
     let mut last = Reason::NoHealthyEndpoint;
     for attempt in 0..cluster.max_attempts() {

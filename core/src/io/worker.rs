@@ -339,7 +339,13 @@ where
             true
         } else if inbound
             && shared.active_inbound.fetch_add(1, SeqCst)
-                >= shared.config.proxy.max_inbound_connections
+                >= shared
+                    .snapshot
+                    .load()
+                    .max_inbound
+                    .map_or(shared.config.proxy.max_inbound_connections, |m| {
+                        m.min(shared.config.proxy.max_inbound_connections)
+                    })
         {
             shared.active_inbound.fetch_sub(1, SeqCst);
             shared.active.fetch_sub(1, SeqCst);

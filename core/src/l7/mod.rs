@@ -702,7 +702,23 @@ async fn forward(
         request_timeout: base.request_timeout,
         retries: base.retries,
         retry_on: base.retry_on.clone(),
+        retry_connect: true,
+        retry_class: RetryClass::default(),
     };
+    // The local service's inbound settings in force now (a kept-alive connection outlives
+    // the snapshot it was accepted under).
+    let local = match conn.inbound {
+        Some(_) => now
+            .services
+            .iter()
+            .find(|s| s.local && s.name == base.name && s.port == base.port)
+            .map_or(base.inbound, |s| s.inbound),
+        None => Default::default(),
+    };
+    // Consul's `localRequestTimeoutMs`: how long the local application may take.
+    if let Some(t) = local.local_request_timeout {
+        policy.request_timeout = t;
+    }
     let target = if conn.inbound.is_some() {
         None
     } else {
@@ -837,7 +853,14 @@ async fn forward(
         }
     }
     if let Some(inb) = &conn.inbound {
-        return to_local_app(parts, replay, stream, inb, svc, deadline, ctx, version).await;
+        let timeouts = (
+            local.local_connect_timeout.unwrap_or(LOCAL_CONNECT_TIMEOUT),
+            policy.request_timeout,
+        );
+        return to_local_app(
+            parts, replay, stream, inb, svc, timeouts, deadline, ctx, version,
+        )
+        .await;
     }
 
     // Circuit breaker: a bound on requests in flight to the service.
@@ -927,7 +950,7 @@ async fn forward(
                 // Connect failures are safe to retry (nothing was sent), also with a streamed
                 // body, which the failed connect gave back.
                 // A TLS refusal (identity, CA, intentions) would only fail again.
-                if can_retry && e.connect && !reason.is_tls() {
+                if can_retry && e.connect && policy.retry_connect && !reason.is_tls() {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
                     given_back = e.request.take();
@@ -950,7 +973,7 @@ async fn forward(
                         "endpoint ejected after consecutive 5xx (circuit open; one trial request after the ejection)"
                     );
                 }
-                if can_retry && replay.is_some() && policy.retry_on.contains(&code) {
+                if can_retry && replay.is_some() && policy.retries_status(code) {
                     tries += 1;
                     HttpStats::inc(&ctx.stats.rq_retry);
                     // Another endpoint first, if there is one.
@@ -1021,6 +1044,51 @@ struct Policy {
     request_timeout: std::time::Duration,
     retries: u32,
     retry_on: Vec<u16>,
+    /// Retry a failed connect (nothing was sent).
+    retry_connect: bool,
+    /// Status classes retried (a route's `retryOn`).
+    retry_class: RetryClass,
+}
+
+/// Status classes a route's `retryOn` names.
+#[derive(Debug, Clone, Copy, Default)]
+struct RetryClass {
+    /// `5xx`: any 5xx.
+    any_5xx: bool,
+    /// `gateway-error`: 502, 503, 504.
+    gateway: bool,
+    /// `retriable-4xx`: 409.
+    conflict: bool,
+}
+
+impl Policy {
+    /// Whether a response with `code` is retried.
+    fn retries_status(&self, code: u16) -> bool {
+        self.retry_on.contains(&code)
+            || (self.retry_class.any_5xx && (500..600).contains(&code))
+            || (self.retry_class.gateway && matches!(code, 502..=504))
+            || (self.retry_class.conflict && code == 409)
+    }
+
+    /// A route's retries, with Consul's semantics: a route that sets any retry field retries
+    /// only on what it names, `numRetries` times (1 when unset, Envoy's default).
+    fn take_route(&mut self, d: &crate::policy::rules::RouteDestination) {
+        if !d.has_retry_features() {
+            return;
+        }
+        let on = |c: &str| d.retry_on.iter().any(|r| r == c);
+        self.retries = d.num_retries.filter(|&n| n > 0).unwrap_or(1);
+        self.retry_on = d.retry_on_status_codes.clone();
+        self.retry_connect = d.retry_on_connect_failure == Some(true)
+            || on("connect-failure")
+            || on("5xx")
+            || on("gateway-error");
+        self.retry_class = RetryClass {
+            any_5xx: on("5xx"),
+            gateway: on("gateway-error"),
+            conflict: on("retriable-4xx"),
+        };
+    }
 }
 
 /// A number in [0, 100) for weighted splits.
@@ -1058,6 +1126,7 @@ fn choose_target(
         &base.name,
         parts.method.as_str(),
         parts.uri.path(),
+        parts.uri.query(),
         &parts.headers,
     );
     if let Some(r) = route {
@@ -1079,12 +1148,7 @@ fn choose_target(
         if let Some(t) = d.request_timeout {
             policy.request_timeout = t;
         }
-        if let Some(n) = d.num_retries {
-            policy.retries = n;
-        }
-        if !d.retry_on_status_codes.is_empty() {
-            policy.retry_on = d.retry_on_status_codes.clone();
-        }
+        policy.take_route(d);
         let prefix = r
             .match_
             .as_ref()
@@ -1191,6 +1255,7 @@ async fn to_local_app(
     stream: Option<Incoming>,
     inb: &InboundConn,
     svc: &crate::config::Service,
+    (connect_timeout, request_timeout): (std::time::Duration, std::time::Duration),
     deadline: tokio::time::Instant,
     ctx: &Ctx,
     version: hyper::Version,
@@ -1202,6 +1267,7 @@ async fn to_local_app(
         (None, None) => Either::Left(Full::new(Bytes::new())),
     };
     let mut req = Some(Request::from_parts(parts, body));
+    let mut timed_out = false;
     for addr in &candidates {
         let key = pool::Key {
             addr: *addr,
@@ -1209,27 +1275,34 @@ async fn to_local_app(
             h2: matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc),
         };
         let Some(r) = req.take() else { break };
-        match tokio::time::timeout_at(
-            deadline,
-            ctx.pool.send(&key, None, LOCAL_CONNECT_TIMEOUT, r),
-        )
-        .await
+        match tokio::time::timeout_at(deadline, ctx.pool.send(&key, None, connect_timeout, r)).await
         {
             Err(_) => {
                 return Err((
                     Reason::UpstreamRequestTimeout,
                     format!(
-                        "the local application ({addr}) did not answer within {:?}",
-                        svc.request_timeout
+                        "the local application ({addr}) did not answer within {request_timeout:?}"
                     ),
                 ))
             }
             Ok(Ok(resp)) => return Ok(respond(resp, version)),
-            Ok(Err(mut e)) if e.connect => req = e.request.take(),
+            Ok(Err(mut e)) if e.connect => {
+                timed_out |= e.reason == Reason::UpstreamConnectTimeout;
+                req = e.request.take()
+            }
             Ok(Err(e)) => {
                 return Err((e.reason, format!("local application {addr}: {}", e.detail)))
             }
         }
+    }
+    if timed_out {
+        return Err((
+            Reason::UpstreamConnectTimeout,
+            format!(
+                "{}: the local application on port {} did not accept within {connect_timeout:?} (localConnectTimeoutMs): is it overloaded or stuck?",
+                svc.name, inb.port
+            ),
+        ));
     }
     let listening = crate::io::listening::listening();
     Err((
@@ -1240,4 +1313,69 @@ async fn to_local_app(
             crate::io::listening::app_hint(inb.port, &listening, &candidates)
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::rules::RouteDestination;
+
+    fn service_policy() -> Policy {
+        Policy {
+            request_timeout: std::time::Duration::from_secs(15),
+            retries: 2,
+            retry_on: Vec::new(),
+            retry_connect: true,
+            retry_class: RetryClass::default(),
+        }
+    }
+
+    #[test]
+    fn a_route_with_retry_fields_retries_only_what_it_names() {
+        // No retry field: the service's retries stay (connect failures, twice).
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            request_timeout: Some(std::time::Duration::from_secs(1)),
+            ..Default::default()
+        });
+        assert_eq!((p.retries, p.retry_connect), (2, true));
+
+        // Status codes only: one retry (Envoy's default), on those codes, not on connect failures.
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            retry_on_status_codes: vec![503],
+            ..Default::default()
+        });
+        assert_eq!((p.retries, p.retry_connect), (1, false));
+        assert!(p.retries_status(503) && !p.retries_status(502));
+
+        // numRetries with retryOnConnectFailure.
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            num_retries: Some(4),
+            retry_on_connect_failure: Some(true),
+            ..Default::default()
+        });
+        assert_eq!((p.retries, p.retry_connect), (4, true));
+        assert!(!p.retries_status(503));
+
+        // retryOn classes.
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            retry_on: vec!["gateway-error".into(), "retriable-4xx".into()],
+            ..Default::default()
+        });
+        assert!(
+            p.retry_connect,
+            "gateway-error covers connect failures, as in Envoy"
+        );
+        assert!(p.retries_status(502) && p.retries_status(504) && p.retries_status(409));
+        assert!(!p.retries_status(500) && !p.retries_status(404));
+        let mut p = service_policy();
+        p.take_route(&RouteDestination {
+            retry_on: vec!["5xx".into()],
+            ..Default::default()
+        });
+        assert!(p.retries_status(500) && p.retries_status(599) && !p.retries_status(409));
+    }
 }

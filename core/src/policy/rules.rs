@@ -49,7 +49,7 @@ impl<'de> Deserialize<'de> for Re {
 
 /// A header condition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// Header name.
     pub name: String,
@@ -68,14 +68,52 @@ pub struct HeaderMatch {
     /// Value regex (whole value).
     #[serde(default)]
     pub regex: Option<Re>,
+    /// Value contains this.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// Compare `exact`, `prefix`, `suffix` and `contains` without regard to case.
+    #[serde(default)]
+    pub ignore_case: bool,
     /// Negate.
     #[serde(default)]
     pub invert: bool,
 }
 
+impl HeaderMatch {
+    /// Whether a header value (`None`: absent) satisfies the condition, before `invert`.
+    fn holds(&self, v: Option<&str>) -> bool {
+        let Some(v) = v else {
+            return self.present == Some(false);
+        };
+        let fold = |x: &str| {
+            if self.ignore_case {
+                x.to_ascii_lowercase()
+            } else {
+                x.to_string()
+            }
+        };
+        let value = fold(v);
+        self.present != Some(false)
+            && self.exact.as_ref().is_none_or(|e| fold(e) == value)
+            && self
+                .prefix
+                .as_ref()
+                .is_none_or(|p| value.starts_with(&fold(p)))
+            && self
+                .suffix
+                .as_ref()
+                .is_none_or(|p| value.ends_with(&fold(p)))
+            && self
+                .contains
+                .as_ref()
+                .is_none_or(|p| value.contains(&fold(p)))
+            && self.regex.as_ref().is_none_or(|r| r.is_match(v))
+    }
+}
+
 /// What a request must look like (every given condition holds).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpMatch {
     /// Whole path.
     #[serde(default)]
@@ -126,24 +164,14 @@ impl HttpMatch {
         }
         self.header.iter().all(|h| {
             let v = headers.get(h.name.as_str()).and_then(|v| v.to_str().ok());
-            let ok = match v {
-                None => h.present == Some(false),
-                Some(v) => {
-                    h.present != Some(false)
-                        && h.exact.as_ref().is_none_or(|e| e == v)
-                        && h.prefix.as_ref().is_none_or(|p| v.starts_with(p.as_str()))
-                        && h.suffix.as_ref().is_none_or(|p| v.ends_with(p.as_str()))
-                        && h.regex.as_ref().is_none_or(|r| r.is_match(v))
-                }
-            };
-            ok != h.invert
+            h.holds(v) != h.invert
         })
     }
 }
 
 /// An L7 permission of an intention source: the first that matches decides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Permission {
     /// Allow or deny.
     pub action: Action,
@@ -180,6 +208,42 @@ pub struct RouteMatch {
     /// HTTP conditions.
     #[serde(default)]
     pub http: HttpMatch,
+    /// Query parameter conditions (every one holds).
+    #[serde(default)]
+    pub query_param: Vec<QueryParamMatch>,
+}
+
+/// A query parameter condition of a route (Consul's `queryParam`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct QueryParamMatch {
+    /// Parameter name.
+    pub name: String,
+    /// Only that it is there.
+    #[serde(default)]
+    pub present: bool,
+    /// Whole value.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Value regex (whole value).
+    #[serde(default)]
+    pub regex: Option<Re>,
+}
+
+impl QueryParamMatch {
+    /// Whether the query string (without `?`) satisfies it: some parameter of that name does.
+    pub fn matches(&self, query: Option<&str>) -> bool {
+        query
+            .unwrap_or("")
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+            .filter(|(k, _)| *k == self.name)
+            .any(|(_, v)| {
+                self.exact.as_ref().is_none_or(|e| e == v)
+                    && self.regex.as_ref().is_none_or(|r| r.is_match(v))
+            })
+    }
 }
 
 /// `destination:` of a route.
@@ -201,12 +265,27 @@ pub struct RouteDestination {
     /// Retries.
     #[serde(default)]
     pub num_retries: Option<u32>,
-    /// Retry on connect failure (always done when retries are left).
+    /// Retry on connect failure.
     #[serde(default)]
     pub retry_on_connect_failure: Option<bool>,
     /// Statuses to retry on.
     #[serde(default)]
     pub retry_on_status_codes: Vec<u16>,
+    /// Conditions to retry on (Consul's `retryOn`: `5xx`, `gateway-error`, `connect-failure`,
+    /// `retriable-4xx` are applied).
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+}
+
+impl RouteDestination {
+    /// Whether the route sets its own retry policy (then only what it names is retried, as in
+    /// Consul); otherwise the service's retries apply.
+    pub fn has_retry_features(&self) -> bool {
+        self.num_retries.is_some_and(|n| n > 0)
+            || self.retry_on_connect_failure == Some(true)
+            || !self.retry_on_status_codes.is_empty()
+            || !self.retry_on.is_empty()
+    }
 }
 
 /// `ServiceSplitter.spec`.
@@ -256,7 +335,7 @@ pub struct ResolverSpec {
 
 /// A subset: `filter: "Service.Meta.version == v2"` (`==` or `!=`, one condition).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Subset {
     /// The condition on the endpoint's metadata.
     #[serde(default, deserialize_with = "filter_checked")]
@@ -352,12 +431,14 @@ impl L7Config {
         service: &str,
         method: &str,
         path: &str,
+        query: Option<&str>,
         headers: &hyper::HeaderMap,
     ) -> Option<&Route> {
         self.routers.get(service)?.routes.iter().find(|r| {
-            r.match_
-                .as_ref()
-                .is_none_or(|m| m.http.matches(method, path, headers))
+            r.match_.as_ref().is_none_or(|m| {
+                m.http.matches(method, path, headers)
+                    && m.query_param.iter().all(|q| q.matches(query))
+            })
         })
     }
 
@@ -460,6 +541,30 @@ mod tests {
     }
 
     #[test]
+    fn header_contains_ignore_case_and_query_parameters() {
+        let m: HttpMatch = serde_json::from_value(serde_json::json!({
+            "header": [{"name": "x-team", "contains": "Ops", "ignoreCase": true},
+                       {"name": "x-env", "exact": "prod", "invert": true}]
+        }))
+        .unwrap();
+        assert!(m.matches("GET", "/", &h(&[("x-team", "the-OPS-crew")])));
+        assert!(!m.matches("GET", "/", &h(&[("x-team", "dev")])));
+        assert!(
+            !m.matches("GET", "/", &h(&[("x-team", "ops"), ("x-env", "prod")])),
+            "inverted exact"
+        );
+        let q: QueryParamMatch =
+            serde_json::from_value(serde_json::json!({"name": "v", "exact": "2"})).unwrap();
+        assert!(q.matches(Some("a=1&v=2")));
+        assert!(!q.matches(Some("v=3")));
+        assert!(!q.matches(None));
+        let p: QueryParamMatch =
+            serde_json::from_value(serde_json::json!({"name": "debug", "present": true})).unwrap();
+        assert!(p.matches(Some("debug")));
+        assert!(!p.matches(Some("x=debug")));
+    }
+
+    #[test]
     fn routes_first_match_and_splits_by_weight() {
         let c: L7Config = serde_json::from_value(serde_json::json!({
             "routers": {"web": {"routes": [
@@ -469,14 +574,16 @@ mod tests {
             "splitters": {"web": {"splits": [{"weight": 75}, {"weight": 25, "service": "web-v2"}]}}
         }))
         .unwrap();
-        let r = c.route("web", "GET", "/admin/users", &h(&[])).unwrap();
+        let r = c
+            .route("web", "GET", "/admin/users", None, &h(&[]))
+            .unwrap();
         assert_eq!(r.destination.service.as_deref(), Some("admin"));
         let r = c
-            .route("web", "GET", "/", &h(&[("x-canary", "yes")]))
+            .route("web", "GET", "/", None, &h(&[("x-canary", "yes")]))
             .unwrap();
         assert_eq!(r.destination.service.as_deref(), Some("web-canary"));
-        assert!(c.route("web", "GET", "/", &h(&[])).is_none());
-        assert!(c.route("other", "GET", "/admin", &h(&[])).is_none());
+        assert!(c.route("web", "GET", "/", None, &h(&[])).is_none());
+        assert!(c.route("other", "GET", "/admin", None, &h(&[])).is_none());
         assert_eq!(c.split("web", 10.0), "web");
         assert_eq!(c.split("web", 74.9), "web");
         assert_eq!(c.split("web", 75.0), "web-v2");

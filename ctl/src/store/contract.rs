@@ -175,14 +175,19 @@ fn defaults(name: &str, marker: &str) -> Document {
         name: name.to_string(),
         spec: ServiceDefaultsSpec {
             protocol: Protocol::Http,
-            mutual_tls_mode: Some(marker.to_string()),
+            // A field kept as written: the marker survives the store untouched.
+            external_sni: Some(serde_json::Value::String(marker.to_string())),
+            ..Default::default()
         },
     }
 }
 
 fn marker(doc: &serde_json::Value) -> String {
     match serde_json::from_value(doc.clone()) {
-        Ok(Document::ServiceDefaults { spec, .. }) => spec.mutual_tls_mode.unwrap_or_default(),
+        Ok(Document::ServiceDefaults { spec, .. }) => spec
+            .external_sni
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
         other => panic!("not a marked document: {other:?}"),
     }
 }
