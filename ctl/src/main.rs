@@ -266,8 +266,13 @@ enum Command {
     /// List what the daemon stores: config (every document), services, endpoints, intentions,
     /// proxies (of every node).
     Get {
-        /// config, services, endpoints, intentions or proxies.
+        /// config, services, endpoints, intentions, proxies (singular works too), or a document
+        /// kind (ServiceDefaults, ServiceIntentions, ServiceRouter, ServiceSplitter,
+        /// ServiceResolver).
         what: String,
+        /// Only this one: a service (its endpoints), a destination (the intentions that can
+        /// decide for it), a proxy id or service, a document name.
+        name: Option<String>,
         /// json, yaml, or wide (the table with more columns); default: the table.
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
@@ -293,8 +298,10 @@ enum Command {
     /// Everything the daemon knows about one service: ports, virtual IP, protocol, endpoints,
     /// who may call it, its proxies and the documents that mention it.
     Describe {
-        /// Service name.
-        service: String,
+        /// `service`, `intentions` or `proxy` followed by NAME; a NAME alone is a service.
+        what: String,
+        /// The service, the destination whose intentions to show, or the proxy id.
+        name: Option<String>,
         /// json or yaml; default: text.
         #[arg(short = 'o', long, value_enum)]
         output: Option<Format>,
@@ -794,7 +801,72 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 /// `ringctl get WHAT [-o json|yaml|wide]`.
-fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
+/// What `get` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GetKind {
+    /// Stored documents, of one kind or all.
+    Config(Option<&'static str>),
+    Services,
+    Endpoints,
+    Intentions,
+    Proxies,
+}
+
+impl GetKind {
+    fn plural(self) -> &'static str {
+        match self {
+            GetKind::Config(_) => "documents",
+            GetKind::Services => "services",
+            GetKind::Endpoints => "endpoints",
+            GetKind::Intentions => "intentions",
+            GetKind::Proxies => "proxies",
+        }
+    }
+}
+
+/// The kinds `get` knows, as users type them (singular, plural, short, or a document kind).
+fn get_kind(what: &str) -> Option<GetKind> {
+    let kinds = [
+        "ServiceDefaults",
+        "ServiceIntentions",
+        "ServiceRouter",
+        "ServiceSplitter",
+        "ServiceResolver",
+    ];
+    let w = what.to_ascii_lowercase();
+    Some(match w.as_str() {
+        "config" | "configs" | "documents" | "docs" => GetKind::Config(None),
+        "services" | "service" | "svc" => GetKind::Services,
+        "endpoints" | "endpoint" | "ep" => GetKind::Endpoints,
+        "intentions" | "intention" => GetKind::Intentions,
+        "proxies" | "proxy" => GetKind::Proxies,
+        _ => {
+            let kind = kinds.iter().find(|k| {
+                k.eq_ignore_ascii_case(&w) || format!("{}s", k.to_ascii_lowercase()) == w
+            })?;
+            GetKind::Config(Some(*kind))
+        }
+    })
+}
+
+fn get(at: &Target, what: &str, name: Option<&str>, output: Option<Output>) -> ExitCode {
+    let Some(kind) = get_kind(what) else {
+        eprintln!("ringctl get: '{what}' is not known (config, services, endpoints, intentions, proxies, or a document kind such as ServiceDefaults)");
+        return ExitCode::FAILURE;
+    };
+    // With a NAME: only what it names (a service's endpoints, the intentions for a destination,
+    // a proxy by id or service, a document by name); none is an error.
+    let named = |n: &str| name.is_none_or(|want| want == n);
+    let none_named = |rows: usize| -> bool {
+        if rows == 0 {
+            if let Some(n) = name {
+                eprintln!("ringctl get: no {} named '{n}'", kind.plural());
+                return true;
+            }
+        }
+        false
+    };
+    let mut missing = false;
     fn fetch_as<T: DeserializeOwned>(at: &Target, path: &str) -> Result<T, daemon::CallError> {
         daemon::call(at, hyper::Method::GET, path, None)
     }
@@ -802,20 +874,46 @@ fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
     // JSON and YAML show the answer (object keys sorted, the order JSON always had).
     let as_data = matches!(output, Some(Output::Json | Output::Yaml));
     let yaml = output == Some(Output::Yaml);
-    match what {
+    let status = match kind {
         // The stored documents are the operators' own: shown as stored.
-        "config" if as_data => report(
+        GetKind::Config(doc_kind) => report(
             fetch_as(at, "/v1/config"),
-            |docs: Vec<serde_json::Value>| print_as(&docs, yaml),
+            |docs: Vec<serde_json::Value>| {
+                // Read as documents to select; shown as stored.
+                let docs: Vec<(serde_json::Value, Option<consul::Document>)> = docs
+                    .into_iter()
+                    .map(|v| {
+                        let d = serde_json::from_value::<consul::Document>(v.clone()).ok();
+                        (v, d)
+                    })
+                    .filter(|(_, d)| {
+                        d.as_ref().is_none_or(|d| {
+                            named(d.name()) && doc_kind.is_none_or(|k| d.kind() == k)
+                        })
+                    })
+                    .collect();
+                if none_named(docs.len()) {
+                    missing = true;
+                    return;
+                }
+                if as_data {
+                    let raw: Vec<&serde_json::Value> = docs.iter().map(|(v, _)| v).collect();
+                    return print_as(&raw, yaml);
+                }
+                let rows: Vec<Vec<String>> = docs
+                    .iter()
+                    .filter_map(|(_, d)| d.as_ref())
+                    .map(|d| vec![d.kind().to_string(), d.name().to_string()])
+                    .collect();
+                print_table(&["KIND", "NAME"], &rows);
+            },
         ),
-        "config" => report(fetch_as(at, "/v1/config"), |docs: Vec<consul::Document>| {
-            let rows: Vec<Vec<String>> = docs
-                .iter()
-                .map(|d| vec![d.kind().to_string(), d.name().to_string()])
-                .collect();
-            print_table(&["KIND", "NAME"], &rows);
-        }),
-        "services" => report(fetch_as(at, "/v1/services"), |rows: Vec<ServiceRecord>| {
+        GetKind::Services => report(fetch_as(at, "/v1/services"), |rows: Vec<ServiceRecord>| {
+            let rows: Vec<ServiceRecord> = rows.into_iter().filter(|s| named(&s.name)).collect();
+            if none_named(rows.len()) {
+                missing = true;
+                return;
+            }
             if as_data {
                 return print_as(&rows, yaml);
             }
@@ -835,9 +933,15 @@ fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
                 .collect();
             print_table(&["NAME", "VIRTUAL IP", "PORTS"], &rows);
         }),
-        "endpoints" => report(
+        GetKind::Endpoints => report(
             fetch_as(at, "/v1/endpoints"),
             |rows: Vec<EndpointRecord>| {
+                let rows: Vec<EndpointRecord> =
+                    rows.into_iter().filter(|e| named(&e.service)).collect();
+                if none_named(rows.len()) {
+                    missing = true;
+                    return;
+                }
                 if as_data {
                     return print_as(&rows, yaml);
                 }
@@ -867,7 +971,12 @@ fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
                 print_table(header, &rows);
             },
         ),
-        "intentions" => report(fetch_as(at, "/v1/intentions"), |l: IntentionList| {
+        GetKind::Intentions => report(fetch_as(at, "/v1/intentions"), |mut l: IntentionList| {
+            // Named: the rules that can decide for that destination (its own and wildcards).
+            l.rules.retain(|r| match &r.intention.destination {
+                Pattern::Any => true,
+                Pattern::Exact(d) => named(d),
+            });
             if as_data {
                 return print_as(&l, yaml);
             }
@@ -886,7 +995,15 @@ fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
             print_table(&["SOURCE", "DESTINATION", "ACTION", "PRECEDENCE"], &rows);
             println!("(no match: {})", action_name(l.default));
         }),
-        "proxies" => report(fetch_as(at, "/v1/proxies"), |rows: Vec<ProxyStatus>| {
+        GetKind::Proxies => report(fetch_as(at, "/v1/proxies"), |rows: Vec<ProxyStatus>| {
+            let rows: Vec<ProxyStatus> = rows
+                .into_iter()
+                .filter(|p| named(&p.report.id) || named(&p.report.service))
+                .collect();
+            if none_named(rows.len()) {
+                missing = true;
+                return;
+            }
             if as_data {
                 return print_as(&rows, yaml);
             }
@@ -944,11 +1061,186 @@ fn get(at: &Target, what: &str, output: Option<Output>) -> ExitCode {
             };
             print_table(header, &rows);
         }),
-        other => {
-            eprintln!("ringctl get: '{other}' is not known (config, services, endpoints, intentions, proxies)");
-            ExitCode::FAILURE
-        }
+    };
+    if missing {
+        ExitCode::FAILURE
+    } else {
+        status
     }
+}
+
+/// `describe [KIND] NAME`.
+fn describe_any(
+    at: &Target,
+    what: &str,
+    name: Option<String>,
+    output: Option<Format>,
+) -> Result<(), String> {
+    let Some(name) = name else {
+        return describe(at, what, output);
+    };
+    match what.to_ascii_lowercase().as_str() {
+        "service" | "services" | "svc" => describe(at, &name, output),
+        "intention" | "intentions" => describe_intentions(at, &name, output),
+        "proxy" | "proxies" => describe_proxy(at, &name, output),
+        other => Err(format!(
+            "'{other}' is not a kind to describe (service, intentions, proxy)"
+        )),
+    }
+}
+
+/// `describe intentions DST`: the rules that can decide for DST, its documents, and what they
+/// decide for every registered service calling it.
+fn describe_intentions(at: &Target, dst: &str, output: Option<Format>) -> Result<(), String> {
+    let get = hyper::Method::GET;
+    let list: IntentionList = fetch(at, get.clone(), "/v1/intentions")?;
+    let rules: Vec<&IntentionRow> = list
+        .rules
+        .iter()
+        .filter(|r| match &r.intention.destination {
+            Pattern::Any => true,
+            Pattern::Exact(d) => d == dst,
+        })
+        .collect();
+    let mut verdicts = Vec::new();
+    for s in fetch::<Vec<ServiceRecord>>(at, get.clone(), "/v1/services")? {
+        if s.name == dst {
+            continue;
+        }
+        let c: IntentionCheck = fetch(
+            at,
+            get.clone(),
+            &format!("/v1/intentions/check?source={}&destination={dst}", s.name),
+        )?;
+        verdicts.push((s.name, c));
+    }
+    let documents: Vec<String> = fetch::<Vec<serde_json::Value>>(at, get, "/v1/config")?
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<consul::Document>(v).ok())
+        .filter(|d| d.kind() == "ServiceIntentions" && d.destination() == Some(dst))
+        .map(|d| d.id())
+        .collect();
+    if let Some(f) = output {
+        let v = serde_json::json!({
+            "destination": dst,
+            "default": action_name(list.default),
+            "rules": rules,
+            "documents": documents,
+            "sources": verdicts.iter().map(|(s, c)| serde_json::json!({
+                "source": s, "allowed": c.allowed, "decided_by": c.decided_by,
+            })).collect::<Vec<_>>(),
+        });
+        print_format(&v, f);
+        return Ok(());
+    }
+    println!("destination: {dst}");
+    println!(
+        "documents:   {}",
+        if documents.is_empty() {
+            "(none: only wildcard rules and the default decide)".to_string()
+        } else {
+            documents.join(", ")
+        }
+    );
+    println!(
+        "rules:       (highest precedence decides; no match: {})",
+        action_name(list.default)
+    );
+    for r in &rules {
+        println!(
+            "  {:<20} -> {:<20} {:<6} precedence {}",
+            r.intention.source.to_string(),
+            r.intention.destination.to_string(),
+            action_name(r.intention.action),
+            r.precedence
+        );
+    }
+    println!("registered services calling {dst}:");
+    let rows: Vec<Vec<String>> = verdicts
+        .iter()
+        .map(|(s, c)| {
+            vec![
+                s.clone(),
+                if c.allowed { "allow" } else { "deny" }.to_string(),
+                c.decided_by.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["SOURCE", "DECISION", "DECIDED BY"], &rows);
+    Ok(())
+}
+
+/// `describe proxy ID`: one proxy's last report, with its recent failures.
+fn describe_proxy(at: &Target, id: &str, output: Option<Format>) -> Result<(), String> {
+    let proxies: Vec<ProxyStatus> = fetch(at, hyper::Method::GET, "/v1/proxies")?;
+    let Some(p) = proxies.into_iter().find(|p| p.report.id == id) else {
+        return Err(format!(
+            "no proxy '{id}' (ringctl get proxies lists their ids)"
+        ));
+    };
+    if let Some(f) = output {
+        print_format(&p, f);
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let r = &p.report;
+    println!("proxy:       {}", r.id);
+    println!("service:     {}", r.service);
+    println!(
+        "node:        {}",
+        if p.node.is_empty() { "-" } else { &p.node }
+    );
+    println!(
+        "address:     {}",
+        r.address.map_or("-".to_string(), |a| a.to_string())
+    );
+    println!(
+        "state:       {} (last report {}s ago)",
+        if p.live { "live" } else { "silent" },
+        now - p.last_seen
+    );
+    println!("started:     {}s ago", now - r.started_at);
+    println!("version:     {} (configuration applied)", r.applied_index);
+    println!(
+        "certificate: generation {}, expires in {}s, issuer {}",
+        r.cert_generation, p.cert_expires_in_s, r.cert_issuer
+    );
+    if r.ctl_unreachable_since > 0 {
+        println!(
+            "control:     could not reach the daemon for a while from {}s ago (ctl_unreachable)",
+            now - r.ctl_unreachable_since
+        );
+    }
+    if r.failed_connects_before_start > 0 {
+        println!(
+            "pod:         {} connection attempts had failed in its pod before it started",
+            r.failed_connects_before_start
+        );
+    }
+    println!("failures:    {} recent", r.events.len());
+    let rows: Vec<Vec<String>> = r
+        .events
+        .iter()
+        .rev()
+        .map(|e| {
+            vec![
+                format!("{}s ago", now - (e.time_ms / 1000) as i64),
+                e.reason.clone(),
+                e.source.clone(),
+                e.destination.clone(),
+                e.detail.clone(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        print_table(
+            &["WHEN", "REASON", "SOURCE", "DESTINATION", "DETAIL"],
+            &rows,
+        );
+    }
+    Ok(())
 }
 
 fn describe(at: &Target, name: &str, output: Option<Format>) -> Result<(), String> {
@@ -1508,7 +1800,7 @@ fn main() -> ExitCode {
                 },
             )
         }
-        Command::Get { what, output } => get(&at, &what, output),
+        Command::Get { what, name, output } => get(&at, &what, name.as_deref(), output),
         Command::Doctor { netns, output } => {
             let items = doctor::doctor(&at, netns.as_deref());
             match output {
@@ -1594,7 +1886,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Describe { service, output } => match describe(&at, &service, output) {
+        Command::Describe { what, name, output } => match describe_any(&at, &what, name, output) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ringctl describe: {e}");

@@ -230,13 +230,32 @@ fn why_names_the_cause() {
         &["frontend's app (sleep (pid", "started before its sidecar"],
     );
     assert!(v["fix"].as_str().unwrap().contains("wait-ready"));
+    // describe proxy shows the evidence the sidecar reported.
+    let front_id = daemon
+        .get_json("proxies")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["service"] == "frontend")
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .unwrap();
+    let d = daemon.ok(&["describe", "proxy", &front_id]);
+    assert!(
+        d.contains("service:     frontend") && d.contains("connection attempts had failed"),
+        "{d}"
+    );
     // Without the pod there is no evidence of the app's start: no blame, the count is shown.
     let v = why(&daemon, &["frontend", "web:80"]);
     assert!(v["reason"].is_null(), "{v:#}");
 
-    // Not registered.
+    // Not registered; registered without that port; registered without an endpoint.
     let v = why(&daemon, &["frontend", "ghost"]);
     assert_cause(&v, "unknown_destination", &["ghost is not registered"]);
+    let v = why(&daemon, &["frontend", "web:81"]);
+    assert_cause(&v, "unknown_destination", &["web has no service port 81"]);
+    daemon.ok(&["register", "service", "empty", "--port", "5000:5000"]);
+    let v = why(&daemon, &["frontend", "empty:5000"]);
+    assert_cause(&v, "no_healthy_endpoint", &["empty has no endpoint"]);
 
     // An intention denies (and frontend's app started before its sidecar: the cause a
     // connection meets first wins).

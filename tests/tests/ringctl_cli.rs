@@ -626,3 +626,69 @@ fn one_way_to_find_the_daemon_and_checked_output() {
     // The daemon's own flags were read with the same parser.
     assert!(d.log().contains("listening on"), "{}", d.log());
 }
+
+/// `get KIND [NAME]` for every kind (singular or plural, or a document kind), and `describe` for
+/// services, intentions and proxies.
+#[test]
+fn get_and_describe_every_kind() {
+    let tag = format!("ringctl-kinds-{}", std::process::id());
+    let daemon = ringside_tests::ctl::Daemon::start(&tag, &[]);
+    daemon.ok(&["register", "service", "products-api", "--port", "80:8080"]);
+    daemon.ok(&["register", "service", "public-api"]);
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.ok(&[
+        "register",
+        "endpoint",
+        "products-api",
+        "198.18.0.9",
+        "--node",
+        "n1",
+    ]);
+    daemon.apply(DOCS);
+
+    let out = daemon.ok(&["get", "service", "products-api"]);
+    assert!(
+        out.contains("products-api") && !out.contains("public-api"),
+        "{out}"
+    );
+    let out = daemon.ok(&["get", "endpoints", "products-api"]);
+    assert!(out.contains("198.18.0.9"), "{out}");
+    let out = daemon.ok(&["get", "ServiceDefaults"]);
+    assert!(
+        out.contains("payments") && !out.contains("products-api"),
+        "{out}"
+    );
+    let out = daemon.ok(&["get", "serviceintentions", "products-api", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{out}");
+    let out = daemon.ok(&["get", "intentions", "products-api"]);
+    assert!(out.contains("public-api") && out.contains("allow"), "{out}");
+    let (ok, _, err) = daemon.ringctl(&["get", "service", "ghost"]);
+    assert!(!ok && err.contains("no services named 'ghost'"), "{err}");
+    let (ok, _, err) = daemon.ringctl(&["get", "gadgets"]);
+    assert!(!ok && err.contains("'gadgets' is not known"), "{err}");
+
+    // describe: a service (the old form and the kind form), the intentions of a destination with
+    // what they decide for every registered caller, a proxy (none here: a clear error).
+    let a = daemon.ok(&["describe", "products-api"]);
+    assert_eq!(a, daemon.ok(&["describe", "service", "products-api"]));
+    assert!(a.contains("198.18.0.9"), "{a}");
+    let out = daemon.ok(&["describe", "intentions", "products-api"]);
+    assert!(
+        out.contains("ServiceIntentions/products-api")
+            && out
+                .lines()
+                .any(|l| l.starts_with("public-api") && l.contains("allow"))
+            && out
+                .lines()
+                .any(|l| l.starts_with("frontend") && l.contains("deny")),
+        "{out}"
+    );
+    let out = daemon.ok(&["describe", "intentions", "products-api", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["sources"].as_array().unwrap().len(), 2, "{out}");
+    let (ok, _, err) = daemon.ringctl(&["describe", "proxy", "nope-1"]);
+    assert!(!ok && err.contains("no proxy 'nope-1'"), "{err}");
+    let (ok, _, err) = daemon.ringctl(&["describe", "gadget", "x"]);
+    assert!(!ok && err.contains("not a kind"), "{err}");
+}
