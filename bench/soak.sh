@@ -17,11 +17,14 @@ if [ "$(sysctl -n net.netfilter.nf_conntrack_max)" -lt 1048576 ]; then
 fi
 report=perf-reports/$(date -u +%Y-%m-%d)-soak.md
 figures=$(mktemp)
-trap 'rm -f "$figures"' EXIT
 cargo build --profile ci --workspace --bins
+out=$(mktemp)
+trap 'rm -f "$figures" "$out"' EXIT
+status=0
 CI=true RINGSIDE_SOAK_SECS=$secs RINGSIDE_SOAK_HELD=$held RINGSIDE_SOAK_RATE=$rate \
   RINGSIDE_SOAK_REPORT=$figures \
-  cargo test --profile ci -p ringside-tests --test soak -- --nocapture
+  cargo test --profile ci -p ringside-tests --test soak -- --nocapture 2>&1 | tee "$out" || status=$?
+[ -s "$figures" ] || { echo "the soak wrote no figures" >&2; exit 1; }
 {
   echo "# Soak: $held held connections, $rate new per second, $secs s, through two sidecars with mesh mTLS"
   echo
@@ -29,5 +32,14 @@ CI=true RINGSIDE_SOAK_SECS=$secs RINGSIDE_SOAK_HELD=$held RINGSIDE_SOAK_RATE=$ra
   echo "Client and server apps, both sidecars and the daemon share the machine."
   echo
   cat "$figures"
+  echo
+  if [ "$status" -eq 0 ]; then
+    echo "Result: every check of the soak passed."
+  else
+    echo "Result: the soak's checks FAILED:"
+    echo
+    grep -A1 "panicked at" "$out" | grep -v -e "panicked at" -e "^--" | sed 's/^/    /'
+  fi
 } > "$report"
 echo "wrote $report"
+exit "$status"
