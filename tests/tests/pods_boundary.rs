@@ -177,18 +177,6 @@ fn stat(pod: &Pod, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) of a process, from /proc.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -491,11 +479,10 @@ fn the_destination_boundary_holds() {
         (closed, opened.elapsed())
     });
     opened_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    let pid = s_api.child.pid();
-    let cpu0 = cpu_time(pid);
+    let cpu0 = s_api.child.cpu_time();
     let quiet_during = median(latency(30));
     std::thread::sleep(Duration::from_millis(1500));
-    let cpu = cpu_time(pid) - cpu0;
+    let cpu = s_api.child.cpu_time() - cpu0;
     go_tx.send(()).unwrap();
     let (closed, took) = flood.join().unwrap();
     assert!(
