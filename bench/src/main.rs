@@ -20,16 +20,20 @@
 //! - `sockperf-check`: measures the direct path with this tool and with sockperf, interleaved,
 //!   and fails when their p50 or p99 differ by more than 10 %.
 //! - `gen-certs --out DIR NAME...`: a test PKI for the TLS benchmarks.
+//! - `control [--proxies 100,1000,5000]`: the control-plane benchmark: a 3-member etcd, a daemon
+//!   per node and N simulated proxies; from `apply` to every proxy's acknowledgement.
 //!
 //! # Layout
 //!
 //! - [`load`]: the load generator (closed and open loop, TCP, HTTP, connection per request).
 //! - [`http`]: the HTTP client and server.
 //! - [`compare`]: peers, processes, rounds and the comparison JSON.
+//! - [`control`]: the control-plane benchmark.
 //! - [`sockperf`]: the agreement check against sockperf.
 //! - [`report`] and [`plot`]: the markdown report and its SVG plots.
 
 mod compare;
+mod control;
 mod http;
 mod load;
 mod plot;
@@ -156,6 +160,9 @@ enum Command {
     Connrate(LoadArgs),
     /// Start a backend and proxies in front of it, measure them interleaved over rounds.
     Compare(compare::CompareArgs),
+    /// The control plane: a 3-member etcd, daemons on it and N simulated proxies; the time from
+    /// `apply` to every proxy's acknowledgement, daemon RSS and CPU, etcd traffic.
+    Control(control::ControlArgs),
     /// Write a dated markdown report with SVG plots from `compare` results.
     Report(report::ReportArgs),
     /// Measure the direct path with this tool and with sockperf; fail if they disagree by >10 % at
@@ -198,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(a) | Command::Pingpong(a) => load_command(a, false),
         Command::Connrate(a) => load_command(a, true),
         Command::Compare(a) => compare::main(a),
+        Command::Control(a) => control::main(a),
         Command::Report(a) => report::main(a),
         Command::SockperfCheck {
             rounds,

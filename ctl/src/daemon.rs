@@ -78,6 +78,10 @@ struct LocalProxy {
     service: String,
     address: Option<IpAddr>,
     last: Instant,
+    /// Its endpoint's metadata, as last written.
+    meta: std::collections::BTreeMap<String, String>,
+    /// The etcd lease its endpoint was last written on (0: none, or not written by this run).
+    lease: i64,
 }
 
 /// What the daemon serves from.
@@ -104,6 +108,9 @@ pub struct State {
     snapshot: RwLock<Arc<Snapshot>>,
     /// One snapshot read at a time.
     refreshing: tokio::sync::Mutex<()>,
+    /// The configuration answer of each service, made once per snapshot and trust bundle and
+    /// sent to all of its proxies (see [`config_answer`]).
+    answers: Mutex<HashMap<String, CachedAnswer>>,
     /// Proxy tokens (by hash) seen valid, to authenticate proxies while the store cannot be
     /// reached: a revoke through this daemon evicts one, a token the store no longer has (or
     /// that expired) is evicted when seen, and an expired one is never taken from here.
@@ -112,6 +119,9 @@ pub struct State {
     local: Mutex<HashMap<String, LocalProxy>>,
     /// Reports taken while the store could not be reached, written with the proxy's next one.
     pending: Mutex<HashMap<String, ProxyRecord>>,
+    /// Acknowledgements and heartbeats taken and not yet written (etcd): written together
+    /// every [`BEHIND_EVERY`] by [`write_behind`].
+    behind: Mutex<HashMap<String, ProxyRecord>>,
     lease_ttl: Duration,
     /// This daemon's node (`--node`), recorded with its proxies' reports.
     node: String,
@@ -379,9 +389,11 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             followed: tokio::sync::watch::Sender::new(0),
             snapshot: RwLock::default(),
             refreshing: tokio::sync::Mutex::new(()),
+            answers: Mutex::default(),
             tokens: Mutex::default(),
             local: Mutex::default(),
             pending: Mutex::default(),
+            behind: Mutex::default(),
             lease_ttl: o.lease_ttl,
             node: o.node.clone(),
             operator_tokens: Mutex::default(),
@@ -396,6 +408,8 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
                     service,
                     address: Some(address),
                     last: Instant::now(),
+                    meta: Default::default(),
+                    lease: 0,
                 },
             );
         }
@@ -407,6 +421,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             tokio::spawn(refresher(state.clone())),
             tokio::spawn(state.store.keep_lease(state.lease_ttl)),
             tokio::spawn(reaper(state.clone())),
+            tokio::spawn(write_behind(state.clone())),
         ];
         let tcp = match o.listen {
             Some(addr) => {
@@ -490,6 +505,43 @@ async fn flush_pending(state: &State) {
 
 /// Remove the endpoints of proxies that stopped reporting to this daemon for the lease TTL, and
 /// write the reports kept while the store could not be reached.
+/// How often acknowledgements and heartbeats taken are written to a shared store.
+const BEHIND_EVERY: Duration = Duration::from_millis(100);
+/// Reports written in one etcd transaction (etcd takes 128 operations per transaction).
+const BEHIND_BATCH: usize = 100;
+
+/// Write the reports [`take_report`] took without writing (a proxy's acknowledgement of a
+/// version, its heartbeat): every [`BEHIND_EVERY`], a hundred per transaction. A thousand
+/// proxies acknowledging a change cost ten etcd transactions, not two thousand round trips
+/// on their way. What cannot be written now is kept with the reports taken while the store is
+/// unreachable, and written with the proxy's next report.
+async fn write_behind(state: Arc<State>) {
+    loop {
+        tokio::time::sleep(BEHIND_EVERY).await;
+        let mut recs: Vec<ProxyRecord> = lock(&state.behind).drain().map(|(_, r)| r).collect();
+        if recs.is_empty() {
+            continue;
+        }
+        recs.sort_by(|a, b| a.report.id.cmp(&b.report.id));
+        for batch in recs.chunks(BEHIND_BATCH) {
+            if let Err(e) = state.store.record_reports(batch).await {
+                if !e.unreachable {
+                    eprintln!("ringctl daemon: cannot record proxies' reports: {e}");
+                }
+                let mut p = lock(&state.pending);
+                for r in batch {
+                    let id = r.report.id.clone();
+                    let kept = match p.remove(&id) {
+                        Some(newer) => crate::store::merge_report(Some(r.clone()), &newer),
+                        None => r.clone(),
+                    };
+                    p.insert(id, kept);
+                }
+            }
+        }
+    }
+}
+
 async fn reaper(state: Arc<State>) {
     let ttl = state.lease_ttl;
     let every = (ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(1));
@@ -751,6 +803,63 @@ pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
     }
 }
 
+/// A service's configuration answer, as sent, and what it was made from.
+#[derive(Debug)]
+struct CachedAnswer {
+    snapshot: Arc<Snapshot>,
+    bundle: String,
+    body: Bytes,
+}
+
+/// The answer to `GET /v1/proxy/config` for a proxy of `service`: [`proxy_config`] serialized
+/// once per snapshot and trust bundle, then shared by every proxy of the service (when a change
+/// wakes a thousand long-polls, the daemon builds and writes the configuration once per
+/// service, not once per proxy).
+fn config_answer(state: &State, service: &str) -> Response<Full<Bytes>> {
+    let snap = state.snap();
+    let bundle = state.ca.read().unwrap_or_else(|p| p.into_inner()).bundle();
+    let cached = lock(&state.answers).get(service).and_then(|c| {
+        (Arc::ptr_eq(&c.snapshot, &snap) && c.bundle == bundle).then(|| c.body.clone())
+    });
+    let body = match cached {
+        Some(b) => b,
+        None => {
+            let config = proxy_config(state, service);
+            let body = match serde_json::to_vec(&config) {
+                Ok(t) => Bytes::from(t),
+                Err(e) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot write the answer: {e}"),
+                    )
+                }
+            };
+            // Made from the snapshot read above, or a newer one (`proxy_config` reads it
+            // again): kept under the one read first only if they are the same.
+            if Arc::ptr_eq(&snap, &state.snap()) && config.bundle == bundle {
+                let mut answers = lock(&state.answers);
+                // Answers of older snapshots go (each would keep its snapshot alive).
+                answers.retain(|_, c| Arc::ptr_eq(&c.snapshot, &snap));
+                answers.insert(
+                    service.to_string(),
+                    CachedAnswer {
+                        snapshot: snap,
+                        bundle,
+                        body: body.clone(),
+                    },
+                );
+            }
+            body
+        }
+    };
+    let mut r = Response::new(Full::new(body));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// The service of the request's proxy token (`Authorization: Bearer`), or the error answer:
 /// 401 without a token, 403 for a token the store does not have (never issued, or revoked) or
 /// one that expired. While the store cannot be reached, tokens seen valid before are still
@@ -941,7 +1050,7 @@ async fn handle_proxy(
             let mut rx = state.changed.subscribe();
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
             let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
-            json(StatusCode::OK, &proxy_config(&state, &service))
+            config_answer(&state, &service)
         }
         (Method::POST, "/v1/proxy/sign") => {
             let body = match read_body(req).await {
@@ -1002,19 +1111,51 @@ async fn take_report(
         last_seen: unix_now(),
         node: state.node.clone(),
     };
-    if let Some(pending) = lock(&state.pending).remove(&id) {
+    let pending = lock(&state.pending).remove(&id);
+    let had_pending = pending.is_some();
+    if let Some(pending) = pending {
         rec = crate::store::merge_report(Some(pending), &rec);
+    }
+    // An acknowledgement or heartbeat of a proxy whose endpoint this daemon wrote, as it is, on
+    // the lease it holds now, with no failures to tell: taken now, written with others by
+    // [`write_behind`]. Anything else (a first report, a moved endpoint, a new lease, events)
+    // is written before the answer.
+    let lease = state.store.current_lease();
+    let behind = !had_pending
+        && rec.report.events.is_empty()
+        && state.store.unreachable().is_none()
+        && lock(&state.local).get(&id).is_some_and(|p| {
+            p.service == service
+                && p.address == rec.report.address
+                && p.meta == rec.report.meta
+                && (p.address.is_none() || lease.is_some_and(|l| l > 0 && l == p.lease))
+        });
+    if behind && state.store.is_shared() {
+        if let Some(p) = lock(&state.local).get_mut(&id) {
+            p.last = Instant::now();
+        }
+        lock(&state.behind).insert(id, rec);
+        return json(StatusCode::OK, &ReportAck { ok: true });
+    }
+    // Written now: one taken before and not yet written is superseded by this one.
+    if let Some(queued) = lock(&state.behind).remove(&id) {
+        rec = crate::store::merge_report(Some(queued), &rec);
     }
     let local = LocalProxy {
         service,
         address: rec.report.address,
         last: Instant::now(),
+        meta: rec.report.meta.clone(),
+        lease: lease.unwrap_or(0),
     };
     if state.store.unreachable().is_none() {
         match state.store.report_proxy(&rec, &id).await {
             Ok(changed) => {
                 lock(&state.local).insert(id, local);
-                if changed {
+                // A new endpoint: with etcd the index watch sees the write and the refresher
+                // reads the store once for every report that came meanwhile (a thousand proxies
+                // starting at once cost a few reads, not a thousand); redb is read here.
+                if changed && !state.store.is_shared() {
                     state.notify().await;
                 }
                 return json(StatusCode::OK, &ReportAck { ok: true });

@@ -42,6 +42,11 @@ use ringside_core::Config;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// The daemon holds a long-poll per proxy and many short-lived answers: mimalloc returns their
+/// memory where glibc's arenas keep it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "ringctl", version, about = "ringside control CLI")]
 struct Cli {

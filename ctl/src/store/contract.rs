@@ -164,6 +164,7 @@ contract!(
     tokens_are_revoked,
     proxy_ids_belong_to_their_service,
     proxy_reports_register_endpoints_and_keep_failures,
+    batched_reports_merge_and_never_overwrite,
     counters_count_under_contention,
     snapshots_hold_what_proxies_are_sent,
     endpoints_are_deregistered_and_silent_proxies_expired,
@@ -650,6 +651,68 @@ async fn proxy_reports_register_endpoints_and_keep_failures(h: Harness) {
         .await
         .unwrap());
     assert_eq!(s.endpoints().await.unwrap()[0].node, "node-c");
+}
+
+/// Acknowledgements and heartbeats written together ([`Store::record_reports`]): each merged with
+/// its stored record (failures kept), none over a newer report or another service's proxy, and
+/// the configuration index left alone.
+async fn batched_reports_merge_and_never_overwrite(h: Harness) {
+    let s = &h.store;
+    let range = ("240.0.0.0".parse().unwrap(), 16);
+    s.register_service("web", port(80), range).await.unwrap();
+    let first = report("web-1", "web", Some("198.18.0.5"), 10, 2);
+    // The daemon names an endpoint's owner by its proxy's id.
+    assert!(s.report_proxy(&first, "web-1").await.unwrap());
+    let index = s.index().await.unwrap();
+    let mut ack = report("web-1", "web", Some("198.18.0.5"), 10, 0);
+    ack.report.applied_index = 7;
+    ack.last_seen = first.last_seen + 1;
+    let other = report("api-1", "api", None, 3, 0);
+    h.handle()
+        .await
+        .record_reports(&[ack.clone(), other])
+        .await
+        .unwrap();
+    let by_id = |p: &[ProxyRecord], id: &str| {
+        p.iter()
+            .find(|r| r.report.id == id)
+            .unwrap_or_else(|| panic!("{id} recorded"))
+            .clone()
+    };
+    let p = s.proxies().await.unwrap();
+    assert_eq!(p.len(), 2);
+    let w = by_id(&p, "web-1");
+    assert_eq!(w.report.applied_index, 7);
+    assert_eq!(w.report.events.len(), 2, "its failures are kept");
+    assert_eq!(by_id(&p, "api-1").report.service, "api");
+    // An older report than the stored one is not written over it.
+    let mut stale = ack.clone();
+    stale.report.applied_index = 3;
+    stale.last_seen = ack.last_seen - 5;
+    s.record_reports(&[stale]).await.unwrap();
+    assert_eq!(
+        by_id(&s.proxies().await.unwrap(), "web-1")
+            .report
+            .applied_index,
+        7
+    );
+    // Nor a report under its id by another service's proxy.
+    let mut forged = ack.clone();
+    forged.report.service = "api".into();
+    forged.report.applied_index = 99;
+    forged.last_seen = ack.last_seen + 1;
+    s.record_reports(&[forged]).await.unwrap();
+    let w = by_id(&s.proxies().await.unwrap(), "web-1");
+    assert_eq!(
+        (w.report.service.as_str(), w.report.applied_index),
+        ("web", 7)
+    );
+    assert_eq!(
+        s.index().await.unwrap(),
+        index,
+        "acknowledgements move no index"
+    );
+    assert_eq!(s.endpoints().await.unwrap().len(), 1);
 }
 
 async fn counters_count_under_contention(h: Harness) {

@@ -739,6 +739,58 @@ impl EtcdStore {
         Err(contended(&format!("recording proxy {}", rec.report.id)))
     }
 
+    /// See [`super::Store::record_reports`]: the records read in one transaction, each merged
+    /// with its stored one and put only if that is unchanged since (compare on `mod_revision`),
+    /// all in one transaction; retried from a fresh read when another write came between.
+    pub async fn record_reports(&self, recs: &[ProxyRecord]) -> Result<(), StoreError> {
+        let keys: Vec<String> = recs
+            .iter()
+            .map(|r| self.key(&format!("proxies/{}", r.report.id)))
+            .collect();
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.get_many(&key_refs).await?;
+            let mut when = Vec::with_capacity(recs.len());
+            let mut then = Vec::with_capacity(recs.len());
+            for ((rec, key), old) in recs.iter().zip(&keys).zip(&read) {
+                let stored: Option<ProxyRecord> = old
+                    .as_ref()
+                    .and_then(|kv| serde_json::from_slice(kv.value()).ok());
+                // Another service's proxy took the id meanwhile, or a newer report of this one
+                // was written: this one is dropped, not written over it.
+                if check_owner(stored.as_ref(), rec).is_err()
+                    || stored.as_ref().is_some_and(|s| {
+                        s.report.service != rec.report.service || s.last_seen > rec.last_seen
+                    })
+                {
+                    continue;
+                }
+                when.push(unchanged(key, old.as_ref()));
+                then.push(TxnOp::put(
+                    key.as_str(),
+                    to_json(&merge_report(stored, rec))?,
+                    None,
+                ));
+            }
+            if then.is_empty() {
+                return Ok(());
+            }
+            if self
+                .txn(Txn::new().when(when).and_then(then))
+                .await?
+                .succeeded()
+            {
+                return Ok(());
+            }
+        }
+        Err(contended("recording proxies' reports"))
+    }
+
+    /// The lease endpoints are put on now (0 or less: none).
+    pub fn current_lease(&self) -> i64 {
+        self.lease.load(Ordering::Relaxed)
+    }
+
     /// See [`super::Store::proxies`].
     pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, StoreError> {
         self.list_json("proxies/").await

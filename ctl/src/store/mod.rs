@@ -321,6 +321,41 @@ impl Store {
         dispatch!(self.report_proxy(rec, node))
     }
 
+    /// Record reports of proxies whose endpoint is already in place (acknowledgements and
+    /// heartbeats), many in one write: each merged with its stored record, none written over a
+    /// newer one or another service's. Only for a shared store (redb records each report as it
+    /// comes, with [`Store::report_proxy`]).
+    pub async fn record_reports(&self, recs: &[ProxyRecord]) -> Result<(), StoreError> {
+        match self {
+            Store::Redb(_) => {
+                let stored: std::collections::HashMap<String, ProxyRecord> = self
+                    .proxies()
+                    .await?
+                    .into_iter()
+                    .map(|p| (p.report.id.clone(), p))
+                    .collect();
+                for r in recs {
+                    let keep = stored.get(&r.report.id).is_none_or(|s| {
+                        s.report.service == r.report.service && s.last_seen <= r.last_seen
+                    });
+                    if keep {
+                        self.report_proxy(r, &r.report.id).await?;
+                    }
+                }
+                Ok(())
+            }
+            Store::Etcd(s) => s.record_reports(recs).await,
+        }
+    }
+
+    /// The lease endpoints are put on now (etcd; 0 or less: none), `None` with redb.
+    pub fn current_lease(&self) -> Option<i64> {
+        match self {
+            Store::Redb(_) => None,
+            Store::Etcd(s) => Some(s.current_lease()),
+        }
+    }
+
     /// Every proxy that ever reported, by id.
     pub async fn proxies(&self) -> Result<Vec<ProxyRecord>, StoreError> {
         dispatch!(self.proxies())
@@ -411,6 +446,12 @@ impl Store {
                 Store::Etcd(s) => s.keep_lease(ttl).await,
             }
         }
+    }
+
+    /// Whether other daemons share the store (etcd): then [`Store::follow_index`] sees every
+    /// write, this daemon's own included.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Store::Etcd(_))
     }
 
     /// Whether the store cannot be reached now, since when and why (never with redb).
