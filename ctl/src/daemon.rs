@@ -1030,7 +1030,9 @@ async fn handle_proxy(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let service = match token_service(&req, &state).await {
+    // The store's futures are boxed: a connection's task is as big as its biggest await, and
+    // every proxy holds one in a long-poll, mostly waiting.
+    let service = match Box::pin(token_service(&req, &state)).await {
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
@@ -1061,7 +1063,7 @@ async fn handle_proxy(
         }
         (Method::POST, "/v1/proxy/report") => match body_json::<ProxyReport>(req).await {
             Err(r) => r,
-            Ok(report) => take_report(&state, service, report).await,
+            Ok(report) => Box::pin(take_report(&state, service, report)).await,
         },
         (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),
     };
