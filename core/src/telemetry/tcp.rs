@@ -132,11 +132,17 @@ struct Slot {
     folded: bool,
 }
 
+/// A worker's cache of one direction: service -> source -> series.
+type BySource = HashMap<Box<str>, HashMap<Box<str>, Slot>>;
+
+/// The sources admitted for one direction and service, and whether its `other` set exists.
+type Admitted = (HashSet<Box<str>>, bool);
+
 /// One worker's series.
 #[derive(Debug, Default)]
 struct WorkerSeries {
     /// Raw labels -> series: by direction, then service, then source.
-    index: [HashMap<Box<str>, HashMap<Box<str>, Slot>>; 3],
+    index: [BySource; 3],
     /// Raw label sets cached as folded (bounded by [`FOLDED_CACHE`]).
     folded_cached: usize,
     /// Final labels -> series (cold: only when a raw label set is new to this worker).
@@ -151,7 +157,7 @@ struct WorkerSeries {
 #[derive(Debug, Default)]
 struct Admission {
     /// By direction and service: the sources admitted, and whether its `other` set exists.
-    services: HashMap<(Direction, Box<str>), (HashSet<Box<str>>, bool)>,
+    services: HashMap<(Direction, Box<str>), Admitted>,
     /// Label sets admitted (the `other` ones included).
     sets: usize,
 }
@@ -470,7 +476,7 @@ mod tests {
             all[&other].failures[Reason::UpstreamConnectRefused.index()],
             extra as u64
         );
-        // Each folded connection is counted once per event that resolved its labels.
+        // Each folded connection once: the opened ones and the refused ones.
         assert_eq!(t.folded(), 2 * extra as u64);
     }
 
