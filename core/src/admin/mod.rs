@@ -427,6 +427,7 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
             }
         }
+        crate::telemetry::tcp::encode(&shared.stats.tcp, &mut e)?;
         counter(
             &mut e,
             "http_downstream_cx",

@@ -7,8 +7,9 @@
 //!
 //! [`serve`] plans the connection and does what every direction does alike (refuse, or relay
 //! plain bytes); the plans only one direction makes are served in its file. Whatever happens,
-//! one [`Outcome`] per connection is recorded in one place ([`record`]): counters, `/events`, the
-//! access log and the log line.
+//! one [`Outcome`] per connection is recorded in one place ([`record`]): counters (the labelled ones
+//! opened in [`opened`] when the connection is established), `/events`, the access log and the log
+//! line.
 
 pub(crate) mod inbound;
 pub(crate) mod outbound;
@@ -38,28 +39,10 @@ use crate::io::worker::Worker;
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
+use crate::telemetry::tcp;
 use crate::tls::session;
 
-/// Which way a connection goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    /// From the pod's application.
-    Outbound,
-    /// To the pod's application.
-    Inbound,
-    /// Through a static listener.
-    Tunnel,
-}
-
-impl Direction {
-    fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-            Direction::Tunnel => "tunnel",
-        }
-    }
-}
+pub(crate) use crate::telemetry::tcp::Direction;
 
 /// What happened to one connection, recorded once when it ends.
 #[derive(Debug)]
@@ -88,6 +71,8 @@ pub(crate) struct Outcome {
     pub detail: Option<Box<str>>,
     /// Handed to the L7 path, which records each request itself.
     pub handed_off: bool,
+    /// Its labelled counters' series on this worker, once established ([`opened`]).
+    pub series: Option<u32>,
 }
 
 impl Outcome {
@@ -109,6 +94,7 @@ impl Outcome {
             reason: None,
             detail: None,
             handed_off: false,
+            series: None,
         }
     }
 
@@ -279,6 +265,37 @@ fn destination(snap: &ConfigSnapshot, o: &Outcome) -> String {
     }
 }
 
+/// The labels of the connection's counters; `None` before its destination is known.
+fn labels<'a>(snap: &'a ConfigSnapshot, o: &'a Outcome) -> Option<tcp::Labels<'a>> {
+    let service = match o.dest {
+        Dest::Unknown => return None,
+        Dest::Service(i) => snap.services.get(i as usize)?.name.as_str(),
+        Dest::Port(_) | Dest::Passthrough => tcp::PASSTHROUGH,
+    };
+    // Inbound, the verified peer is the caller: its service is the last part of its SPIFFE ID
+    // (`spiffe://<trust-domain>/ns/<ns>/sa/<service>`).
+    let source = match o.direction {
+        Direction::Inbound => o
+            .peer_id
+            .as_deref()
+            .and_then(|p| p.rsplit_once("/sa/"))
+            .map_or(tcp::UNKNOWN_SOURCE, |(_, s)| s),
+        Direction::Outbound | Direction::Tunnel => "",
+    };
+    Some(tcp::Labels {
+        direction: o.direction,
+        service,
+        source,
+    })
+}
+
+/// The connection is established (both ends connected, handshakes done): count it opened.
+fn opened(w: &Worker, snap: &ConfigSnapshot, out: &mut Outcome) {
+    if let Some(l) = labels(snap, out) {
+        out.series = Some(w.shared.stats.tcp.open(w.id, l));
+    }
+}
+
 /// Refuse the client: a reset, or after a TLS failure a FIN (so the alert arrives first).
 pub(crate) fn refuse(client: &TcpStream, out: &mut Outcome, reason: Reason, detail: String) {
     sys::close_after_failure(client.as_raw_fd(), reason);
@@ -304,6 +321,7 @@ pub(crate) async fn relay_plain(
         return;
     };
     sys::set_nodelay(cfd);
+    opened(w, snap, out);
     // Only the stream and its endpoint count live on through the relay (the address is in `out`).
     let (stream, _guard) = up.into_parts();
     let end = relay(w.relay_ctx(), client, &stream).await;
@@ -337,6 +355,7 @@ pub(crate) async fn terminate_then_relay(
         return;
     };
     sys::set_nodelay(cfd);
+    opened(w, snap, out);
     let ctx = w.relay_ctx();
     let relay = tls_relay::relay(&ctx, &up.stream, client, &conn, false);
     let peer = session::peer_id(&conn.borrow());
@@ -416,6 +435,7 @@ pub(crate) async fn originate_then_relay(
         return;
     };
     sys::set_nodelay(cfd);
+    opened(w, snap, out);
     let end = tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
     out.relayed_tls(end, true);
 }
@@ -509,6 +529,16 @@ pub(crate) fn record(w: &Worker, snap: &ConfigSnapshot, o: &Outcome) {
     let dest = destination(snap, o);
     if let Some(r) = o.reason {
         w.stats().fail(r);
+    }
+    let tcp = &w.shared.stats.tcp;
+    match (o.series, o.reason) {
+        (Some(s), reason) => tcp.close(w.id, s, o.bytes_up, o.bytes_down, reason),
+        (None, Some(reason)) => {
+            if let Some(l) = labels(snap, o) {
+                tcp.refused(w.id, l, reason);
+            }
+        }
+        (None, None) => {}
     }
     let source = o
         .peer_id

@@ -94,36 +94,64 @@ pub struct HttpStats {
     pub local_replies: AtomicU64,
     /// Failures by reason.
     pub failures: [AtomicU64; Reason::ALL.len()],
-    /// Per service and route: requests by class and method, retries, latency.
+    /// Per service and route: requests by code and method, latency.
     pub services: std::sync::Mutex<std::collections::BTreeMap<(String, String), ServiceHttp>>,
 }
 
 /// L7 counters of one service and route.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ServiceHttp {
-    /// Responses by status class (1xx..5xx).
-    pub class: [u64; 5],
+    /// Responses by status code.
+    pub codes: std::collections::BTreeMap<u16, u64>,
     /// Requests by method.
     pub methods: std::collections::BTreeMap<String, u64>,
-    /// Latency to the response headers, microseconds.
-    pub latency_us: hdrhistogram::Histogram<u64>,
+    /// Time to the response headers.
+    pub latency: Histogram,
 }
 
-impl Default for ServiceHttp {
-    fn default() -> Self {
-        ServiceHttp {
-            class: [0; 5],
-            methods: Default::default(),
-            latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
-                .expect("valid histogram bounds"),
-        }
+/// Upper bounds of the latency histogram's buckets, in microseconds (the exported unit is
+/// milliseconds: 0.5 ms .. 10 s).
+const LATENCY_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A latency histogram with exact bucket counts and an exact sum (microseconds).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative), the last one past the largest bound.
+    pub buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Observations.
+    pub count: u64,
+    /// Their sum, microseconds.
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    /// Add one observation.
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Cumulative counts by upper bound in milliseconds, `+Inf` last (Prometheus' form).
+    pub fn cumulative_ms(&self) -> Vec<(f64, u64)> {
+        let mut acc = 0;
+        LATENCY_BUCKETS_US
+            .iter()
+            .map(|&us| us as f64 / 1000.0)
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.buckets.iter())
+            .map(|(le, n)| {
+                acc += n;
+                (le, acc)
+            })
+            .collect()
     }
 }
-
-/// Latency buckets of the `/stats` histogram, in milliseconds.
-const LATENCY_BUCKETS_MS: [f64; 14] = [
-    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-];
 
 /// Encode the per-service HTTP metrics.
 pub fn encode_http_services(
@@ -137,19 +165,18 @@ pub fn encode_http_services(
     {
         let mut m = e.encode_descriptor(
             "http_service_rq",
-            "HTTP requests by service, route, method and response code class",
+            "HTTP requests by service, route and response code (and its class)",
             None,
             MetricType::Counter,
         )?;
         for ((service, route), st) in map.iter() {
-            for (k, v) in st.class.iter().enumerate() {
-                if *v == 0 {
-                    continue;
-                }
-                let class = format!("{}xx", k + 1);
+            for (code, v) in &st.codes {
+                let code_s = code.to_string();
+                let class = format!("{}xx", (code / 100).clamp(1, 5));
                 let labels = [
                     ("service", service.as_str()),
                     ("route", route.as_str()),
+                    ("response_code", code_s.as_str()),
                     ("response_code_class", class.as_str()),
                 ];
                 ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
@@ -182,19 +209,13 @@ pub fn encode_http_services(
             MetricType::Histogram,
         )?;
         for ((service, route), st) in map.iter() {
-            let h = &st.latency_us;
-            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_MS
-                .iter()
-                .map(|&ms| (ms, h.count_between(0, (ms * 1000.0) as u64)))
-                .chain(std::iter::once((f64::INFINITY, h.len())))
-                .collect();
-            let sum_ms = h.mean() * h.len() as f64 / 1000.0;
+            let h = &st.latency;
             let labels = [("service", service.as_str()), ("route", route.as_str())];
             m.encode_family(&labels)?
                 .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    sum_ms,
-                    h.len(),
-                    &buckets,
+                    h.sum_us as f64 / 1000.0,
+                    h.count,
+                    &h.cumulative_ms(),
                     None,
                 )?;
         }
@@ -215,9 +236,9 @@ impl HttpStats {
         let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let key = (service.to_string(), route.to_string());
         let st = map.entry(key).or_default();
-        st.class[((status / 100).clamp(1, 5) - 1) as usize] += 1;
+        *st.codes.entry(status).or_default() += 1;
         *st.methods.entry(method.to_string()).or_default() += 1;
-        let _ = st.latency_us.record((latency.as_micros() as u64).max(1));
+        st.latency.observe(latency);
     }
 }
 
@@ -245,6 +266,8 @@ pub struct StatsRegistry {
     workers: Arc<Vec<CachePadded<WorkerStats>>>,
     /// The L7 path's counters.
     pub http: Arc<HttpStats>,
+    /// Labelled L4 counters (per direction, service and source), also per worker.
+    pub tcp: Arc<crate::telemetry::tcp::TcpStats>,
 }
 
 /// A summed view of all counters.
@@ -359,6 +382,7 @@ impl StatsRegistry {
                     .collect(),
             ),
             http: Arc::default(),
+            tcp: Arc::new(crate::telemetry::tcp::TcpStats::new(n)),
         }
     }
 
@@ -411,5 +435,62 @@ impl StatsRegistry {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_keeps_an_exact_sum_and_exact_buckets() {
+        let mut h = Histogram::default();
+        for us in [1, 499, 500, 501, 1_234, 10_000_000, 10_000_001, 42_000_000] {
+            h.observe(Duration::from_micros(us));
+        }
+        assert_eq!(h.count, 8);
+        assert_eq!(
+            h.sum_us,
+            1 + 499 + 500 + 501 + 1_234 + 10_000_000 + 10_000_001 + 42_000_000
+        );
+        let c = h.cumulative_ms();
+        assert_eq!(c[0], (0.5, 3), "le=0.5 ms holds 1, 499 and 500 us");
+        assert_eq!(c[1], (1.0, 4));
+        assert_eq!(c[2], (2.5, 5));
+        assert_eq!(c[13], (10_000.0, 6), "10 s is in le=10000");
+        assert_eq!(c[14], (f64::INFINITY, 8));
+    }
+
+    #[test]
+    fn http_services_count_each_response_code() {
+        let h = HttpStats::default();
+        for code in [200, 200, 404, 503] {
+            h.record("web", "default", "GET", code, Duration::from_millis(2));
+        }
+        let mut reg = prometheus_client::registry::Registry::with_prefix("ringside");
+        #[derive(Debug)]
+        struct C(HttpStats);
+        impl prometheus_client::collector::Collector for C {
+            fn encode(
+                &self,
+                mut e: prometheus_client::encoding::DescriptorEncoder,
+            ) -> Result<(), std::fmt::Error> {
+                encode_http_services(&self.0, &mut e)
+            }
+        }
+        reg.register_collector(Box::new(C(h)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        for want in [
+            "ringside_http_service_rq_total{service=\"web\",route=\"default\",response_code=\"200\",response_code_class=\"2xx\"} 2\n",
+            "ringside_http_service_rq_total{service=\"web\",route=\"default\",response_code=\"404\",response_code_class=\"4xx\"} 1\n",
+            "ringside_http_service_rq_total{service=\"web\",route=\"default\",response_code=\"503\",response_code_class=\"5xx\"} 1\n",
+            "ringside_http_service_rq_time_ms_sum{service=\"web\",route=\"default\"} 8.0\n",
+            "ringside_http_service_rq_time_ms_count{service=\"web\",route=\"default\"} 4\n",
+            "ringside_http_service_rq_time_ms_bucket{le=\"2.5\",service=\"web\",route=\"default\"} 4\n",
+        ] {
+            assert!(out.contains(want), "lacks {want}:\n{out}");
+        }
     }
 }
