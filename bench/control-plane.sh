@@ -32,14 +32,14 @@ lines = [
     "node 0's daemon. *Received*: the proxy has the new configuration; *acknowledged*: the daemon",
     "took its report of it.",
     "",
-    "| proxies | up (s) | received p50 / p99 (ms) | acknowledged p50 / p99 / max (ms) | last proxy, median change (ms) | complete | config answer (KB) |",
+    "| proxies | up (s) | received p50 / p99 (ms) | acknowledged p50 / p99 / max (ms) | last proxy, median change (ms) | complete | config answer, with / without the catalog (KB) |",
     "|---|---|---|---|---|---|---|",
 ]
 for r in runs:
     lines.append(
         f"| {r['proxies']:,} | {r['up_s']:.2f} | {r['received_p50_ms']:.0f} / {r['received_p99_ms']:.0f} "
         f"| {r['ack_p50_ms']:.0f} / {r['ack_p99_ms']:.0f} / {r['ack_max_ms']:.0f} | {r['last_ack_median_ms']:.0f} "
-        f"| {r['changes_complete']}/{r['changes']} | {r['config_bytes']/1024:.1f} |"
+        f"| {r['changes_complete']}/{r['changes']} | {r['config_bytes']/1024:.1f} / {r['lean_config_bytes']/1024:.1f} |"
     )
 lines += [
     "",

@@ -85,8 +85,10 @@ pub struct RunResult {
     pub received_p50_ms: f64,
     /// See `received_p50_ms`, p99.
     pub received_p99_ms: f64,
-    /// Bytes of one proxy's configuration answer after the run.
+    /// Bytes of the largest configuration answer with the catalog.
     pub config_bytes: usize,
+    /// Bytes of the largest answer without the catalog (the proxy had it).
+    pub lean_config_bytes: usize,
     /// Daemon RSS before any proxy (MB, mean over daemons).
     pub daemon_rss_base_mb: f64,
     /// Daemon RSS with the proxies attached, after the changes (MB, mean over daemons).
@@ -421,6 +423,10 @@ async fn call_json<T: serde::de::DeserializeOwned>(
 struct ConfigHead {
     index: u64,
     cert_generation: u64,
+    #[serde(default)]
+    catalog_digest: String,
+    #[serde(default)]
+    catalog_omitted: bool,
 }
 
 /// What the proxies share with the run.
@@ -432,6 +438,7 @@ struct Shared {
     acked: Vec<AtomicU64>,
     failed: AtomicU64,
     last_config_bytes: AtomicUsize,
+    lean_config_bytes: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -479,14 +486,33 @@ impl SimProxy {
         Ok(())
     }
 
-    async fn fetch(&self, index: u64, wait_s: u64, shared: &Shared) -> anyhow::Result<ConfigHead> {
-        let path = format!("/v1/proxy/config?index={index}&wait={wait_s}");
+    /// The configuration after `index`, as `ringside run` asks for it: with the digest of the
+    /// catalog it has (`digest`), so an answer may leave the catalog out.
+    async fn fetch(
+        &self,
+        index: u64,
+        wait_s: u64,
+        digest: &str,
+        shared: &Shared,
+    ) -> anyhow::Result<ConfigHead> {
+        let mut path = format!("/v1/proxy/config?index={index}&wait={wait_s}");
+        if !digest.is_empty() {
+            path.push_str(&format!("&catalog={digest}"));
+        }
         let (status, body) = call(&self.socket, "GET", &path, None, Some(&self.token)).await?;
         if status != 200 {
             bail!("config: {status} {}", String::from_utf8_lossy(&body));
         }
-        shared.last_config_bytes.store(body.len(), Relaxed);
-        Ok(serde_json::from_slice(&body)?)
+        let head: ConfigHead = serde_json::from_slice(&body)?;
+        if head.catalog_omitted {
+            if head.catalog_digest != digest {
+                bail!("config: the catalog was left out, but it is not the one this proxy has");
+            }
+            shared.lean_config_bytes.fetch_max(body.len(), Relaxed);
+        } else {
+            shared.last_config_bytes.fetch_max(body.len(), Relaxed);
+        }
+        Ok(head)
     }
 
     async fn sign(&self) -> anyhow::Result<SignResponse> {
@@ -514,13 +540,13 @@ impl SimProxy {
                 .push((index, got, Instant::now()));
             shared.acked[self.n].store(index, Relaxed);
         };
-        let (mut index, generation, not_after) = loop {
+        let (mut index, mut digest, generation, not_after) = loop {
             let up = async {
-                let c = self.fetch(0, 0, &shared).await?;
+                let c = self.fetch(0, 0, "", &shared).await?;
                 let s = self.sign().await?;
                 let not_after = not_after_of(&s.cert);
                 self.report(c.index, s.cert_generation, not_after).await?;
-                Ok::<_, anyhow::Error>((c.index, s.cert_generation, not_after))
+                Ok::<_, anyhow::Error>((c.index, c.catalog_digest, s.cert_generation, not_after))
             };
             match up.await {
                 Ok(v) => break v,
@@ -533,14 +559,15 @@ impl SimProxy {
         ack(index, Instant::now());
         while !shared.stop.load(Relaxed) {
             let round = async {
-                let c = self.fetch(index, 10, &shared).await?;
+                let c = self.fetch(index, 10, &digest, &shared).await?;
                 let got = Instant::now();
                 let _ = c.cert_generation;
                 self.report(c.index, generation, not_after).await?;
-                Ok::<_, anyhow::Error>((c.index, got))
+                Ok::<_, anyhow::Error>((c.index, c.catalog_digest, got))
             };
             match round.await {
-                Ok((i, got)) => {
+                Ok((i, d, got)) => {
+                    digest = d;
                     if i != index {
                         index = i;
                         ack(i, got);
@@ -638,6 +665,7 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
             acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             failed: AtomicU64::new(0),
             last_config_bytes: AtomicUsize::new(0),
+            lean_config_bytes: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let start = Instant::now();
@@ -728,6 +756,7 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
         let changes_time = t_changes.elapsed();
         let (uc1, ec1) = (mesh.daemon_usage(), mesh.etcd_bytes());
         let config_bytes = shared.last_config_bytes.load(Relaxed);
+        let lean_config_bytes = shared.lean_config_bytes.load(Relaxed);
         shared.stop.store(true, Relaxed);
         for t in tasks {
             t.abort();
@@ -756,6 +785,7 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
             received_p50_ms: percentile(&received, 0.5),
             received_p99_ms: percentile(&received, 0.99),
             config_bytes,
+            lean_config_bytes,
             daemon_rss_base_mb: mb(rss_base),
             daemon_rss_mb: mb(rss_now),
             daemon_rss_per_1000_mb: mb(rss_now - rss_base) / per_daemon * 1000.0,
@@ -794,7 +824,7 @@ pub fn main(args: ControlArgs) -> anyhow::Result<()> {
     for &n in &args.proxies {
         let r = one_run(&args, &ringctl, n).with_context(|| format!("the run with {n} proxies"))?;
         println!(
-            "{:>6} proxies: up {:.2} s; received p50 {:.1} ms p99 {:.1} ms; ack p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({}/{} changes complete); config {} B; daemon RSS {:.1} MB (+{:.1} MB per 1,000), CPU idle {:.2} cores, {:.3} s per change; etcd {:.0} B per change, {:.0} B/s idle; {} failed requests",
+            "{:>6} proxies: up {:.2} s; received p50 {:.1} ms p99 {:.1} ms; ack p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({}/{} changes complete); config {} B ({} B without the catalog); daemon RSS {:.1} MB (+{:.1} MB per 1,000), CPU idle {:.2} cores, {:.3} s per change; etcd {:.0} B per change, {:.0} B/s idle; {} failed requests",
             r.proxies,
             r.up_s,
             r.received_p50_ms,
@@ -805,6 +835,7 @@ pub fn main(args: ControlArgs) -> anyhow::Result<()> {
             r.changes_complete,
             r.changes,
             r.config_bytes,
+            r.lean_config_bytes,
             r.daemon_rss_mb,
             r.daemon_rss_per_1000_mb,
             r.daemon_cpu_idle_cores,

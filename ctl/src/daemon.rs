@@ -794,6 +794,8 @@ pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
         service: service.to_string(),
         trust_domain,
         services: catalog,
+        catalog_digest: String::new(),
+        catalog_omitted: false,
         intentions,
         l7: consul::l7_config(docs),
         inbound: consul::inbound_settings(docs, service),
@@ -803,30 +805,57 @@ pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
     }
 }
 
-/// A service's configuration answer, as sent, and what it was made from.
+/// A service's configuration answers, as sent (with the catalog and without it), and what they
+/// were made from.
 #[derive(Debug)]
 struct CachedAnswer {
     snapshot: Arc<Snapshot>,
     bundle: String,
-    body: Bytes,
+    digest: String,
+    whole: Bytes,
+    lean: Bytes,
 }
 
-/// The answer to `GET /v1/proxy/config` for a proxy of `service`: [`proxy_config`] serialized
-/// once per snapshot and trust bundle, then shared by every proxy of the service (when a change
-/// wakes a thousand long-polls, the daemon builds and writes the configuration once per
-/// service, not once per proxy).
-fn config_answer(state: &State, service: &str) -> Response<Full<Bytes>> {
+/// The answer to `GET /v1/proxy/config` for a proxy of `service` that has the catalog of digest
+/// `have`: [`proxy_config`] serialized once per snapshot and trust bundle, then shared by every
+/// proxy of the service (when a change wakes a thousand long-polls, the daemon builds and
+/// writes the configuration once per service, not once per proxy); without the catalog when
+/// the proxy has it (an intention changed: a proxy is sent a few hundred bytes, not a catalog
+/// of every endpoint of the mesh).
+fn config_answer(state: &State, service: &str, have: &str) -> Response<Full<Bytes>> {
     let snap = state.snap();
     let bundle = state.ca.read().unwrap_or_else(|p| p.into_inner()).bundle();
-    let cached = lock(&state.answers).get(service).and_then(|c| {
-        (Arc::ptr_eq(&c.snapshot, &snap) && c.bundle == bundle).then(|| c.body.clone())
-    });
+    let pick = |c: &CachedAnswer| {
+        if !have.is_empty() && c.digest == have {
+            c.lean.clone()
+        } else {
+            c.whole.clone()
+        }
+    };
+    let cached = lock(&state.answers)
+        .get(service)
+        .and_then(|c| (Arc::ptr_eq(&c.snapshot, &snap) && c.bundle == bundle).then(|| pick(c)));
     let body = match cached {
         Some(b) => b,
         None => {
-            let config = proxy_config(state, service);
-            let body = match serde_json::to_vec(&config) {
-                Ok(t) => Bytes::from(t),
+            let mut config = proxy_config(state, service);
+            let made = (|| {
+                let catalog = serde_json::to_vec(&config.services)?;
+                config.catalog_digest = catalog_digest(&catalog);
+                let whole = Bytes::from(serde_json::to_vec(&config)?);
+                config.services.clear();
+                config.catalog_omitted = true;
+                let lean = Bytes::from(serde_json::to_vec(&config)?);
+                Ok::<_, serde_json::Error>(CachedAnswer {
+                    snapshot: snap.clone(),
+                    bundle: bundle.clone(),
+                    digest: config.catalog_digest.clone(),
+                    whole,
+                    lean,
+                })
+            })();
+            let answer = match made {
+                Ok(a) => a,
                 Err(e) => {
                     return error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -834,20 +863,14 @@ fn config_answer(state: &State, service: &str) -> Response<Full<Bytes>> {
                     )
                 }
             };
+            let body = pick(&answer);
             // Made from the snapshot read above, or a newer one (`proxy_config` reads it
             // again): kept under the one read first only if they are the same.
             if Arc::ptr_eq(&snap, &state.snap()) && config.bundle == bundle {
                 let mut answers = lock(&state.answers);
                 // Answers of older snapshots go (each would keep its snapshot alive).
                 answers.retain(|_, c| Arc::ptr_eq(&c.snapshot, &snap));
-                answers.insert(
-                    service.to_string(),
-                    CachedAnswer {
-                        snapshot: snap,
-                        bundle,
-                        body: body.clone(),
-                    },
-                );
+                answers.insert(service.to_string(), answer);
             }
             body
         }
@@ -858,6 +881,14 @@ fn config_answer(state: &State, service: &str) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// The digest of a serialized catalog: the first 128 bits of its SHA-256, in hex.
+fn catalog_digest(catalog: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, catalog).as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The service of the request's proxy token (`Authorization: Bearer`), or the error answer:
@@ -1049,10 +1080,11 @@ async fn handle_proxy(
                 .map(Duration::from_secs)
                 .unwrap_or_default()
                 .min(MAX_WAIT);
+            let have = query_param(&query, "catalog").unwrap_or_default();
             let mut rx = state.changed.subscribe();
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
             let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
-            config_answer(&state, &service)
+            config_answer(&state, &service, &have)
         }
         (Method::POST, "/v1/proxy/sign") => {
             let body = match read_body(req).await {

@@ -78,8 +78,17 @@ pub struct ProxyConfig {
     pub service: String,
     /// Trust domain.
     pub trust_domain: String,
-    /// The catalog.
+    /// The catalog (left out, empty, when `catalog_omitted`).
     pub services: Vec<CatalogService>,
+    /// A digest of the catalog (`services`): a proxy that sends it back with its next watch
+    /// (`catalog=`) is answered without the catalog while it has not changed. Content, not a
+    /// version: the same on every daemon. Empty from older daemons.
+    #[serde(default)]
+    pub catalog_digest: String,
+    /// The answer leaves `services` out: the proxy's catalog (the one of `catalog_digest`) is
+    /// still the catalog.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catalog_omitted: bool,
     /// Intentions.
     pub intentions: Intentions,
     /// Routers, splitters and resolvers (absent in configurations saved by older proxies).
@@ -549,6 +558,8 @@ mod tests {
             service: "products".into(),
             trust_domain: "dc1".into(),
             services: vec![catalog],
+            catalog_digest: "3f2a".into(),
+            catalog_omitted: false,
             intentions: Intentions {
                 rules: vec![intention("frontend", "products", Action::Allow)],
                 default: Action::Deny,

@@ -83,6 +83,30 @@ pub fn http_call(
     })
 }
 
+/// A configuration answer made whole: one that left the catalog out (the proxy sent the
+/// digest of the catalog it has, and it has not changed) gets the catalog of `had`. One that
+/// left out a catalog other than `had`'s is refused: nothing is applied from it, and the round
+/// fails (and is retried) as for any unreadable answer.
+pub fn with_catalog(
+    mut answer: ProxyConfig,
+    had: Option<&ProxyConfig>,
+) -> anyhow::Result<ProxyConfig> {
+    if !answer.catalog_omitted {
+        return Ok(answer);
+    }
+    match had {
+        Some(h) if !h.catalog_digest.is_empty() && h.catalog_digest == answer.catalog_digest => {
+            answer.services = h.services.clone();
+            answer.catalog_omitted = false;
+            Ok(answer)
+        }
+        _ => bail!(
+            "the daemon left the catalog out of its answer (digest {}) but this proxy does not have that catalog; nothing applied",
+            answer.catalog_digest
+        ),
+    }
+}
+
 /// Why a daemon answer is not the body asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum AnswerError {
@@ -414,15 +438,28 @@ impl Control {
         })
     }
 
-    /// Get a configuration (waiting up to `wait` for an index above the one applied).
+    /// Get a configuration (waiting up to `wait` for an index above the one applied). The
+    /// catalog's digest goes with it: while the catalog is the one this proxy has, the daemon
+    /// leaves it out of the answer (see [`with_catalog`]).
     fn fetch(&self, wait: Duration) -> anyhow::Result<ProxyConfig> {
         let index = self.config.as_ref().map_or(0, |c| c.index);
-        self.call(
+        let digest = self
+            .config
+            .as_ref()
+            .map(|c| c.catalog_digest.as_str())
+            .filter(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_hexdigit()))
+            .map(|d| format!("&catalog={d}"))
+            .unwrap_or_default();
+        let answer = self.call(
             "GET",
-            &format!("/v1/proxy/config?index={index}&wait={}", wait.as_secs()),
+            &format!(
+                "/v1/proxy/config?index={index}&wait={}{digest}",
+                wait.as_secs()
+            ),
             None,
             wait,
-        )
+        )?;
+        with_catalog(answer, self.config.as_ref())
     }
 
     /// Make a key and a CSR, have the daemon sign it, and put key, certificate and bundle in
@@ -674,6 +711,29 @@ mod tests {
     use crate::config::{InboundSettings, MtlsMode, UpstreamSettings};
     use std::time::Duration;
 
+    #[test]
+    fn an_answer_without_the_catalog_takes_the_one_the_proxy_has() {
+        let had = config();
+        let mut lean = config();
+        lean.index = 9;
+        lean.services.clear();
+        lean.catalog_omitted = true;
+        let whole = with_catalog(lean.clone(), Some(&had)).unwrap();
+        assert_eq!(whole.index, 9);
+        assert_eq!(whole.services, had.services);
+        assert!(!whole.catalog_omitted);
+        // A whole answer is taken as it is.
+        let mut full = config();
+        full.services.pop();
+        assert_eq!(with_catalog(full.clone(), Some(&had)).unwrap(), full);
+        // Left out, but another catalog than the proxy's, or none to take it from: refused.
+        lean.catalog_digest = "d2".into();
+        let e = with_catalog(lean.clone(), Some(&had)).unwrap_err();
+        assert!(e.to_string().contains("does not have that catalog"), "{e}");
+        lean.catalog_digest = had.catalog_digest.clone();
+        assert!(with_catalog(lean, None).is_err());
+    }
+
     fn config() -> ProxyConfig {
         let svc = |name: &str| CatalogService {
             name: name.into(),
@@ -691,6 +751,8 @@ mod tests {
             service: "web".into(),
             trust_domain: "dc1".into(),
             services: vec![svc("web"), svc("api"), svc("db")],
+            catalog_digest: "d1".into(),
+            catalog_omitted: false,
             intentions: Default::default(),
             l7: serde_json::from_value(serde_json::json!({
                 "resolvers": {"api": {"connectTimeout": "3s"}, "db": {"connectTimeout": "4s"}}
