@@ -39,6 +39,10 @@ pub enum Reason {
     UpstreamConnectTimeout,
     /// The upstream could not be reached at all (no route, network unreachable, other connect errors).
     UpstreamUnreachable,
+    /// The connect failed on this host, before any packet left: no free local port to connect
+    /// from to that address and port (`EADDRNOTAVAIL`, most often a port range full of
+    /// connections in TIME_WAIT). Says nothing about the upstream's health.
+    LocalPortsExhausted,
     /// The upstream reset an established connection (or a write to it failed).
     UpstreamReset,
     /// The downstream (the client) reset an established connection.
@@ -77,7 +81,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Reason::UnknownDestination,
         Reason::AppNotListening,
         Reason::IntentionDenied,
@@ -92,6 +96,7 @@ impl Reason {
         Reason::UpstreamConnectRefused,
         Reason::UpstreamConnectTimeout,
         Reason::UpstreamUnreachable,
+        Reason::LocalPortsExhausted,
         Reason::UpstreamReset,
         Reason::DownstreamReset,
         Reason::Overloaded,
@@ -126,6 +131,7 @@ impl Reason {
             Reason::UpstreamConnectRefused => "upstream_connect_refused",
             Reason::UpstreamConnectTimeout => "upstream_connect_timeout",
             Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::LocalPortsExhausted => "local_ports_exhausted",
             Reason::UpstreamReset => "upstream_reset",
             Reason::DownstreamReset => "downstream_reset",
             Reason::Overloaded => "overloaded",
@@ -194,6 +200,7 @@ impl Reason {
                 "the endpoint did not answer the TCP handshake in time: check that the host is up and no firewall drops packets"
             }
             Reason::UpstreamUnreachable => "no route to the endpoint: check its address and the network",
+            Reason::LocalPortsExhausted => "no free local port to connect from to this endpoint (EADDRNOTAVAIL), usually a port range full of connections in TIME_WAIT at a high rate of new connections: widen net.ipv4.ip_local_port_range in the pod, reuse connections, or spread them over more endpoints; the upstream is not at fault",
             Reason::UpstreamReset => "the upstream reset the connection: check the upstream's logs",
             Reason::DownstreamReset => "the client reset the connection",
             Reason::Overloaded => "the proxy is at max_connections: raise it or add capacity",

@@ -143,7 +143,11 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, R
             sys::set_nodelay(stream.as_raw_fd());
             Ok(stream)
         }
-        Ok(Err(e)) => Err(classify_connect_error(&e)),
+        Ok(Err(e)) => {
+            let reason = classify_connect_error(&e);
+            debug!(endpoint = %addr, error = %e, reason = reason.as_str(), "connect failed");
+            Err(reason)
+        }
         Err(_) => Err(Reason::UpstreamConnectTimeout),
     }
 }
@@ -190,6 +194,13 @@ async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream
                 reason
             }
         };
+        if reason == Reason::LocalPortsExhausted {
+            // This host's shortage: the endpoint is not to blame and stays in rotation; another
+            // endpoint (another address or port) may still have local ports free.
+            info!(endpoint = %addr, attempt = attempt + 1, reason = reason.as_str(), "upstream connect failed");
+            last = reason;
+            continue;
+        }
         let ejected_for = cluster.report_failure(i, Instant::now());
         info!(
             endpoint = %addr,
@@ -203,11 +214,63 @@ async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream
     Err(last)
 }
 
-fn classify_connect_error(e: &io::Error) -> Reason {
+/// The reason code of a failed connect (also used by the L7 path's connects).
+///
+/// `EADDRNOTAVAIL` is this host's problem, not the upstream's: the kernel found no free local
+/// port for the four-tuple (the ephemeral range is full, often of TIME_WAIT entries at a high
+/// rate of new connections to one address). It gets its own code, so nobody goes looking for a
+/// broken route, and it does not eject the endpoint.
+pub(crate) fn classify_connect_error(e: &io::Error) -> Reason {
     match e.kind() {
         ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
         ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
-        ErrorKind::ConnectionReset => Reason::UpstreamReset,
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => Reason::UpstreamReset,
+        ErrorKind::AddrNotAvailable => Reason::LocalPortsExhausted,
         _ => Reason::UpstreamUnreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno(n: i32) -> Reason {
+        classify_connect_error(&io::Error::from_raw_os_error(n))
+    }
+
+    #[test]
+    fn connect_errnos_map_to_reasons() {
+        assert_eq!(errno(libc::EADDRNOTAVAIL), Reason::LocalPortsExhausted);
+        assert_eq!(errno(libc::ECONNREFUSED), Reason::UpstreamConnectRefused);
+        assert_eq!(errno(libc::ETIMEDOUT), Reason::UpstreamConnectTimeout);
+        assert_eq!(errno(libc::ECONNRESET), Reason::UpstreamReset);
+        assert_eq!(errno(libc::EPIPE), Reason::UpstreamReset);
+        assert_eq!(errno(libc::ENETUNREACH), Reason::UpstreamUnreachable);
+        assert_eq!(errno(libc::EHOSTUNREACH), Reason::UpstreamUnreachable);
+    }
+
+    /// A real `EADDRNOTAVAIL` from connect: every port of a one-port local range is taken (a
+    /// socket bound to it stays connected), so the kernel has no port left for a second
+    /// connection to the same address. The error the proxy would see maps to the local reason.
+    #[test]
+    fn a_real_eaddrnotavail_is_local_ports_exhausted() {
+        use socket2::{Domain, Socket, Type};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = l.local_addr().unwrap();
+        // Bind both sockets to one local port with SO_REUSEADDR: the second connect to the same
+        // destination would reuse the four-tuple, which the kernel refuses with EADDRNOTAVAIL.
+        let first = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        first.set_reuse_address(true).unwrap();
+        first
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let port = first.local_addr().unwrap().as_socket().unwrap();
+        first.connect(&to.into()).unwrap();
+        let second = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        second.set_reuse_address(true).unwrap();
+        second.bind(&port.into()).unwrap();
+        let e = second.connect(&to.into()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{e}");
+        assert_eq!(classify_connect_error(&e), Reason::LocalPortsExhausted);
     }
 }

@@ -399,6 +399,14 @@ where
             served.as_mut().graceful_shutdown();
             served.await
         }
+        _ = no_request_within(&served_conn, HEADER_READ_TIMEOUT) => {
+            // A client that sent no request head at all: silent, or stopped in the HTTP/2
+            // preface or settings. hyper's header timer only runs once HTTP/1 bytes arrive (the
+            // version is told from the first bytes, with no deadline of its own), so without this
+            // such a client would hold its connection for good. Dropping the connection closes it.
+            debug!(client = %peer, "no request head within {HEADER_READ_TIMEOUT:?} of accept: closed");
+            return;
+        }
         d = revoked => {
             // Dropping the connection closes it, requests in flight included.
             ctx.stats.fail(d.reason);
@@ -437,6 +445,14 @@ where
         } else {
             debug!(client = %peer, error = %e, "HTTP connection ended with an error");
         }
+    }
+}
+
+/// Resolves after `limit` if no request head has arrived on `conn` by then; else never.
+async fn no_request_within(conn: &Conn, limit: std::time::Duration) {
+    tokio::time::sleep(limit).await;
+    if conn.requests.load(Relaxed) > 0 {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -538,9 +554,10 @@ fn status_for(reason: Reason) -> StatusCode {
         Reason::UpstreamRequestTimeout | Reason::UpstreamConnectTimeout => {
             StatusCode::GATEWAY_TIMEOUT
         }
-        Reason::NoHealthyEndpoint | Reason::CircuitOpen | Reason::Overloaded => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Reason::NoHealthyEndpoint
+        | Reason::CircuitOpen
+        | Reason::Overloaded
+        | Reason::LocalPortsExhausted => StatusCode::SERVICE_UNAVAILABLE,
         Reason::RequestDenied | Reason::IntentionDenied | Reason::DeniedByDestination => {
             StatusCode::FORBIDDEN
         }
@@ -942,7 +959,8 @@ async fn forward(
             }
             Ok(Err(mut e)) => {
                 let reason = e.reason;
-                if e.connect {
+                // (No free local port is this host's shortage, not the endpoint's.)
+                if e.connect && reason != Reason::LocalPortsExhausted {
                     cluster.report_failure(i, std::time::Instant::now());
                 }
                 debug!(endpoint = %addr, reason = reason.as_str(), error = %e.detail, "upstream request failed");
@@ -1006,6 +1024,7 @@ fn exhausted(tries: u32, (reason, detail): (Reason, String)) -> (Reason, String)
             Reason::UpstreamConnectRefused
                 | Reason::UpstreamConnectTimeout
                 | Reason::UpstreamUnreachable
+                | Reason::LocalPortsExhausted
                 | Reason::NoHealthyEndpoint
         );
     if tries == 0 || connect_phase {

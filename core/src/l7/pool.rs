@@ -259,14 +259,7 @@ pub(crate) fn io_reason(e: &std::io::Error) -> Reason {
     {
         return crate::tls::reason_for(tls);
     }
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => Reason::UpstreamConnectRefused,
-        std::io::ErrorKind::TimedOut => Reason::UpstreamConnectTimeout,
-        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-            Reason::UpstreamReset
-        }
-        _ => Reason::UpstreamUnreachable,
-    }
+    crate::io::connect::classify_connect_error(e)
 }
 
 fn connect_error(reason: Reason, detail: String) -> SendError {
