@@ -24,9 +24,11 @@
 //! compare-and-swap on revisions, retried from a fresh read when another daemon won the race
 //! ([`MAX_ATTEMPTS`] times at most):
 //!
-//! - `apply`: every document and `index` in one transaction (no read, so no compare): whole or
-//!   nothing. etcd caps a transaction's operations (`--max-txn-ops`, 128 by default), so one
-//!   apply holds at most [`MAX_APPLY_DOCS`] documents.
+//! - `apply`: every document and `index` in one transaction: whole or nothing. It compares the
+//!   revision of `index` read just before and writes `index` with a nonce, so one whose answer
+//!   was lost (its member died) is resolved from etcd's history, never stored twice. etcd caps a
+//!   transaction's operations (`--max-txn-ops`, 128 by default), so one apply holds at most
+//!   [`MAX_APPLY_DOCS`] documents.
 //! - `delete`: succeeds only if the document exists (`create_revision > 0`).
 //! - `register_service`, new service: the lowest virtual IP with no `vips/<ip>` key is claimed by
 //!   a transaction that compares `create_revision == 0` on both `services/<name>` and
@@ -65,8 +67,11 @@
 //!
 //! # Reachability
 //!
-//! Every call that etcd does not answer (no connection, no answer within 5 s, no leader) marks
-//! the store unreachable; the next answered call clears it ([`EtcdStore::unreachable`]).
+//! A call that fails quickly for want of a member (a killed member's refused connection, an
+//! election) is sent again for up to 3 s, a write only when it never reached etcd
+//! (`EtcdStore::call`): the other members answer, so losing one of three interrupts nothing.
+//! A call that still fails, or gets no answer within 5 s, marks the store unreachable; the next
+//! answered call clears it ([`EtcdStore::unreachable`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
