@@ -1,8 +1,8 @@
 //! A mesh of two nodes on a 3-member etcd cluster: each node a group of pods on its own bridge,
 //! the bridges joined by a router (pods reach each other routed, as across hosts), a
 //! `ringctl daemon` per node with its sidecars. A pod on one node calls pods on the other over
-//! mesh mTLS; an intention applied through node B's daemon is enforced by node A's sidecars
-//! within a second; `ringctl ca rotate` started on node A re-issues every certificate on both
+//! mesh mTLS; an intention between two services of node A applied through node B's daemon is
+//! enforced by node A's sidecars within a second; `ringctl ca rotate` started on node A re-issues every certificate on both
 //! nodes while a connection across them keeps flowing; node B's daemon killed with SIGKILL: its
 //! proxies' endpoints leave the catalog within the lease TTL and node A's proxies stop choosing
 //! them, and they return when it is back. With the whole etcd cluster killed, sidecars keep
@@ -46,9 +46,12 @@ spec:
   sources:
     - name: batch
       action: allow
+    - name: frontend
+      action: allow
 ";
 
-const DENY_BATCH_LEDGER: &str = "apiVersion: consul.hashicorp.com/v1alpha1
+/// Denies frontend -> ledger: both ends on node A, so A's sidecars alone enforce it.
+const DENY_FRONT_LEDGER: &str = "apiVersion: consul.hashicorp.com/v1alpha1
 kind: ServiceIntentions
 metadata:
   name: ledger
@@ -57,6 +60,8 @@ spec:
     name: ledger
   sources:
     - name: batch
+      action: allow
+    - name: frontend
       action: deny
 ";
 
@@ -351,14 +356,16 @@ fn two_nodes_on_one_etcd_are_one_mesh() {
         .unwrap_or_else(|e| panic!("the connection across nodes dropped: {e}\n{}", m.logs()));
     m.until_ok("front", m.products, Duration::from_secs(5));
 
-    // An intention applied through B's daemon: A's ledger sidecar enforces it within a second.
+    // An intention applied through B's daemon between two services of node A: A's sidecars
+    // enforce it within a second.
+    m.until_ok("front", m.ledger, Duration::from_secs(5));
     let served = m.served("ledger");
-    m.b.daemon.apply(DENY_BATCH_LEDGER);
+    m.b.daemon.apply(DENY_FRONT_LEDGER);
     let applied = Instant::now();
-    while roundtrip(&m.pods["batch"], m.ledger).is_ok() {
+    while roundtrip(&m.pods["front"], m.ledger).is_ok() {
         assert!(
             applied.elapsed() < Duration::from_secs(1),
-            "batch still reaches ledger 1 s after the deny was applied on B\n{}",
+            "front still reaches ledger 1 s after the deny was applied on B\n{}",
             m.logs()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -368,13 +375,20 @@ fn two_nodes_on_one_etcd_are_one_mesh() {
         applied.elapsed()
     );
     let denied = m.served("ledger");
-    assert!(roundtrip(&m.pods["batch"], m.ledger).is_err());
+    assert!(roundtrip(&m.pods["front"], m.ledger).is_err());
     assert_eq!(m.served("ledger"), denied, "nothing denied reaches the app");
     assert!(denied >= served);
-    wait_for("the reason in ledger's log", Duration::from_secs(5), || {
-        let log = m.sidecar("ledger").log_text();
-        log.contains("intention_denied") && log.contains("batch -> ledger")
-    });
+    wait_for(
+        "the reason in node A's logs",
+        Duration::from_secs(5),
+        || {
+            ["front", "ledger"].iter().any(|p| {
+                let log = m.sidecar(p).log_text();
+                log.contains("intention_denied") && log.contains("frontend -> ledger")
+            })
+        },
+    );
+    roundtrip(&m.pods["batch"], m.ledger).unwrap_or_else(|e| panic!("{e}\n{}", m.logs()));
 
     // B's daemon SIGKILLed: its proxies' endpoints leave the catalog within the TTL, and A's
     // proxies stop choosing them (the pods themselves still run).
@@ -433,6 +447,7 @@ fn sidecars_keep_serving_while_the_whole_etcd_cluster_is_down() {
     let mut m = mesh();
     m.until_ok("front", m.products, Duration::from_secs(10));
     m.until_ok("batch", m.ledger, Duration::from_secs(10));
+    m.until_ok("front", m.ledger, Duration::from_secs(10));
     // A connection held open across the outage.
     let (front, products) = (m.pods["front"].clone(), m.products);
     let long = std::thread::spawn(move || {
@@ -449,7 +464,7 @@ fn sidecars_keep_serving_while_the_whole_etcd_cluster_is_down() {
     }
     // Writes fail naming the store, through either daemon.
     let f = m.a.daemon.dir.join("deny.yaml");
-    std::fs::write(&f, DENY_BATCH_LEDGER).unwrap();
+    std::fs::write(&f, DENY_FRONT_LEDGER).unwrap();
     for d in [&m.a.daemon, &m.b.daemon] {
         let (ok, _, err) = d.ringctl(&["apply", "-f", f.to_str().unwrap()]);
         assert!(!ok, "apply succeeded with etcd down");
@@ -481,7 +496,7 @@ fn sidecars_keep_serving_while_the_whole_etcd_cluster_is_down() {
         d.ringctl(&["apply", "-f", f.to_str().unwrap()]).0
     });
     let applied = Instant::now();
-    while roundtrip(&m.pods["batch"], m.ledger).is_ok() {
+    while roundtrip(&m.pods["front"], m.ledger).is_ok() {
         assert!(
             applied.elapsed() < Duration::from_secs(5),
             "the deny applied after etcd came back does not reach A's sidecars\n{}",
