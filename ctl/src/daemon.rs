@@ -205,7 +205,12 @@ impl State {
     /// A store failure as an answer: `store_unreachable` (503) when the store could not be
     /// reached, else `status` with the error.
     fn store_error(&self, status: StatusCode, e: StoreError) -> Response<Full<Bytes>> {
-        if e.unreachable {
+        if e.unreachable && e.in_doubt {
+            self.unreachable(
+                &e.message,
+                "etcd received the write but did not answer, so it may or may not have been carried out: check (`ringctl get`) before trying again",
+            )
+        } else if e.unreachable {
             self.unreachable(&e.message, "the request was not carried out")
         } else {
             error(status, e)

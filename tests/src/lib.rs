@@ -7,7 +7,8 @@
 //! - this file: proxy start-up, stream generators, small servers, process helpers.
 //! - [`postgres`]: a throw-away PostgreSQL cluster (initdb, a free port, stopped on drop).
 //! - [`pod`]: pods as network namespaces on a bridge, sidecars started inside them.
-//! - [`etcd`]: a throw-away etcd member (a free port, stopped on drop) for daemons sharing it.
+//! - [`etcd`]: a throw-away etcd member or 3-member cluster (free ports, stopped on drop) for
+//!   daemons sharing it.
 
 pub mod certs;
 pub mod ctl;

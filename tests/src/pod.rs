@@ -224,6 +224,90 @@ impl Drop for Net {
     }
 }
 
+/// A router joining several nets (each on its own bridge): a namespace of its own with IPv4
+/// forwarding on (in that namespace only), a leg on each bridge at 198.18.S.1, and a route in
+/// every pod of each net to 198.18.0.0/15 through it. Two nets joined this way are two "nodes"
+/// whose pods reach each other's addresses, routed rather than bridged. Removed on drop.
+#[derive(Debug)]
+pub struct Router {
+    /// Its network namespace.
+    pub name: String,
+    legs: usize,
+}
+
+impl Router {
+    /// A router namespace `ID-rt` with nothing joined yet.
+    pub fn new(id: &str) -> Router {
+        let name = format!("{id}-rt");
+        sh(&["ip", "netns", "add", &name]);
+        let r = Router { name, legs: 0 };
+        sh(&[
+            "ip", "netns", "exec", &r.name, "ip", "link", "set", "lo", "up",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &r.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]);
+        r
+    }
+
+    /// Join `net`'s bridge (the router takes 198.18.S.1) and route `pods` (of that net) through
+    /// it to the other nets. Returns the router's address on that net.
+    pub fn join(&mut self, net: &Net, pods: &[&Pod]) -> Ipv4Addr {
+        self.legs += 1;
+        let (inside, outside) = (
+            format!("r{}{}a", &net.id[2..], self.legs),
+            format!("r{}{}b", &net.id[2..], self.legs),
+        );
+        assert!(outside.len() <= 15, "interface name too long: {outside}");
+        sh(&[
+            "ip", "link", "add", &inside, "type", "veth", "peer", "name", &outside,
+        ]);
+        sh(&["ip", "link", "set", &inside, "netns", &self.name]);
+        sh(&["ip", "link", "set", &outside, "netns", &net.switch]);
+        net.exec_ok(
+            &net.switch,
+            &["ip", "link", "set", &outside, "master", "br0"],
+        );
+        net.exec_ok(&net.switch, &["ip", "link", "set", &outside, "up"]);
+        let ip = Ipv4Addr::new(198, 18, net.subnet, 1);
+        net.exec_ok(
+            &self.name,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", &inside],
+        );
+        net.exec_ok(&self.name, &["ip", "link", "set", &inside, "up"]);
+        for p in pods {
+            net.exec_ok(
+                &p.name,
+                &[
+                    "ip",
+                    "route",
+                    "add",
+                    "198.18.0.0/15",
+                    "via",
+                    &ip.to_string(),
+                ],
+            );
+        }
+        ip
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        // Its veth legs go with the namespace.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 impl Pod {
     /// A command run inside the pod (as root).
     pub fn cmd(&self, program: &str) -> Command {

@@ -24,9 +24,11 @@
 //! compare-and-swap on revisions, retried from a fresh read when another daemon won the race
 //! ([`MAX_ATTEMPTS`] times at most):
 //!
-//! - `apply`: every document and `index` in one transaction (no read, so no compare): whole or
-//!   nothing. etcd caps a transaction's operations (`--max-txn-ops`, 128 by default), so one
-//!   apply holds at most [`MAX_APPLY_DOCS`] documents.
+//! - `apply`: every document and `index` in one transaction: whole or nothing. It compares the
+//!   revision of `index` read just before and writes `index` with a nonce, so one whose answer
+//!   was lost (its member died) is resolved from etcd's history, never stored twice. etcd caps a
+//!   transaction's operations (`--max-txn-ops`, 128 by default), so one apply holds at most
+//!   [`MAX_APPLY_DOCS`] documents.
 //! - `delete`: succeeds only if the document exists (`create_revision > 0`).
 //! - `register_service`, new service: the lowest virtual IP with no `vips/<ip>` key is claimed by
 //!   a transaction that compares `create_revision == 0` on both `services/<name>` and
@@ -65,8 +67,11 @@
 //!
 //! # Reachability
 //!
-//! Every call that etcd does not answer (no connection, no answer within 5 s, no leader) marks
-//! the store unreachable; the next answered call clears it ([`EtcdStore::unreachable`]).
+//! A call that fails quickly for want of a member (a killed member's refused connection, an
+//! election) is sent again for up to 3 s, a write only when it never reached etcd
+//! (`EtcdStore::call`): the other members answer, so losing one of three interrupts nothing.
+//! A call that still fails, or gets no answer within 5 s, marks the store unreachable; the next
+//! answered call clears it ([`EtcdStore::unreachable`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -225,6 +230,28 @@ fn is_unreachable(x: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether the request never reached etcd (the connection to the member it was sent to could not
+/// be made): sending it again, to another member, cannot apply it twice.
+fn not_sent(x: &etcd_client::Error) -> bool {
+    let text = format!("{x:?}");
+    text.contains("tcp connect error")
+        || text.contains("error trying to connect")
+        || text.contains("ConnectionRefused")
+}
+
+/// Whether the failure took its time (no answer before the deadline): not worth waiting for
+/// again within one call.
+fn timed_out(x: &etcd_client::Error) -> bool {
+    match x {
+        etcd_client::Error::GRpcStatus(s) => matches!(s.code() as i32, 1 | 4),
+        other => other.to_string().contains("timed out"),
+    }
+}
+
+/// How long a call keeps trying other members after quick failures (a killed member's refused
+/// connections, an election): longer than an etcd election with the default timeouts (1 s).
+const RETRY_FOR: Duration = Duration::from_secs(3);
+
 /// An etcd client error in a few words (a gRPC status without its empty details and metadata).
 fn detail(x: &etcd_client::Error) -> String {
     match x {
@@ -342,6 +369,43 @@ impl EtcdStore {
         }
     }
 
+    /// Run one etcd request, sending it again while it fails quickly for want of a member (a
+    /// refused connection to a killed member, a broken one, no leader during an election), for
+    /// up to [`RETRY_FOR`]: the cluster's other members answer it, so losing one member of three
+    /// interrupts nothing. A `write` is sent again only when it never reached etcd; one that
+    /// may have been applied is returned as failed (marked [`StoreError::in_doubt`]) for the
+    /// caller to resolve. The store is marked unreachable only when the retries are exhausted.
+    async fn call<T, F, Fut>(&self, write: bool, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match f().await {
+                Ok(v) => {
+                    self.up();
+                    return Ok(v);
+                }
+                Err(x) => {
+                    let again = is_unreachable(&x)
+                        && !timed_out(&x)
+                        && (!write || not_sent(&x))
+                        && start.elapsed() + pause < RETRY_FOR;
+                    if !again {
+                        let sent = !not_sent(&x);
+                        let mut e = self.fail(x);
+                        e.in_doubt = write && e.unreachable && sent;
+                        return Err(e);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(400));
+                }
+            }
+        }
+    }
+
     /// A call etcd answered: it is reachable.
     fn up(&self) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
@@ -368,19 +432,18 @@ impl EtcdStore {
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let mut r = self
-            .client
-            .kv_client()
-            .get(key, None)
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+            .call(false, || {
+                let mut kv = self.client.kv_client();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         Ok(r.take_kvs().into_iter().next())
     }
 
     /// Several keys read at one revision (one transaction of reads).
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
         let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(*k, None)).collect();
-        let r = self.txn(Txn::new().and_then(ops)).await?;
+        let r = self.read_txn(Txn::new().and_then(ops)).await?;
         Ok(r.op_responses()
             .into_iter()
             .map(|op| match op {
@@ -392,13 +455,14 @@ impl EtcdStore {
 
     /// Every key under `dir` (below the prefix), in key order.
     async fn list(&self, dir: &str) -> Result<Vec<KeyValue>, StoreError> {
+        let key = self.key(dir);
         let mut r = self
-            .client
-            .kv_client()
-            .get(self.key(dir), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+            .call(false, || {
+                let mut kv = self.client.kv_client();
+                let key = key.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         Ok(r.take_kvs())
     }
 
@@ -406,26 +470,36 @@ impl EtcdStore {
         self.list(dir).await?.iter().map(from_json).collect()
     }
 
+    /// A transaction that writes: sent again only when it never reached etcd.
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let r = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
-        Ok(r)
+        self.call(true, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    /// A transaction of reads only: sent again while members fail quickly.
+    async fn read_txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.call(false, || {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
     }
 
     /// The configuration index and the store's revision at the read.
     async fn index_at(&self) -> Result<(u64, i64), StoreError> {
+        let key = self.key("index");
         let mut r = self
-            .client
-            .kv_client()
-            .get(self.key("index"), None)
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+            .call(false, || {
+                let mut kv = self.client.kv_client();
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         let at = r.take_header().map_or(0, |h| h.revision());
         let index = r
             .kvs()
@@ -436,6 +510,13 @@ impl EtcdStore {
 
     /// See [`super::Store::apply`]. A document named twice is stored as its last occurrence, as
     /// with redb.
+    ///
+    /// Exactly once, also when the member it was sent to dies: the transaction compares the
+    /// `index` key's revision read just before and writes `index` with a nonce of this apply.
+    /// When no answer comes back (the member died, or lost its leadership, with the request in
+    /// flight), the first change of `index` after that revision (from etcd's history, a watch
+    /// from it) tells whether it was this apply: then it is done, else it lost the compare and
+    /// is sent again. So an apply is never stored twice (nor reordered after a later one).
     pub async fn apply(&self, docs: &[Document]) -> Result<u64, StoreError> {
         let by_id: BTreeMap<String, &Document> = docs.iter().map(|d| (d.id(), d)).collect();
         if by_id.len() > MAX_APPLY_DOCS {
@@ -444,17 +525,82 @@ impl EtcdStore {
                 by_id.len()
             )));
         }
-        let mut ops = Vec::with_capacity(by_id.len() + 1);
+        let mut puts = Vec::with_capacity(by_id.len() + 1);
         for (id, d) in &by_id {
-            ops.push(TxnOp::put(
+            puts.push(TxnOp::put(
                 self.key(&format!("docs/{id}")),
                 to_json(d)?,
                 None,
             ));
         }
-        ops.push(self.index_op("apply")?);
-        let r = self.txn(Txn::new().and_then(ops)).await?;
-        Ok(revision(&r))
+        let mut nonce = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| StoreError::new("no randomness for the apply's nonce"))?;
+        let mark = format!("apply {:016x}", u64::from_le_bytes(nonce));
+        puts.push(self.index_op(&mark)?);
+        let ikey = self.key("index");
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.get(&ikey).await?;
+            let txn = Txn::new()
+                .when([unchanged(&ikey, read.as_ref())])
+                .and_then(puts.clone());
+            match self.txn(txn).await {
+                Ok(r) if r.succeeded() => return Ok(revision(&r)),
+                Ok(_) => continue, // another change came first: read again
+                Err(x) if x.in_doubt => {
+                    let after = read.as_ref().map_or(0, |kv| kv.mod_revision());
+                    match self.first_index_change_after(after).await {
+                        Ok(Some((rev, what))) if what == mark => return Ok(rev),
+                        Ok(_) => continue, // not ours: ours lost the compare
+                        Err(_) => return Err(x),
+                    }
+                }
+                Err(x) => return Err(x),
+            }
+        }
+        Err(contended("applying"))
+    }
+
+    /// The first write of `index` after revision `after` (its revision and value), from etcd's
+    /// history; `None` when there is none yet.
+    async fn first_index_change_after(
+        &self,
+        after: i64,
+    ) -> Result<Option<(u64, String)>, StoreError> {
+        let ikey = self.key("index");
+        let (now, _) = self.index_at().await?;
+        if now as i64 <= after {
+            return Ok(None);
+        }
+        let first = || async {
+            let opts = WatchOptions::new().with_start_revision(after + 1);
+            let mut s = self
+                .client
+                .watch_client()
+                .watch(ikey.as_str(), Some(opts))
+                .await?;
+            while let Some(resp) = s.message().await? {
+                if let Some(kv) = resp.events().iter().find_map(|e| e.kv()) {
+                    let what: String = serde_json::from_slice(kv.value()).unwrap_or_default();
+                    return Ok(Some((kv.mod_revision().max(0) as u64, what)));
+                }
+                if resp.canceled() {
+                    break;
+                }
+            }
+            Ok::<_, etcd_client::Error>(None)
+        };
+        let found = tokio::time::timeout(REQUEST_TIMEOUT, self.call(false, first)).await;
+        match found {
+            Ok(Ok(Some(found))) => Ok(Some(found)),
+            Ok(Ok(None)) => Err(StoreError::new(
+                "etcd's history of the index is compacted: cannot tell whether the write happened",
+            )),
+            Ok(Err(x)) => Err(x),
+            Err(_) => Err(StoreError::unreachable(
+                "no answer from etcd's watch in time",
+            )),
+        }
     }
 
     /// See [`super::Store::delete`].
@@ -499,15 +645,17 @@ impl EtcdStore {
                     ]);
                 }
                 None => {
+                    let vips = self.key("vips/");
                     let taken: HashSet<Ipv4Addr> = self
-                        .client
-                        .kv_client()
-                        .get(
-                            self.key("vips/"),
-                            Some(GetOptions::new().with_prefix().with_keys_only()),
-                        )
-                        .await
-                        .map_err(|x| self.fail(x))?
+                        .call(false, || {
+                            let mut kv = self.client.kv_client();
+                            let vips = vips.clone();
+                            async move {
+                                kv.get(vips, Some(GetOptions::new().with_prefix().with_keys_only()))
+                                    .await
+                            }
+                        })
+                        .await?
                         .kvs()
                         .iter()
                         .filter_map(|kv| {
@@ -592,16 +740,14 @@ impl EtcdStore {
 
     /// See [`super::Store::add_token`].
     pub async fn add_token(&self, token_hash: &str, token: &TokenInfo) -> Result<(), StoreError> {
-        self.client
-            .kv_client()
-            .put(
-                self.key(&format!("tokens/{token_hash}")),
-                to_json(token)?,
-                None,
-            )
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+        let (key, value) = (self.key(&format!("tokens/{token_hash}")), to_json(token)?);
+        // The same put twice stores the same: sent again on any quick failure.
+        self.call(false, || {
+            let mut kv = self.client.kv_client();
+            let (key, value) = (key.clone(), value.clone());
+            async move { kv.put(key, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -630,13 +776,14 @@ impl EtcdStore {
 
     /// See [`super::Store::remove_token`].
     pub async fn remove_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let key = self.key(&format!("tokens/{token_hash}"));
         let r = self
-            .client
-            .kv_client()
-            .delete(self.key(&format!("tokens/{token_hash}")), None)
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+            .call(true, || {
+                let mut kv = self.client.kv_client();
+                let key = key.clone();
+                async move { kv.delete(key, None).await }
+            })
+            .await?;
         Ok(r.deleted() > 0)
     }
 
@@ -801,7 +948,7 @@ impl EtcdStore {
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let range = |dir: &str| TxnOp::get(self.key(dir), Some(GetOptions::new().with_prefix()));
         let r = self
-            .txn(Txn::new().and_then([
+            .read_txn(Txn::new().and_then([
                 TxnOp::get(self.key("index"), None),
                 range("docs/"),
                 range("services/"),
@@ -1195,16 +1342,17 @@ impl EtcdStore {
         token_hash: &str,
         rec: &OperatorTokenRecord,
     ) -> Result<(), StoreError> {
-        self.client
-            .kv_client()
-            .put(
-                self.key(&format!("operator_tokens/{token_hash}")),
-                to_json(rec)?,
-                None,
-            )
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+        let (key, value) = (
+            self.key(&format!("operator_tokens/{token_hash}")),
+            to_json(rec)?,
+        );
+        // The same put twice stores the same: sent again on any quick failure.
+        self.call(false, || {
+            let mut kv = self.client.kv_client();
+            let (key, value) = (key.clone(), value.clone());
+            async move { kv.put(key, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -1240,13 +1388,14 @@ impl EtcdStore {
 
     /// See [`super::Store::remove_operator_token`].
     pub async fn remove_operator_token(&self, token_hash: &str) -> Result<bool, StoreError> {
+        let key = self.key(&format!("operator_tokens/{token_hash}"));
         let r = self
-            .client
-            .kv_client()
-            .delete(self.key(&format!("operator_tokens/{token_hash}")), None)
-            .await
-            .map_err(|x| self.fail(x))?;
-        self.up();
+            .call(true, || {
+                let mut kv = self.client.kv_client();
+                let key = key.clone();
+                async move { kv.delete(key, None).await }
+            })
+            .await?;
         Ok(r.deleted() > 0)
     }
 }

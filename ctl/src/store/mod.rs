@@ -63,6 +63,9 @@ pub struct StoreError {
     /// The write was refused because it would touch another service's record (a proxy id held
     /// by a live proxy of another service): the daemon answers 403.
     pub forbidden: bool,
+    /// The write reached etcd but no answer came back (the member died or lost its leadership
+    /// meanwhile): it may have been applied. The daemon says so rather than "nothing written".
+    pub in_doubt: bool,
 }
 
 impl StoreError {
@@ -72,6 +75,7 @@ impl StoreError {
             message: message.into(),
             unreachable: false,
             forbidden: false,
+            in_doubt: false,
         }
     }
 
@@ -81,6 +85,7 @@ impl StoreError {
             message: message.into(),
             unreachable: true,
             forbidden: false,
+            in_doubt: false,
         }
     }
 
@@ -90,6 +95,7 @@ impl StoreError {
             message: message.into(),
             unreachable: false,
             forbidden: true,
+            in_doubt: false,
         }
     }
 }
