@@ -274,11 +274,7 @@ fn slow_clients_cannot_starve_the_mesh_inbound() {
         s.read_exact(&mut b).map_err(|e| format!("read: {e}"))?;
         Ok(t.elapsed())
     };
-    client
-        .enter(call)
-        .join()
-        .unwrap()
-        .expect("the pair serves");
+    client.enter(call).join().unwrap().expect("the pair serves");
     std::thread::sleep(Duration::from_secs(1));
     let pid = sc_store.child.pid();
     let base = open_fds(pid);
