@@ -16,9 +16,10 @@ set -e
 # One summary line over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
 [ "$status" -eq 0 ] || exit "$status"
-# Loom models of the upstream state the workers share (every interleaving of two workers); a cfg of
-# our own, in a target directory of its own (it changes how ringside-core is compiled).
+# Loom models of the upstream state the workers share (every interleaving of two workers) and of the
+# TLS output's one-flusher-at-a-time; a cfg of our own, in a target directory of its own (it changes
+# how ringside-core is compiled).
 RUSTFLAGS="--cfg ringside_loom" CARGO_TARGET_DIR=target/loom \
-  cargo test --profile ci -p ringside-core --test loom_cluster
+  cargo test --profile ci -p ringside-core --test loom_cluster --test loom_flush
 # The fuzz targets keep building and keep finding nothing (10 s each here; longer runs by hand).
 bash scripts/fuzz.sh 10

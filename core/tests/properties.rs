@@ -1,6 +1,6 @@
 //! Properties of the decision core, checked on random inputs (proptest): intention precedence
 //! against a brute-force reference, path normalization, protocol detection on arbitrary bytes,
-//! endpoint choice fairness.
+//! endpoint choice fairness, configuration files round trip (YAML and TOML to one validated config).
 
 use proptest::prelude::*;
 use ringside_core::decide::detect::{classify, Detection, Want};
@@ -154,5 +154,133 @@ fn endpoint_choice_is_fair() {
             .unwrap();
         assert_eq!(c.endpoints[i].active.load(Relaxed), least);
         guards.push(c.open(i));
+    }
+}
+
+/// A valid configuration file as a document tree: services with endpoints and settings, listeners
+/// naming them, process settings, intentions.
+fn config_doc() -> impl Strategy<Value = serde_json::Value> {
+    let service = (
+        prop::collection::vec((1..255u8, 1..255u8, 1..65535u16), 1..4),
+        prop::sample::select(vec!["round_robin", "least_connections", "least_request"]),
+        1..30u64,
+        0..5u32,
+        prop::sample::select(vec!["tcp", "http", "http2"]),
+    );
+    (
+        prop::collection::vec(service, 1..4),
+        prop::collection::vec(0..3usize, 1..4),
+        1..8usize,
+        1..100_000usize,
+        prop::option::of(1..7200u64),
+        any::<bool>(),
+        rules(),
+    )
+        .prop_map(
+            |(services, listeners, workers, max_conn, idle, default_allow, rules)| {
+                let n = services.len();
+                let services: Vec<serde_json::Value> = services
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (eps, lb, timeout, retries, protocol))| {
+                        serde_json::json!({
+                            "name": format!("svc-{i}"),
+                            "endpoints": eps
+                                .iter()
+                                .map(|(a, b, p)| format!("10.{a}.{b}.1:{p}"))
+                                .collect::<Vec<_>>(),
+                            "lb": lb,
+                            "connect_timeout": format!("{timeout}s"),
+                            "retries": retries,
+                            "protocol": protocol,
+                        })
+                    })
+                    .collect();
+                let listeners: Vec<serde_json::Value> = listeners
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        serde_json::json!({
+                            "name": format!("l{i}"),
+                            "address": format!("127.0.0.1:{}", 20000 + i),
+                            "service": format!("svc-{}", s % n),
+                        })
+                    })
+                    .collect();
+                let mut proxy = serde_json::json!({
+                    "workers": workers,
+                    "max_connections": max_conn,
+                });
+                if let Some(s) = idle {
+                    proxy["idle_timeout"] = serde_json::json!(format!("{s}s"));
+                }
+                let rules: Vec<serde_json::Value> = rules
+                    .iter()
+                    .map(|(s, d, allow)| {
+                        serde_json::json!({
+                            "source": NAMES[*s],
+                            "destination": NAMES[*d],
+                            "action": if *allow { "allow" } else { "deny" },
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "proxy": proxy,
+                    "services": services,
+                    "listeners": listeners,
+                    "intentions": {
+                        "default": if default_allow { "allow" } else { "deny" },
+                        "rules": rules,
+                    },
+                })
+            },
+        )
+}
+
+proptest! {
+    /// A generated configuration written as YAML and as TOML reads back to one validated config
+    /// (compared as its `/config_dump` JSON) that holds what was written.
+    #[test]
+    fn config_files_round_trip(doc in config_doc()) {
+        use ringside_core::config::{Config, Format};
+        let yaml = serde_yaml::to_string(&doc).unwrap();
+        let toml = toml::to_string(&doc).unwrap();
+        let from_yaml = Config::parse(&yaml, Format::Yaml)
+            .unwrap_or_else(|e| panic!("refused: {e}\n{yaml}"));
+        let from_toml = Config::parse(&toml, Format::Toml)
+            .unwrap_or_else(|e| panic!("refused: {e}\n{toml}"));
+        let dump = serde_json::to_value(&from_yaml).unwrap();
+        prop_assert_eq!(&dump, &serde_json::to_value(&from_toml).unwrap());
+        // What was written is what runs.
+        prop_assert_eq!(from_yaml.proxy.workers, doc["proxy"]["workers"].as_u64().unwrap() as usize);
+        prop_assert_eq!(
+            from_yaml.proxy.idle_timeout.map(|d| d.as_secs()),
+            // Absent: the default hour.
+            Some(
+                doc["proxy"]["idle_timeout"]
+                    .as_str()
+                    .map_or(3600, |s| s.trim_end_matches('s').parse().unwrap())
+            )
+        );
+        let services = doc["services"].as_array().unwrap();
+        prop_assert_eq!(from_yaml.services.len(), services.len());
+        for (s, d) in from_yaml.services.iter().zip(services) {
+            prop_assert_eq!(&s.name, d["name"].as_str().unwrap());
+            let eps: Vec<String> = s.endpoints.iter().map(|e| e.to_string()).collect();
+            prop_assert_eq!(serde_json::json!(eps), d["endpoints"].clone());
+            prop_assert_eq!(serde_json::to_value(s.lb).unwrap(), d["lb"].clone());
+            prop_assert_eq!(s.retries, d["retries"].as_u64().unwrap() as u32);
+        }
+        let listeners = doc["listeners"].as_array().unwrap();
+        prop_assert_eq!(from_yaml.listeners.len(), listeners.len());
+        for (l, d) in from_yaml.listeners.iter().zip(listeners) {
+            prop_assert_eq!(l.address.to_string(), d["address"].as_str().unwrap());
+            let ringside_core::config::ListenerKind::Static(k) = l.kind else {
+                panic!("a static listener: {:?}", l.kind);
+            };
+            prop_assert_eq!(&from_yaml.services[k].name, d["service"].as_str().unwrap());
+        }
+        // The dump itself is stable: the same config serializes the same way twice.
+        prop_assert_eq!(dump, serde_json::to_value(Config::parse(&yaml, Format::Yaml).unwrap()).unwrap());
     }
 }

@@ -13,9 +13,7 @@
 //! `--ca-file` and an operator token), else `--socket` / `RINGCTL_SOCKET`, else the default
 //! socket.
 
-mod ca;
 mod client;
-mod consul;
 mod daemon;
 mod deploy;
 mod doctor;
@@ -23,6 +21,9 @@ mod inject;
 mod store;
 mod why;
 
+// The CA and the Consul documents are the library's (ctl/src/lib.rs): named here, they keep their
+// `crate::ca` and `crate::consul` paths for the binary's modules.
+use ringside_ctl::{ca, consul};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

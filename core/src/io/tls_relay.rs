@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 
+use crate::io::flush_gate::FlushGate;
 use crate::io::relay::RelayCtx;
 use crate::io::sys;
 use crate::reason::Reason;
@@ -94,7 +95,8 @@ async fn flush(conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Resu
 /// One flusher at a time for the TLS socket. Both pumps produce TLS records (data one way, key
 /// updates and tickets the other); only one of them may wait for the socket to become writable,
 /// since the epoll driver keeps a single waiter per direction and a second one would never wake.
-/// The other waits here until the flusher is done, then flushes what is left.
+/// The other waits for the turn until the flusher is done, then flushes what is left ([`FlushGate`],
+/// loom-checked).
 ///
 /// The decrypting pump must never wait for the TLS socket to become writable: it would stop reading
 /// while the peer proxy, symmetrically, waits for us to read — a deadlock under bidirectional bulk
@@ -102,17 +104,14 @@ async fn flush(conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Resu
 /// future of the relay) to wait for writability on its behalf.
 #[derive(Default)]
 struct TlsOut {
-    busy: Cell<bool>,
-    waiters: RefCell<Vec<std::task::Waker>>,
-    kicked: Cell<bool>,
-    drainer: RefCell<Option<std::task::Waker>>,
+    gate: FlushGate,
 }
 
 impl TlsOut {
     /// Write what can be written now; if records remain, have the drainer finish the job.
     fn try_flush(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
         let fd = sock.as_raw_fd();
-        while !self.busy.get() && conn.borrow().wants_write() {
+        while !self.gate.is_busy() && conn.borrow().wants_write() {
             let r = conn.borrow_mut().write_tls(&mut Fd(fd));
             match r {
                 Ok(_) => {}
@@ -122,51 +121,28 @@ impl TlsOut {
             }
         }
         if conn.borrow().wants_write() {
-            self.kicked.set(true);
-            if let Some(w) = self.drainer.borrow_mut().take() {
-                w.wake();
-            }
+            self.gate.kick();
         }
         Ok(())
     }
 
-    /// The drainer: flush (waiting for writability) whenever kicked.
+    /// The drainer: flush (waiting for writability) whenever kicked; the relay drops it when both
+    /// pumps are done.
     async fn drain(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
         loop {
-            poll_fn(|cx| {
-                if self.kicked.replace(false) {
-                    Poll::Ready(())
-                } else {
-                    *self.drainer.borrow_mut() = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            })
-            .await;
-            self.flush(conn, sock).await?;
+            if self.gate.kicked().await {
+                self.flush(conn, sock).await?;
+            } else {
+                // Closed: the relay never closes its gate (it drops the drainer instead), and a
+                // drainer must not finish while the relay polls it.
+                std::future::pending::<()>().await;
+            }
         }
     }
 
     async fn flush(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
-        loop {
-            if !self.busy.get() {
-                self.busy.set(true);
-                let r = flush(conn, sock).await;
-                self.busy.set(false);
-                for w in self.waiters.borrow_mut().drain(..) {
-                    w.wake();
-                }
-                return r;
-            }
-            poll_fn(|cx| {
-                if self.busy.get() {
-                    self.waiters.borrow_mut().push(cx.waker().clone());
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
-        }
+        let _turn = self.gate.turn().await;
+        flush(conn, sock).await
     }
 }
 

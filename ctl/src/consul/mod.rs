@@ -107,6 +107,19 @@ impl Document {
         }
     }
 
+    /// The document as the CRD an operator writes (`apiVersion`, `kind`, `metadata.name`,
+    /// `spec`): what [`parse`] reads back to the same document (fuzzed and property-tested).
+    pub fn to_crd(&self) -> serde_json::Value {
+        // Strings, numbers and maps keyed by strings: serialization cannot fail.
+        let mut v = serde_json::to_value(self).expect("a document serializes");
+        serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": self.kind(),
+            "metadata": { "name": self.name() },
+            "spec": v["spec"].take(),
+        })
+    }
+
     /// The rules serde cannot express: `Err` refuses the document (field, why); `Ok` lists the
     /// Consul fields it carries that have no effect here (field, why).
     pub fn review(&self) -> Result<Vec<spec::Note>, spec::Note> {
