@@ -510,6 +510,13 @@ async fn flush_pending(state: &State) {
 
 /// Remove the endpoints of proxies that stopped reporting to this daemon for the lease TTL, and
 /// write the reports kept while the store could not be reached.
+/// The longest a proxy's long-poll is held: half the lease TTL (a proxy reports after each
+/// answer, so one that is alive is never silent for the TTL, however short it is set), at least
+/// a second.
+fn heartbeat(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 2).max(Duration::from_secs(1))
+}
+
 /// How often acknowledgements and heartbeats taken are written to a shared store.
 const BEHIND_EVERY: Duration = Duration::from_millis(100);
 /// Reports written in one etcd transaction (etcd takes 128 operations per transaction).
@@ -577,8 +584,16 @@ async fn reaper(state: Arc<State>) {
                 },
             };
             let mut local = lock(&state.local);
-            if done && local.get(&id).is_some_and(|p| p.last.elapsed() > ttl) {
-                local.remove(&id);
+            if done {
+                match local.get_mut(&id) {
+                    Some(p) if p.last.elapsed() > ttl => {
+                        local.remove(&id);
+                    }
+                    // It reported meanwhile: its next report puts its endpoint back (a report
+                    // is written behind only while its endpoint is known to be in place).
+                    Some(p) => p.lease = 0,
+                    None => {}
+                }
             }
         }
         if changed {
@@ -1084,7 +1099,8 @@ async fn handle_proxy(
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_secs)
                 .unwrap_or_default()
-                .min(MAX_WAIT);
+                .min(MAX_WAIT)
+                .min(heartbeat(state.lease_ttl));
             let have = query_param(&query, "catalog").unwrap_or_default();
             let mut rx = state.changed.subscribe();
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.

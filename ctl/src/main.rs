@@ -175,7 +175,8 @@ enum Command {
         ca_secret: Option<PathBuf>,
         /// How long endpoints outlive what registered them: the TTL of the daemon's etcd lease
         /// (its proxies' endpoints leave the catalog this long after it dies), and how long a
-        /// proxy may stay silent before its endpoint is removed (either store).
+        /// proxy may stay silent before its endpoint is removed (either store). Proxies report
+        /// at least every half of it.
         #[arg(long, default_value = "15s", value_parser = humantime_parse)]
         lease_ttl: std::time::Duration,
         /// The operator socket it serves (mode 0660). Like the clients' global --socket, it
