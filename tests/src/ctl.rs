@@ -134,6 +134,19 @@ impl Daemon {
         serde_json::from_str(&self.ok(&["get", what, "-o", "json"])).unwrap()
     }
 
+    /// The virtual IP the daemon gave `service`.
+    pub fn virtual_ip(&self, service: &str) -> std::net::IpAddr {
+        self.get_json("services")
+            .as_array()
+            .expect("a list of services")
+            .iter()
+            .find(|s| s["name"] == service)
+            .and_then(|s| s["virtual_ip"].as_str())
+            .unwrap_or_else(|| panic!("no virtual IP for {service}"))
+            .parse()
+            .expect("an IP address")
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.dir

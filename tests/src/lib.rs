@@ -317,6 +317,13 @@ pub fn listening_on(port: u16) -> bool {
     })
 }
 
+/// How many descriptors process `pid` holds open (0 when it is gone).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 /// Whether the tests run under CI, where skipping a root-only test is a failure.
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

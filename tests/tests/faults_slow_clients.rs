@@ -12,16 +12,11 @@ use std::time::{Duration, Instant};
 
 use ringside_tests::ctl::Daemon;
 use ringside_tests::http::{serve, Client};
+use ringside_tests::open_fds;
 use ringside_tests::pod::{pods_available, Net, Sidecar, PROXY_UID};
 use ringside_tests::*;
 
 const SLOW: usize = 2000;
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// Wait until `pid` holds `base` descriptors again.
 fn fds_back(pid: u32, base: usize, what: &str) {
@@ -252,16 +247,7 @@ fn slow_clients_cannot_starve_the_mesh_inbound() {
     };
     let sc_store = start(&store, "store");
     let sc_client = start(&client, "client");
-    let vip: IpAddr = daemon
-        .get_json("services")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "store")
-        .and_then(|s| s["virtual_ip"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vip: IpAddr = daemon.virtual_ip("store");
     let to = SocketAddr::new(vip, 7000);
     // One call through the pair: what the caller measures.
     let call = move || -> Result<Duration, String> {

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ringside_tests::ctl::Daemon;
+use ringside_tests::open_fds;
 use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
 use ringside_tests::*;
 
@@ -169,12 +170,6 @@ fn assert_reset(seen: &Seen, what: &str) {
     );
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// Wait until `pid` holds `base` descriptors again; returns how long that took.
 fn fds_back(pid: u32, base: usize, what: &str) -> Duration {
     let t = Instant::now();
@@ -320,16 +315,7 @@ fn mtls_upstream_killed_mid_stream_resets_the_client() {
     };
     let sc_store = start(&store, "store");
     let sc_client = start(&client, "client");
-    let vip: IpAddr = daemon
-        .get_json("services")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "store")
-        .and_then(|s| s["virtual_ip"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vip: IpAddr = daemon.virtual_ip("store");
     let to = SocketAddr::new(vip, 7000);
     serves_again(|| connect_in(&client, to), "mtls");
     std::thread::sleep(Duration::from_secs(1));

@@ -120,16 +120,7 @@ fn sidecars_restarted_while_the_daemon_is_down_serve_with_their_last_state() {
         .zip(&all_args)
         .map(|((p, _), a)| start(p, a))
         .collect();
-    let vip: IpAddr = daemon
-        .get_json("services")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "store")
-        .and_then(|s| s["virtual_ip"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vip: IpAddr = daemon.virtual_ip("store");
     let to = SocketAddr::new(vip, 7000);
     echo_from(&client, to).unwrap_or_else(|e| panic!("before: {e}"));
     assert!(echo_from(&batch, to).is_err(), "batch is not allowed");

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringside_tests::ctl::Daemon;
+use ringside_tests::open_fds;
 use ringside_tests::pod::{pods_available, sh, Net, Pod, Sidecar, PROXY_UID};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -65,12 +66,6 @@ fn raise_nofile() {
         lim.rlim_cur = lim.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 /// The app of the destination pod: an echo server on a runtime of its own, in the pod.
@@ -336,16 +331,7 @@ fn soak_through_a_pair_of_sidecars() {
     let sc_store = start(&store, "store");
     let sc_client = start(&client, "client");
     let pids = [sc_client.child.pid(), sc_store.child.pid()];
-    let vip: IpAddr = daemon
-        .get_json("services")
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "store")
-        .and_then(|s| s["virtual_ip"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let vip: IpAddr = daemon.virtual_ip("store");
     let to = SocketAddr::new(vip, 7000);
     // The baseline once the sidecars have carried a connection (what they open on their first
     // one, such as the control connection's renewals and pooled pipes, is not a leak).
