@@ -344,9 +344,10 @@ fn mtls_upstream_killed_mid_stream_resets_the_client() {
         c_store.get("fail.upstream_reset").copied().unwrap_or(0) >= 1,
         "the store's sidecar did not count upstream_reset: {c_store:?}"
     );
+    let log = sc_client.log_text();
     let c_client = sc_client.stop();
     assert!(
         c_client.get("fail.upstream_reset").copied().unwrap_or(0) >= 1,
-        "the client's sidecar did not count upstream_reset: {c_client:?}"
+        "the client's sidecar did not count upstream_reset: {c_client:?}\n{log}"
     );
 }

@@ -29,6 +29,17 @@ fn tunnel_proxy(
         driver,
         ..ProxyDoc::default()
     };
+    tunnel_proxy_doc(doc, upstream, mode, files, expect, allow)
+}
+
+fn tunnel_proxy_doc(
+    doc: ProxyDoc,
+    upstream: SocketAddr,
+    mode: TlsMode,
+    files: &Files,
+    expect: Option<&str>,
+    allow: &[&str],
+) -> Proxy {
     let mut c = Config::forward("127.0.0.1:0".parse().unwrap(), vec![upstream], doc).unwrap();
     c.listeners[0].tls = Some(ListenerTls {
         mode,
@@ -539,4 +550,55 @@ fn truncation_is_not_a_clean_end() {
         std::thread::sleep(Duration::from_millis(20));
     }
     term.shutdown(Duration::from_secs(1));
+}
+
+/// The L4 idle timeout holds on mesh mTLS connections too: a quiet one is closed by the terminating
+/// side (counted `idle_timeout`), a talking one on the same proxy is not.
+#[test]
+fn idle_mtls_connections_are_closed() {
+    let pki = Pki::new("idle");
+    let client = pki.files("client", CLIENT, Validity::Valid);
+    let server = pki.files("server", SERVER, Validity::Valid);
+    for d in DRIVERS {
+        let (echo, _) = counting_echo();
+        let doc = ProxyDoc {
+            workers: 1,
+            driver: d,
+            idle_timeout: Some(Duration::from_millis(400)),
+            ..ProxyDoc::default()
+        };
+        let term = tunnel_proxy_doc(doc, echo, TlsMode::Terminate, &server, None, &[CLIENT]);
+        let orig = tunnel_proxy(
+            d,
+            term.local_addrs()[0],
+            TlsMode::Origin,
+            &client,
+            Some(SERVER),
+            &[],
+        );
+        let mut busy = connect_retry(orig.local_addrs()[0], Duration::from_secs(5));
+        let mut quiet = connect_retry(orig.local_addrs()[0], Duration::from_secs(5));
+        quiet
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        quiet.write_all(b"q").unwrap();
+        quiet.read_exact(&mut b).unwrap();
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(1200) {
+            busy.write_all(b"p").unwrap();
+            busy.read_exact(&mut b).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let r = quiet.read(&mut b);
+        assert!(
+            matches!(r, Ok(0) | Err(_)),
+            "{d:?}: quiet mTLS connection still open: {r:?}"
+        );
+        busy.write_all(b"z").unwrap();
+        busy.read_exact(&mut b).unwrap();
+        assert_eq!(term.stats().failures_for(Reason::IdleTimeout), 1, "{d:?}");
+        orig.shutdown(Duration::from_secs(1));
+        term.shutdown(Duration::from_secs(1));
+    }
 }

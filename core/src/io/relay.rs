@@ -32,7 +32,7 @@ use crate::reason::Reason;
 use crate::telemetry::stats::{Counter, WorkerStats};
 
 /// Bytes moved in one readiness episode before a pump yields to other connections.
-const EPISODE_BUDGET: usize = 4 * 1024 * 1024;
+pub(crate) const EPISODE_BUDGET: usize = 4 * 1024 * 1024;
 
 /// Per-worker pools of pipes and copy buffers.
 #[derive(Debug)]
@@ -158,11 +158,7 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
     // carry for its whole life.
     // No timer per connection: the worker ticks, the connection only counts quiet ticks (inline,
     // and small: it lives as long as the connection).
-    let mut idle = ctx.idle.map(|tick| IdleWatch {
-        tick: tick.next(),
-        last: 0,
-        quiet: 0,
-    });
+    let mut idle = ctx.idle.map(IdleWatch::new);
     let mut up = Some(up);
     let mut down = Some(down);
 
@@ -218,7 +214,7 @@ pub async fn relay(ctx: RelayCtx<'_>, client: &TcpStream, upstream: &TcpStream) 
 }
 
 /// Counts the ticks of the worker's idle clock during which no byte moved.
-struct IdleWatch<'a> {
+pub(crate) struct IdleWatch<'a> {
     tick: crate::io::worker::Fired<'a>,
     /// Bytes moved at the last tick.
     last: u64,
@@ -226,9 +222,18 @@ struct IdleWatch<'a> {
     quiet: u32,
 }
 
-impl IdleWatch<'_> {
+impl<'a> IdleWatch<'a> {
+    /// Start counting at the worker's next tick.
+    pub(crate) fn new(tick: &'a crate::io::worker::Signal) -> Self {
+        IdleWatch {
+            tick: tick.next(),
+            last: 0,
+            quiet: 0,
+        }
+    }
+
     /// True once no byte moved for `IDLE_TICKS` ticks; `moved` is the bytes moved so far.
-    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>, moved: u64) -> bool {
+    pub(crate) fn poll_idle(&mut self, cx: &mut std::task::Context<'_>, moved: u64) -> bool {
         while Pin::new(&mut self.tick).poll(cx).is_ready() {
             if moved == self.last {
                 self.quiet += 1;

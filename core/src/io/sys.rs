@@ -68,6 +68,19 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     cvt(ret)
 }
 
+/// Non-blocking gathered send (`sendmsg` with `MSG_NOSIGNAL`): every slice in one system call.
+pub fn send_vectored(fd: RawFd, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr is valid (no name, no control data); `IoSlice` is ABI-compatible with
+    // `iovec`, and the slices stay borrowed, valid for reads, for the duration of the call.
+    let ret = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    cvt(ret)
+}
+
 /// Half-close: no more bytes will be written to `fd` (sends FIN). Errors (already reset, not
 /// connected) are ignored: the peer is gone either way.
 pub fn shutdown_write(fd: RawFd) {

@@ -9,7 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, BufRead, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::pin;
 use std::task::Poll;
@@ -18,7 +18,7 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 
 use crate::io::flush_gate::FlushGate;
-use crate::io::relay::RelayCtx;
+use crate::io::relay::{IdleWatch, RelayCtx, EPISODE_BUDGET};
 use crate::io::sys;
 use crate::reason::Reason;
 
@@ -37,6 +37,11 @@ impl Read for Fd {
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         sys::send(self.0, buf)
+    }
+    /// rustls hands over every pending record at once: one `sendmsg` sends them all (the default
+    /// would send one record per system call).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        sys::send_vectored(self.0, bufs)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -216,6 +221,9 @@ pub async fn relay(
         )
     };
     let out = TlsOut::default();
+    // True while the decrypting pump holds bytes read from the socket that rustls has not taken yet:
+    // reading the socket again then would skip them.
+    let feeding = Cell::new(false);
     let mut a = Some(pin!(seal(
         ctx,
         plain,
@@ -232,9 +240,12 @@ pub async fn relay(
         conn,
         &out,
         &opened,
-        open_counter
+        open_counter,
+        &feeding
     )));
     let mut drainer = pin!(out.drain(conn, tls));
+    // The same idle clock as the plaintext relay: no timer per connection.
+    let mut idle = ctx.idle.map(IdleWatch::new);
     let (plain_side, tls_side) = if tls_is_upstream {
         (Reason::DownstreamReset, Reason::UpstreamReset)
     } else {
@@ -263,13 +274,20 @@ pub async fn relay(
         if let Poll::Ready(Err(e)) = drainer.as_mut().poll(cx) {
             return Poll::Ready(Some(LegError::TlsIo(e).classify(plain_side, tls_side)));
         }
+        if let Some(idle) = idle.as_mut() {
+            if idle.poll_idle(cx, sealed.get() + opened.get()) {
+                return Poll::Ready(Some((Reason::IdleTimeout, None)));
+            }
+        }
         Poll::Pending
     })
     .await;
     // A reset from the TLS peer often follows an alert that says why (access_denied, an expired
     // certificate): read what is still queued and prefer the alert's reason.
     let failure = match failure {
-        Some((r, None)) if r == tls_side => Some(pending_alert(conn, tls).unwrap_or((r, None))),
+        Some((r, None)) if r == tls_side && !feeding.get() => {
+            Some(pending_alert(conn, tls).unwrap_or((r, None)))
+        }
         f => f,
     };
     if failure.is_some() {
@@ -337,6 +355,9 @@ impl LegError {
 }
 
 /// plain → TLS: encrypt what the plaintext side sends.
+///
+/// After a read that filled the buffer, more is most likely queued: the pump reads again at once
+/// (up to the episode budget) instead of asking the event loop whether the socket is readable.
 async fn seal(
     ctx: &RelayCtx<'_>,
     plain: &TcpStream,
@@ -347,8 +368,13 @@ async fn seal(
     counter: &crate::telemetry::stats::Counter,
 ) -> Result<(), LegError> {
     let pfd = plain.as_raw_fd();
+    let mut must_wait = true;
+    let mut budget = 0usize;
     loop {
-        plain.readable(false).await.map_err(LegError::Plain)?;
+        if must_wait || budget == 0 {
+            plain.readable(false).await.map_err(LegError::Plain)?;
+            budget = EPISODE_BUDGET;
+        }
         let mut buf = ctx.pools.take_buf();
         let r = loop {
             match sys::recv(pfd, &mut buf) {
@@ -366,13 +392,18 @@ async fn seal(
             }
             Ok(n) => {
                 let w = conn.borrow_mut().writer().write_all(&buf[..n]);
+                must_wait = n < buf.len();
                 ctx.pools.give_buf(buf);
                 w.map_err(LegError::TlsIo)?;
                 out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
                 counter.add(n as u64);
                 moved.set(moved.get() + n as u64);
+                budget = budget.saturating_sub(n);
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => ctx.pools.give_buf(buf),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                ctx.pools.give_buf(buf);
+                must_wait = true;
+            }
             Err(e) => {
                 ctx.pools.give_buf(buf);
                 return Err(LegError::Plain(e));
@@ -382,6 +413,11 @@ async fn seal(
 }
 
 /// TLS → plain: decrypt what the TLS side sends.
+///
+/// The socket is read in buffer-sized chunks and the chunk is fed to rustls from memory (rustls
+/// reads at most 4 KiB per `read_tls`, which straight from the socket would be four system calls
+/// per record); decrypted bytes go to the plaintext socket straight from rustls's buffer.
+#[allow(clippy::too_many_arguments)]
 async fn open(
     ctx: &RelayCtx<'_>,
     tls: &TcpStream,
@@ -390,80 +426,126 @@ async fn open(
     out: &TlsOut,
     moved: &Cell<u64>,
     counter: &crate::telemetry::stats::Counter,
+    feeding: &Cell<bool>,
 ) -> Result<(), LegError> {
     let tfd = tls.as_raw_fd();
     let pfd = plain.as_raw_fd();
-    let mut tcp_eof = false;
     // The handshake may have read application data along with the peer's last handshake message
     // (a client sends its first request right behind its Finished): deliver what rustls already
     // holds before waiting for the socket, or a request-response protocol would stall here.
-    let mut buffered = true;
+    if deliver(conn, plain, pfd, moved, counter).await? {
+        sys::shutdown_write(pfd);
+        return Ok(());
+    }
+    let mut must_wait = true;
+    let mut budget = 0usize;
     loop {
-        if !tcp_eof && !std::mem::replace(&mut buffered, false) {
+        if must_wait || budget == 0 {
             tls.readable(false).await.map_err(LegError::TlsIo)?;
-            let r = conn.borrow_mut().read_tls(&mut Fd(tfd));
-            match r {
-                Ok(0) => tcp_eof = true,
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                    continue
-                }
-                Err(e) => return Err(LegError::TlsIo(e)),
-            }
-            let processed = conn.borrow_mut().process_new_packets().map(|_| ());
-            if let Err(e) = processed {
-                // Send the alert if it can go now; the connection is failing anyway.
-                let _ = out.try_flush(conn, tls);
-                return Err(LegError::Tls(e));
-            }
+            budget = EPISODE_BUDGET;
         }
-        // Hand every decrypted byte to the plaintext side.
         let mut buf = ctx.pools.take_buf();
-        let end = loop {
-            let r = conn.borrow_mut().reader().read(&mut buf);
-            match r {
-                Ok(0) => break Some(()),
-                Ok(n) => {
-                    if let Err(e) = write_all(plain, pfd, &buf[..n]).await {
-                        ctx.pools.give_buf(buf);
-                        return Err(LegError::Plain(e));
-                    }
-                    counter.add(n as u64);
-                    moved.set(moved.get() + n as u64);
+        let n = match sys::recv(tfd, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.pools.give_buf(buf);
+                match e.kind() {
+                    ErrorKind::WouldBlock => must_wait = true,
+                    ErrorKind::Interrupted => must_wait = false,
+                    _ => return Err(LegError::TlsIo(e)),
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break None,
-                // TCP closed without close_notify: the stream was cut, and a cut must not look
-                // complete on the other side (a truncated response would pass for a whole one):
-                // it fails, and the plaintext side gets a reset instead of a FIN.
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                    ctx.pools.give_buf(buf);
-                    return Err(LegError::TlsIo(e));
-                }
-                Err(e) => {
-                    ctx.pools.give_buf(buf);
-                    return Err(LegError::TlsIo(e));
-                }
+                continue;
             }
         };
+        must_wait = n < buf.len();
+        budget = budget.saturating_sub(n);
+        feeding.set(true);
+        let fed = feed(conn, plain, tls, out, &buf[..n], pfd, moved, counter).await;
+        feeding.set(false);
         ctx.pools.give_buf(buf);
-        // Records the peer's messages asked for (key updates, tickets) go out without this pump
-        // ever waiting for the TLS socket (see `TlsOut`).
-        out.try_flush(conn, tls).map_err(LegError::TlsIo)?;
-        if end.is_some() || tcp_eof {
+        // A clean close (close_notify, every byte delivered) or the end of the TCP stream (a cut
+        // without close_notify fails in `deliver` before this).
+        if fed? || n == 0 {
             sys::shutdown_write(pfd);
             return Ok(());
         }
     }
 }
 
-async fn write_all(dst: &TcpStream, dfd: RawFd, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match sys::send(dfd, data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => dst.writable(false).await?,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Feed `chunk` read from the TLS socket (empty: the TCP stream ended) to rustls, delivering the
+/// plaintext as records complete. `Ok(true)`: the peer closed the TLS stream cleanly.
+#[allow(clippy::too_many_arguments)]
+async fn feed(
+    conn: &RefCell<rustls::Connection>,
+    plain: &TcpStream,
+    tls: &TcpStream,
+    out: &TlsOut,
+    mut chunk: &[u8],
+    pfd: RawFd,
+    moved: &Cell<u64>,
+    counter: &crate::telemetry::stats::Counter,
+) -> Result<bool, LegError> {
+    let eof = chunk.is_empty();
+    loop {
+        let r = conn.borrow_mut().read_tls(&mut chunk);
+        // `Ok(0)` with bytes left: a close_notify came before them, and they are not read.
+        let stalled = matches!(r, Ok(0)) && !eof;
+        r.map_err(LegError::TlsIo)?;
+        let processed = conn.borrow_mut().process_new_packets().map(|_| ());
+        if let Err(e) = processed {
+            // Send the alert if it can go now; the connection is failing anyway.
+            let _ = out.try_flush(conn, tls);
+            return Err(LegError::Tls(e));
+        }
+        let closed = deliver(conn, plain, pfd, moved, counter).await?;
+        // Records the peer's messages asked for (key updates, tickets) go out without this pump
+        // ever waiting for the TLS socket (see `TlsOut`).
+        out.try_flush(conn, tls).map_err(LegError::TlsIo)?;
+        if closed || stalled || chunk.is_empty() {
+            return Ok(closed);
         }
     }
-    Ok(())
+}
+
+/// Send every decrypted byte rustls holds to the plaintext side, from rustls's own buffer.
+/// `Ok(true)`: the peer closed the TLS stream cleanly and everything was delivered.
+async fn deliver(
+    conn: &RefCell<rustls::Connection>,
+    plain: &TcpStream,
+    pfd: RawFd,
+    moved: &Cell<u64>,
+    counter: &crate::telemetry::stats::Counter,
+) -> Result<bool, LegError> {
+    loop {
+        let sent = {
+            let mut c = conn.borrow_mut();
+            let mut reader = c.reader();
+            match reader.fill_buf() {
+                Ok([]) => return Ok(true),
+                Ok(data) => {
+                    let r = sys::send(pfd, data);
+                    if let Ok(n) = r {
+                        reader.consume(n);
+                    }
+                    r
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                // TCP closed without close_notify: the stream was cut, and a cut must not look
+                // complete on the other side (a truncated response would pass for a whole one):
+                // it fails, and the plaintext side gets a reset instead of a FIN.
+                Err(e) => return Err(LegError::TlsIo(e)),
+            }
+        };
+        match sent {
+            Ok(n) => {
+                counter.add(n as u64);
+                moved.set(moved.get() + n as u64);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                plain.writable(false).await.map_err(LegError::Plain)?
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(LegError::Plain(e)),
+        }
+    }
 }
