@@ -438,6 +438,7 @@ impl Proxy {
                                 .expect_id
                                 .clone()
                                 .map_or(crate::tls::Expect::Any, crate::tls::Expect::Exact),
+                            resumption: t.resumption,
                         },
                         crate::config::TlsMode::Terminate => crate::tls::TlsRole::Terminate {
                             authorizer: Arc::new(crate::tls::AllowList(t.allow_ids.clone())),

@@ -49,6 +49,7 @@ fn tunnel_proxy_doc(
             .iter()
             .map(|a| a.parse::<SpiffeId>().unwrap())
             .collect(),
+        resumption: true,
     });
     Proxy::start(c).expect("tunnel proxy starts")
 }
@@ -601,4 +602,50 @@ fn idle_mtls_connections_are_closed() {
         orig.shutdown(Duration::from_secs(1));
         term.shutdown(Duration::from_secs(1));
     }
+}
+
+/// Session resumption on the origin side: on by default (the second connection to the same
+/// upstream resumes), and off with `resumption: false` (every connection is a full handshake, as
+/// the benchmark of full handshakes needs). Checked on the sessions the configs make, in memory.
+#[test]
+fn origin_resumption_is_on_by_default_and_can_be_turned_off() {
+    use ringside_core::tls::{client_config, server_config, AllowList, Expect, Material};
+    let pki = Pki::new("resume");
+    let client = pki.files("client", CLIENT, Validity::Valid);
+    let server = pki.files("server", SERVER, Validity::Valid);
+    let cm = Material::load(&client.tls_files()).unwrap();
+    let sm = Material::load(&server.tls_files()).unwrap();
+    let scfg = server_config(
+        &sm,
+        std::sync::Arc::new(AllowList(vec![CLIENT.parse().unwrap()])),
+    )
+    .unwrap();
+    let handshake = |ccfg: std::sync::Arc<rustls::ClientConfig>| {
+        let name = rustls::pki_types::ServerName::try_from("products-api").unwrap();
+        let mut c = rustls::ClientConnection::new(ccfg, name).unwrap();
+        let mut s = rustls::ServerConnection::new(scfg.clone()).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        s.handshake_kind().unwrap()
+    };
+    let expect = Expect::Exact(SERVER.parse().unwrap());
+    let on = client_config(&cm, expect.clone(), true).unwrap();
+    assert_eq!(handshake(on.clone()), rustls::HandshakeKind::Full);
+    assert_eq!(handshake(on), rustls::HandshakeKind::Resumed);
+    let off = client_config(&cm, expect, false).unwrap();
+    assert_eq!(handshake(off.clone()), rustls::HandshakeKind::Full);
+    assert_eq!(handshake(off), rustls::HandshakeKind::Full);
 }

@@ -423,6 +423,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                         .iter()
                         .map(|v| parse("--allow-id", v))
                         .collect::<anyhow::Result<_>>()?,
+                    resumption: true,
                 });
             } else if tunnel.expect_id.is_some()
                 || !tunnel.allow_id.is_empty()

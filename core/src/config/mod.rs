@@ -304,6 +304,14 @@ pub struct ListenerTlsDoc {
     /// Terminate: the SPIFFE IDs allowed to connect (empty: any identity from the trust bundle).
     #[serde(default)]
     pub allow_ids: Vec<String>,
+    /// Origin: resume TLS sessions (tickets) on new connections to the same upstream (default
+    /// true); false makes every connection a full handshake (Envoy's `max_session_keys: 0`).
+    #[serde(default = "yes")]
+    pub resumption: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A static service.
@@ -483,6 +491,8 @@ pub struct ListenerTls {
     pub expect_id: Option<crate::policy::identity::SpiffeId>,
     /// Terminate: allowed client identities (empty: any).
     pub allow_ids: Vec<crate::policy::identity::SpiffeId>,
+    /// Origin: resume TLS sessions on new connections (false: a full handshake every time).
+    pub resumption: bool,
 }
 
 /// What a listener does with the connections it accepts.
@@ -1062,6 +1072,7 @@ impl ConfigFile {
                         },
                         expect_id,
                         allow_ids,
+                        resumption: t.resumption,
                     })
                 }
             };

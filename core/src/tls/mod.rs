@@ -261,7 +261,11 @@ impl Authorizer for IntentionAuthorizer {
 }
 
 /// Build the client (origination) config.
-pub fn client_config(m: &Material, expect: Expect) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    m: &Material,
+    expect: Expect,
+    resumption: bool,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: m.roots.clone(),
         expect,
@@ -273,7 +277,11 @@ pub fn client_config(m: &Material, expect: Expect) -> Result<Arc<ClientConfig>, 
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?;
     c.alpn_protocols = vec![ALPN_TCP.to_vec()];
-    c.resumption = rustls::client::Resumption::in_memory_sessions(1024);
+    c.resumption = if resumption {
+        rustls::client::Resumption::in_memory_sessions(1024)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(c))
 }
 
@@ -495,6 +503,8 @@ pub enum TlsRole {
     Origin {
         /// Required server identity.
         expect: Expect,
+        /// Resume sessions (false: every connection is a full handshake).
+        resumption: bool,
     },
     /// Terminate: mTLS in (client certificate required), plaintext out.
     Terminate {
@@ -519,7 +529,13 @@ pub struct Built {
 impl Built {
     fn new(material: Material, role: &TlsRole) -> Result<Built, TlsError> {
         let (client, server) = match role {
-            TlsRole::Origin { expect } => (Some(client_config(&material, expect.clone())?), None),
+            TlsRole::Origin {
+                expect,
+                resumption,
+            } => (
+                Some(client_config(&material, expect.clone(), *resumption)?),
+                None,
+            ),
             TlsRole::Terminate { authorizer } => {
                 (None, Some(server_config(&material, authorizer.clone())?))
             }

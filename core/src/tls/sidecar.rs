@@ -57,6 +57,7 @@ impl SidecarTls {
                     trust_domain: id.trust_domain.clone(),
                     namespace: id.namespace.clone(),
                 },
+                resumption: true,
             },
         )?;
         tracing::info!(identity = %id, mode = ?m.mode, "sidecar mTLS on");
