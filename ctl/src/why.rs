@@ -257,6 +257,37 @@ pub fn netns_has_rules(ns: &str) -> Result<bool, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A pod's namespace must be on this host for the checks inside it; when it is not, say on which
+/// node the service's sidecars run (as their daemons report), so the operator runs `why` there.
+fn pod_is_here(ns: &str, service: &str, proxies: &[&ProxyStatus]) -> Result<(), String> {
+    if std::path::Path::new("/run/netns").join(ns).exists() {
+        return Ok(());
+    }
+    Err(format!(
+        "pod {ns} is not on this host: {}",
+        nodes_of(service, proxies)
+    ))
+}
+
+/// Where a service's sidecars run, in words.
+fn nodes_of(service: &str, proxies: &[&ProxyStatus]) -> String {
+    let mut nodes: Vec<&str> = proxies
+        .iter()
+        .filter(|p| !p.node.is_empty())
+        .map(|p| p.node.as_str())
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    if nodes.is_empty() {
+        format!("no sidecar of {service} reports a node; run this where its pod is")
+    } else {
+        format!(
+            "{service}'s sidecars report to node {}; run this there",
+            nodes.join(", ")
+        )
+    }
+}
+
 fn listens_on(l: &[ListenSocket], port: u16) -> bool {
     l.iter().any(|s| s.addr.port() == port)
 }
@@ -423,6 +454,8 @@ pub fn why(
         ("source", src, src_ns, 15001u16, "outbound"),
     ] {
         let Some(ns) = ns else { continue };
+        let here = if side == "source" { &src_px } else { &dst_px };
+        pod_is_here(ns, name, here)?;
         let l = netns_listeners(ns)?;
         let rules = netns_has_rules(ns)?;
         let proxy_up = listens_on(&l, port);

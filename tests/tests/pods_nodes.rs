@@ -330,6 +330,19 @@ fn two_nodes_on_one_etcd_are_one_mesh() {
     assert_eq!(listed.len(), 5, "{listed:?}");
     let nodes: BTreeSet<&str> = listed.iter().map(|p| p.1.as_str()).collect();
     assert_eq!(nodes, BTreeSet::from(["node-a", "node-b"]), "{listed:?}");
+    // `why` on node A about a pod that is not on this host names the node its sidecar reports to.
+    let (ok, out, err) = m.a.daemon.ringctl(&[
+        "why",
+        "batch",
+        "ledger:9191",
+        "--src-netns",
+        "rs-pod-on-another-host",
+    ]);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("not on this host") && err.contains("node node-b"),
+        "{out}{err}"
+    );
 
     // `ca rotate` started on node A: every certificate on both nodes re-issued from the new
     // root while a connection from B to A keeps flowing.
