@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import proxy_profile as prof
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -280,6 +282,10 @@ def main():
             # Rotate the order so that no peer always runs first in a round.
             order = order[1:] + order[:1]
         loaded_rss = {p: rss_kib(pid) for p, pid in pids.items()}
+        profiles = {}
+        for peer, pid in pids.items():
+            profiles[peer] = prof.profile([pid], peers[peer], args.seconds)
+            print(f"profile {peer}: {profiles[peer]}", flush=True)
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -298,6 +304,17 @@ def main():
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
+    # What each proxy adds to a round trip, against the best peer's addition (the measure).
+    added = {p: (med[p]["rtt_p50"] - d["rtt_p50"], med[p]["rtt_p99"] - d["rtt_p99"]) for p in results if p != "direct"}
+    best = {i: min((v[i] for p, v in added.items() if p != "ringside"), default=None) for i in (0, 1)}
+    alines = ["| peer | added RTT p50 (us) | added RTT p99 (us) | p50 vs best peer | p99 vs best peer |",
+              "|---|---|---|---|---|"]
+    for p, (a50, a99) in added.items():
+        r50 = f"{a50 / best[0]:.2f}x" if best[0] else "-"
+        r99 = f"{a99 / best[1]:.2f}x" if best[1] else "-"
+        alines.append(f"| {p} | {a50:+.1f} | {a99:+.1f} | {r50} | {r99} |")
+    added_table = "\n".join(alines)
+    print(added_table)
 
     today = datetime.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
@@ -309,6 +326,9 @@ def main():
                 "medians, with the ratio to the direct path in parentheses (throughput and tps: higher is better; "
                 "RTT: lower is better).\n\n")
         f.write(table + "\n\n")
+        f.write("Added round-trip time (proxy minus direct, medians), and against the best other peer's:\n\n"
+                + added_table + "\n\n")
+        f.write("## Profile\n\n" + prof.PROFILE_NOTE + "\n\n" + prof.table(profiles) + "\n\n")
         f.write("Raw values per round:\n\n```\n" + json.dumps(results, indent=1) + "\n```\n\n")
         if idle_rss:
             f.write("RSS (KiB, process and children): " + ", ".join(

@@ -3,7 +3,7 @@
 terminate) vs two HAProxy instances doing mutual TLS 1.3 between them, vs the direct path.
 
 Targets: iperf3 (1 and 4 streams), sockperf ping-pong (p50, p99), pgbench -S, and new connections
-per second through the pair (connect, one byte each way, close; TLS session resumption on).
+per second through the pair (connect, one byte each way, close), with TLS session resumption and with full handshakes.
 Interleaved rounds, medians, ratios to direct; report in perf-reports/.
 Usage: bench/tls-compare.sh [--rounds N] [--seconds S]
 """
@@ -21,12 +21,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import l4_compare as l4  # noqa: E402
+import proxy_profile as prof  # noqa: E402
 
 ROOT = l4.ROOT
 BENCH = os.path.join(ROOT, "target/release/ringside-bench")
 RINGSIDE = os.path.join(ROOT, "target/release/ringside")
 
-TESTS = l4.TESTS + [("connrate", "new connections/s", True)]
+TESTS = l4.TESTS + [("connrate", "new connections/s", True),
+                    ("connrate_full", "new connections/s, full handshakes", True)]
 
 
 def connrate(port, seconds):
@@ -35,11 +37,44 @@ def connrate(port, seconds):
     return json.loads(out.stdout)["connections_per_sec"]
 
 
+def start_ringside_pair(procs, work, name, binary, targets, certs):
+    """Two ringside proxies: origin (client side) -> mesh mTLS -> terminate -> targets."""
+    term_ports = {t: l4.free_port() for t in targets}
+    orig_ports = {t: l4.free_port() for t in targets}
+    c = lambda n: os.path.join(certs, n)  # noqa: E731
+    term_yaml = os.path.join(work, f"{name}-term.yaml")
+    orig_yaml = os.path.join(work, f"{name}-orig.yaml")
+    with open(term_yaml, "w") as f:
+        f.write("proxy:\n  workers: 1\nlisteners:\n")
+        for t in targets:
+            f.write(f"  - address: 127.0.0.1:{term_ports[t]}\n    service: {t}\n    tls:\n      mode: terminate\n"
+                    f"      cert: {c('backend.crt')}\n      key: {c('backend.key')}\n      ca: {c('ca.pem')}\n"
+                    "      allow_ids: [\"spiffe://dc1/ns/default/sa/frontend\"]\n")
+        f.write("services:\n")
+        for t, p in targets.items():
+            f.write(f"  - name: {t}\n    endpoints: [\"127.0.0.1:{p}\"]\n")
+    with open(orig_yaml, "w") as f:
+        f.write("proxy:\n  workers: 1\nlisteners:\n")
+        for t in targets:
+            f.write(f"  - address: 127.0.0.1:{orig_ports[t]}\n    service: {t}\n    tls:\n      mode: origin\n"
+                    f"      cert: {c('frontend.crt')}\n      key: {c('frontend.key')}\n      ca: {c('ca.pem')}\n"
+                    "      expect_id: spiffe://dc1/ns/default/sa/backend\n")
+            if t == "echofull":
+                f.write("      resumption: false\n")
+        f.write("services:\n")
+        for t in targets:
+            f.write(f"  - name: {t}\n    endpoints: [\"127.0.0.1:{term_ports[t]}\"]\n")
+    pt = procs.start([binary, "run", "--config", term_yaml], stderr=open(term_yaml + ".log", "w"))
+    po = procs.start([binary, "run", "--config", orig_yaml], stderr=open(orig_yaml + ".log", "w"))
+    return orig_ports, [pt.pid, po.pid]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "perf-reports"))
+    ap.add_argument("--baseline", help="another ringside binary run as a second pair (A/B in one run)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="ringside-tlsbench-")
@@ -52,39 +87,21 @@ def main():
         procs.start(["iperf3", "-s", "-p", str(targets["iperf3"])])
         procs.start(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(targets["sockperf"])])
         procs.start([BENCH, "echo", "--listen", f"127.0.0.1:{targets['echo']}"])
+        # The same echo server behind listeners that never resume a TLS session.
+        targets["echofull"] = targets["echo"]
         l4.start_postgres(procs, work, targets["pg"])
 
         peers = {"direct": dict(targets)}
         pids = {}
-        # ringside pair: origin (client side) -> terminate (server side) -> target.
-        term_ports = {t: l4.free_port() for t in targets}
-        orig_ports = {t: l4.free_port() for t in targets}
-        c = lambda n: os.path.join(certs, n)  # noqa: E731
-        term_yaml = os.path.join(work, "term.yaml")
-        orig_yaml = os.path.join(work, "orig.yaml")
-        with open(term_yaml, "w") as f:
-            f.write("proxy:\n  workers: 1\nlisteners:\n")
-            for t in targets:
-                f.write(f"  - address: 127.0.0.1:{term_ports[t]}\n    service: {t}\n    tls:\n      mode: terminate\n"
-                        f"      cert: {c('backend.crt')}\n      key: {c('backend.key')}\n      ca: {c('ca.pem')}\n"
-                        "      allow_ids: [\"spiffe://dc1/ns/default/sa/frontend\"]\n")
-            f.write("services:\n")
-            for t, p in targets.items():
-                f.write(f"  - name: {t}\n    endpoints: [\"127.0.0.1:{p}\"]\n")
-        with open(orig_yaml, "w") as f:
-            f.write("proxy:\n  workers: 1\nlisteners:\n")
-            for t in targets:
-                f.write(f"  - address: 127.0.0.1:{orig_ports[t]}\n    service: {t}\n    tls:\n      mode: origin\n"
-                        f"      cert: {c('frontend.crt')}\n      key: {c('frontend.key')}\n      ca: {c('ca.pem')}\n"
-                        "      expect_id: spiffe://dc1/ns/default/sa/backend\n")
-            f.write("services:\n")
-            for t in targets:
-                f.write(f"  - name: {t}\n    endpoints: [\"127.0.0.1:{term_ports[t]}\"]\n")
-        pt = procs.start([RINGSIDE, "run", "--config", term_yaml], stderr=open(term_yaml + ".log", "w"))
-        po = procs.start([RINGSIDE, "run", "--config", orig_yaml], stderr=open(orig_yaml + ".log", "w"))
-        peers["ringside-mtls"] = orig_ports
-        pids["ringside-mtls"] = [pt.pid, po.pid]
+        # ringside pair: origin (client side) -> terminate (server side) -> target. With --baseline, a
+        # second pair runs another build the same way, for an A/B comparison in the same run.
+        builds = [("ringside-mtls", RINGSIDE)] + ([("ringside-baseline", args.baseline)] if args.baseline else [])
+        for name, binary in builds:
+            ports, ps = start_ringside_pair(procs, work, name, binary, targets, certs)
+            peers[name] = ports
+            pids[name] = ps
 
+        c = lambda n: os.path.join(certs, n)  # noqa: E731
         # HAProxy pair: mutual TLS 1.3 between the two instances, chain verification required.
         hterm = {t: l4.free_port() for t in targets}
         horig = {t: l4.free_port() for t in targets}
@@ -102,7 +119,8 @@ def main():
             f.write(common)
             for t in targets:
                 f.write(f"listen {t}\n  bind 127.0.0.1:{horig[t]}\n"
-                        f"  server s 127.0.0.1:{hterm[t]} ssl crt {c('frontend.pem')} ca-file {c('ca.pem')} verify required\n\n")
+                        f"  server s 127.0.0.1:{hterm[t]} ssl crt {c('frontend.pem')} ca-file {c('ca.pem')} verify required"
+                        + (" no-ssl-reuse" if t == "echofull" else "") + "\n\n")
         ht = procs.start(["haproxy", "-f", conf_t, "-db"], stderr=open(conf_t + ".log", "w"))
         ho = procs.start(["haproxy", "-f", conf_o, "-db"], stderr=open(conf_o + ".log", "w"))
         peers["haproxy-mtls"] = horig
@@ -125,10 +143,15 @@ def main():
                 res["rtt_p99"].append(p99)
                 res["pgbench"].append(l4.pgbench(ports["pg"], args.seconds))
                 res["connrate"].append(connrate(ports["echo"], args.seconds))
+                res["connrate_full"].append(connrate(ports["echofull"], args.seconds))
                 print(f"round {r + 1}/{args.rounds} {peer:14s} " +
                       " ".join(f"{k}={v[-1]:.2f}" for k, v in res.items()), flush=True)
             order = order[1:] + order[:1]
         loaded_rss = {p: sum(l4.rss_kib(x) for x in v) for p, v in pids.items()}
+        profiles = {}
+        for peer in pids:
+            profiles[peer] = prof.profile(pids[peer], peers[peer], args.seconds)
+            print(f"profile {peer}: {profiles[peer]}", flush=True)
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -159,13 +182,15 @@ def main():
         f.write("ringside against HAProxy: " + "; ".join(vs) + "\n\n")
         f.write("RSS of both proxies together (KiB): " + ", ".join(
             f"{p} idle {idle_rss[p]} / after the run {loaded_rss[p]}" for p in idle_rss) + "\n\n")
+        f.write("## Profile\n\n" + prof.PROFILE_NOTE + "\n\n" + prof.table(profiles) + "\n\n")
         f.write("Raw values per round:\n\n```\n" + json.dumps(results, indent=1) + "\n```\n\n")
         f.write("## Machine\n\n" + l4.machine() + "\n\n")
         f.write("## Commands\n\n```\n"
                 f"bench/tls-compare.sh --rounds {args.rounds} --seconds {args.seconds}\n"
                 "ringside: run --config (listeners with tls: mode origin / terminate, allow_ids, expect_id), workers 1\n"
                 "haproxy: nbthread 1, mode tcp, ssl-min-ver TLSv1.3, ssl crt/ca-file/verify required on both sides\n"
-                f"ringside-bench connrate --concurrency 4 --duration {args.seconds}s (connect, 1 byte each way, close)\n```\n")
+                f"ringside-bench connrate --concurrency 4 --duration {args.seconds}s (connect, 1 byte each way, close)\n"
+                "full handshakes: ringside origin listener tls.resumption: false; haproxy server no-ssl-reuse\n```\n")
     print(f"report: {path}")
 
 

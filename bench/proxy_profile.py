@@ -1,0 +1,130 @@
+"""The work a proxy does per message and per gigabyte, for the profile section of every report.
+
+For each peer (the PIDs of its proxy processes and the ports it serves):
+
+- CPU time per 64-byte ping-pong message and per GB of iperf3 bulk, from the processes' user and
+  system time (/proc/PID/stat) around a timed run, divided by what the run moved;
+- system calls per message: `strace -c -f` attached to the proxies during a ping-pong run, every
+  call counted, divided by the messages sockperf completed (strace slows the run down; the counts
+  per message are what matters, not the rate).
+
+A proxy "message" is one ping-pong round trip: the request crosses every proxy once and the reply
+once, so a pair of proxies is counted as a whole.
+"""
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds of the processes (all threads), summed."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / HZ
+
+
+def sockperf_messages(port, seconds, addr="127.0.0.1"):
+    """Run a 64-byte ping-pong; the number of round trips completed (whole run, warm-up included)."""
+    out = subprocess.run(["sockperf", "ping-pong", "--tcp", "-i", addr, "-p", str(port), "-t", str(seconds),
+                          "-m", "64"], capture_output=True, text=True, timeout=seconds + 60).stdout
+    m = re.search(r"\[Total Run\].*?ReceivedMessages=(\d+)", out)
+    if not m:
+        raise RuntimeError("sockperf printed no message count:\n" + out[-2000:])
+    return int(m.group(1))
+
+
+def iperf3_bytes(port, seconds, addr="127.0.0.1"):
+    out = subprocess.run(["iperf3", "-c", addr, "-p", str(port), "-t", str(seconds), "-J"],
+                         capture_output=True, text=True, timeout=seconds + 30)
+    j = json.loads(out.stdout)
+    if "error" in j:
+        raise RuntimeError(j["error"])
+    return j["end"]["sum_received"]["bytes"]
+
+
+def strace_counts(pids, run):
+    """Run `run()` with strace -c -f attached to `pids`; returns ({syscall: calls}, run's result)."""
+    with tempfile.NamedTemporaryFile(prefix="ringside-strace-", suffix=".txt", delete=False) as f:
+        path = f.name
+    cmd = ["strace", "-c", "-f", "-o", path]
+    for p in pids:
+        cmd += ["-p", str(p)]
+    tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached to every thread before the run starts
+    try:
+        result = run()
+    finally:
+        tracer.send_signal(2)
+        tracer.wait(timeout=30)
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            # % time, seconds, usecs/call, calls, [errors], syscall
+            if len(parts) >= 5 and parts[0].replace(".", "", 1).isdigit() and parts[-1] != "total":
+                try:
+                    counts[parts[-1]] = int(parts[3])
+                except ValueError:
+                    pass
+    os.unlink(path)
+    return counts, result
+
+
+def with_children(pids):
+    """The processes and their children (nginx's workers under its master)."""
+    out = list(pids)
+    for pid in pids:
+        r = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+        out += [int(x) for x in r.stdout.split()]
+    return out
+
+
+def profile(pids, ports, seconds=3):
+    """The profile of one peer: ports has 'sockperf' and 'iperf3'."""
+    pids = with_children(pids)
+    c0 = cpu_seconds(pids)
+    msgs = sockperf_messages(ports["sockperf"], seconds)
+    c1 = cpu_seconds(pids)
+    nbytes = iperf3_bytes(ports["iperf3"], seconds)
+    c2 = cpu_seconds(pids)
+    counts, traced = strace_counts(pids, lambda: sockperf_messages(ports["sockperf"], 2))
+    per_msg = {k: v / traced for k, v in counts.items() if v / traced >= 0.01}
+    return {
+        "cpu_us_per_message": (c1 - c0) * 1e6 / msgs if pids else None,
+        "cpu_s_per_gb": (c2 - c1) / (nbytes / 1e9) if pids else None,
+        "syscalls_per_message": sum(counts.values()) / traced if pids else None,
+        "top_syscalls_per_message": dict(sorted(per_msg.items(), key=lambda kv: -kv[1])[:6]),
+        "messages_traced": traced,
+    }
+
+
+def table(profiles):
+    """Markdown table of the profiles of every peer (direct has no proxy and is left out)."""
+    lines = ["| peer | CPU µs per message | CPU s per GB | system calls per message | top calls per message |",
+             "|---|---|---|---|---|"]
+    for peer, p in profiles.items():
+        if p.get("cpu_us_per_message") is None:
+            continue
+        top = ", ".join(f"{k} {v:.2f}" for k, v in p["top_syscalls_per_message"].items())
+        lines.append(f"| {peer} | {p['cpu_us_per_message']:.1f} | {p['cpu_s_per_gb']:.2f} | "
+                     f"{p['syscalls_per_message']:.2f} | {top} |")
+    return "\n".join(lines)
+
+
+PROFILE_NOTE = ("CPU time of the proxy processes (all threads, user + system, from /proc) during a 64-byte "
+                "ping-pong run divided by its round trips, and during one iperf3 stream divided by the bytes "
+                "moved; system calls counted by `strace -c -f` attached to the proxies during a second "
+                "ping-pong run, divided by its round trips (io_uring submissions are inside "
+                "`io_uring_enter`). A round trip crosses every proxy of the path twice.")
