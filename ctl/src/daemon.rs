@@ -1123,6 +1123,26 @@ async fn handle_proxy(
     Ok(resp)
 }
 
+/// Whether a report may be taken now and written later with others ([`write_behind`]): an
+/// acknowledgement or heartbeat of a proxy this daemon already wrote, under the same service, at
+/// the same address with the same metadata, on the lease the daemon holds now (when it has an
+/// endpoint), with no failures to tell. A first report, a moved endpoint, a new lease or events
+/// are written before the answer.
+fn may_write_behind(
+    known: Option<&LocalProxy>,
+    service: &str,
+    report: &ProxyReport,
+    lease: Option<i64>,
+) -> bool {
+    report.events.is_empty()
+        && known.is_some_and(|p| {
+            p.service == service
+                && p.address == report.address
+                && p.meta == report.meta
+                && (p.address.is_none() || lease.is_some_and(|l| l > 0 && l == p.lease))
+        })
+}
+
 /// A proxy's report: recorded (its endpoint registered, on this daemon's lease with etcd), and
 /// the proxy counted as this daemon's. While the store cannot be reached the report is kept and
 /// written with the proxy's next one: a proxy does not notice the outage.
@@ -1177,14 +1197,8 @@ async fn take_report(
     // is written before the answer.
     let lease = state.store.current_lease();
     let behind = !had_pending
-        && rec.report.events.is_empty()
         && state.store.unreachable().is_none()
-        && lock(&state.local).get(&id).is_some_and(|p| {
-            p.service == service
-                && p.address == rec.report.address
-                && p.meta == rec.report.meta
-                && (p.address.is_none() || lease.is_some_and(|l| l > 0 && l == p.lease))
-        });
+        && may_write_behind(lock(&state.local).get(&id), &service, &rec.report, lease);
     if behind && state.store.is_shared() {
         if let Some(p) = lock(&state.local).get_mut(&id) {
             p.last = Instant::now();
@@ -1726,4 +1740,97 @@ pub fn call_with<T: DeserializeOwned>(
     }
     .map_err(CallError::Unreachable)?;
     ringside_core::control::read_answer(status, &answer).map_err(CallError::Answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(address: Option<IpAddr>) -> ProxyReport {
+        serde_json::from_value(serde_json::json!({
+            "id": "p1", "service": "web", "address": address, "applied_index": 7,
+            "cert_generation": 1, "cert_not_after": 0, "cert_issuer": "", "clock": 0,
+            "started_at": 0
+        }))
+        .expect("a minimal report")
+    }
+
+    fn known(address: Option<IpAddr>, lease: i64) -> LocalProxy {
+        LocalProxy {
+            service: "web".into(),
+            address,
+            last: Instant::now(),
+            meta: Default::default(),
+            lease,
+        }
+    }
+
+    #[test]
+    fn only_a_repeat_on_the_current_lease_is_written_behind() {
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let r = report(Some(ip));
+        // The same proxy, same endpoint, on the lease held now: an acknowledgement, written later.
+        assert!(may_write_behind(
+            Some(&known(Some(ip), 5)),
+            "web",
+            &r,
+            Some(5)
+        ));
+        // A first report, another service's record, a moved address, new metadata, another or no
+        // lease, or failures to tell: written before the answer.
+        assert!(!may_write_behind(None, "web", &r, Some(5)));
+        assert!(!may_write_behind(
+            Some(&known(Some(ip), 5)),
+            "api",
+            &r,
+            Some(5)
+        ));
+        let moved: IpAddr = "10.0.0.8".parse().unwrap();
+        assert!(!may_write_behind(
+            Some(&known(Some(moved), 5)),
+            "web",
+            &r,
+            Some(5)
+        ));
+        let mut k = known(Some(ip), 5);
+        k.meta.insert("version".into(), "v2".into());
+        assert!(!may_write_behind(Some(&k), "web", &r, Some(5)));
+        assert!(!may_write_behind(
+            Some(&known(Some(ip), 5)),
+            "web",
+            &r,
+            Some(6)
+        ));
+        assert!(!may_write_behind(
+            Some(&known(Some(ip), 0)),
+            "web",
+            &r,
+            Some(0)
+        ));
+        assert!(!may_write_behind(
+            Some(&known(Some(ip), 5)),
+            "web",
+            &r,
+            None
+        ));
+        let mut with_events = r.clone();
+        with_events
+            .events
+            .push(ringside_core::control::api::ProxyEvent {
+                time_ms: 1,
+                reason: "upstream_reset".into(),
+                source: "a".into(),
+                destination: "b".into(),
+                detail: String::new(),
+            });
+        assert!(!may_write_behind(
+            Some(&known(Some(ip), 5)),
+            "web",
+            &with_events,
+            Some(5)
+        ));
+        // A proxy without an endpoint needs no lease.
+        let bare = report(None);
+        assert!(may_write_behind(Some(&known(None, 0)), "web", &bare, None));
+    }
 }
