@@ -375,7 +375,7 @@ async fn seal(
             plain.readable(false).await.map_err(LegError::Plain)?;
             budget = EPISODE_BUDGET;
         }
-        let mut buf = ctx.pools.take_buf();
+        let mut buf = ctx.pools.take_tls_buf();
         let r = loop {
             match sys::recv(pfd, &mut buf) {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -384,7 +384,7 @@ async fn seal(
         };
         match r {
             Ok(0) => {
-                ctx.pools.give_buf(buf);
+                ctx.pools.give_tls_buf(buf);
                 conn.borrow_mut().send_close_notify();
                 out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
                 sys::shutdown_write(tls.as_raw_fd());
@@ -393,7 +393,7 @@ async fn seal(
             Ok(n) => {
                 let w = conn.borrow_mut().writer().write_all(&buf[..n]);
                 must_wait = n < buf.len();
-                ctx.pools.give_buf(buf);
+                ctx.pools.give_tls_buf(buf);
                 w.map_err(LegError::TlsIo)?;
                 out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
                 counter.add(n as u64);
@@ -401,11 +401,11 @@ async fn seal(
                 budget = budget.saturating_sub(n);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                ctx.pools.give_buf(buf);
+                ctx.pools.give_tls_buf(buf);
                 must_wait = true;
             }
             Err(e) => {
-                ctx.pools.give_buf(buf);
+                ctx.pools.give_tls_buf(buf);
                 return Err(LegError::Plain(e));
             }
         }
@@ -444,11 +444,11 @@ async fn open(
             tls.readable(false).await.map_err(LegError::TlsIo)?;
             budget = EPISODE_BUDGET;
         }
-        let mut buf = ctx.pools.take_buf();
+        let mut buf = ctx.pools.take_tls_buf();
         let n = match sys::recv(tfd, &mut buf) {
             Ok(n) => n,
             Err(e) => {
-                ctx.pools.give_buf(buf);
+                ctx.pools.give_tls_buf(buf);
                 match e.kind() {
                     ErrorKind::WouldBlock => must_wait = true,
                     ErrorKind::Interrupted => must_wait = false,
@@ -462,7 +462,7 @@ async fn open(
         feeding.set(true);
         let fed = feed(conn, plain, tls, out, &buf[..n], pfd, moved, counter).await;
         feeding.set(false);
-        ctx.pools.give_buf(buf);
+        ctx.pools.give_tls_buf(buf);
         // A clean close (close_notify, every byte delivered) or the end of the TCP stream (a cut
         // without close_notify fails in `deliver` before this).
         if fed? || n == 0 {
