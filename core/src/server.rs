@@ -92,6 +92,13 @@ pub struct ConfigSnapshot {
 }
 
 impl ConfigSnapshot {
+    /// The service a connection to `service` goes to: itself, or its `ServiceResolver` failover
+    /// target when it has no usable endpoint ([`crate::decide::route::fail_over`]).
+    pub fn fail_over(&self, service: usize, now: std::time::Instant) -> usize {
+        let targets = self.l7.failover(&self.services[service].name);
+        crate::decide::route::fail_over(&self.clusters, service, &targets, now)
+    }
+
     /// Build a snapshot. Upstream state (ejections, connection counts) is kept for services that
     /// did not change since `previous`.
     pub(crate) fn build(

@@ -1,7 +1,7 @@
 //! Consul documents in effect, between sidecars in pods configured by the control daemon:
 //! `mutualTLSMode` switching a service between permissive and strict, `localConnectTimeoutMs`
 //! on a stuck application, `maxInboundConnections`, `upstreamConfig` `connectTimeoutMs` on an
-//! upstream that never accepts and `limits.maxConnections`, `ServiceResolver` failover, and
+//! upstream that never accepts and `limits.maxConnections`, `ServiceResolver` failover (HTTP and TCP), and
 //! `localRequestTimeoutMs` on a slow application. Needs root.
 
 use std::io::{Read, Write};
@@ -341,5 +341,38 @@ spec:
         });
         last = Some(r);
         timed_out
+    });
+
+    // 7. Failover for TCP too (as Consul does it): db has no endpoint; its resolver sends new
+    // connections to api, over mesh mTLS with api's identity, and they echo.
+    daemon.ok(&["register", "service", "db", "--port", "5432:5432"]);
+    let db_vip = SocketAddr::new(vip(&daemon, "db"), 5432);
+    assert!(
+        open(&front, db_vip).is_err(),
+        "db has no endpoint and no failover yet\n{}",
+        logs()
+    );
+    daemon.apply(&format!(
+        "{DOCS}---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: db
+spec:
+  protocol: tcp
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceResolver
+metadata:
+  name: db
+spec:
+  failover:
+    '*':
+      targets:
+        - service: api
+"
+    ));
+    until("TCP failover to api", wait, logs, || {
+        open(&front, db_vip).is_ok()
     });
 }

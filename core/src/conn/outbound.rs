@@ -50,6 +50,9 @@ async fn originate(
     service: usize,
     out: &mut Outcome,
 ) {
+    // A service with no usable endpoint fails over (ServiceResolver) before the handshake: the
+    // server must prove it is the service actually connected to.
+    let service = snap.fail_over(service, std::time::Instant::now());
     let name = &snap.services[service].name;
     out.headed(Route::Cluster(service));
     let Some(cfg) = w

@@ -126,6 +126,33 @@ pub fn local_candidates(port: u16, pod_ip: IpAddr, declared: bool) -> Vec<Socket
     v
 }
 
+/// `ServiceResolver` failover, for TCP as for HTTP (Consul's semantics): when `service` has no
+/// endpoint that may be chosen at `now` (none, or all ejected), the first of its failover
+/// `targets` that has one; otherwise `service` itself. Subsets are not failover targets.
+pub fn fail_over(
+    clusters: &[std::sync::Arc<crate::decide::cluster::Cluster>],
+    service: usize,
+    targets: &[&str],
+    now: std::time::Instant,
+) -> usize {
+    let usable = |i: usize| {
+        let c = &clusters[i];
+        (0..c.endpoints.len()).any(|e| !c.is_ejected(e, now))
+    };
+    if targets.is_empty() || usable(service) {
+        return service;
+    }
+    targets
+        .iter()
+        .find_map(|t| {
+            clusters
+                .iter()
+                .position(|c| c.service.name == *t && c.service.subset.is_none())
+                .filter(|&i| usable(i))
+        })
+        .unwrap_or(service)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +262,33 @@ mod tests {
             vec!["198.18.0.2:6379"],
             "loopback-only apps stay private"
         );
+    }
+
+    #[test]
+    fn failover_only_when_the_service_has_no_usable_endpoint() {
+        use crate::decide::cluster::Cluster;
+        let y = "sidecar: {}\nservices:\n  - name: db\n    endpoints: [\"10.0.0.8:5432\"]\n  - name: db-dr\n    endpoints: [\"10.0.0.9:5432\"]\n  - name: db-dr2\n    endpoints: [\"10.0.0.10:5432\"]\n  - name: api\n    endpoints: [\"10.0.0.11:80\"]\n";
+        let c = Config::parse(y, Format::Yaml).unwrap();
+        let now = std::time::Instant::now();
+        let clusters: Vec<_> = c
+            .services
+            .iter()
+            .map(|s| Cluster::new(s.clone(), now))
+            .collect();
+        // Its endpoint usable: itself, whatever its failover.
+        assert_eq!(fail_over(&clusters, 0, &["db-dr", "db-dr2"], now), 0);
+        // Its only endpoint ejected: the first target that has one.
+        clusters[0].report_failure(0, now);
+        assert_eq!(fail_over(&clusters, 0, &["db-dr", "db-dr2"], now), 1);
+        // No failover configured, or a service with endpoints: itself.
+        assert_eq!(fail_over(&clusters, 0, &[], now), 0);
+        assert_eq!(fail_over(&clusters, 3, &["db-dr"], now), 3);
+        // An unknown target is skipped; none usable: itself.
+        assert_eq!(fail_over(&clusters, 0, &["nowhere", "db-dr2"], now), 2);
+        assert_eq!(fail_over(&clusters, 0, &["nowhere"], now), 0);
+        // The first target's only endpoint ejected: the next target.
+        clusters[1].report_failure(0, now);
+        assert!(clusters[1].is_ejected(0, now));
+        assert_eq!(fail_over(&clusters, 0, &["db-dr", "db-dr2"], now), 2);
     }
 }

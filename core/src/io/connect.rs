@@ -64,7 +64,10 @@ pub(crate) async fn connect_to(
 ) -> Result<Upstream, Failure> {
     let fail = |reason| Failure { reason, hint: None };
     match route {
-        Route::Cluster(i) => connect_upstream(w, &snap.clusters[i]).await.map_err(fail),
+        Route::Cluster(i) => {
+            let i = snap.fail_over(i, Instant::now());
+            connect_upstream(w, &snap.clusters[i]).await.map_err(fail)
+        }
         Route::Passthrough(addr) => {
             let stats = w.stats();
             stats.upstream_cx_total.inc();
