@@ -529,10 +529,7 @@ pub struct Built {
 impl Built {
     fn new(material: Material, role: &TlsRole) -> Result<Built, TlsError> {
         let (client, server) = match role {
-            TlsRole::Origin {
-                expect,
-                resumption,
-            } => (
+            TlsRole::Origin { expect, resumption } => (
                 Some(client_config(&material, expect.clone(), *resumption)?),
                 None,
             ),
