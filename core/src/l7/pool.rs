@@ -352,13 +352,10 @@ async fn connect_io(
     let _ = tcp.set_nodelay(true);
     match (&key.mesh, tls) {
         (Some(service), Some(cfg)) => {
-            let name =
-                rustls::pki_types::ServerName::try_from(service.to_string()).map_err(|_| {
-                    connect_error(
-                        Reason::TlsHandshakeFailed,
-                        format!("service name '{service}' is not a valid TLS server name"),
-                    )
-                })?;
+            // The same server name as the fast path's sessions (the verifier requires that
+            // service's SPIFFE ID, and the name keys the session cache).
+            let name = crate::tls::session::server_name(service)
+                .map_err(|(reason, detail)| connect_error(reason, detail))?;
             let tls = tokio::time::timeout(
                 timeout,
                 tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
