@@ -485,3 +485,55 @@ fn a_client_that_is_not_http_is_reported_and_identity_headers_are_dropped() {
     );
     stop(child);
 }
+
+/// Every try of a request answered a status the retries are for: the client gets the upstream's
+/// last answer (its status and body) marked `x-ringside-reason: retries_exhausted`, after one
+/// try and `--retries` retries, and the proxy counts and reports it. A status the retries are not
+/// for is the upstream's answer, unmarked and tried once.
+#[test]
+fn status_retries_run_out_as_retries_exhausted() {
+    let up = serve("up", any());
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (child, url) = proxy(
+        &[up.addr],
+        &[
+            "--retry-on",
+            "503",
+            "--retries",
+            "3",
+            "--admin",
+            &admin.to_string(),
+        ],
+    );
+    let c = Client::new();
+    let before = up.hits.load(Ordering::SeqCst);
+    let r = c.get(&format!("{url}/status/503")).unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "retries_exhausted", "{r:?}");
+    assert_eq!(r.header("x-server"), "up", "the upstream's own answer");
+    assert!(r.text().contains("server: up"), "{}", r.text());
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst) - before,
+        4,
+        "one try and three retries"
+    );
+    let key = "ringside_failures_total{reason=\"retries_exhausted\"} 1";
+    wait_for("retries_exhausted counted", Duration::from_secs(5), || {
+        c.get(&format!("http://{admin}/stats"))
+            .is_ok_and(|r| r.text().contains(key))
+    });
+    let events = c.get(&format!("http://{admin}/events")).unwrap().text();
+    assert!(
+        events.contains("retries_exhausted")
+            && events.contains("3 retries; the last attempt answered 503"),
+        "{events}"
+    );
+
+    // 502 is not retried here: the upstream's answer as it is, after one try.
+    let before = up.hits.load(Ordering::SeqCst);
+    let r = c.get(&format!("{url}/status/502")).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "", "{r:?}");
+    assert_eq!(up.hits.load(Ordering::SeqCst) - before, 1);
+    stop(child);
+}
