@@ -3,7 +3,8 @@
 //! intention that denies, the app on another port than targetPort, the app on an address the
 //! sidecar cannot reach, PostgreSQL declared http, the destination's or the source's sidecar not
 //! running while its redirect rules are in place, the source's sidecar cut off from the daemon when
-//! the destination was registered (from the daemon's records, and from the sidecar itself), an
+//! the destination was registered (from the daemon's records, recent and not, and from the
+//! sidecar itself), a source with no sidecar known to the daemon, an
 //! expired destination certificate, and an app that started before its sidecar (blamed only with
 //! the evidence: an app process older than the sidecar, connections failed before it started).
 //! Two causes at once: the one a connection meets first wins. Nothing wrong: it says so, exit 0.
@@ -257,6 +258,26 @@ fn why_names_the_cause() {
     let v = why(&daemon, &["frontend", "empty:5000"]);
     assert_cause(&v, "no_healthy_endpoint", &["empty has no endpoint"]);
 
+    // A source with no sidecar known to the daemon (registered, allowed, but nothing reports
+    // for it): its connections are not proxied.
+    daemon.ok(&["register", "service", "batch"]);
+    daemon.apply(
+        "apiVersion: consul.hashicorp.com/v1alpha1\nkind: ServiceIntentions\nmetadata:\n  name: from-batch\nspec:\n  destination:\n    name: '*'\n  sources:\n    - name: batch\n      action: allow\n",
+    );
+    let v = why(&daemon, &["batch", "web:80"]);
+    assert_cause(
+        &v,
+        "unknown_destination",
+        &["batch has no sidecar known to the daemon"],
+    );
+    assert!(
+        v["fix"]
+            .as_str()
+            .unwrap()
+            .contains("ringctl token create --service batch"),
+        "{v:#}"
+    );
+
     // An intention denies (and frontend's app started before its sidecar: the cause a
     // connection meets first wins).
     daemon.apply(
@@ -363,7 +384,28 @@ fn why_names_the_cause() {
         "--node",
         "web",
     ]);
+    // From the daemon's records alone (no pod given): the source's sidecar has not applied the
+    // configuration that added late, which is recent.
+    let v = why(&daemon, &["frontend", "late:7000"]);
+    assert_cause(
+        &v,
+        "ctl_unreachable",
+        &["frontend's sidecar has not applied the configuration that added late yet"],
+    );
+    let registered = Instant::now();
     std::thread::sleep(Duration::from_secs(21).saturating_sub(cut.elapsed()));
+    // More than 12 s (what a live sidecar may take to apply it) after late was registered,
+    // still from the records alone: it went silent before late was registered.
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(registered.elapsed()));
+    let v = why(&daemon, &["frontend", "late:7000"]);
+    assert_cause(
+        &v,
+        "ctl_unreachable",
+        &[
+            "frontend's sidecar cannot reach the control daemon (silent for",
+            "late was registered after it lost contact",
+        ],
+    );
     let v = why(
         &daemon,
         &["frontend", "late:7000", "--src-netns", &front.name],
