@@ -3,7 +3,10 @@
 //! directly, with other ALPNs, no ALPN, a ClientHello over several records, forged identity
 //! headers and disguised paths; certificates signed by the mesh CA for a foreign trust domain or
 //! with two identities; connections to the proxy's own ports; loopback-only apps; thousands of
-//! clients that start a ClientHello and go quiet. Needs root (pods).
+//! clients that start a ClientHello and go quiet. The source's side too: a server from the mesh's
+//! root with a foreign trust domain, another namespace or two identities gets nothing from it;
+//! and a flood of inbound connections at the proxy's inbound cap leaves the pod's outbound
+//! connections alone. Needs root (pods).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -1016,4 +1019,103 @@ spec:
         }
     }
     drop(s_front);
+}
+
+/// Inbound and outbound have separate limits: with the proxy's inbound connections at their cap
+/// (`proxy.max_inbound_connections`), a further inbound one is closed at accept while the pod's
+/// app still opens as many outbound connections as the rest of `max_connections` allows.
+#[test]
+fn an_inbound_flood_leaves_outbound_connections() {
+    if !pods_available("an_inbound_flood_leaves_outbound_connections") {
+        return;
+    }
+    let mut net = Net::new();
+    let front = net.pod("front");
+    let api = net.pod("api");
+    let db = net.pod("db");
+    let range = format!("{}/29", net.virtual_ip(0));
+    let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.ok(&["register", "service", "api", "--port", "9090:8080"]);
+    daemon.ok(&["register", "service", "db", "--port", "5432:5432"]);
+    daemon.apply(
+        "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: all
+spec:
+  destination:
+    name: '*'
+  sources:
+    - name: '*'
+      action: allow
+",
+    );
+    for p in [&front, &api, &db] {
+        p.install_redirect(&[]);
+    }
+    api.echo_app("0.0.0.0:8080".parse().unwrap());
+    db.echo_app("0.0.0.0:5432".parse().unwrap());
+    let start = |pod: &Pod, service: &str, yaml: &str| {
+        let args = daemon.sidecar_args(service, IpAddr::V4(pod.ip4), PROXY_UID);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Sidecar::start_with(pod, yaml, &args)
+    };
+    let _s_db = start(&db, "db", "sidecar: {}\n");
+    let _s_front = start(&front, "frontend", "sidecar: {}\n");
+    let s_api = start(
+        &api,
+        "api",
+        "sidecar: {}\nproxy:\n  max_connections: 8\n  max_inbound_connections: 4\n",
+    );
+    let api_vip = SocketAddr::new(vip(&daemon, "api"), 9090);
+    let db_vip = SocketAddr::new(vip(&daemon, "db"), 5432);
+    // One echoed connection from `pod` to `to`, kept open; Err when it is refused or closed.
+    let open = |pod: &Pod, to: SocketAddr| -> Result<TcpStream, String> {
+        pod.enter(move || {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            if echo_ok(&mut s) {
+                Ok(s)
+            } else {
+                Err("no echo".into())
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    let t0 = Instant::now();
+    while open(&front, api_vip).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no mesh call to api\n{}",
+            s_api.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The flood: more inbound connections than max_connections; api's sidecar keeps 4, its
+    // inbound cap, and closes the others at accept.
+    let overloaded = stat(&api, "failures_total{reason=\"overloaded\"}");
+    let flood: Vec<TcpStream> = (0..12).filter_map(|_| open(&front, api_vip).ok()).collect();
+    assert_eq!(
+        flood.len(),
+        4,
+        "inbound connections kept of 12\n{}",
+        s_api.log_text()
+    );
+    assert!(stat(&api, "failures_total{reason=\"overloaded\"}") >= overloaded + 8);
+    // api's app still has the rest of max_connections for its own outbound calls.
+    let out: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            open(&api, db_vip).unwrap_or_else(|e| {
+                panic!(
+                    "outbound {i} while inbound is at its cap: {e}\n{}",
+                    s_api.log_text()
+                )
+            })
+        })
+        .collect();
+    drop(out);
+    drop(flood);
 }
