@@ -123,37 +123,90 @@ proptest! {
     }
 }
 
-/// Round-robin spreads picks evenly and least-connections never picks a busier endpoint than the
-/// least busy one.
-#[test]
-fn endpoint_choice_is_fair() {
-    use ringside_core::config::{LbPolicy, Service};
-    use ringside_core::upstream::Cluster;
-    use std::sync::atomic::Ordering::Relaxed;
-    use std::time::Instant;
-    let now = Instant::now();
-    let eps: Vec<std::net::SocketAddr> = (0..5)
+/// A cluster of `n` endpoints with `lb`, the endpoints in `ejected` ejected at `now`.
+fn cluster_with(
+    n: usize,
+    lb: ringside_core::config::LbPolicy,
+    ejected: &[bool],
+    now: std::time::Instant,
+) -> std::sync::Arc<ringside_core::upstream::Cluster> {
+    let eps: Vec<std::net::SocketAddr> = (0..n)
         .map(|i| format!("127.0.0.1:{}", 1000 + i).parse().unwrap())
         .collect();
-    let mut s = Service::new("s", eps);
-    s.lb = LbPolicy::RoundRobin;
-    let c = Cluster::new(s.clone(), now);
-    let mut counts = [0u32; 5];
-    for _ in 0..1000 {
-        counts[c.pick(0, now).unwrap()] += 1;
+    let mut s = ringside_core::config::Service::new("s", eps);
+    s.lb = lb;
+    s.base_ejection = std::time::Duration::from_secs(30);
+    let c = ringside_core::upstream::Cluster::new(s, now);
+    for (i, _) in ejected.iter().enumerate().filter(|(_, e)| **e) {
+        c.report_failure(i, now);
     }
-    assert!(counts.iter().all(|&n| n == 200), "{counts:?}");
-    s.lb = LbPolicy::LeastConnections;
-    let c = Cluster::new(s, now);
-    let mut guards = Vec::new();
-    for _ in 0..50 {
-        let i = c.pick(0, now).unwrap();
-        let least = (0..5)
-            .map(|k| c.endpoints[k].active.load(Relaxed))
-            .min()
-            .unwrap();
-        assert_eq!(c.endpoints[i].active.load(Relaxed), least);
-        guards.push(c.open(i));
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Endpoint choice, for any number of endpoints and any of them ejected: an ejected endpoint
+    /// is never chosen while another is eligible (all ejected: one is still chosen, Envoy's
+    /// panic mode); round-robin gives every eligible endpoint the same share, exactly;
+    /// least-connections never picks a busier endpoint than the least busy eligible one;
+    /// least-request (two random choices) spreads equal loads over every eligible endpoint.
+    #[test]
+    fn endpoint_choice_is_fair(
+        n in 1..12usize,
+        ejected_bits in any::<u16>(),
+        active in prop::collection::vec(0..4u32, 12),
+        rounds in 1..20usize,
+    ) {
+        use ringside_core::config::LbPolicy;
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::Instant::now();
+        let ejected: Vec<bool> = (0..n).map(|i| ejected_bits & (1 << i) != 0).collect();
+        let eligible: Vec<usize> = (0..n).filter(|&i| !ejected[i]).collect();
+        for lb in [LbPolicy::RoundRobin, LbPolicy::LeastConnections, LbPolicy::LeastRequest] {
+            let c = cluster_with(n, lb, &ejected, now);
+            let mut guards = Vec::new();
+            if lb == LbPolicy::LeastConnections {
+                for (i, a) in active.iter().take(n).enumerate() {
+                    for _ in 0..*a {
+                        guards.push(c.open(i));
+                    }
+                }
+            }
+            let picks = rounds * eligible.len().max(1) * if lb == LbPolicy::LeastRequest { 40 } else { 1 };
+            let mut counts = vec![0usize; n];
+            for _ in 0..picks {
+                let i = c.pick(0, now).expect("an endpoint is always chosen");
+                prop_assert!(i < n);
+                if !eligible.is_empty() {
+                    prop_assert!(!ejected[i], "{lb:?} chose ejected endpoint {i} (ejected {ejected:?})");
+                }
+                if lb == LbPolicy::LeastConnections && !eligible.is_empty() {
+                    let least = eligible.iter().map(|&k| c.endpoints[k].active.load(Relaxed)).min().unwrap();
+                    prop_assert_eq!(c.endpoints[i].active.load(Relaxed), least, "{:?}", lb);
+                    guards.push(c.open(i));
+                }
+                counts[i] += 1;
+            }
+            match lb {
+                LbPolicy::RoundRobin if !eligible.is_empty() => {
+                    for &k in &eligible {
+                        prop_assert_eq!(counts[k], rounds, "round-robin shares {:?} (ejected {:?})", counts, ejected);
+                    }
+                }
+                LbPolicy::LeastRequest if !eligible.is_empty() => {
+                    for &k in &eligible {
+                        // With equal loads the two choices are uniform: each gets about
+                        // picks / eligible, and surely more than a quarter of that.
+                        prop_assert!(
+                            counts[k] * 4 * eligible.len() > picks,
+                            "least-request shares {counts:?} (ejected {ejected:?})"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 

@@ -56,6 +56,7 @@ pub use crate::client::Target;
 use crate::consul;
 use crate::store::{EtcdOptions, ProxyRecord, Snapshot, Store, StoreError};
 
+mod limited;
 mod tcp;
 pub use tcp::{hostname, PROXY_TOKEN_HEADER};
 
@@ -731,7 +732,7 @@ async fn serve(
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
+            let io = hyper_util::rt::TokioIo::new(limited::SmallReads(stream));
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move {

@@ -1,10 +1,15 @@
-//! `ringctl`: the operator CLI and the control daemon (`ringctl daemon`).
+//! `ringctl`: the mesh's control daemon (`ringctl daemon`) and the operator CLI that talks to it.
 //!
-//! For now it works on files, so a broken file is caught before a rollout:
-//! - `ringctl validate FILE...`: sidecar configuration files, checked the way the proxy reads them;
-//! - `ringctl apply --dry-run -f FILE`: Consul-style documents (ServiceDefaults, ServiceIntentions,
-//!   ServiceRouter, ServiceSplitter, ServiceResolver), checked whole;
-//! - `ringctl intention check SRC DST -f FILE`: which intention decides, and what it says.
+//! - `ringctl daemon`: the control plane of a node or a mesh: the catalog (services, endpoints,
+//!   proxies), the config documents, the mesh CA and the tokens, kept in redb or etcd, served to
+//!   operators on a socket (or TLS port) and to proxies on the proxy socket.
+//! - Operating the mesh: `apply`, `get`, `describe`, `delete`, `register`, `token`, `ca`,
+//!   `cert`, `inject` and `manifests`.
+//! - Diagnosis: `ringctl why SRC DST` names why a connection fails (a reason code and its fix),
+//!   `ringctl doctor` checks the mesh and a pod; both exit non-zero when they find something.
+//! - Offline checks, so a broken file is caught before a rollout: `ringctl validate FILE...`
+//!   (sidecar configuration files, read the way the proxy reads them), `ringctl apply --dry-run -f
+//!   FILE` (Consul-style documents, checked whole) and `ringctl intention check SRC DST -f FILE`.
 //!
 //! Errors name the document, the field and the line; the exit status is non-zero on any error.
 //!

@@ -85,6 +85,31 @@ fn check_tour(out: &str) {
             "missing '{want}' in the demo output:\n{out}"
         );
     }
+    // `ringctl why frontend payments:1800`: the intention is the one failed check about the
+    // connection; nothing is blamed on a sidecar (frontend's has just started, its app started
+    // after it: no startup race).
+    let why: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("$ ringctl why frontend payments:1800"))
+        .take_while(|l| !l.starts_with("== "))
+        .collect();
+    let failed: Vec<&str> = why
+        .iter()
+        .copied()
+        .filter(|l| l.trim_start().starts_with("[FAIL]"))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|l| l.contains("an intention allows frontend -> payments")),
+        "the intention check does not fail in `why`:\n{}",
+        why.join("\n")
+    );
+    assert!(
+        !failed.iter().any(|l| l.contains("sidecar")),
+        "`why` fails a check about a sidecar:\n{}",
+        why.join("\n")
+    );
     // `ringctl get intentions`: the catch-all deny, under its header.
     assert!(
         out.lines()

@@ -485,3 +485,135 @@ fn a_client_that_is_not_http_is_reported_and_identity_headers_are_dropped() {
     );
     stop(child);
 }
+
+/// Every try of a request answered a status the retries are for: the client gets the upstream's
+/// last answer (its status and body) marked `x-ringside-reason: retries_exhausted`, after one
+/// try and `--retries` retries, and the proxy counts and reports it. A status the retries are not
+/// for is the upstream's answer, unmarked and tried once.
+#[test]
+fn status_retries_run_out_as_retries_exhausted() {
+    let up = serve("up", any());
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (child, url) = proxy(
+        &[up.addr],
+        &[
+            "--retry-on",
+            "503",
+            "--retries",
+            "3",
+            "--admin",
+            &admin.to_string(),
+        ],
+    );
+    let c = Client::new();
+    let before = up.hits.load(Ordering::SeqCst);
+    let r = c.get(&format!("{url}/status/503")).unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "retries_exhausted", "{r:?}");
+    assert_eq!(r.header("x-server"), "up", "the upstream's own answer");
+    assert!(r.text().contains("server: up"), "{}", r.text());
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst) - before,
+        4,
+        "one try and three retries"
+    );
+    let key = "ringside_failures_total{reason=\"retries_exhausted\"} 1";
+    wait_for("retries_exhausted counted", Duration::from_secs(5), || {
+        c.get(&format!("http://{admin}/stats"))
+            .is_ok_and(|r| r.text().contains(key))
+    });
+    let events = c.get(&format!("http://{admin}/events")).unwrap().text();
+    assert!(
+        events.contains("retries_exhausted")
+            && events.contains("3 retries; the last attempt answered 503"),
+        "{events}"
+    );
+
+    // 502 is not retried here: the upstream's answer as it is, after one try.
+    let before = up.hits.load(Ordering::SeqCst);
+    let r = c.get(&format!("{url}/status/502")).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("x-ringside-reason"), "", "{r:?}");
+    assert_eq!(up.hits.load(Ordering::SeqCst) - before, 1);
+    stop(child);
+}
+
+/// A tunnel end that terminates mesh mTLS for HTTP (`--tls-terminate --protocol http`) replaces
+/// the identity headers the caller sent with the identity it verified: a forged
+/// `x-forwarded-client-cert` (in any case, repeated) never reaches the app as sent. The caller's
+/// bytes pass an L4 origin end unchanged, so the terminate end is the one that must replace them.
+#[test]
+fn a_tunnel_terminate_end_replaces_forged_identity_headers() {
+    use ringside_tests::certs::{temp_dir, Ca, Files, Validity};
+    use std::io::{Read, Write};
+    let dir = temp_dir("l7-tunnel-xfcc");
+    let ca = Ca::new("l7 tunnel xfcc CA");
+    let client = Files::write(
+        &dir,
+        "frontend",
+        &ca.leaf("spiffe://dc1/ns/default/sa/frontend", Validity::Valid),
+        &[&ca],
+    );
+    let server = Files::write(
+        &dir,
+        "backend",
+        &ca.leaf("spiffe://dc1/ns/default/sa/backend", Validity::Valid),
+        &[&ca],
+    );
+    let app = serve("app", any());
+    let tls_args = |f: &Files| {
+        let t = f.tls_files();
+        vec![
+            "--cert".to_string(),
+            t.cert.display().to_string(),
+            "--key".to_string(),
+            t.key.display().to_string(),
+            "--ca".to_string(),
+            t.ca.display().to_string(),
+        ]
+    };
+    let mut term_args: Vec<String> = vec!["--tls-terminate".into()];
+    term_args.extend(tls_args(&server));
+    let term_args: Vec<&str> = term_args.iter().map(String::as_str).collect();
+    let (term, term_url) = proxy(&[app.addr], &term_args);
+    let term_addr: SocketAddr = term_url.trim_start_matches("http://").parse().unwrap();
+    let mut orig_args: Vec<String> = vec![
+        "--protocol".into(),
+        "tcp".into(),
+        "--tls-origin".into(),
+        "--expect-id".into(),
+        "spiffe://dc1/ns/default/sa/backend".into(),
+    ];
+    orig_args.extend(tls_args(&client));
+    let orig_args: Vec<&str> = orig_args.iter().map(String::as_str).collect();
+    let (orig, url) = proxy(&[term_addr], &orig_args);
+    let orig_addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let served = app.hits.load(Ordering::SeqCst);
+    for forged in [
+        "x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/admin\r\n",
+        "X-Forwarded-Client-Cert: URI=spiffe://dc1/ns/default/sa/admin\r\n",
+        "x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/admin\r\nx-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/root\r\n",
+    ] {
+        let mut s = connect_retry(orig_addr, Duration::from_secs(5));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /who HTTP/1.1\r\nhost: backend\r\n{forged}connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let r = String::from_utf8_lossy(&out);
+        assert!(r.starts_with("HTTP/1.1 200"), "{forged}: {r}");
+        assert!(
+            r.contains("x-forwarded-client-cert: URI=spiffe://dc1/ns/default/sa/frontend\n")
+                && !r.contains("sa/admin")
+                && !r.contains("sa/root"),
+            "the forged identity reached the app ({forged}): {r}"
+        );
+    }
+    assert_eq!(app.hits.load(Ordering::SeqCst) - served, 3);
+    drop(orig);
+    drop(term);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,7 +3,10 @@
 //! directly, with other ALPNs, no ALPN, a ClientHello over several records, forged identity
 //! headers and disguised paths; certificates signed by the mesh CA for a foreign trust domain or
 //! with two identities; connections to the proxy's own ports; loopback-only apps; thousands of
-//! clients that start a ClientHello and go quiet. Needs root (pods).
+//! clients that start a ClientHello and go quiet. The source's side too: a server from the mesh's
+//! root with a foreign trust domain, another namespace or two identities gets nothing from it;
+//! and a flood of inbound connections at the proxy's inbound cap leaves the pod's outbound
+//! connections alone. Needs root (pods).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -16,6 +19,7 @@ use ringside_tests::certs::{Ca, Validity};
 use ringside_tests::ctl::Daemon;
 use ringside_tests::http::{serve, Client};
 use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
+use ringside_tests::wait_for;
 
 const DOCS: &str = "apiVersion: consul.hashicorp.com/v1alpha1
 kind: ServiceDefaults
@@ -762,4 +766,356 @@ fn revoking_an_intention_closes_what_it_allowed() {
         "{cweb:?}"
     );
     drop(s_batch);
+}
+
+/// A TLS server posing as a service's sidecar in `pod` (no redirect rules there): it presents
+/// `cert`, requests no client certificate, and counts the handshakes it completed and the
+/// plaintext bytes it was sent.
+struct FakeSidecar {
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    received: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeSidecar {
+    fn start(pod: &Pod, addrs: Vec<SocketAddr>, cert_pem: &str, key_pem: &str) -> FakeSidecar {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        cfg.alpn_protocols = vec![
+            b"ringside/tcp".to_vec(),
+            b"ringside/http".to_vec(),
+            b"h2".to_vec(),
+            b"http/1.1".to_vec(),
+        ];
+        let cfg = Arc::new(cfg);
+        let fake = FakeSidecar {
+            handshakes: Arc::default(),
+            received: Arc::default(),
+            stop: Arc::default(),
+        };
+        let listeners = pod
+            .enter(move || {
+                addrs
+                    .into_iter()
+                    .map(|a| std::net::TcpListener::bind(a).expect("bind the fake sidecar"))
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap();
+        for l in listeners {
+            l.set_nonblocking(true).unwrap();
+            let (cfg, handshakes, received, stop) = (
+                cfg.clone(),
+                fake.handshakes.clone(),
+                fake.received.clone(),
+                fake.stop.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((mut sock, _)) = l.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    let (cfg, handshakes, received) =
+                        (cfg.clone(), handshakes.clone(), received.clone());
+                    std::thread::spawn(move || {
+                        sock.set_nonblocking(false).unwrap();
+                        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+                        while conn.is_handshaking() {
+                            if conn.complete_io(&mut sock).is_err() {
+                                return;
+                            }
+                        }
+                        handshakes.fetch_add(1, Ordering::SeqCst);
+                        let mut tls = rustls::StreamOwned::new(conn, sock);
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = tls.read(&mut buf) {
+                            received.fetch_add(n, Ordering::SeqCst);
+                        }
+                    });
+                }
+            });
+        }
+        fake
+    }
+}
+
+impl Drop for FakeSidecar {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The accept loops see the flag within 20 ms: the ports are free again after that.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The source's boundary: a server that answers for a mesh service with a certificate from the
+/// mesh's own root, but for a foreign trust domain, another namespace, or with two identities,
+/// is refused by the source's sidecar with `tls_identity_mismatch` (L4 and HTTP), and never
+/// receives the app's bytes. The same server with the service's own identity is served, so the
+/// refusals are the identity check's.
+#[test]
+fn the_source_boundary_holds() {
+    if !pods_available("the_source_boundary_holds") {
+        return;
+    }
+    let mut net = Net::new();
+    let front = net.pod("front");
+    let fake = net.pod("fake");
+    let range = format!("{}/29", net.virtual_ip(0));
+    let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.ok(&["register", "service", "vault", "--port", "9000:9000"]);
+    daemon.ok(&["register", "service", "vault-web", "--port", "9001:9001"]);
+    daemon.apply(
+        "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: vault
+spec:
+  protocol: tcp
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceDefaults
+metadata:
+  name: vault-web
+spec:
+  protocol: http
+---
+apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: from-frontend
+spec:
+  destination:
+    name: '*'
+  sources:
+    - name: frontend
+      action: allow
+",
+    );
+    for svc in ["vault", "vault-web"] {
+        daemon.ok(&[
+            "register",
+            "endpoint",
+            svc,
+            &fake.ip4.to_string(),
+            "--node",
+            "fake",
+        ]);
+    }
+    front.install_redirect(&[]);
+    let args = daemon.sidecar_args("frontend", IpAddr::V4(front.ip4), PROXY_UID);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s_front = Sidecar::start_with(&front, "sidecar: {}\n", &args);
+    let vault = SocketAddr::new(vip(&daemon, "vault"), 9000);
+    let vault_web = format!(
+        "http://{}/secret",
+        SocketAddr::new(vip(&daemon, "vault-web"), 9001)
+    );
+    let root = daemon_root(&daemon.dir);
+    let mismatches = || stat(&front, "failures_total{reason=\"tls_identity_mismatch\"}");
+    // A fake sidecar for vault (9000) and one for vault-web (9001), each with certificates for
+    // the URIs given (`SVC` stands for the service's name).
+    let fakes = |uris: &[&str]| {
+        [("vault", 9000), ("vault-web", 9001)].map(|(svc, port)| {
+            let uris: Vec<String> = uris.iter().map(|u| u.replace("SVC", svc)).collect();
+            let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
+            let (c, k) = root.leaf_with_uris(&uris, Validity::Valid);
+            FakeSidecar::start(&fake, vec![fake.addr4(port)], &c, &k)
+        })
+    };
+
+    // The app's bytes, sent to vault (L4); what came back.
+    let send = |front: &Pod| {
+        front
+            .enter(move || {
+                let mut s = TcpStream::connect_timeout(&vault, Duration::from_secs(5)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.write_all(b"the app's secret bytes");
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+            })
+            .join()
+            .unwrap()
+    };
+    let get = |front: &Pod| {
+        let u = vault_web.clone();
+        front
+            .enter(move || Client::new().get(&u))
+            .join()
+            .unwrap()
+            .unwrap()
+    };
+
+    // Control: the right identity from the same root is served, L4 and HTTP.
+    {
+        let [l4, http] = fakes(&["spiffe://dc1/ns/default/sa/SVC"]);
+        wait_for(
+            "the right server gets the bytes",
+            Duration::from_secs(15),
+            || {
+                send(&front);
+                l4.received.load(Ordering::SeqCst) > 0
+            },
+        );
+        let r = get(&front);
+        assert!(
+            http.received.load(Ordering::SeqCst) > 0,
+            "the HTTP request did not reach the right server: {r:?}\n{}",
+            s_front.log_text()
+        );
+    }
+
+    for uris in [
+        vec!["spiffe://evil/ns/default/sa/SVC"],
+        vec!["spiffe://dc1/ns/other/sa/SVC"],
+        vec![
+            "spiffe://dc1/ns/default/sa/SVC",
+            "spiffe://dc1/ns/default/sa/admin",
+        ],
+        vec![
+            "spiffe://dc1/ns/default/sa/admin",
+            "spiffe://dc1/ns/default/sa/SVC",
+        ],
+    ] {
+        let servers = fakes(&uris);
+        let before = mismatches();
+        send(&front);
+        wait_for(
+            &format!("{uris:?}: tls_identity_mismatch at the source (L4)"),
+            Duration::from_secs(5),
+            || mismatches() > before,
+        );
+        let r = get(&front);
+        assert_eq!(r.status, 502, "{uris:?}: {r:?}");
+        assert_eq!(
+            r.header("x-ringside-reason"),
+            "tls_identity_mismatch",
+            "{uris:?}: {}",
+            r.text()
+        );
+        for s in &servers {
+            assert_eq!(
+                (
+                    s.handshakes.load(Ordering::SeqCst),
+                    s.received.load(Ordering::SeqCst)
+                ),
+                (0, 0),
+                "{uris:?}: the source completed a handshake or sent bytes\n{}",
+                s_front.log_text()
+            );
+        }
+    }
+    drop(s_front);
+}
+
+/// Inbound and outbound have separate limits: with the proxy's inbound connections at their cap
+/// (`proxy.max_inbound_connections`), a further inbound one is closed at accept while the pod's
+/// app still opens as many outbound connections as the rest of `max_connections` allows.
+#[test]
+fn an_inbound_flood_leaves_outbound_connections() {
+    if !pods_available("an_inbound_flood_leaves_outbound_connections") {
+        return;
+    }
+    let mut net = Net::new();
+    let front = net.pod("front");
+    let api = net.pod("api");
+    let db = net.pod("db");
+    let range = format!("{}/29", net.virtual_ip(0));
+    let daemon = Daemon::start(&net.id, &["--vip-range", &range]);
+    daemon.ok(&["register", "service", "frontend"]);
+    daemon.ok(&["register", "service", "api", "--port", "9090:8080"]);
+    daemon.ok(&["register", "service", "db", "--port", "5432:5432"]);
+    daemon.apply(
+        "apiVersion: consul.hashicorp.com/v1alpha1
+kind: ServiceIntentions
+metadata:
+  name: all
+spec:
+  destination:
+    name: '*'
+  sources:
+    - name: '*'
+      action: allow
+",
+    );
+    for p in [&front, &api, &db] {
+        p.install_redirect(&[]);
+    }
+    api.echo_app("0.0.0.0:8080".parse().unwrap());
+    db.echo_app("0.0.0.0:5432".parse().unwrap());
+    let start = |pod: &Pod, service: &str, yaml: &str| {
+        let args = daemon.sidecar_args(service, IpAddr::V4(pod.ip4), PROXY_UID);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Sidecar::start_with(pod, yaml, &args)
+    };
+    let _s_db = start(&db, "db", "sidecar: {}\n");
+    let _s_front = start(&front, "frontend", "sidecar: {}\n");
+    let s_api = start(
+        &api,
+        "api",
+        "sidecar: {}\nproxy:\n  max_connections: 8\n  max_inbound_connections: 4\n",
+    );
+    let api_vip = SocketAddr::new(vip(&daemon, "api"), 9090);
+    let db_vip = SocketAddr::new(vip(&daemon, "db"), 5432);
+    // One echoed connection from `pod` to `to`, kept open; Err when it is refused or closed.
+    let open = |pod: &Pod, to: SocketAddr| -> Result<TcpStream, String> {
+        pod.enter(move || {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            if echo_ok(&mut s) {
+                Ok(s)
+            } else {
+                Err("no echo".into())
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    let t0 = Instant::now();
+    while open(&front, api_vip).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no mesh call to api\n{}",
+            s_api.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The flood: more inbound connections than max_connections; api's sidecar keeps 4, its
+    // inbound cap, and closes the others at accept.
+    let overloaded = stat(&api, "failures_total{reason=\"overloaded\"}");
+    let flood: Vec<TcpStream> = (0..12).filter_map(|_| open(&front, api_vip).ok()).collect();
+    assert_eq!(
+        flood.len(),
+        4,
+        "inbound connections kept of 12\n{}",
+        s_api.log_text()
+    );
+    assert!(stat(&api, "failures_total{reason=\"overloaded\"}") >= overloaded + 8);
+    // api's app still has the rest of max_connections for its own outbound calls.
+    let out: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            open(&api, db_vip).unwrap_or_else(|e| {
+                panic!(
+                    "outbound {i} while inbound is at its cap: {e}\n{}",
+                    s_api.log_text()
+                )
+            })
+        })
+        .collect();
+    drop(out);
+    drop(flood);
 }

@@ -1,7 +1,8 @@
 //! Consul documents in effect, between sidecars in pods configured by the control daemon:
 //! `mutualTLSMode` switching a service between permissive and strict, `localConnectTimeoutMs`
-//! on a stuck application, `maxInboundConnections`, `upstreamConfig` `connectTimeoutMs` on an
-//! upstream that never accepts and `limits.maxConnections`, `ServiceResolver` failover (HTTP and TCP), and
+//! on a stuck application, `maxInboundConnections` (inbound only: the pod's outbound calls go on),
+//! `upstreamConfig` `connectTimeoutMs` on an upstream that never accepts and
+//! `limits.maxConnections`, `ServiceResolver` failover (HTTP and TCP), and
 //! `localRequestTimeoutMs` on a slow application. Needs root.
 
 use std::io::{Read, Write};
@@ -22,6 +23,8 @@ spec:
     name: '*'
   sources:
     - name: frontend
+      action: allow
+    - name: api
       action: allow
 ---
 apiVersion: consul.hashicorp.com/v1alpha1
@@ -219,6 +222,23 @@ fn consul_documents_take_effect_in_pods() {
     assert!(
         third.is_err(),
         "a third inbound connection passed\n{}",
+        logs()
+    );
+    // The cap is inbound's: api's own outbound calls go on while its inbound is full.
+    let dr_url = format!("http://{}:80/from-api", vip(&daemon, "web-dr"));
+    for i in 0..3 {
+        let u = dr_url.clone();
+        let r = api.enter(move || Client::new().get(&u)).join().unwrap();
+        assert!(
+            r.as_ref()
+                .is_ok_and(|r| r.status == 200 && r.header("x-server") == "web-dr-app"),
+            "outbound call {i} from api while its inbound is at the cap: {r:?}\n{}",
+            logs()
+        );
+    }
+    assert!(
+        open(&front, api_vip).is_err(),
+        "the inbound cap no longer holds\n{}",
         logs()
     );
     drop(a);

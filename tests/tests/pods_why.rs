@@ -3,7 +3,8 @@
 //! intention that denies, the app on another port than targetPort, the app on an address the
 //! sidecar cannot reach, PostgreSQL declared http, the destination's or the source's sidecar not
 //! running while its redirect rules are in place, the source's sidecar cut off from the daemon when
-//! the destination was registered (from the daemon's records, and from the sidecar itself), an
+//! the destination was registered (from the daemon's records, recent and not, and from the
+//! sidecar itself), a source with no sidecar known to the daemon, an
 //! expired destination certificate, and an app that started before its sidecar (blamed only with
 //! the evidence: an app process older than the sidecar, connections failed before it started).
 //! Two causes at once: the one a connection meets first wins. Nothing wrong: it says so, exit 0.
@@ -257,6 +258,26 @@ fn why_names_the_cause() {
     let v = why(&daemon, &["frontend", "empty:5000"]);
     assert_cause(&v, "no_healthy_endpoint", &["empty has no endpoint"]);
 
+    // A source with no sidecar known to the daemon (registered, allowed, but nothing reports
+    // for it): its connections are not proxied.
+    daemon.ok(&["register", "service", "batch"]);
+    daemon.apply(
+        "apiVersion: consul.hashicorp.com/v1alpha1\nkind: ServiceIntentions\nmetadata:\n  name: from-batch\nspec:\n  destination:\n    name: '*'\n  sources:\n    - name: batch\n      action: allow\n",
+    );
+    let v = why(&daemon, &["batch", "web:80"]);
+    assert_cause(
+        &v,
+        "unknown_destination",
+        &["batch has no sidecar known to the daemon"],
+    );
+    assert!(
+        v["fix"]
+            .as_str()
+            .unwrap()
+            .contains("ringctl token create --service batch"),
+        "{v:#}"
+    );
+
     // An intention denies (and frontend's app started before its sidecar: the cause a
     // connection meets first wins).
     daemon.apply(
@@ -308,6 +329,11 @@ fn why_names_the_cause() {
         "protocol_mismatch",
         &["declared HTTP", "does not speak HTTP"],
     );
+    let fix = v["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("ServiceDefaults for pg") && fix.contains("protocol: tcp"),
+        "{fix}"
+    );
 
     // The destination's sidecar is down while its redirect rules are in place.
     web_sc.take().unwrap().stop();
@@ -358,7 +384,28 @@ fn why_names_the_cause() {
         "--node",
         "web",
     ]);
+    // From the daemon's records alone (no pod given): the source's sidecar has not applied the
+    // configuration that added late, which is recent.
+    let v = why(&daemon, &["frontend", "late:7000"]);
+    assert_cause(
+        &v,
+        "ctl_unreachable",
+        &["frontend's sidecar has not applied the configuration that added late yet"],
+    );
+    let registered = Instant::now();
     std::thread::sleep(Duration::from_secs(21).saturating_sub(cut.elapsed()));
+    // More than 12 s (what a live sidecar may take to apply it) after late was registered,
+    // still from the records alone: it went silent before late was registered.
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(registered.elapsed()));
+    let v = why(&daemon, &["frontend", "late:7000"]);
+    assert_cause(
+        &v,
+        "ctl_unreachable",
+        &[
+            "frontend's sidecar cannot reach the control daemon (silent for",
+            "late was registered after it lost contact",
+        ],
+    );
     let v = why(
         &daemon,
         &["frontend", "late:7000", "--src-netns", &front.name],
@@ -379,13 +426,22 @@ fn why_names_the_cause() {
     drop(web_sc);
 }
 
+/// `ringctl doctor --netns NS -o json`; its exit status says whether a check failed (1) or
+/// every one passed (0).
 fn doctor(d: &Daemon, ns: &str) -> Vec<serde_json::Value> {
-    let (_, out, err) = d.ringctl(&["doctor", "--netns", ns, "-o", "json"]);
-    serde_json::from_str::<serde_json::Value>(&out)
+    let (code, out, err) = d.ringctl_status(&["doctor", "--netns", ns, "-o", "json"]);
+    let items = serde_json::from_str::<serde_json::Value>(&out)
         .unwrap_or_else(|e| panic!("{e}: {out}{err}"))
         .as_array()
         .cloned()
-        .unwrap()
+        .unwrap();
+    let failed = items.iter().any(|i| i["ok"] != true);
+    assert_eq!(
+        code,
+        Some(if failed { 1 } else { 0 }),
+        "exit status of ringctl doctor --netns {ns}: {out}{err}"
+    );
+    items
 }
 
 fn item<'a>(items: &'a [serde_json::Value], check: &str) -> &'a serde_json::Value {
@@ -438,6 +494,13 @@ fn doctor_checks_the_mesh_and_a_pod() {
         "{trap:#?}"
     );
     assert!(trap["fix"].as_str().unwrap().contains("::1"));
+
+    // localhost resolves to 127.0.0.1 only (with both, getaddrinfo prefers ::1 in the pod):
+    // every check passes (exit 0, `doctor` asserts).
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let items = doctor(&daemon, &api.name);
+    assert!(items.len() >= 9, "{items:#?}");
+    assert!(items.iter().all(|i| i["ok"] == true), "{items:#?}");
 
     // A pod with the rules but no sidecar.
     let items = doctor(&daemon, &bare.name);

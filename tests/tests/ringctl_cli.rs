@@ -687,6 +687,58 @@ fn get_and_describe_every_kind() {
     let out = daemon.ok(&["describe", "intentions", "products-api", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["sources"].as_array().unwrap().len(), 2, "{out}");
+    // get proxies NAME: a proxy by its id or by its service, nothing else; none is an error.
+    for (id, service, address) in [
+        ("products-api-1", "products-api", "198.18.0.9"),
+        ("frontend-1", "frontend", "198.18.0.10"),
+    ] {
+        let token = daemon
+            .ok(&["token", "create", "--service", service])
+            .trim()
+            .to_string();
+        let body = serde_json::json!({
+            "id": id,
+            "service": service,
+            "address": address,
+            "applied_index": 1,
+            "cert_generation": 1,
+            "cert_not_after": 4_000_000_000i64,
+        });
+        let (status, answer) = ringside_core::control::http_call(
+            &daemon.proxy_socket,
+            "POST",
+            "/v1/proxy/report",
+            Some(body.to_string()),
+            Some(&token),
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    }
+    let all = daemon.ok(&["get", "proxies"]);
+    assert!(
+        all.contains("products-api-1") && all.contains("frontend-1"),
+        "{all}"
+    );
+    for name in ["products-api", "products-api-1"] {
+        let out = daemon.ok(&["get", "proxies", name]);
+        assert!(
+            out.contains("products-api-1") && !out.contains("frontend"),
+            "get proxies {name}:\n{out}"
+        );
+        assert!(out.starts_with("ID"), "no header:\n{out}");
+    }
+    let out = daemon.ok(&["get", "proxy", "frontend-1", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["id"], "frontend-1", "{out}");
+    assert_eq!(rows[0]["service"], "frontend", "{out}");
+    let (ok, _, err) = daemon.ringctl(&["get", "proxies", "ghost"]);
+    assert!(!ok && err.contains("no proxies named 'ghost'"), "{err}");
+    let out = daemon.ok(&["describe", "proxy", "frontend-1"]);
+    assert!(out.contains("service:     frontend"), "{out}");
+
     let (ok, _, err) = daemon.ringctl(&["describe", "proxy", "nope-1"]);
     assert!(!ok && err.contains("no proxy 'nope-1'"), "{err}");
     let (ok, _, err) = daemon.ringctl(&["describe", "gadget", "x"]);

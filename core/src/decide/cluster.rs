@@ -55,6 +55,14 @@ impl Endpoint {
     }
 }
 
+/// splitmix64's finalizer: every bit of the result depends on every bit of `z`.
+fn mix(z: u64) -> u64 {
+    let z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// How long a half-open trial may stay unreported before another one is allowed.
 const TRIAL_FOR_MS: u64 = 10_000;
 
@@ -139,7 +147,8 @@ impl Cluster {
             return None;
         }
         let now = self.ms(at);
-        let start = self.rr.fetch_add(1, Relaxed) % n;
+        let seq = self.rr.fetch_add(1, Relaxed);
+        let start = seq % n;
         let untried = |i: usize| i >= 64 || tried & (1 << i) == 0;
         // Closed (never ejected, or recovered): eligible. Open (ejected): not. Half-open (the
         // ejection ended, no success since): eligible for one trial at a time.
@@ -153,11 +162,22 @@ impl Cluster {
         };
         let order = (0..n).map(|k| (start + k) % n);
         let choose = |require_healthy: bool| -> Option<usize> {
-            let mut candidates = order
+            let candidates = order
                 .clone()
                 .filter(|&i| untried(i) && (!require_healthy || healthy(i)));
             match self.service.lb {
-                LbPolicy::RoundRobin => candidates.next(),
+                // The next of the eligible endpoints, counted among them alone: each gets an equal
+                // share while others are ejected (the first eligible one after the counter's
+                // position would also take the share of every ejected endpoint before it).
+                LbPolicy::RoundRobin => {
+                    let mut eligible =
+                        (0..n).filter(|&i| untried(i) && (!require_healthy || healthy(i)));
+                    let count = eligible.clone().count();
+                    if count == 0 {
+                        return None;
+                    }
+                    eligible.nth(seq % count)
+                }
                 LbPolicy::LeastConnections => {
                     candidates.min_by_key(|&i| self.endpoints[i].active.load(Relaxed))
                 }
@@ -167,9 +187,11 @@ impl Cluster {
                         0 => None,
                         1 => Some(all[0]),
                         n => {
-                            // Two distinct random candidates; the lighter one wins.
-                            let r = self.rr.fetch_add(0x9e37_79b9, Relaxed) as u64;
-                            let x = r.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ now;
+                            // Two distinct random candidates; the lighter one wins. The bits
+                            // come from the pick's sequence number mixed whole (splitmix64): a
+                            // plain multiply left the low bits with period 2, so with equal costs
+                            // half the endpoints were never chosen.
+                            let x = mix(seq as u64 ^ now.rotate_left(32));
                             let a = (x % n as u64) as usize;
                             let b = (a + 1 + ((x >> 32) % (n as u64 - 1)) as usize) % n;
                             let cost = |i: usize| {

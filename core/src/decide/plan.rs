@@ -788,4 +788,82 @@ services:
         };
         assert_eq!(plan(&input, None), Plan::Relay(Route::Cluster(0)));
     }
+
+    /// A static listener with mesh TLS is a tunnel end (either way) unless it speaks HTTP to the
+    /// L7 path; a static HTTP listener is served by the L7 path (with or without TLS) and is
+    /// relayed as bytes only when the L7 path does not run.
+    #[test]
+    fn static_listeners_with_tls_or_http() {
+        use crate::config::{ListenerTls, TlsFiles};
+        let c = Config::forward(
+            "127.0.0.1:7000".parse().unwrap(),
+            vec!["127.0.0.1:7001".parse().unwrap()],
+            Default::default(),
+        )
+        .unwrap();
+        let routes = Routes::new(&c.services, false);
+        let own = OwnAddrs::default();
+        let with = |tls: Option<TlsMode>, protocol: Protocol| {
+            let mut l = c.listeners[0].clone();
+            l.tls = tls.map(|mode| ListenerTls {
+                mode,
+                files: TlsFiles {
+                    cert: "c.pem".into(),
+                    key: "k.pem".into(),
+                    ca: "ca.pem".into(),
+                },
+                expect_id: None,
+                allow_ids: Vec::new(),
+            });
+            l.protocol = protocol;
+            l
+        };
+        let run = |l: &Listener, l7: bool| {
+            let input = Input {
+                listener: l,
+                orig_dst: None,
+                own: &own,
+                services: &c.services,
+                routes: &routes,
+                mesh: None,
+                l7,
+            };
+            plan(&input, None)
+        };
+        for mode in [TlsMode::Origin, TlsMode::Terminate] {
+            for l7 in [true, false] {
+                assert_eq!(
+                    run(&with(Some(mode), Protocol::Tcp), l7),
+                    Plan::Tunnel { service: 0, mode },
+                    "tcp, {mode:?}, l7 {l7}"
+                );
+            }
+            assert_eq!(
+                run(&with(Some(mode), Protocol::Http), false),
+                Plan::Tunnel { service: 0, mode },
+                "http without the L7 path, {mode:?}"
+            );
+            assert_eq!(
+                run(&with(Some(mode), Protocol::Http), true),
+                Plan::L7(L7Plan::Static { service: 0 }),
+                "http, {mode:?}"
+            );
+        }
+        for protocol in [Protocol::Http, Protocol::Http2, Protocol::Grpc] {
+            assert_eq!(
+                run(&with(None, protocol), true),
+                Plan::L7(L7Plan::Static { service: 0 }),
+                "{protocol:?}"
+            );
+            assert_eq!(
+                run(&with(None, protocol), false),
+                Plan::Relay(Route::Cluster(0)),
+                "{protocol:?} without the L7 path"
+            );
+        }
+        assert_eq!(
+            run(&with(None, Protocol::Tcp), true),
+            Plan::Relay(Route::Cluster(0))
+        );
+    }
 }

@@ -1002,6 +1002,29 @@ async fn forward(
                     continue;
                 }
                 let mut resp = resp;
+                if tries > 0 && replay.is_some() && policy.retries_status(code) {
+                    // Every try answered a status worth retrying: the last answer goes back as
+                    // the upstream gave it, marked and counted as `retries_exhausted` (Envoy's
+                    // URX).
+                    let reason = Reason::RetriesExhausted;
+                    let detail = format!(
+                        "{tries} retries; the last attempt answered {code}: {} ({addr})",
+                        svc.name
+                    );
+                    resp.headers_mut().insert(
+                        HeaderName::from_static("x-ringside-reason"),
+                        HeaderValue::from_static(reason.as_str()),
+                    );
+                    ctx.stats.fail(reason);
+                    if let Some(shared) = ctx.shared.upgrade() {
+                        let source = conn
+                            .peer_id
+                            .as_ref()
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|| conn.peer.to_string());
+                        shared.events.push(reason, source, svc.name.clone(), detail);
+                    }
+                }
                 if code == 101 {
                     if let Some(down) = down_upgrade.take() {
                         let up = hyper::upgrade::on(&mut resp);
@@ -1396,5 +1419,35 @@ mod tests {
             ..Default::default()
         });
         assert!(p.retries_status(500) && p.retries_status(599) && !p.retries_status(409));
+    }
+
+    /// A request retried and failed again after it was sent is `retries_exhausted`, naming the
+    /// last failure; never retried, or failed while connecting, it keeps its own reason.
+    #[test]
+    fn exhausted_names_the_last_failure_of_a_retried_request() {
+        let (r, d) = exhausted(2, (Reason::UpstreamReset, "api (1.2.3.4:80): reset".into()));
+        assert_eq!(r, Reason::RetriesExhausted);
+        assert!(
+            d.starts_with("2 retries;")
+                && d.contains(Reason::UpstreamReset.as_str())
+                && d.contains("api (1.2.3.4:80): reset"),
+            "{d}"
+        );
+        let (r, d) = exhausted(0, (Reason::UpstreamReset, "reset".into()));
+        assert_eq!((r, d.as_str()), (Reason::UpstreamReset, "reset"));
+        for connect in [
+            Reason::UpstreamConnectRefused,
+            Reason::UpstreamConnectTimeout,
+            Reason::UpstreamUnreachable,
+            Reason::LocalPortsExhausted,
+            Reason::NoHealthyEndpoint,
+            Reason::TlsIdentityMismatch,
+        ] {
+            assert_eq!(exhausted(3, (connect, "x".into())).0, connect, "{connect}");
+        }
+        assert_eq!(
+            status_for(Reason::RetriesExhausted),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -172,7 +172,7 @@ pub(super) async fn serve_connection(
         // Not TLS (plain HTTP), a client that does not trust us, or silence: nothing is served.
         _ => return,
     };
-    let io = hyper_util::rt::TokioIo::new(tls);
+    let io = hyper_util::rt::TokioIo::new(super::limited::SmallReads(tls));
     let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
         async move { operator(req, state, peer).await }

@@ -226,13 +226,24 @@ fn start_app(pod: &Pod, dir: &Path, name: &str, program: &str, args: &[String]) 
     ChildGuard::spawn(&mut cmd)
 }
 
+/// Wait until something in `pod` listens where `addr` reaches. Read from the pod's socket table,
+/// not by connecting: a refused probe would count as a failed connection attempt in the pod,
+/// which `ringctl why` takes as evidence of an app that called out before its sidecar was up.
 fn wait_listening(pod: &Pod, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         let ok = pod
-            .enter(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+            .enter(move || {
+                ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+                    .iter()
+                    .filter_map(|f| std::fs::read_to_string(f).ok())
+                    .flat_map(|t| ringside_core::listening::parse_proc_net_tcp(&t))
+                    .any(|l| {
+                        l.addr.port() == addr.port()
+                            && (l.addr.ip() == addr.ip() || l.addr.ip().is_unspecified())
+                    })
+            })
             .join()
-            .map(|r| r.is_ok())
             .unwrap_or(false);
         if ok {
             return Ok(());
