@@ -39,6 +39,7 @@ use crate::io::worker::Worker;
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
+use crate::telemetry::access_log::Line;
 use crate::telemetry::tcp;
 use crate::tls::session;
 
@@ -47,12 +48,18 @@ pub(crate) use crate::telemetry::tcp::Direction;
 /// What happened to one connection, recorded once when it ends.
 #[derive(Debug)]
 pub(crate) struct Outcome {
+    /// The connection's id (as in its log span).
+    pub id: u64,
+    /// The listener that accepted it.
+    pub listener: u16,
     /// Which way.
     pub direction: Direction,
     /// The client's address.
     pub client: SocketAddr,
     /// When it was accepted.
     pub started: Instant,
+    /// The address the client dialled, as the kernel reported it (sidecar listeners).
+    pub orig_dst: Option<SocketAddr>,
     /// Where it was headed (named when recorded: no string per connection).
     pub dest: Dest,
     /// The endpoint (or local app address) it was relayed to.
@@ -76,8 +83,10 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    fn new(kind: ListenerKind, client: SocketAddr) -> Outcome {
+    fn new(id: u64, listener: usize, kind: ListenerKind, client: SocketAddr) -> Outcome {
         Outcome {
+            id,
+            listener: listener as u16,
             direction: match kind {
                 ListenerKind::Outbound => Direction::Outbound,
                 ListenerKind::Inbound => Direction::Inbound,
@@ -85,6 +94,7 @@ impl Outcome {
             },
             client,
             started: Instant::now(),
+            orig_dst: None,
             dest: Dest::Unknown,
             upstream: None,
             peer_id: None,
@@ -143,13 +153,19 @@ impl Outcome {
 }
 
 /// Serve one accepted connection to its end (the function the workers run per connection).
-pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, listener: usize) {
+pub(crate) async fn serve(
+    w: Rc<Worker>,
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    id: u64,
+) {
     // The configuration this connection lives with, whatever updates arrive meanwhile.
     let snap = w.shared.snapshot.load_full();
-    let mut out = Outcome::new(w.shared.config.listeners[listener].kind, peer);
+    let mut out = Outcome::new(id, listener, w.shared.config.listeners[listener].kind, peer);
     // The client comes back unless the L7 path took it; it is closed only after the outcome is
     // recorded, so whoever sees the close also sees the counters.
-    let client = match decide(&w, &snap, &client, listener).await {
+    let client = match decide(&w, &snap, &client, listener, &mut out.orig_dst).await {
         // Gone before saying anything.
         Err(Gone) => Some(client),
         // What every direction does alike: refuse, or relay plain bytes.
@@ -174,13 +190,14 @@ pub(crate) async fn serve(w: Rc<Worker>, client: TcpStream, peer: SocketAddr, li
     }
 }
 
-/// Plan the connection: its original destination, then its first bytes if the plan asks.
-/// `Err`: the client went away before saying anything.
+/// Plan the connection: its original destination (kept in `orig_dst`), then its first bytes if
+/// the plan asks. `Err`: the client went away before saying anything.
 pub(crate) async fn decide(
     w: &Worker,
     snap: &ConfigSnapshot,
     client: &TcpStream,
     listener: usize,
+    orig_dst: &mut Option<SocketAddr>,
 ) -> Result<Plan, Gone> {
     let l = &w.shared.config.listeners[listener];
     let orig = match l.kind {
@@ -189,6 +206,7 @@ pub(crate) async fn decide(
             sys::original_dst(client.as_raw_fd(), l.address.is_ipv6()).map_err(|e| e.to_string()),
         ),
     };
+    *orig_dst = orig.as_ref().and_then(|r| r.as_ref().ok().copied());
     let mut own = w.shared.own.load_full();
     if let Some(Ok(a)) = &orig {
         if own.needs_refresh(*a) && read_due(w) {
@@ -454,6 +472,9 @@ async fn connect(
             Some(up)
         }
         Err(f) => {
+            if f.tried.is_some() {
+                out.upstream = f.tried;
+            }
             let (reason, detail) = f.detail();
             refuse(client, out, reason, detail);
             None
@@ -515,12 +536,59 @@ pub(crate) fn handoff(
     };
     let h = crate::l7::Handoff {
         stream: sys::into_std(client),
+        id: out.id,
+        orig_dst: out.orig_dst,
+        own_id: own_id(w, out.listener as usize),
         peer: out.client,
         snap,
         service,
         entry,
     };
-    w.left(l7.handoff(h).is_ok(), inbound);
+    w.left(l7.handoff(h), inbound);
+}
+
+/// This proxy's own identity on `listener`: the sidecar's on the sidecar listeners, the
+/// listener's certificate's on a static listener with TLS.
+pub(crate) fn own_id(w: &Worker, listener: usize) -> Option<Arc<str>> {
+    match w.shared.config.listeners[listener].kind {
+        ListenerKind::Static(_) => w.shared.tls[listener].as_ref().and_then(|m| {
+            m.current()
+                .material
+                .id
+                .as_ref()
+                .map(|i| i.to_string().into())
+        }),
+        _ => w.shared.sidecar_tls.as_ref().map(|s| s.id.clone()),
+    }
+}
+
+/// Who called and who was called, for the access log: the caller is the verified peer inbound
+/// (and at a static listener's terminating TLS end), this proxy otherwise; the called side is the
+/// other one.
+pub(crate) fn identities<'a>(
+    caller_is_peer: bool,
+    own: Option<&'a str>,
+    peer: Option<&'a str>,
+) -> (Option<&'a str>, Option<&'a str>) {
+    if caller_is_peer {
+        (peer, own)
+    } else {
+        (own, peer)
+    }
+}
+
+/// Whether the peer of a connection accepted on `listener` is the caller (inbound, or a static
+/// listener that terminates TLS).
+pub(crate) fn caller_is_peer(w: &Worker, listener: usize) -> bool {
+    let l = &w.shared.config.listeners[listener];
+    match l.kind {
+        ListenerKind::Inbound => true,
+        ListenerKind::Outbound => false,
+        ListenerKind::Static(_) => l
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == crate::config::TlsMode::Terminate),
+    }
 }
 
 /// Record a connection's end: counters, `/events`, the access log and the log line.
@@ -573,12 +641,31 @@ pub(crate) fn record(w: &Worker, snap: &ConfigSnapshot, o: &Outcome) {
         ),
     }
     if let Some(log) = &w.shared.access_log {
-        log.write(serde_json::json!({
-            "kind": "tcp", "direction": o.direction.as_str(), "mesh": o.mesh,
-            "client": o.client.to_string(), "destination": dest,
-            "upstream": o.upstream.map(|a| a.to_string()), "peer_id": o.peer_id.as_deref(),
-            "bytes_up": o.bytes_up, "bytes_down": o.bytes_down, "duration_ms": duration_ms,
-            "reason": o.reason.map(|r| r.as_str()), "detail": o.detail.as_deref(),
-        }));
+        let listener = o.listener as usize;
+        let own = own_id(w, listener);
+        let (source_id, destination_id) = identities(
+            caller_is_peer(w, listener),
+            own.as_deref(),
+            o.peer_id.as_deref(),
+        );
+        log.write(Line {
+            kind: "tcp",
+            conn_id: o.id,
+            direction: o.direction.as_str(),
+            mesh: o.mesh,
+            client: Some(o.client),
+            source_id,
+            destination_id,
+            original_destination: o.orig_dst,
+            destination: (!dest.is_empty()).then_some(dest.as_str()),
+            upstream: o.upstream,
+            peer_id: o.peer_id.as_deref(),
+            bytes_up: Some(o.bytes_up),
+            bytes_down: Some(o.bytes_down),
+            duration_ms,
+            reason: o.reason.map(|r| r.as_str()),
+            detail: o.detail.as_deref(),
+            ..Line::default()
+        });
     }
 }

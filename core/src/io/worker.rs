@@ -210,7 +210,7 @@ pub(crate) fn run<F, Fut>(
     serve: F,
 ) -> io::Result<()>
 where
-    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize) -> Fut + Copy + 'static,
+    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize, u64) -> Fut + Copy + 'static,
     Fut: Future<Output = ()> + 'static,
 {
     let settings = &shared.config.proxy;
@@ -303,7 +303,7 @@ where
 
 async fn accept_loop<F, Fut>(w: Rc<Worker>, listener: TcpListener, index: usize, serve: F)
 where
-    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize) -> Fut + Copy + 'static,
+    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize, u64) -> Fut + Copy + 'static,
     Fut: Future<Output = ()> + 'static,
 {
     let mut last_warn: Option<Instant> = None;
@@ -363,8 +363,10 @@ where
         w.active.set(w.active.get() + 1);
         let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
         let listener_cfg = &shared.config.listeners[index];
-        let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
-        let fut = serve(w.clone(), stream, peer, index);
+        // One span per connection, at info so that every line it logs (JSON or text) names the
+        // connection at the default level; the access log carries the same id (`conn_id`).
+        let span = tracing::info_span!("conn", id, client = %peer, listener = %listener_cfg.name);
+        let fut = serve(w.clone(), stream, peer, index, id);
         // The span is only carried when it records something: a disabled one would still take
         // its place in every connection's task.
         if span.is_disabled() {
