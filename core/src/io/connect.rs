@@ -58,11 +58,12 @@ impl Failure {
     }
 }
 
-/// Connect where the route says.
+/// Connect where the route says; a failed attempt is logged inside `span()` (the connection's).
 pub(crate) async fn connect_to(
     w: &Worker,
     snap: &ConfigSnapshot,
     route: Route,
+    span: &dyn Fn() -> tracing::Span,
 ) -> Result<Upstream, Failure> {
     let fail = |reason, tried| Failure {
         reason,
@@ -70,7 +71,7 @@ pub(crate) async fn connect_to(
         tried,
     };
     match route {
-        Route::Cluster(i) => connect_upstream(w, &snap.clusters[i])
+        Route::Cluster(i) => connect_upstream(w, &snap.clusters[i], span)
             .await
             .map_err(|(r, tried)| fail(r, tried)),
         Route::Passthrough(addr) => {
@@ -167,6 +168,7 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, R
 async fn connect_upstream(
     w: &Worker,
     cluster: &Arc<Cluster>,
+    span: &dyn Fn() -> tracing::Span,
 ) -> Result<Upstream, (Reason, Option<SocketAddr>)> {
     let stats = w.stats();
     if let Some(max) = cluster.service.max_connections {
@@ -182,7 +184,7 @@ async fn connect_upstream(
     }
     let mut tried = 0u64;
     let mut last = Reason::NoHealthyEndpoint;
-    let mut last_addr = None;
+    let mut last_tried = None;
     for attempt in 0..cluster.max_attempts() {
         let Some(i) = cluster.pick(tried, Instant::now()) else {
             break;
@@ -191,7 +193,7 @@ async fn connect_upstream(
             tried |= 1 << i;
         }
         let addr = cluster.endpoints[i].addr;
-        last_addr = Some(addr);
+        last_tried = Some(i);
         stats.upstream_cx_total.inc();
         let reason = match connect_one(addr, cluster.service.connect_timeout).await {
             Ok(stream) => {
@@ -210,6 +212,7 @@ async fn connect_upstream(
                 reason
             }
         };
+        let _span = span().entered();
         if reason == Reason::LocalPortsExhausted {
             // This host's shortage: the endpoint is not to blame and stays in rotation; another
             // endpoint (another address or port) may still have local ports free.
@@ -227,7 +230,7 @@ async fn connect_upstream(
         );
         last = reason;
     }
-    Err((last, last_addr))
+    Err((last, last_tried.map(|i| cluster.endpoints[i].addr)))
 }
 
 /// The reason code of a failed connect (also used by the L7 path's connects).

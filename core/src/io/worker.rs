@@ -363,9 +363,10 @@ where
         w.active.set(w.active.get() + 1);
         let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
         let listener_cfg = &shared.config.listeners[index];
-        // One span per connection, at info so that every line it logs (JSON or text) names the
-        // connection at the default level; the access log carries the same id (`conn_id`).
-        let span = tracing::info_span!("conn", id, client = %peer, listener = %listener_cfg.name);
+        // The connection's span, for its whole life at debug. At info and above the lines a
+        // connection logs are made inside the same span on the spot (`conn::span`): a span held
+        // by every idle connection costs memory. The access log carries the same id (`conn_id`).
+        let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
         let fut = serve(w.clone(), stream, peer, index, id);
         // The span is only carried when it records something: a disabled one would still take
         // its place in every connection's task.
