@@ -46,6 +46,8 @@ fn admin_endpoints_report_counters_config_events_and_readiness() {
         "ringside_http_service_rq_time_ms_count{service=\"upstream\",route=\"default\"} 11",
         "ringside_config_version 0",
         "# TYPE ringside_failures counter",
+        // No access log here, so nothing dropped (the count itself: access_log.rs's tests).
+        "ringside_access_log_dropped_total 0\n",
     ] {
         assert!(stats.contains(want), "/stats lacks {want}:\n{stats}");
     }

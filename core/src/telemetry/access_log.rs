@@ -185,3 +185,90 @@ impl AccessLog {
         self.dropped.load(Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that cannot keep up (a pipe nobody reads): once the queue is full, lines are
+    /// dropped and counted, and `write` never waits.
+    #[test]
+    fn a_full_queue_drops_and_counts_lines_without_waiting() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let fifo = std::env::temp_dir().join(format!("ringside-alog-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A reader that never reads, so that the writer can open the pipe and then blocks.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let log = AccessLog::open(&fifo).unwrap();
+        let n = QUEUE as u64 + 10_000;
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            log.write(Line {
+                kind: "tcp",
+                ..Line::default()
+            });
+        }
+        let took = t0.elapsed();
+        // The pipe holds 64 KiB and the writer's buffer 8 KiB: a few hundred lines at most are
+        // out of the queue; the rest beyond the queue's size are dropped.
+        let dropped = log.dropped();
+        assert!(
+            (n - QUEUE as u64 - 1_000..=n - QUEUE as u64).contains(&dropped),
+            "{dropped} of {n} dropped"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "writing took {took:?}"
+        );
+        let _ = std::fs::remove_file(&fifo);
+    }
+
+    /// Both kinds of line have every field, `null` where unknown.
+    #[test]
+    fn every_field_is_present() {
+        let v = serde_json::to_value(Line {
+            kind: "tcp",
+            ..Line::default()
+        })
+        .unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        for k in [
+            "time",
+            "time_ms",
+            "kind",
+            "conn_id",
+            "direction",
+            "mesh",
+            "client",
+            "source_id",
+            "destination_id",
+            "original_destination",
+            "destination",
+            "upstream",
+            "peer_id",
+            "bytes_up",
+            "bytes_down",
+            "duration_ms",
+            "reason",
+            "detail",
+            "service",
+            "route",
+            "method",
+            "path",
+            "status",
+            "request_id",
+            "trace_id",
+        ] {
+            assert!(keys.contains(&k), "{k} missing: {keys:?}");
+        }
+        assert_eq!(keys.len(), 25);
+        assert!(v["trace_id"].is_null() && v["source_id"].is_null());
+    }
+}
