@@ -39,7 +39,7 @@ use crate::io::worker::Worker;
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 use crate::server::ConfigSnapshot;
-use crate::telemetry::access_log::Line;
+use crate::telemetry::access_log::{identities, Line};
 use crate::telemetry::tcp;
 use crate::tls::session;
 
@@ -595,21 +595,6 @@ pub(crate) fn own_id(w: &Worker, listener: usize) -> Option<Arc<str>> {
                 .map(|i| i.to_string().into())
         }),
         _ => w.shared.sidecar_tls.as_ref().map(|s| s.id.clone()),
-    }
-}
-
-/// Who called and who was called, for the access log: the caller is the verified peer inbound
-/// (and at a static listener's terminating TLS end), this proxy otherwise; the called side is the
-/// other one.
-pub(crate) fn identities<'a>(
-    caller_is_peer: bool,
-    own: Option<&'a str>,
-    peer: Option<&'a str>,
-) -> (Option<&'a str>, Option<&'a str>) {
-    if caller_is_peer {
-        (peer, own)
-    } else {
-        (own, peer)
     }
 }
 

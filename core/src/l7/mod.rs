@@ -463,7 +463,7 @@ where
                     .push(reason, peer.to_string(), service.clone(), detail.clone());
                 if let Some(log) = &shared.access_log {
                     let peer_id = served_conn.peer_id.as_ref().map(|i| i.to_string());
-                    let (source_id, destination_id) = crate::conn::identities(
+                    let (source_id, destination_id) = crate::telemetry::access_log::identities(
                         served_conn.caller_is_peer,
                         served_conn.own_id.as_deref(),
                         peer_id.as_deref(),
@@ -791,8 +791,11 @@ impl RqLog {
             true => c.peer_id.as_ref().map(|i| i.to_string()),
             false => self.meta.upstream_id.as_deref().map(str::to_string),
         };
-        let (source_id, destination_id) =
-            crate::conn::identities(c.caller_is_peer, c.own_id.as_deref(), peer_id.as_deref());
+        let (source_id, destination_id) = crate::telemetry::access_log::identities(
+            c.caller_is_peer,
+            c.own_id.as_deref(),
+            peer_id.as_deref(),
+        );
         log.write(Line {
             kind: "http",
             conn_id: c.id,

@@ -73,6 +73,21 @@ pub struct Line<'a> {
     pub trace_id: Option<&'a str>,
 }
 
+/// Who called and who was called, for the access log: the caller is the verified peer inbound
+/// (and at a static listener's terminating TLS end), this proxy otherwise; the called side is the
+/// other one.
+pub fn identities<'a>(
+    caller_is_peer: bool,
+    own: Option<&'a str>,
+    peer: Option<&'a str>,
+) -> (Option<&'a str>, Option<&'a str>) {
+    if caller_is_peer {
+        (peer, own)
+    } else {
+        (own, peer)
+    }
+}
+
 /// Lines the queue holds before new ones are dropped.
 const QUEUE: usize = 64 * 1024;
 
