@@ -99,6 +99,13 @@ async fn answer(
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         (200, Bytes::from(info))
+    } else if path == "/headers" {
+        // Every request header as received, one `name: value` line each.
+        let mut all = String::new();
+        for (k, v) in req.headers() {
+            all.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
+        (200, Bytes::from(all))
     } else if path == "/echo" {
         let b = req
             .into_body()

@@ -46,6 +46,8 @@ fn admin_endpoints_report_counters_config_events_and_readiness() {
         "ringside_http_service_rq_time_ms_count{service=\"upstream\",route=\"default\"} 11",
         "ringside_config_version 0",
         "# TYPE ringside_failures counter",
+        // No access log here, so nothing dropped (the count itself: access_log.rs's tests).
+        "ringside_access_log_dropped_total 0\n",
     ] {
         assert!(stats.contains(want), "/stats lacks {want}:\n{stats}");
     }
@@ -137,6 +139,11 @@ fn events_name_reason_source_and_destination() {
     drop(child);
 }
 
+/// Every field of every access-log line kind, with its value: the HTTP lines of a static HTTP
+/// listener (one request with the client's own request id and a W3C trace, one with neither: the
+/// id the proxy added is the one the application saw) and the L4 line of a refused connection.
+/// Fields a path does not know are `null`, never absent; identities need mesh mTLS and are
+/// checked in pods_access_log.
 #[test]
 fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
     let dir = std::env::temp_dir().join(format!("ringside-accesslog-{}", std::process::id()));
@@ -156,24 +163,33 @@ fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
         ],
     );
     let c = Client::new();
+    let t0 = std::time::Instant::now();
     let r = c
         .send(
-            "GET",
-            &format!("http://{listen}/a"),
-            &[(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )],
-            Vec::new(),
+            "POST",
+            &format!("http://{listen}/echo"),
+            &[
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("x-request-id", "client-chose-this-id"),
+            ],
+            b"twelve bytes".to_vec(),
         )
         .unwrap();
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        c.get(&format!("http://{listen}/status/404"))
-            .unwrap()
-            .status,
-        404
-    );
+    assert_eq!((r.status, r.text().as_str()), (200, "twelve bytes"));
+    let missing = c.get(&format!("http://{listen}/status/404")).unwrap();
+    let took_ms = t0.elapsed().as_millis() as u64;
+    assert_eq!(missing.status, 404);
+    // The id the proxy added, as the application received it.
+    let added_id = missing
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap()
+        .to_string();
+    assert_eq!(added_id.len(), 36, "{added_id}");
     drop(c);
     child.signal(libc::SIGTERM);
     assert!(child.wait_timeout(Duration::from_secs(20)).success());
@@ -183,50 +199,96 @@ fn access_log_has_a_line_per_request_and_connection_with_the_reason() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert_eq!(lines[0]["kind"], "http");
+    let rfc3339 = |v: &serde_json::Value| {
+        let t = v["time"].as_str().unwrap();
+        let parsed = humantime::parse_rfc3339(t).unwrap();
+        let ms = parsed
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        t.len() == 24 && t.ends_with('Z') && ms == v["time_ms"].as_u64().unwrap()
+    };
+    // One keep-alive connection: both lines carry its id.
+    let conn_id = lines[0]["conn_id"].as_u64().unwrap();
+    let first = &lines[0];
     assert!(
-        lines[0]["time"]
-            .as_str()
-            .is_some_and(|t| t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T'),
-        "RFC 3339 time: {}",
-        lines[0]["time"]
+        rfc3339(first),
+        "RFC 3339 time agreeing with time_ms: {first}"
     );
-    assert_eq!(lines[0]["path"], "/a");
-    assert_eq!(lines[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert!(lines[1]["trace_id"].is_null());
-    assert_eq!(lines[0]["status"], 200);
-    assert_eq!(lines[0]["method"], "GET");
-    assert!(lines[0]["time_ms"].as_u64().unwrap() > 0);
-    assert_eq!(lines[1]["status"], 404);
-    assert!(
-        lines[1]["reason"].is_null(),
-        "the app's 404 is not a proxy failure"
-    );
+    let client = first["client"].as_str().unwrap();
+    assert!(client.starts_with("127.0.0.1:"), "{first}");
+    assert!(first["duration_ms"].as_u64().unwrap() <= took_ms, "{first}");
+    let want = serde_json::json!({
+        "time": first["time"], "time_ms": first["time_ms"],
+        "kind": "http", "conn_id": conn_id, "direction": "tunnel", "mesh": false,
+        "client": client,
+        // No TLS on this listener: no identity either side.
+        "source_id": null, "destination_id": null, "peer_id": null,
+        // A static listener: the client dialled the listener itself.
+        "original_destination": null,
+        "destination": "upstream", "service": "upstream", "route": "default",
+        "upstream": app.addr.to_string(),
+        "bytes_up": 12, "bytes_down": 12, "duration_ms": first["duration_ms"],
+        "reason": null, "detail": null,
+        "method": "POST", "path": "/echo", "status": 200,
+        "request_id": "client-chose-this-id",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+    });
+    assert_eq!(first, &want);
+    let second = &lines[1];
+    assert!(rfc3339(second), "{second}");
+    let want = serde_json::json!({
+        "time": second["time"], "time_ms": second["time_ms"],
+        "kind": "http", "conn_id": conn_id, "direction": "tunnel", "mesh": false,
+        "client": client,
+        "source_id": null, "destination_id": null, "peer_id": null,
+        "original_destination": null,
+        "destination": "upstream", "service": "upstream", "route": "default",
+        "upstream": app.addr.to_string(),
+        "bytes_up": 0, "bytes_down": missing.body.len(), "duration_ms": second["duration_ms"],
+        // The app's 404 is not a proxy failure.
+        "reason": null, "detail": null,
+        "method": "GET", "path": "/status/404", "status": 404,
+        "request_id": added_id, "trace_id": null,
+    });
+    assert_eq!(second, &want);
 
-    // L4: a refused connection carries its reason.
+    // L4: a refused connection carries its reason; the HTTP fields are null.
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refusing = refusing_addr();
     let mut child = spawn_forward(
         listen,
-        &[refusing_addr()],
+        &[refusing],
         &["--access-log", tcp_log.to_str().unwrap()],
     );
     let s = std::net::TcpStream::connect(listen).unwrap();
+    let local = s.local_addr().unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut b = [0u8; 1];
     let _ = std::io::Read::read(&mut &s, &mut b);
     child.signal(libc::SIGTERM);
     assert!(child.wait_timeout(Duration::from_secs(20)).success());
-    let line: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(&tcp_log)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(line["kind"], "tcp");
-    assert_eq!(line["reason"], "upstream_connect_refused");
-    assert_eq!(line["destination"], "upstream");
+    let text = std::fs::read_to_string(&tcp_log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert!(rfc3339(&line), "{line}");
+    // What decided it, as `/events` and the process log say it.
+    let detail = line["detail"].as_str().unwrap();
+    assert!(detail.contains("nothing listens"), "{detail}");
+    let want = serde_json::json!({
+        "time": line["time"], "time_ms": line["time_ms"],
+        "kind": "tcp", "conn_id": line["conn_id"].as_u64().unwrap(), "direction": "tunnel",
+        "mesh": false, "client": local.to_string(),
+        "source_id": null, "destination_id": null, "peer_id": null,
+        "original_destination": null,
+        "destination": "upstream", "upstream": refusing.to_string(),
+        "bytes_up": 0, "bytes_down": 0, "duration_ms": line["duration_ms"].as_u64().unwrap(),
+        "reason": "upstream_connect_refused", "detail": detail,
+        "service": null, "route": null, "method": null, "path": null, "status": null,
+        "request_id": null, "trace_id": null,
+    });
+    assert_eq!(line, want);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -425,5 +487,190 @@ fn access_log_reopens_on_sighup() {
     }
     child.signal(libc::SIGTERM);
     assert!(child.wait_timeout(Duration::from_secs(20)).success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Start `ringside forward LISTEN UPSTREAM EXTRA...` with its process log (stderr) in `log`.
+fn forward_logging_to(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> ChildGuard {
+    let mut cmd = std::process::Command::new(workspace_bin("ringside"));
+    cmd.arg("forward")
+        .arg(listen.to_string())
+        .arg(upstream.to_string())
+        .args(extra)
+        .stderr(std::fs::File::create(log).unwrap());
+    let child = ChildGuard::spawn(&mut cmd);
+    wait_for("ringside to listen", Duration::from_secs(10), || {
+        listening_on(listen.port())
+    });
+    child
+}
+
+/// `--log-format json`: every line of the process log is a JSON object, and each connection's
+/// lines carry its span (`conn`, with the id the access log gives as `conn_id` and the client),
+/// at the default level, on the fast path (L4) and on the L7 path alike.
+#[test]
+fn json_process_log_names_each_connection() {
+    let dir = std::env::temp_dir().join(format!("ringside-jsonlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let refusing = refusing_addr();
+    for (kind, extra) in [("tcp", &[][..]), ("http", &["--protocol", "http"][..])] {
+        let (log, access) = (
+            dir.join(format!("{kind}.log")),
+            dir.join(format!("{kind}.access")),
+        );
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args = vec![
+            "--log-format",
+            "json",
+            "--access-log",
+            access.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut child = forward_logging_to(listen, refusing, &args, &log);
+        // Three connections, each failing (a failure is logged at warn, inside the span).
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let mut s = std::net::TcpStream::connect(listen).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            if kind == "http" {
+                std::io::Write::write_all(&mut s, b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n").unwrap();
+            }
+            let mut b = [0u8; 512];
+            let _ = std::io::Read::read(&mut s, &mut b);
+            clients.push(s.local_addr().unwrap());
+        }
+        child.signal(libc::SIGTERM);
+        assert!(child.wait_timeout(Duration::from_secs(20)).success());
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert!(!lines.is_empty());
+        let access: Vec<serde_json::Value> = std::fs::read_to_string(&access)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(access.len(), 3, "{kind}: {access:?}");
+        for (a, client) in access.iter().zip(&clients) {
+            assert_eq!(a["client"], client.to_string(), "{kind}: {a}");
+            let id = a["conn_id"].as_u64().unwrap();
+            let mine: Vec<&serde_json::Value> = lines
+                .iter()
+                .filter(|l| l["span"]["name"] == "conn" && l["span"]["id"].as_u64() == Some(id))
+                .collect();
+            assert!(
+                !mine.is_empty(),
+                "{kind}: no process-log line of connection {id}:\n{text}"
+            );
+            for l in &mine {
+                assert_eq!(l["span"]["client"], client.to_string(), "{l}");
+                assert!(l["timestamp"].is_string(), "{l}");
+            }
+            let failed = mine.iter().any(|l| {
+                l["fields"]["reason"] == "upstream_connect_refused"
+                    && l["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with("failed"))
+            });
+            assert!(
+                failed,
+                "{kind}: connection {id}'s failure is not in its span:\n{text}"
+            );
+            if kind == "http" {
+                assert!(mine.iter().all(|l| l["span"]["l7"] == true), "{mine:?}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Trace context through the L7 path: W3C `traceparent` and `tracestate`, B3 multi-header and
+/// single-header reach the application byte for byte; the access log's `trace_id` is the W3C
+/// trace id when there is one, else the B3 one (`x-b3-traceid`, else the single `b3` header).
+#[test]
+fn trace_headers_pass_through_unchanged_and_name_the_trace() {
+    let dir = std::env::temp_dir().join(format!("ringside-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let access = dir.join("access.log");
+    let app = serve("app", "127.0.0.1:0".parse().unwrap());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = spawn_forward(
+        listen,
+        &[app.addr],
+        &[
+            "--protocol",
+            "http",
+            "--access-log",
+            access.to_str().unwrap(),
+        ],
+    );
+    let w3c = [
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+    ];
+    let b3_multi = [
+        ("x-b3-traceid", "80F198EE56343BA864FE8B2A57D3EFF7"),
+        ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ("x-b3-parentspanid", "05e3ac9a4f6e3b90"),
+        ("x-b3-sampled", "1"),
+    ];
+    let b3_single = [("b3", "463ac35c9f6413ad-a2fb4a1d1a96d312-1-0020000000000001")];
+    type Headers<'a> = Vec<(&'a str, &'a str)>;
+    let cases: Vec<(Headers, Option<&str>)> = vec![
+        // Both: W3C names the trace.
+        (
+            w3c.iter()
+                .chain(&b3_multi)
+                .chain(&b3_single)
+                .copied()
+                .collect(),
+            Some("0af7651916cd43dd8448eb211c80319c"),
+        ),
+        (b3_multi.to_vec(), Some("80f198ee56343ba864fe8b2a57d3eff7")),
+        (b3_single.to_vec(), Some("463ac35c9f6413ad")),
+        // A malformed traceparent names no trace, and still passes unchanged.
+        (vec![("traceparent", "not-a-trace")], None),
+    ];
+    let c = Client::new();
+    for (headers, _) in &cases {
+        let r = c
+            .send(
+                "GET",
+                &format!("http://{listen}/headers"),
+                headers,
+                Vec::new(),
+            )
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let seen = r.text();
+        for (k, v) in headers {
+            assert!(
+                seen.lines().any(|l| l == format!("{k}: {v}")),
+                "{k}: {v} did not reach the app unchanged; it saw:\n{seen}"
+            );
+        }
+    }
+    drop(c);
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_timeout(Duration::from_secs(20)).success());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&access)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), cases.len(), "{lines:?}");
+    for (line, (headers, want)) in lines.iter().zip(&cases) {
+        assert_eq!(line["trace_id"].as_str(), *want, "{headers:?}: {line}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -649,3 +649,93 @@ fn origin_resumption_is_on_by_default_and_can_be_turned_off() {
     assert_eq!(handshake(off.clone()), rustls::HandshakeKind::Full);
     assert_eq!(handshake(off), rustls::HandshakeKind::Full);
 }
+
+/// The access log at both tunnel ends names who called and who was called: at the originating end
+/// the caller is the end's own certificate and the called side the identity the server proved;
+/// at the terminating end the caller is the verified client certificate and the called side the
+/// end's own certificate.
+#[test]
+fn access_log_names_both_identities_at_both_tunnel_ends() {
+    let pki = Pki::new("alog");
+    let client = pki.files("client", CLIENT, Validity::Valid);
+    let server = pki.files("server", SERVER, Validity::Valid);
+    let (echo, _) = counting_echo();
+    let start = |upstream, mode, files: &Files, expect: Option<&str>, allow: &[&str], log| {
+        let doc = ProxyDoc {
+            workers: 1,
+            access_log: Some(log),
+            ..ProxyDoc::default()
+        };
+        let mut c = Config::forward("127.0.0.1:0".parse().unwrap(), vec![upstream], doc).unwrap();
+        c.listeners[0].tls = Some(ListenerTls {
+            mode,
+            files: files.tls_files(),
+            expect_id: expect.map(|e| e.parse::<SpiffeId>().unwrap()),
+            allow_ids: allow.iter().map(|a| a.parse().unwrap()).collect(),
+            resumption: true,
+        });
+        Proxy::start(c).expect("tunnel proxy starts")
+    };
+    let (term_log, orig_log) = (pki.dir.join("term.log"), pki.dir.join("orig.log"));
+    let term = start(
+        echo,
+        TlsMode::Terminate,
+        &server,
+        None,
+        &[CLIENT],
+        term_log.clone(),
+    );
+    let term_addr = term.local_addrs()[0];
+    let orig = start(
+        term_addr,
+        TlsMode::Origin,
+        &client,
+        Some(SERVER),
+        &[],
+        orig_log.clone(),
+    );
+    echo_exact(orig.local_addrs()[0], 1000, 1).unwrap();
+    wait_for("closed", Duration::from_secs(5), || {
+        orig.stats().downstream_cx_active == 0 && term.stats().downstream_cx_active == 0
+    });
+    orig.shutdown(Duration::from_secs(1));
+    term.shutdown(Duration::from_secs(1));
+    let line = |p: &std::path::Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        serde_json::from_str(lines[0]).unwrap()
+    };
+    let (o, t) = (line(&orig_log), line(&term_log));
+    for (l, source, dest, peer, upstream) in [
+        (&o, CLIENT, SERVER, SERVER, term_addr),
+        (&t, CLIENT, SERVER, CLIENT, echo),
+    ] {
+        assert_eq!(
+            (
+                l["direction"].as_str(),
+                l["mesh"].as_bool(),
+                l["source_id"].as_str(),
+                l["destination_id"].as_str(),
+                l["peer_id"].as_str(),
+                l["upstream"].as_str(),
+                l["bytes_up"].as_u64(),
+                l["bytes_down"].as_u64(),
+                l["reason"].as_str(),
+            ),
+            (
+                Some("tunnel"),
+                Some(true),
+                Some(source),
+                Some(dest),
+                Some(peer),
+                Some(upstream.to_string().as_str()),
+                Some(1000),
+                Some(1000),
+                None,
+            ),
+            "{l}"
+        );
+        assert!(l["original_destination"].is_null(), "{l}");
+    }
+}

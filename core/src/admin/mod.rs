@@ -430,6 +430,12 @@ impl prometheus_client::collector::Collector for Collector {
         crate::telemetry::tcp::encode(&shared.stats.tcp, &mut e)?;
         counter(
             &mut e,
+            "access_log_dropped",
+            "Access-log lines dropped because the writer's queue was full",
+            shared.access_log.as_ref().map_or(0, |l| l.dropped()),
+        )?;
+        counter(
+            &mut e,
             "http_downstream_cx",
             "Connections handed to the L7 path",
             s.http_cx_total,

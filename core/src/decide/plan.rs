@@ -814,6 +814,7 @@ services:
                 },
                 expect_id: None,
                 allow_ids: Vec::new(),
+                resumption: true,
             });
             l.protocol = protocol;
             l

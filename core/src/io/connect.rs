@@ -46,6 +46,8 @@ pub(crate) struct Failure {
     pub(crate) reason: Reason,
     /// A hint specific to this failure (else the reason's generic one).
     pub(crate) hint: Option<String>,
+    /// The last address tried, if any (the access log's `upstream`).
+    pub(crate) tried: Option<SocketAddr>,
 }
 
 impl Failure {
@@ -56,17 +58,24 @@ impl Failure {
     }
 }
 
-/// Connect where the route says.
+/// Connect where the route says; a failed attempt is logged inside `span()` (the connection's).
 pub(crate) async fn connect_to(
     w: &Worker,
     snap: &ConfigSnapshot,
     route: Route,
+    span: &dyn Fn() -> tracing::Span,
 ) -> Result<Upstream, Failure> {
-    let fail = |reason| Failure { reason, hint: None };
+    let fail = |reason, tried| Failure {
+        reason,
+        hint: None,
+        tried,
+    };
     match route {
         Route::Cluster(i) => {
             let i = snap.fail_over(i, Instant::now());
-            connect_upstream(w, &snap.clusters[i]).await.map_err(fail)
+            connect_upstream(w, &snap.clusters[i], span)
+                .await
+                .map_err(|(r, tried)| fail(r, tried))
         }
         Route::Passthrough(addr) => {
             let stats = w.stats();
@@ -82,7 +91,7 @@ pub(crate) async fn connect_to(
                     if reason == Reason::UpstreamConnectTimeout {
                         stats.upstream_cx_connect_timeout.inc();
                     }
-                    Err(fail(reason))
+                    Err(fail(reason, Some(addr)))
                 }
             }
         }
@@ -118,6 +127,7 @@ pub(crate) async fn connect_to(
             }
             if timed_out {
                 return Err(Failure {
+                    tried: candidates.last().copied(),
                     reason: Reason::UpstreamConnectTimeout,
                     hint: Some(format!(
                         "the local application on port {port} did not accept within {timeout:?} (localConnectTimeoutMs): is it overloaded or stuck?"
@@ -126,6 +136,7 @@ pub(crate) async fn connect_to(
             }
             let listening = crate::io::listening::listening();
             Err(Failure {
+                tried: candidates.last().copied(),
                 reason: Reason::AppNotListening,
                 hint: Some(crate::io::listening::app_hint(
                     port,
@@ -134,7 +145,7 @@ pub(crate) async fn connect_to(
                 )),
             })
         }
-        Route::Refuse(reason) => Err(fail(reason)),
+        Route::Refuse(reason) => Err(fail(reason, None)),
     }
 }
 
@@ -156,7 +167,12 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, R
 }
 
 /// Connect to an endpoint of `cluster`, trying others (bounded) when one refuses or times out.
-async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream, Reason> {
+/// `Err`: the reason, and the last endpoint tried.
+async fn connect_upstream(
+    w: &Worker,
+    cluster: &Arc<Cluster>,
+    span: &dyn Fn() -> tracing::Span,
+) -> Result<Upstream, (Reason, Option<SocketAddr>)> {
     let stats = w.stats();
     if let Some(max) = cluster.service.max_connections {
         // Consul's `limits.maxConnections`: a bound on the connections open to the service.
@@ -166,11 +182,12 @@ async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream
             .map(|e| e.active.load(std::sync::atomic::Ordering::Relaxed))
             .sum();
         if open >= max {
-            return Err(Reason::CircuitOpen);
+            return Err((Reason::CircuitOpen, None));
         }
     }
     let mut tried = 0u64;
     let mut last = Reason::NoHealthyEndpoint;
+    let mut last_tried = None;
     for attempt in 0..cluster.max_attempts() {
         let Some(i) = cluster.pick(tried, Instant::now()) else {
             break;
@@ -179,6 +196,7 @@ async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream
             tried |= 1 << i;
         }
         let addr = cluster.endpoints[i].addr;
+        last_tried = Some(i);
         stats.upstream_cx_total.inc();
         let reason = match connect_one(addr, cluster.service.connect_timeout).await {
             Ok(stream) => {
@@ -197,6 +215,7 @@ async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream
                 reason
             }
         };
+        let _span = span().entered();
         if reason == Reason::LocalPortsExhausted {
             // This host's shortage: the endpoint is not to blame and stays in rotation; another
             // endpoint (another address or port) may still have local ports free.
@@ -214,7 +233,7 @@ async fn connect_upstream(w: &Worker, cluster: &Arc<Cluster>) -> Result<Upstream
         );
         last = reason;
     }
-    Err(last)
+    Err((last, last_tried.map(|i| cluster.endpoints[i].addr)))
 }
 
 /// The reason code of a failed connect (also used by the L7 path's connects).

@@ -210,7 +210,7 @@ pub(crate) fn run<F, Fut>(
     serve: F,
 ) -> io::Result<()>
 where
-    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize) -> Fut + Copy + 'static,
+    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize, u64) -> Fut + Copy + 'static,
     Fut: Future<Output = ()> + 'static,
 {
     let settings = &shared.config.proxy;
@@ -323,7 +323,7 @@ where
 
 async fn accept_loop<F, Fut>(w: Rc<Worker>, listener: TcpListener, index: usize, serve: F)
 where
-    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize) -> Fut + Copy + 'static,
+    F: Fn(Rc<Worker>, TcpStream, SocketAddr, usize, u64) -> Fut + Copy + 'static,
     Fut: Future<Output = ()> + 'static,
 {
     let mut last_warn: Option<Instant> = None;
@@ -383,8 +383,11 @@ where
         w.active.set(w.active.get() + 1);
         let id = ((w.id as u64) << 48) | w.next_id.replace(w.next_id.get() + 1);
         let listener_cfg = &shared.config.listeners[index];
+        // The connection's span, for its whole life at debug. At info and above the lines a
+        // connection logs are made inside the same span on the spot (`conn::span`): a span held
+        // by every idle connection costs memory. The access log carries the same id (`conn_id`).
         let span = tracing::debug_span!("conn", id, client = %peer, listener = %listener_cfg.name);
-        let fut = serve(w.clone(), stream, peer, index);
+        let fut = serve(w.clone(), stream, peer, index, id);
         // The span is only carried when it records something: a disabled one would still take
         // its place in every connection's task.
         if span.is_disabled() {

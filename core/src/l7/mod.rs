@@ -17,14 +17,17 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 pub(crate) mod pool;
+pub(crate) mod rq_log;
 pub use crate::policy::rules;
+use rq_log::{Counted, Logged, RqLog};
 
 use crate::config::Protocol;
 use crate::reason::Reason;
 use crate::server::{ConfigSnapshot, Shared};
+use crate::telemetry::access_log::Line;
 use crate::telemetry::stats::HttpStats;
 
 /// How long a client may take to send a request's headers; also how long a kept-alive
@@ -64,7 +67,7 @@ fn normalize_target(parts: &mut hyper::http::request::Parts) -> Result<(), (Reas
 /// Request bodies up to this size are kept so that the request can be retried.
 const REPLAY_LIMIT: u64 = 64 * 1024;
 
-pub(crate) type ReqBody = Either<Full<Bytes>, Incoming>;
+pub(crate) type ReqBody = Either<Full<Bytes>, Counted<Incoming>>;
 /// What the L7 path answers with.
 pub type RespBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -73,6 +76,12 @@ pub type RespBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync
 pub(crate) struct Handoff {
     /// The accepted socket.
     pub stream: std::net::TcpStream,
+    /// The connection's id (its span's, and the access log's `conn_id`).
+    pub id: u64,
+    /// The address the client dialled (sidecar listeners).
+    pub orig_dst: Option<SocketAddr>,
+    /// This proxy's own identity on the listener that accepted it.
+    pub own_id: Option<Arc<str>>,
     /// The client.
     pub peer: SocketAddr,
     /// The configuration the connection was accepted under.
@@ -187,7 +196,9 @@ impl L7 {
                         });
                         loop {
                             while let Ok(h) = rx.try_recv() {
-                                tokio::spawn(serve(h, ctx.clone()));
+                                // The connection keeps the id it was accepted with.
+                                let span = tracing::info_span!("conn", id = h.id, client = %h.peer, l7 = true);
+                                tokio::spawn(serve(h, ctx.clone()).instrument(span));
                             }
                             if stop.load(SeqCst) {
                                 return;
@@ -217,13 +228,16 @@ impl L7 {
         })
     }
 
-    /// Hand a connection over. Fails only when the L7 path is gone (shutting down).
-    pub(crate) fn handoff(&self, h: Handoff) -> Result<(), Handoff> {
+    /// Hand a connection over. `false` only when the L7 path is gone (shutting down): the
+    /// connection is dropped (closed).
+    pub(crate) fn handoff(&self, h: Handoff) -> bool {
         let k = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
         let (tx, wake) = &self.senders[k];
-        tx.send(h).map_err(|e| e.into_inner())?;
+        if tx.send(h).is_err() {
+            return false;
+        }
         wake.notify_one();
-        Ok(())
+        true
     }
 
     /// Drain: every connection finishes the request in progress and closes (idle keep-alive
@@ -266,6 +280,16 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn {
         peer,
+        id: h.id,
+        direction: match h.entry {
+            Entry::Outbound { .. } => "outbound",
+            Entry::Inbound { .. } => "inbound",
+            Entry::Static { .. } => "tunnel",
+        },
+        orig_dst: h.orig_dst,
+        own_id: h.own_id,
+        caller_is_peer: false,
+        accepted: std::time::Instant::now(),
         snap: h.snap,
         service: h.service,
         mesh_out: false,
@@ -281,6 +305,7 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
             None
         }
         Entry::Inbound { tls, port, pod_ip } => {
+            conn.caller_is_peer = true;
             conn.inbound = Some(InboundConn {
                 port,
                 pod_ip,
@@ -293,7 +318,10 @@ async fn serve(h: Handoff, ctx: Arc<Ctx>) {
                 conn.origin = Some((cfg, name));
                 None
             }
-            Some(TunnelTls::Terminate { cfg }) => Some(cfg),
+            Some(TunnelTls::Terminate { cfg }) => {
+                conn.caller_is_peer = true;
+                Some(cfg)
+            }
             None => None,
         },
     };
@@ -436,10 +464,29 @@ where
                     .events
                     .push(reason, peer.to_string(), service.clone(), detail.clone());
                 if let Some(log) = &shared.access_log {
-                    log.write(serde_json::json!({
-                        "kind": "http", "client": peer.to_string(), "service": service,
-                        "reason": reason.as_str(), "detail": detail,
-                    }));
+                    let peer_id = served_conn.peer_id.as_ref().map(|i| i.to_string());
+                    let (source_id, destination_id) = crate::telemetry::access_log::identities(
+                        served_conn.caller_is_peer,
+                        served_conn.own_id.as_deref(),
+                        peer_id.as_deref(),
+                    );
+                    log.write(Line {
+                        kind: "http",
+                        conn_id: served_conn.id,
+                        direction: served_conn.direction,
+                        mesh: served_conn.mesh(),
+                        client: Some(peer),
+                        source_id,
+                        destination_id,
+                        original_destination: served_conn.orig_dst,
+                        destination: Some(&service),
+                        peer_id: peer_id.as_deref(),
+                        duration_ms: served_conn.accepted.elapsed().as_millis() as u64,
+                        reason: Some(reason.as_str()),
+                        detail: Some(&detail),
+                        service: Some(&service),
+                        ..Line::default()
+                    });
                 }
             }
         } else {
@@ -500,6 +547,18 @@ fn release(ctx: &Ctx, inbound: bool) {
 
 struct Conn {
     peer: SocketAddr,
+    /// The connection's id (as in its span).
+    id: u64,
+    /// `outbound`, `inbound` or `tunnel`.
+    direction: &'static str,
+    /// The address the client dialled (sidecar listeners).
+    orig_dst: Option<SocketAddr>,
+    /// This proxy's own identity on the listener that accepted it.
+    own_id: Option<Arc<str>>,
+    /// The verified peer is the caller (inbound, a tunnel's terminating end); else this proxy is.
+    caller_is_peer: bool,
+    /// When the connection reached the L7 path.
+    accepted: std::time::Instant,
     snap: Arc<ConfigSnapshot>,
     service: usize,
     /// Upstreams are sidecars: originate mesh mTLS.
@@ -513,6 +572,16 @@ struct Conn {
     /// Requests this connection has carried (0 at its end with a parse error: the client does
     /// not speak HTTP).
     requests: std::sync::atomic::AtomicU64,
+}
+
+impl Conn {
+    /// Mesh mTLS on one side.
+    fn mesh(&self) -> bool {
+        self.peer_id.is_some()
+            || self.mesh_out
+            || self.origin.is_some()
+            || self.inbound.as_ref().is_some_and(|i| i.authenticated)
+    }
 }
 
 struct InboundConn {
@@ -598,7 +667,7 @@ fn request_id() -> HeaderValue {
 }
 
 async fn proxy(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: Arc<Conn>,
     ctx: Arc<Ctx>,
 ) -> Result<Response<RespBody>, Infallible> {
@@ -608,20 +677,32 @@ async fn proxy(
     let start = std::time::Instant::now();
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
+    // A request without an id gets one here, before anything reads it: the upstream and the
+    // access log see the same.
+    let rid = HeaderName::from_static("x-request-id");
+    if !req.headers().contains_key(&rid) {
+        req.headers_mut().insert(rid.clone(), request_id());
+    }
     let request_id_of = req
         .headers()
-        .get("x-request-id")
+        .get(&rid)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let trace_id = trace_id(req.headers());
+    let bytes_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let req = req.map(|b| Counted::new(b, bytes_up.clone()));
     let mut meta = RqMeta {
         service: conn.snap.services[conn.service].name.clone(),
         route: "default".into(),
+        upstream: None,
+        upstream_id: None,
     };
     let resp = forward(req, &conn, &ctx, &mut meta).await;
+    let mut detail_of = None;
     let resp = match resp {
         Ok(r) => r,
         Err((reason, detail)) => {
+            detail_of = Some(detail.clone());
             stats.fail(reason);
             HttpStats::inc(&stats.local_replies);
             let source = conn
@@ -647,22 +728,42 @@ async fn proxy(
     let status = resp.status().as_u16();
     stats.status(status);
     stats.record(&meta.service, &meta.route, &method, status, start.elapsed());
-    if let Some(shared) = ctx.shared.upgrade() {
-        if let Some(log) = &shared.access_log {
-            log.write(serde_json::json!({
-                "kind": "http", "client": conn.peer.to_string(), "service": meta.service,
-                "route": meta.route, "method": method, "path": path, "status": status,
-                "request_id": request_id_of, "trace_id": trace_id,
-                "reason": resp.headers().get("x-ringside-reason").and_then(|v| v.to_str().ok()),
-                "duration_ms": start.elapsed().as_millis() as u64,
-            }));
-        }
+    if ctx.shared.upgrade().is_none_or(|s| s.access_log.is_none()) {
+        return Ok(resp);
     }
-    Ok(resp)
+    // The line is written when the response body has gone to the client (its bytes counted).
+    // The reason: this proxy's failure, or the one the upstream's sidecar answered with.
+    let reason = resp
+        .headers()
+        .get("x-ringside-reason")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Reason::ALL.into_iter().find(|r| r.as_str() == v));
+    let pending = RqLog {
+        shared: ctx.shared.clone(),
+        conn,
+        meta,
+        method,
+        path,
+        status,
+        request_id: request_id_of,
+        trace_id,
+        reason,
+        detail: detail_of,
+        start,
+        bytes_up,
+    };
+    let (parts, body) = resp.into_parts();
+    let body = Logged {
+        inner: body,
+        bytes: 0,
+        log: Some(pending),
+    };
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
-/// The trace a request belongs to: W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`) or B3
-/// `x-b3-traceid` (the headers themselves go through unchanged).
+/// The trace a request belongs to: W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), else B3
+/// `x-b3-traceid`, else the single B3 header (`b3: <trace id>-<span id>[-...]`). The headers
+/// themselves go through unchanged.
 fn trace_id(h: &hyper::HeaderMap) -> Option<String> {
     let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
     if let Some(tp) = h.get("traceparent").and_then(|v| v.to_str().ok()) {
@@ -674,9 +775,18 @@ fn trace_id(h: &hyper::HeaderMap) -> Option<String> {
             }
         }
     }
-    h.get("x-b3-traceid")
+    let b3_id = |id: &str| (id.len() == 16 || id.len() == 32) && hex(id);
+    if let Some(id) = h
+        .get("x-b3-traceid")
         .and_then(|v| v.to_str().ok())
-        .filter(|id| (id.len() == 16 || id.len() == 32) && hex(id))
+        .filter(|id| b3_id(id))
+    {
+        return Some(id.to_ascii_lowercase());
+    }
+    h.get("b3")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split('-').next())
+        .filter(|id| b3_id(id))
         .map(str::to_ascii_lowercase)
 }
 
@@ -686,10 +796,14 @@ struct RqMeta {
     service: String,
     /// The route that matched (`route-N`) or `default`.
     route: String,
+    /// The endpoint (or local application address) the last try went to.
+    upstream: Option<SocketAddr>,
+    /// The identity that endpoint proved (mesh mTLS).
+    upstream_id: Option<Arc<str>>,
 }
 
 async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<Counted<Incoming>>,
     conn: &Conn,
     ctx: &Ctx,
     meta: &mut RqMeta,
@@ -789,10 +903,6 @@ async fn forward(
             headers.insert(xff, v);
         }
     }
-    let rid = HeaderName::from_static("x-request-id");
-    if !parts.headers.contains_key(&rid) {
-        parts.headers.insert(rid, request_id());
-    }
     // Upstream requests carry the origin form (path and query); the host goes in `Host`.
     let path = parts
         .uri
@@ -875,7 +985,7 @@ async fn forward(
             policy.request_timeout,
         );
         return to_local_app(
-            parts, replay, stream, inb, svc, timeouts, deadline, ctx, version,
+            parts, replay, stream, inb, svc, timeouts, deadline, ctx, version, meta,
         )
         .await;
     }
@@ -916,6 +1026,7 @@ async fn forward(
             tried |= 1 << i;
         }
         let addr = cluster.endpoints[i].addr;
+        meta.upstream = Some(addr);
         let up = match given_back.take() {
             Some(r) => r,
             None => {
@@ -979,6 +1090,10 @@ async fn forward(
             }
             Ok(Ok(resp)) => {
                 let code = resp.status().as_u16();
+                meta.upstream_id = resp
+                    .extensions()
+                    .get::<pool::UpstreamId>()
+                    .map(|u| u.0.clone());
                 cluster.observe_latency(i, sent.elapsed());
                 if let Some(period) =
                     cluster.report_status(i, code, svc.outlier_5xx, std::time::Instant::now())
@@ -1294,13 +1409,14 @@ const LOCAL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 async fn to_local_app(
     parts: hyper::http::request::Parts,
     replay: Option<Bytes>,
-    stream: Option<Incoming>,
+    stream: Option<Counted<Incoming>>,
     inb: &InboundConn,
     svc: &crate::config::Service,
     (connect_timeout, request_timeout): (std::time::Duration, std::time::Duration),
     deadline: tokio::time::Instant,
     ctx: &Ctx,
     version: hyper::Version,
+    meta: &mut RqMeta,
 ) -> Result<Response<RespBody>, (Reason, String)> {
     let candidates = crate::decide::route::local_candidates(inb.port, inb.pod_ip, true);
     let body = match (replay, stream) {
@@ -1317,6 +1433,7 @@ async fn to_local_app(
             h2: matches!(svc.protocol, Protocol::Http2 | Protocol::Grpc),
         };
         let Some(r) = req.take() else { break };
+        meta.upstream = Some(*addr);
         match tokio::time::timeout_at(deadline, ctx.pool.send(&key, None, connect_timeout, r)).await
         {
             Err(_) => {

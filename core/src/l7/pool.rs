@@ -45,36 +45,44 @@ pub(crate) struct SendError {
     pub request: Option<Request<ReqBody>>,
 }
 
-/// Idle connections with the time each went idle.
-type IdleMap = HashMap<Key, Vec<(SendRequest<ReqBody>, Instant)>>;
+/// The verified identity of the upstream a response came from (mesh mTLS only), in the
+/// response's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamId(pub Arc<str>);
+
+/// An upstream's verified identity (its certificate's SPIFFE ID), `None` in plaintext.
+type PeerId = Option<Arc<str>>;
+
+/// Idle connections with the time each went idle and the identity its peer proved.
+type IdleMap = HashMap<Key, Vec<(SendRequest<ReqBody>, Instant, PeerId)>>;
 
 /// The idle connections of one lane.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: Mutex<IdleMap>,
-    h2: Mutex<HashMap<Key, hyper::client::conn::http2::SendRequest<ReqBody>>>,
+    h2: Mutex<HashMap<Key, (hyper::client::conn::http2::SendRequest<ReqBody>, PeerId)>>,
 }
 
 impl Pool {
-    fn take(&self, key: &Key) -> Option<SendRequest<ReqBody>> {
+    fn take(&self, key: &Key) -> Option<(SendRequest<ReqBody>, PeerId)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
-        while let Some((s, at)) = list.pop() {
+        while let Some((s, at, id)) = list.pop() {
             if !s.is_closed() && at.elapsed() < IDLE_FOR {
-                return Some(s);
+                return Some((s, id));
             }
         }
         None
     }
 
-    fn put(&self, key: Key, s: SendRequest<ReqBody>) {
+    fn put(&self, key: Key, s: SendRequest<ReqBody>, id: PeerId) {
         if s.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < IDLE_MAX {
-            list.push((s, Instant::now()));
+            list.push((s, Instant::now(), id));
         }
     }
 
@@ -90,19 +98,19 @@ impl Pool {
             return self.send_h2(key, tls, connect_timeout, req).await;
         }
         // Idle connections first; one the server closed meanwhile gives the request back.
-        while let Some(mut s) = self.take(key) {
+        while let Some((mut s, id)) = self.take(key) {
             if s.ready().await.is_err() {
                 continue;
             }
             match s.try_send_request(req).await {
-                Ok(resp) => return Ok(self.wrap(key, s, resp)),
+                Ok(resp) => return Ok(self.wrap(key, s, id, resp)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(request_error(e.into_error())),
                 },
             }
         }
-        let mut s = match connect(key, tls, connect_timeout).await {
+        let (mut s, id) = match connect(key, tls, connect_timeout).await {
             Ok(s) => s,
             Err(mut e) => {
                 e.request = Some(req);
@@ -110,7 +118,7 @@ impl Pool {
             }
         };
         match s.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(key, s, resp)),
+            Ok(resp) => Ok(self.wrap(key, s, id, resp)),
             Err(e) => {
                 let canceled = e.is_canceled();
                 let mut err = request_error(e);
@@ -138,12 +146,12 @@ impl Pool {
     ) -> Result<Response<PooledBody>, SendError> {
         let shared = {
             let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(key).filter(|s| !s.is_closed()).cloned()
+            map.get(key).filter(|(s, _)| !s.is_closed()).cloned()
         };
-        let mut s = match shared {
+        let (mut s, id) = match shared {
             Some(s) => s,
             None => {
-                let io = match connect_io(key, tls, connect_timeout).await {
+                let (io, id) = match connect_io(key, tls, connect_timeout).await {
                     Ok(io) => io,
                     Err(mut e) => {
                         e.request = Some(req);
@@ -168,8 +176,8 @@ impl Pool {
                 self.h2
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone(), s.clone());
-                s
+                    .insert(key.clone(), (s.clone(), id.clone()));
+                (s, id)
             }
         };
         if s.ready().await.is_err() {
@@ -186,7 +194,10 @@ impl Pool {
         }
         match s.send_request(req).await {
             Ok(resp) => {
-                let (parts, body) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
+                if let Some(id) = id {
+                    parts.extensions.insert(UpstreamId(id));
+                }
                 Ok(Response::from_parts(
                     parts,
                     PooledBody {
@@ -203,15 +214,19 @@ impl Pool {
         self: &Arc<Self>,
         key: &Key,
         s: SendRequest<ReqBody>,
+        id: PeerId,
         resp: Response<Incoming>,
     ) -> Response<PooledBody> {
+        let (mut parts, body) = resp.into_parts();
+        if let Some(id) = &id {
+            parts.extensions.insert(UpstreamId(id.clone()));
+        }
         // A switched protocol (WebSocket) keeps the connection.
-        let back = if resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+        let back = if parts.status == hyper::StatusCode::SWITCHING_PROTOCOLS {
             None
         } else {
-            Some((s, Arc::downgrade(self), key.clone()))
+            Some((s, Arc::downgrade(self), key.clone(), id))
         };
-        let (parts, body) = resp.into_parts();
         let mut body = PooledBody { inner: body, back };
         if body.inner.is_end_stream() {
             body.give_back();
@@ -322,17 +337,17 @@ async fn connect(
     key: &Key,
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
-) -> Result<SendRequest<ReqBody>, SendError> {
-    let io = connect_io(key, tls, timeout).await?;
-    handshake(io, key.addr).await
+) -> Result<(SendRequest<ReqBody>, PeerId), SendError> {
+    let (io, id) = connect_io(key, tls, timeout).await?;
+    Ok((handshake(io, key.addr).await?, id))
 }
 
-/// A new stream: TCP, then mesh mTLS when asked.
+/// A new stream: TCP, then mesh mTLS when asked (with the identity the upstream proved).
 async fn connect_io(
     key: &Key,
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
-) -> Result<Io, SendError> {
+) -> Result<(Io, PeerId), SendError> {
     let addr = key.addr;
     let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => {
@@ -373,9 +388,10 @@ async fn connect_io(
                     format!("mesh TLS handshake with {service} at {addr}: {e}"),
                 )
             })?;
-            Ok(Io::Tls(Box::new(TokioIo::new(tls))))
+            let id = crate::tls::session::peer_id(tls.get_ref().1).map(|i| i.to_string().into());
+            Ok((Io::Tls(Box::new(TokioIo::new(tls))), id))
         }
-        _ => Ok(Io::Plain(TokioIo::new(tcp))),
+        _ => Ok((Io::Plain(TokioIo::new(tcp)), None)),
     }
 }
 
@@ -398,14 +414,14 @@ where
 #[derive(Debug)]
 pub(crate) struct PooledBody {
     inner: Incoming,
-    back: Option<(SendRequest<ReqBody>, Weak<Pool>, Key)>,
+    back: Option<(SendRequest<ReqBody>, Weak<Pool>, Key, PeerId)>,
 }
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((s, pool, key)) = self.back.take() {
+        if let Some((s, pool, key, id)) = self.back.take() {
             if let Some(pool) = pool.upgrade() {
-                pool.put(key, s);
+                pool.put(key, s, id);
             }
         }
     }

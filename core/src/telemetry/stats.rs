@@ -223,6 +223,19 @@ pub fn encode_http_services(
     Ok(())
 }
 
+/// The `method` label of a request: a standard method keeps its name, anything else is `other`
+/// (a client choosing its methods cannot make a series per request).
+pub fn method_label(method: &str) -> &str {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    if STANDARD.contains(&method) {
+        method
+    } else {
+        "other"
+    }
+}
+
 impl HttpStats {
     /// Record one request of `service` on `route`.
     pub fn record(
@@ -237,7 +250,9 @@ impl HttpStats {
         let key = (service.to_string(), route.to_string());
         let st = map.entry(key).or_default();
         *st.codes.entry(status).or_default() += 1;
-        *st.methods.entry(method.to_string()).or_default() += 1;
+        *st.methods
+            .entry(method_label(method).to_string())
+            .or_default() += 1;
         st.latency.observe(latency);
     }
 }
@@ -442,6 +457,34 @@ impl StatsRegistry {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_client_inventing_methods_makes_one_method_series() {
+        let http = HttpStats::default();
+        // Standard methods keep their name.
+        for m in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ] {
+            http.record("web", "default", m, 200, Duration::from_millis(1));
+        }
+        // A hostile client: 1,000 distinct methods (and lowercase spellings of standard ones).
+        for i in 0..1000 {
+            http.record(
+                "web",
+                "default",
+                &format!("M{i}"),
+                200,
+                Duration::from_millis(1),
+            );
+        }
+        http.record("web", "default", "get", 200, Duration::from_millis(1));
+        let map = http.services.lock().unwrap();
+        let methods = &map[&("web".to_string(), "default".to_string())].methods;
+        assert_eq!(methods.len(), 10, "{methods:?}");
+        assert_eq!(methods["other"], 1001);
+        assert_eq!(methods["GET"], 1);
+        assert_eq!(methods["PATCH"], 1);
+    }
 
     #[test]
     fn histogram_keeps_an_exact_sum_and_exact_buckets() {

@@ -22,6 +22,8 @@ pub struct SidecarTls {
     pub files: TlsFiles,
     /// This sidecar's trust domain and namespace (from its certificate).
     pub scope: Scope,
+    /// This sidecar's own identity (its certificate's SPIFFE ID), as the access log names it.
+    pub id: Arc<str>,
 }
 
 /// Inbound server configs of one local service.
@@ -66,6 +68,7 @@ impl SidecarTls {
             outbound,
             files,
             scope: Scope::of(&id),
+            id: id.to_string().into(),
         })
     }
 
