@@ -160,5 +160,9 @@ fn no_doc_comment_says_for_now() {
         scan(&root.join(dir), &mut found, &mut files);
     }
     assert!(files > 50, "only {files} source files scanned");
-    assert!(found.is_empty(), "docs that say \"for now\":\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "docs that say \"for now\":\n{}",
+        found.join("\n")
+    );
 }
