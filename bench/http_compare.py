@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import l4_compare as l4  # noqa: E402
+import proxy_profile as prof  # noqa: E402
 
 ROOT = l4.ROOT
 RINGSIDE = os.path.join(ROOT, "target/release/ringside")
@@ -163,6 +164,12 @@ def main():
                       " ".join(f"{k}={v[-1]:.0f}" for k, v in res.items()), flush=True)
             order = order[1:] + order[:1]
         loaded_rss = {k: rss(v) for k, v in pids.items()}
+        profiles = {}
+        small = list(FILES)[0]
+        for peer, pid in pids.items():
+            ps = pid if isinstance(pid, list) else [pid]
+            profiles[peer] = prof.http_profile(ps, f"http://127.0.0.1:{peers[peer]}/{small}", args.seconds, wrk)
+            print(f"profile {peer}: {profiles[peer]}", flush=True)
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -189,6 +196,7 @@ def main():
                 "their RSS is both proxies together.\n\n")
         f.write(table + "\n\n")
         f.write("RSS (KiB): " + ", ".join(f"{p} idle {idle_rss[p]} / after the run {loaded_rss[p]}" for p in idle_rss) + "\n\n")
+        f.write("## Profile\n\n" + prof.HTTP_PROFILE_NOTE + "\n\n" + prof.http_table(profiles) + "\n\n")
         f.write("Raw values per round:\n\n```\n" + json.dumps(results, indent=1) + "\n```\n\n")
         f.write("## Machine\n\n" + l4.machine() + "\n\n")
         f.write("## Commands\n\n```\n"

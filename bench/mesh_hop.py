@@ -28,6 +28,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import l4_compare as l4  # noqa: E402
 import pods_compare as pc  # noqa: E402
+import proxy_profile as prof  # noqa: E402
 
 ROOT = l4.ROOT
 PORT = 7000
@@ -130,6 +131,7 @@ def main():
             pc.wait_in(pod, host, int(port))
 
         inputs = []
+        cpu = []  # (rate, peer, CPU µs per request of both sidecars)
         today = datetime.date.today().isoformat()
         # The raw results go next to the report (relative paths: the commands are quoted in it).
         out_dir = os.path.relpath(args.out, ROOT)
@@ -144,12 +146,27 @@ def main():
                     spec += ",pids=" + "+".join(str(p) for p in pids)
                 cmd += ["--target", spec]
             print("$ " + " ".join(cmd), flush=True)
+            before = {name: prof.cpu_seconds(pids) for name, _, _, pids in targets if pids}
             subprocess.run(cmd, check=True, cwd=ROOT)
+            # Every peer ran rounds x seconds at the rate (the sockperf check is not counted: it
+            # runs on the direct path only).
+            for name, _, _, pids in targets:
+                if pids:
+                    used = prof.cpu_seconds(pids) - before[name]
+                    cpu.append((rate, name, used * 1e6 / (rate * args.seconds * args.rounds)))
             inputs.append(out)
         report = [bench, "report", "--name", "mesh-hop", "--out-dir", out_dir, "--title", "Mesh hop", "--note", NOTE]
         for f in inputs:
             report += ["--input", f]
         subprocess.run(report, check=True, cwd=ROOT)
+        path = os.path.join(ROOT, out_dir, f"{today}-mesh-hop.md")
+        with open(path, "a") as f:
+            f.write("\n## Profile\n\nCPU time of both sidecars of the path (user + system, all threads, from "
+                    "/proc) over the whole run at a rate, divided by the requests sent to that path "
+                    "(rate x duration x rounds); a request crosses both sidecars twice.\n\n"
+                    "| rate (requests/s) | path | CPU µs per request, both sidecars |\n|---|---|---|\n")
+            for rate, name, us in cpu:
+                f.write(f"| {rate} | {name} | {us:.1f} |\n")
     finally:
         procs.stop_all()
         net.destroy()

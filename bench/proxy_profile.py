@@ -128,3 +128,33 @@ PROFILE_NOTE = ("CPU time of the proxy processes (all threads, user + system, fr
                 "moved; system calls counted by `strace -c -f` attached to the proxies during a second "
                 "ping-pong run, divided by its round trips (io_uring submissions are inside "
                 "`io_uring_enter`). A round trip crosses every proxy of the path twice.")
+
+
+def http_profile(pids, url, seconds, wrk):
+    """CPU and system calls per HTTP request: `wrk(url, seconds, connections)` returns (rps, ...)."""
+    pids = with_children(pids)
+    c0 = cpu_seconds(pids)
+    rps = wrk(url, seconds, 32)[0]
+    c1 = cpu_seconds(pids)
+    counts, traced = strace_counts(pids, lambda: wrk(url, 2, 4)[0] * 2)
+    per_rq = {k: v / traced for k, v in counts.items() if v / traced >= 0.01}
+    return {
+        "cpu_us_per_message": (c1 - c0) * 1e6 / (rps * seconds),
+        "syscalls_per_message": sum(counts.values()) / traced,
+        "top_syscalls_per_message": dict(sorted(per_rq.items(), key=lambda kv: -kv[1])[:6]),
+        "messages_traced": int(traced),
+    }
+
+
+def http_table(profiles):
+    lines = ["| peer | CPU µs per request | system calls per request | top calls per request |", "|---|---|---|---|"]
+    for peer, p in profiles.items():
+        top = ", ".join(f"{k} {v:.2f}" for k, v in p["top_syscalls_per_message"].items())
+        lines.append(f"| {peer} | {p['cpu_us_per_message']:.1f} | {p['syscalls_per_message']:.2f} | {top} |")
+    return "\n".join(lines)
+
+
+HTTP_PROFILE_NOTE = ("CPU time of the proxy processes (all threads, user + system) during a wrk run (-c32, the "
+                     "6-byte response) divided by the requests it completed; system calls counted by `strace -c -f` "
+                     "attached to the proxies during a 2 s wrk run with 4 connections, divided by its requests "
+                     "(strace slows the run; the counts per request are what matters).")
