@@ -122,7 +122,14 @@ fn servers() -> (
     wait_for("the admin port", Duration::from_secs(10), || {
         listening_on(admin.port())
     });
-    let daemon = Daemon::start(&format!("ringside-http-limits-{}", std::process::id()), &[]);
+    // One directory per call: the tests of this file run at once, and a daemon started on another
+    // test's directory would remove it (and that test's daemon with it).
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::SeqCst);
+    let daemon = Daemon::start(
+        &format!("ringside-http-limits-{}-{n}", std::process::id()),
+        &[],
+    );
     let list = vec![
         Server {
             what: "the L7 path",
