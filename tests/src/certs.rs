@@ -178,3 +178,30 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Write a strict-mTLS leaf for `service` (with the CA's bundle) into `dir`, owned by the proxy
+/// user, and return the sidecar section that uses it.
+pub fn sidecar_mtls(ca: &Ca, dir: &Path, service: &str) -> String {
+    let (cert, key) = ca.leaf(
+        &format!("spiffe://dc1/ns/default/sa/{service}"),
+        Validity::Valid,
+    );
+    let (c, k, b) = (
+        dir.join(format!("{service}.crt")),
+        dir.join(format!("{service}.key")),
+        dir.join("bundle.pem"),
+    );
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    std::fs::write(&b, &ca.pem).unwrap();
+    for p in [dir, &c, &k, &b] {
+        std::os::unix::fs::chown(p, Some(crate::pod::PROXY_UID), Some(crate::pod::PROXY_UID))
+            .unwrap();
+    }
+    format!(
+        "sidecar:\n  mtls:\n    mode: strict\n    cert: {}\n    key: {}\n    ca: {}\n",
+        c.display(),
+        k.display(),
+        b.display()
+    )
+}

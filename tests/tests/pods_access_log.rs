@@ -10,34 +10,9 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ringside_tests::certs::{Ca, Validity};
+use ringside_tests::certs::{sidecar_mtls, Ca};
 use ringside_tests::http::{serve, Client};
 use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
-
-/// `mtls:` YAML for the sidecar of `service`, its files in `dir`.
-fn mtls(ca: &Ca, dir: &Path, service: &str) -> String {
-    let (cert, key) = ca.leaf(
-        &format!("spiffe://dc1/ns/default/sa/{service}"),
-        Validity::Valid,
-    );
-    let (c, k, b) = (
-        dir.join(format!("{service}.crt")),
-        dir.join(format!("{service}.key")),
-        dir.join("bundle.pem"),
-    );
-    std::fs::write(&c, cert).unwrap();
-    std::fs::write(&k, key).unwrap();
-    std::fs::write(&b, &ca.pem).unwrap();
-    for p in [dir, &c, &k, &b] {
-        std::os::unix::fs::chown(p, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    }
-    format!(
-        "sidecar:\n  mtls:\n    mode: strict\n    cert: {}\n    key: {}\n    ca: {}\n",
-        c.display(),
-        k.display(),
-        b.display()
-    )
-}
 
 struct Dir(PathBuf);
 
@@ -103,20 +78,20 @@ fn access_log_names_identities_addresses_and_bytes_both_ways() {
     );
     let s_front = start(
         &front,
-        format!("{}{services}", mtls(&ca, &dir.0, "frontend")),
+        format!("{}{services}", sidecar_mtls(&ca, &dir.0, "frontend")),
     );
     let s_prod = start(
         &prod,
         format!(
             "{}services:\n  - name: products\n    port: 9090\n    target_port: 8080\n    local: true\nintentions:\n  default: deny\n  rules:\n    - source: frontend\n      destination: products\n      action: allow\n",
-            mtls(&ca, &dir.0, "products")
+            sidecar_mtls(&ca, &dir.0, "products")
         ),
     );
     let s_web = start(
         &webp,
         format!(
             "{}services:\n  - name: web\n    port: 9091\n    target_port: 8081\n    protocol: http\n    local: true\nintentions:\n  default: deny\n  rules:\n    - source: frontend\n      destination: web\n      action: allow\n",
-            mtls(&ca, &dir.0, "web")
+            sidecar_mtls(&ca, &dir.0, "web")
         ),
     );
 

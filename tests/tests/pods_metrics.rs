@@ -5,12 +5,12 @@
 //! root.
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ringside_tests::certs::{Ca, Validity};
+use ringside_tests::certs::{sidecar_mtls, Ca};
 use ringside_tests::http::{serve, Client};
-use ringside_tests::pod::{pods_available, Net, Pod, Sidecar, PROXY_UID};
+use ringside_tests::pod::{pods_available, Net, Pod, Sidecar};
 use ringside_tests::*;
 
 /// Send `len` bytes to `to` from `pod` and read them all back (the app echoes).
@@ -30,31 +30,6 @@ fn roundtrip(pod: &Pod, to: SocketAddr, len: u64) {
     })
     .join()
     .unwrap()
-}
-
-/// `mtls:` YAML for the sidecar of `service`, its files in `dir`.
-fn mtls(ca: &Ca, dir: &Path, service: &str) -> String {
-    let (cert, key) = ca.leaf(
-        &format!("spiffe://dc1/ns/default/sa/{service}"),
-        Validity::Valid,
-    );
-    let (c, k, b) = (
-        dir.join(format!("{service}.crt")),
-        dir.join(format!("{service}.key")),
-        dir.join("bundle.pem"),
-    );
-    std::fs::write(&c, cert).unwrap();
-    std::fs::write(&k, key).unwrap();
-    std::fs::write(&b, &ca.pem).unwrap();
-    for p in [dir, &c, &k, &b] {
-        std::os::unix::fs::chown(p, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
-    }
-    format!(
-        "sidecar:\n  mtls:\n    mode: strict\n    cert: {}\n    key: {}\n    ca: {}\n",
-        c.display(),
-        k.display(),
-        b.display()
-    )
 }
 
 /// The value of the sample `series` (name and labels exactly as exported), if present.
@@ -102,21 +77,27 @@ fn metrics_count_per_direction_service_source_and_code() {
     );
     let s_front = Sidecar::start(
         &front,
-        &format!("{}{products}{web_svc}", mtls(&ca, &dir.0, "frontend")),
+        &format!(
+            "{}{products}{web_svc}",
+            sidecar_mtls(&ca, &dir.0, "frontend")
+        ),
     );
-    let s_batch = Sidecar::start(&batch, &format!("{}{products}", mtls(&ca, &dir.0, "batch")));
+    let s_batch = Sidecar::start(
+        &batch,
+        &format!("{}{products}", sidecar_mtls(&ca, &dir.0, "batch")),
+    );
     let s_prod = Sidecar::start(
         &prod,
         &format!(
             "{}services:\n  - name: products\n    port: 9090\n    target_port: 8080\n    local: true\nintentions:\n  default: deny\n  rules:\n    - source: frontend\n      destination: products\n      action: allow\n    - source: batch\n      destination: products\n      action: allow\n",
-            mtls(&ca, &dir.0, "products")
+            sidecar_mtls(&ca, &dir.0, "products")
         ),
     );
     let s_web = Sidecar::start(
         &webp,
         &format!(
             "{}services:\n  - name: web\n    port: 9091\n    target_port: 8081\n    protocol: http\n    local: true\nintentions:\n  default: deny\n  rules:\n    - source: frontend\n      destination: web\n      action: allow\n",
-            mtls(&ca, &dir.0, "web")
+            sidecar_mtls(&ca, &dir.0, "web")
         ),
     );
 
