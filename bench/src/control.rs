@@ -26,6 +26,7 @@ use ringside_core::control::api::{
     ApplyResponse, IndexResponse, ProxyReport, RegisterService, SignResponse, TokenRequest,
     TokenResponse,
 };
+use ringside_core::control::stream::{Kind, ProxyStream};
 use ringside_core::control::PortMap;
 use serde::{Deserialize, Serialize};
 
@@ -452,12 +453,12 @@ struct SimProxy {
 }
 
 impl SimProxy {
-    async fn report(&self, index: u64, generation: u64, not_after: i64) -> anyhow::Result<()> {
+    fn report_body(&self, index: u64, generation: u64, not_after: i64) -> ProxyReport {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let r = ProxyReport {
+        ProxyReport {
             id: format!("sim-{}", self.n),
             service: self.service.clone(),
             address: Some(self.address.into()),
@@ -471,48 +472,24 @@ impl SimProxy {
             failed_connects_before_start: 0,
             events: Vec::new(),
             meta: Default::default(),
-        };
+        }
+    }
+
+    /// The first configuration, as `ringside run` bootstraps (one request, no waiting).
+    async fn fetch(&self, shared: &Shared) -> anyhow::Result<ConfigHead> {
         let (status, body) = call(
             &self.socket,
-            "POST",
-            "/v1/proxy/report",
-            Some(serde_json::to_string(&r)?),
+            "GET",
+            "/v1/proxy/config?index=0&wait=0",
+            None,
             Some(&self.token),
         )
         .await?;
         if status != 200 {
-            bail!("report: {status} {}", String::from_utf8_lossy(&body));
-        }
-        Ok(())
-    }
-
-    /// The configuration after `index`, as `ringside run` asks for it: with the digest of the
-    /// catalog it has (`digest`), so an answer may leave the catalog out.
-    async fn fetch(
-        &self,
-        index: u64,
-        wait_s: u64,
-        digest: &str,
-        shared: &Shared,
-    ) -> anyhow::Result<ConfigHead> {
-        let mut path = format!("/v1/proxy/config?index={index}&wait={wait_s}");
-        if !digest.is_empty() {
-            path.push_str(&format!("&catalog={digest}"));
-        }
-        let (status, body) = call(&self.socket, "GET", &path, None, Some(&self.token)).await?;
-        if status != 200 {
             bail!("config: {status} {}", String::from_utf8_lossy(&body));
         }
-        let head: ConfigHead = serde_json::from_slice(&body)?;
-        if head.catalog_omitted {
-            if head.catalog_digest != digest {
-                bail!("config: the catalog was left out, but it is not the one this proxy has");
-            }
-            shared.lean_config_bytes.fetch_max(body.len(), Relaxed);
-        } else {
-            shared.last_config_bytes.fetch_max(body.len(), Relaxed);
-        }
-        Ok(head)
+        shared.last_config_bytes.fetch_max(body.len(), Relaxed);
+        Ok(serde_json::from_slice(&body)?)
     }
 
     async fn sign(&self) -> anyhow::Result<SignResponse> {
@@ -530,8 +507,10 @@ impl SimProxy {
         .await
     }
 
-    /// Come up, then watch and acknowledge until the run stops. Failed requests are counted and
-    /// retried after a short pause, as a proxy backs off.
+    /// Come up, then hold the stream and acknowledge until the run stops, as `ringside run
+    /// --ctl` does: a configuration frame is applied and acknowledged with a report, a ping
+    /// answered with one. Failures are counted and the stream opened again after a short pause,
+    /// as a proxy backs off.
     async fn run(self, shared: Arc<Shared>) {
         let ack = |index: u64, got: Instant| {
             shared.acks[self.n]
@@ -540,13 +519,11 @@ impl SimProxy {
                 .push((index, got, Instant::now()));
             shared.acked[self.n].store(index, Relaxed);
         };
-        let (mut index, mut digest, generation, not_after) = loop {
+        let (c, generation, not_after) = loop {
             let up = async {
-                let c = self.fetch(0, 0, "", &shared).await?;
+                let c = self.fetch(&shared).await?;
                 let s = self.sign().await?;
-                let not_after = not_after_of(&s.cert);
-                self.report(c.index, s.cert_generation, not_after).await?;
-                Ok::<_, anyhow::Error>((c.index, c.catalog_digest, s.cert_generation, not_after))
+                Ok::<_, anyhow::Error>((c, s.cert_generation, not_after_of(&s.cert)))
             };
             match up.await {
                 Ok(v) => break v,
@@ -556,27 +533,90 @@ impl SimProxy {
                 }
             }
         };
-        ack(index, Instant::now());
+        let (mut index, mut digest) = (c.index, c.catalog_digest);
+        let mut first = true;
         while !shared.stop.load(Relaxed) {
-            let round = async {
-                let c = self.fetch(index, 10, &digest, &shared).await?;
-                let got = Instant::now();
-                let _ = c.cert_generation;
-                self.report(c.index, generation, not_after).await?;
-                Ok::<_, anyhow::Error>((c.index, c.catalog_digest, got))
-            };
-            match round.await {
-                Ok((i, d, got)) => {
-                    digest = d;
-                    if i != index {
-                        index = i;
-                        ack(i, got);
+            let held = async {
+                let mut s = ProxyStream::open(&self.socket, &self.token, index, &digest).await?;
+                // A report at once: the endpoint registers (and, the first time, the proxy is up).
+                let mut todo: Option<(ConfigHead, usize, Instant)> = None;
+                let mut report = Some(index);
+                loop {
+                    if let Some(i) = report.take() {
+                        s.report(&self.report_body(i, generation, not_after))
+                            .await?;
+                        // Until the acknowledgement; a configuration meanwhile waits its turn.
+                        loop {
+                            let (kind, json) = s.next().await?;
+                            match kind {
+                                Kind::Ack => break,
+                                Kind::Config => {
+                                    let head: ConfigHead = serde_json::from_slice(&json)?;
+                                    todo = Some((head, json.len(), Instant::now()));
+                                }
+                                _ => {}
+                            }
+                        }
+                        if first {
+                            first = false;
+                            ack(i, Instant::now());
+                        }
+                    }
+                    if shared.stop.load(Relaxed) {
+                        return Ok(());
+                    }
+                    let (head, size, got) = match todo.take() {
+                        Some(t) => t,
+                        None => {
+                            let next =
+                                tokio::time::timeout(Duration::from_secs(30), s.next()).await;
+                            let (kind, json) = next.map_err(|_| anyhow!("a silent daemon"))??;
+                            match kind {
+                                Kind::Config => {
+                                    let head: ConfigHead = serde_json::from_slice(&json)?;
+                                    (head, json.len(), Instant::now())
+                                }
+                                Kind::Ping => {
+                                    report = Some(index);
+                                    continue;
+                                }
+                                _ => continue,
+                            }
+                        }
+                    };
+                    if head.catalog_omitted {
+                        if head.catalog_digest != digest {
+                            bail!("config: the catalog was left out, but it is not the one this proxy has");
+                        }
+                        shared.lean_config_bytes.fetch_max(size, Relaxed);
+                    } else {
+                        shared.last_config_bytes.fetch_max(size, Relaxed);
+                    }
+                    let _ = head.cert_generation;
+                    digest = head.catalog_digest;
+                    s.report(&self.report_body(head.index, generation, not_after))
+                        .await?;
+                    loop {
+                        let (kind, json) = s.next().await?;
+                        match kind {
+                            Kind::Ack => break,
+                            Kind::Config => {
+                                let h: ConfigHead = serde_json::from_slice(&json)?;
+                                todo = Some((h, json.len(), Instant::now()));
+                            }
+                            _ => {}
+                        }
+                    }
+                    if head.index != index {
+                        index = head.index;
+                        ack(index, got);
                     }
                 }
-                Err(_) => {
-                    shared.failed.fetch_add(1, Relaxed);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+            };
+            let r: anyhow::Result<()> = held.await;
+            if r.is_err() {
+                shared.failed.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     }

@@ -27,7 +27,7 @@
 //! daemon's lease (gone within `--lease-ttl` when the daemon dies); with either store, those of a
 //! proxy that stops reporting to this daemon for `--lease-ttl` are removed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -54,9 +54,10 @@ use serde::Serialize;
 use crate::ca::{Authority, SealKey, SharedCa};
 pub use crate::client::Target;
 use crate::consul;
-use crate::store::{EtcdOptions, ProxyRecord, Snapshot, Store, StoreError};
+use crate::store::{EtcdOptions, ProxyRecord, Snapshot, Store, StoreError, TokenNews};
 
 mod limited;
+mod stream;
 mod tcp;
 pub use tcp::{hostname, PROXY_TOKEN_HEADER};
 
@@ -118,6 +119,12 @@ pub struct State {
     tokens: Mutex<HashMap<String, TokenInfo>>,
     /// The proxies reporting to this daemon, by id.
     local: Mutex<HashMap<String, LocalProxy>>,
+    /// Token hashes with proxy streams open on this daemon, and how many.
+    streaming: Mutex<HashMap<String, usize>>,
+    /// Token hashes revoked while this daemon ran: their streams close.
+    revoked: Mutex<HashSet<String>>,
+    /// Moved at every revocation, to wake the streams.
+    revocations: tokio::sync::watch::Sender<u64>,
     /// Reports taken while the store could not be reached, written with the proxy's next one.
     pending: Mutex<HashMap<String, ProxyRecord>>,
     /// Acknowledgements and heartbeats taken and not yet written (etcd): written together
@@ -177,6 +184,13 @@ impl State {
         crate::store::advance_index(&self.followed, index);
         crate::store::advance_index(&self.changed, index);
         Ok(())
+    }
+
+    /// A proxy token was revoked: forgotten here, and its streams closed.
+    fn token_revoked(&self, hash: &str) {
+        lock(&self.tokens).remove(hash);
+        lock(&self.revoked).insert(hash.to_string());
+        self.revocations.send_modify(|n| *n += 1);
     }
 
     /// After a write: serve what it changed (a failed read is logged; the follower retries).
@@ -398,6 +412,9 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             answers: Mutex::default(),
             tokens: Mutex::default(),
             local: Mutex::default(),
+            streaming: Mutex::default(),
+            revoked: Mutex::default(),
+            revocations: tokio::sync::watch::Sender::new(0),
             pending: Mutex::default(),
             behind: Mutex::default(),
             lease_ttl: o.lease_ttl,
@@ -422,7 +439,9 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         let tasks = [
             {
                 let state = state.clone();
-                tokio::spawn(async move { state.store.follow_index(&state.followed).await })
+                let (news, heard) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(token_news(state.clone(), heard));
+                tokio::spawn(async move { state.store.follow_index(&state.followed, &news).await })
             },
             tokio::spawn(refresher(state.clone())),
             tokio::spawn(state.store.keep_lease(state.lease_ttl)),
@@ -442,6 +461,24 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         }
         served
     })
+}
+
+/// Close the streams of tokens revoked through other daemons (what the store's watch saw; after
+/// the watch resumed, the tokens in use are looked up again).
+async fn token_news(state: Arc<State>, mut heard: tokio::sync::mpsc::UnboundedReceiver<TokenNews>) {
+    while let Some(news) = heard.recv().await {
+        match news {
+            TokenNews::Removed(hash) => state.token_revoked(&hash),
+            TokenNews::Resumed => {
+                let held: Vec<String> = lock(&state.streaming).keys().cloned().collect();
+                for hash in held {
+                    if let Ok(None) = state.store.token(&hash).await {
+                        state.token_revoked(&hash);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Serve what the store holds: read the snapshot again whenever the followed index passes the
@@ -749,6 +786,7 @@ async fn serve(
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(64 * 1024)
                 .serve_connection(io, svc)
+                .with_upgrades()
                 .await;
         });
     }
@@ -844,14 +882,30 @@ struct CachedAnswer {
 /// the proxy has it (an intention changed: a proxy is sent a few hundred bytes, not a catalog
 /// of every endpoint of the mesh).
 fn config_answer(state: &State, service: &str, have: &str) -> Response<Full<Bytes>> {
+    let body = match config_body(state, service, have) {
+        Ok((body, _)) => body,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let mut r = Response::new(Full::new(body));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The configuration answer of [`config_answer`] and the digest of the catalog the proxy has once
+/// it applied it.
+fn config_body(state: &State, service: &str, have: &str) -> Result<(Bytes, String), String> {
     let snap = state.snap();
     let bundle = state.ca.read().unwrap_or_else(|p| p.into_inner()).bundle();
     let pick = |c: &CachedAnswer| {
-        if !have.is_empty() && c.digest == have {
+        let body = if !have.is_empty() && c.digest == have {
             c.lean.clone()
         } else {
             c.whole.clone()
-        }
+        };
+        (body, c.digest.clone())
     };
     let cached = lock(&state.answers)
         .get(service)
@@ -877,12 +931,7 @@ fn config_answer(state: &State, service: &str, have: &str) -> Response<Full<Byte
             })();
             let answer = match made {
                 Ok(a) => a,
-                Err(e) => {
-                    return error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("cannot write the answer: {e}"),
-                    )
-                }
+                Err(e) => return Err(format!("cannot write the answer: {e}")),
             };
             let body = pick(&answer);
             // Made from the snapshot read above, or a newer one (`proxy_config` reads it
@@ -896,12 +945,7 @@ fn config_answer(state: &State, service: &str, have: &str) -> Response<Full<Byte
             body
         }
     };
-    let mut r = Response::new(Full::new(body));
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
+    Ok(body)
 }
 
 /// The digest of a serialized catalog: the first 128 bits of its SHA-256, in hex.
@@ -921,6 +965,16 @@ async fn token_service(
     req: &Request<Incoming>,
     state: &State,
 ) -> Result<String, Response<Full<Bytes>>> {
+    token_info(req, state).await.map(|(_, t)| t.service)
+}
+
+/// The request's proxy token: its hash and what the store (or, while it cannot be reached, this
+/// daemon's cache) knows of it; or the error answer, as [`token_service`].
+#[allow(clippy::result_large_err)] // the error is the answer itself, sent once
+async fn token_info(
+    req: &Request<Incoming>,
+    state: &State,
+) -> Result<(String, TokenInfo), Response<Full<Bytes>>> {
     let Some(hash) = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -946,14 +1000,15 @@ async fn token_service(
             ),
         )
     };
-    let cached = || -> Option<Result<String, Response<Full<Bytes>>>> {
+    type Checked = Result<(String, TokenInfo), Response<Full<Bytes>>>;
+    let cached = || -> Option<Checked> {
         let mut cache = lock(&state.tokens);
         let t = cache.get(&hash)?.clone();
         if t.expired_at(now) {
             cache.remove(&hash);
             return Some(Err(expired(&t)));
         }
-        Some(Ok(t.service))
+        Some(Ok((hash.clone(), t)))
     };
     if state.store.unreachable().is_some() {
         if let Some(r) = cached() {
@@ -977,9 +1032,8 @@ async fn token_service(
             Err(expired(&t))
         }
         Ok(Some(t)) => {
-            let service = t.service.clone();
-            lock(&state.tokens).insert(hash, t);
-            Ok(service)
+            lock(&state.tokens).insert(hash.clone(), t.clone());
+            Ok((hash, t))
         }
     }
 }
@@ -1072,26 +1126,33 @@ async fn revoke_token(state: &State, id: &str) -> Response<Full<Bytes>> {
     // And after: a request that read the store before the removal may have cached it again.
     lock(&state.tokens).remove(&hash);
     match removed {
-        Ok(_) => json(StatusCode::OK, &info),
+        Ok(_) => {
+            state.token_revoked(&hash);
+            json(StatusCode::OK, &info)
+        }
         Err(e) => state.store_error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
 /// The proxy API: config watch, certificate signing, reports. Every request carries a token.
 async fn handle_proxy(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     // The store's futures are boxed: a connection's task is as big as its biggest await, and
     // every proxy holds one in a long-poll, mostly waiting.
-    let service = match Box::pin(token_service(&req, &state)).await {
-        Ok(s) => s,
+    let (hash, token) = match Box::pin(token_info(&req, &state)).await {
+        Ok(t) => t,
         Err(r) => return Ok(r),
     };
+    let service = token.service.clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();
     let resp = match (method, path.as_str()) {
+        (Method::GET, ringside_core::control::stream::PATH) => {
+            open_stream(&mut req, state, hash, token, &query)
+        }
         (Method::GET, "/v1/proxy/config") => {
             let after: u64 = query_param(&query, "index")
                 .and_then(|v| v.parse().ok())
@@ -1122,6 +1183,65 @@ async fn handle_proxy(
         (m, p) => error(StatusCode::NOT_FOUND, format!("no such endpoint: {m} {p}")),
     };
     Ok(resp)
+}
+
+/// `GET /v1/proxy/stream`: switch the connection to a proxy stream ([`stream`]) for the token
+/// checked. The request must ask for it (`Connection: upgrade`, `Upgrade: ringside-proxy/1`).
+fn open_stream(
+    req: &mut Request<Incoming>,
+    state: Arc<State>,
+    hash: String,
+    token: TokenInfo,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    use ringside_core::control::stream::PROTOCOL;
+    let asked = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PROTOCOL));
+    if !asked {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the proxy stream needs `Connection: upgrade` and `Upgrade: {PROTOCOL}`"),
+        );
+    }
+    let index = match query_param(query, "index").map(|v| v.parse::<u64>()) {
+        None => 0,
+        Some(Ok(i)) => i,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "index: not a configuration index (a number)",
+            )
+        }
+    };
+    let digest = query_param(query, "catalog")
+        .filter(|d| d.len() <= 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_default();
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(up) = upgrade.await {
+            let open = stream::Open {
+                hash,
+                token,
+                index,
+                digest,
+            };
+            stream::serve(up, state, open).await;
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(PROTOCOL),
+    );
+    r
 }
 
 /// Whether a report may be taken now and written later with others ([`write_behind`]): an

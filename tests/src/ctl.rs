@@ -64,6 +64,18 @@ impl Daemon {
         });
     }
 
+    /// Cut the proxies off while operators still reach the daemon: it is restarted with its
+    /// proxy socket at another path, so the streams the proxies hold end and the path they use
+    /// refuses them (nothing accepts on it).
+    pub fn cut_proxies(&mut self) {
+        self.kill9();
+        let kept = std::mem::replace(&mut self.proxy_socket, self.dir.join("proxy-cut.sock"));
+        self.restart();
+        self.proxy_socket = kept;
+        // The path the proxies use is the dead daemon's socket file: connections are refused.
+        assert!(std::os::unix::net::UnixStream::connect(&self.proxy_socket).is_err());
+    }
+
     /// Kill with SIGKILL (no chance to clean up) and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -11,7 +11,6 @@
 //! Needs root.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use ringside_tests::ctl::Daemon;
@@ -356,9 +355,10 @@ fn why_names_the_cause() {
     front_sc = Some(start_sidecar(&front, "frontend"));
     let _ = &front_sc;
 
-    // The sidecars lose the daemon (its proxy socket becomes unusable for them); a destination
-    // registered afterwards is unknown to the source, and certificates expire.
-    std::fs::set_permissions(&daemon.proxy_socket, std::fs::Permissions::from_mode(0o000)).unwrap();
+    // The sidecars lose the daemon (it is restarted with its proxy socket elsewhere: their
+    // streams end and the path they use refuses them); a destination registered afterwards is
+    // unknown to the source, and certificates expire.
+    daemon.cut_proxies();
     let cut = Instant::now();
     // The source's sidecar says so itself, read inside its pod, as soon as it notices.
     let mut v = serde_json::Value::Null;
@@ -421,7 +421,6 @@ fn why_names_the_cause() {
     );
     let v = why(&daemon, &["frontend", "web:80"]);
     assert_cause(&v, "tls_cert_expired", &["web's certificate expired"]);
-    std::fs::set_permissions(&daemon.proxy_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     daemon.kill9();
     drop(web_sc);
 }

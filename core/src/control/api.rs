@@ -21,7 +21,8 @@
 //! token) → [`SignResponse`]; `GET /v1/proxies` → `[ProxyStatus]`; `POST /v1/certs/rotate` →
 //! [`CertRotateResponse`]; `GET /v1/ca` and `POST /v1/ca/rotate` → [`CaStatus`].
 //!
-//! Proxy socket (every request with a proxy token): `GET /v1/proxy/config` → [`ProxyConfig`];
+//! Proxy socket (every request with a proxy token): `GET /v1/proxy/stream` (upgraded; see
+//! [`super::stream`]); `GET /v1/proxy/config` → [`ProxyConfig`];
 //! `POST /v1/proxy/sign` (a CSR) → [`SignResponse`]; `POST /v1/proxy/report` ([`ProxyReport`]) →
 //! [`ReportAck`].
 //!

@@ -1,8 +1,8 @@
 //! The proxy's side of the control daemon (`ringside run --ctl SOCKET`): it gets a workload
-//! certificate (the key is made here and never leaves), watches its configuration with a
-//! long-poll on the configuration index, applies each new version as one snapshot, renews the
-//! certificate at about half its lifetime (with jitter) or when the daemon asks for it, and reports
-//! what it applied.
+//! certificate (the key is made here and never leaves), holds a stream to the daemon
+//! ([`stream`]) on which it is sent each new configuration and acknowledges it, applies each
+//! new version as one snapshot, renews the certificate at about half its lifetime (with jitter)
+//! or when the daemon asks for it, and reports what it applied.
 //!
 //! When the daemon cannot be reached the proxy keeps serving with its last good configuration and
 //! certificate, retries with back-off and shows `ctl_unreachable`. The last good configuration and
@@ -10,6 +10,7 @@
 //! starts with them.
 
 pub mod api;
+pub mod stream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -392,6 +393,12 @@ pub struct Control {
     last_event_ms: u64,
     /// Since when the daemon has been unreachable (Unix seconds; 0: reachable).
     unreachable_since: i64,
+    /// Runs the stream's I/O (on the control thread, one call at a time).
+    rt: tokio::runtime::Runtime,
+    /// The stream to the daemon, while it is open.
+    stream: Option<stream::ProxyStream>,
+    /// A configuration that arrived while a report waited for its acknowledgement: applied next.
+    arrived: Option<ProxyConfig>,
 }
 
 impl Control {
@@ -409,6 +416,12 @@ impl Control {
             failed_connects_before_start: crate::listening::failed_connect_attempts().unwrap_or(0),
             last_event_ms: 0,
             unreachable_since: 0,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the control client's runtime")?,
+            stream: None,
+            arrived: None,
         })
     }
 
@@ -604,28 +617,130 @@ impl Control {
             events: events.iter().map(ProxyEvent::from).collect(),
             meta: self.opts.meta.clone(),
         };
-        let _: ReportAck = self.call(
-            "POST",
-            "/v1/proxy/report",
-            Some(serde_json::to_string(&body)?),
-            Duration::ZERO,
-        )?;
+        let sent = self.report_on_stream(&body);
+        if sent.is_err() {
+            self.stream = None;
+        }
+        sent?;
         if let Some(last) = events.last() {
             self.last_event_ms = last.time_ms;
         }
         Ok(())
     }
 
+    /// The stream, opened for the configuration this proxy has when there is none.
+    fn open_stream(&mut self) -> anyhow::Result<&mut stream::ProxyStream> {
+        if self.stream.is_none() {
+            let index = self.config.as_ref().map_or(0, |c| c.index);
+            let digest = self
+                .config
+                .as_ref()
+                .map(|c| c.catalog_digest.clone())
+                .unwrap_or_default();
+            let opened = self.rt.block_on(async {
+                tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    stream::ProxyStream::open(&self.opts.socket, &self.opts.token, index, &digest),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "the daemon at {} did not open the proxy stream within {REQUEST_TIMEOUT:?}",
+                        self.opts.socket.display()
+                    )
+                })?
+            })?;
+            self.arrived = None;
+            self.stream = Some(opened);
+        }
+        Ok(self.stream.as_mut().expect("opened above"))
+    }
+
+    /// A configuration frame made whole (see [`with_catalog`]) against the newest this proxy has.
+    fn take_config(&self, json: &[u8]) -> anyhow::Result<ProxyConfig> {
+        let answer: ProxyConfig = serde_json::from_slice(json)
+            .map_err(|e| anyhow!("the daemon's configuration cannot be read: {e}"))?;
+        with_catalog(answer, self.arrived.as_ref().or(self.config.as_ref()))
+    }
+
+    /// Send a report on the stream and wait for its acknowledgement; a configuration that comes
+    /// first is kept for the next round.
+    fn report_on_stream(&mut self, report: &ProxyReport) -> anyhow::Result<()> {
+        self.open_stream()?;
+        let s = self.stream.as_mut().expect("opened above");
+        self.rt.block_on(async {
+            tokio::time::timeout(REQUEST_TIMEOUT, s.report(report))
+                .await
+                .map_err(|_| {
+                    anyhow!("the daemon did not take a report within {REQUEST_TIMEOUT:?}")
+                })?
+        })?;
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let s = self.stream.as_mut().expect("opened above");
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (kind, json) = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, s.next()).await })
+                .map_err(|_| {
+                    anyhow!("the daemon did not acknowledge a report within {REQUEST_TIMEOUT:?}")
+                })??;
+            match kind {
+                stream::Kind::Ack => {
+                    let _: ReportAck = serde_json::from_slice(&json)
+                        .map_err(|e| anyhow!("the daemon's acknowledgement cannot be read: {e}"))?;
+                    return Ok(());
+                }
+                stream::Kind::Config => self.arrived = Some(self.take_config(&json)?),
+                _ => {}
+            }
+        }
+    }
+
+    /// Wait up to `wait` for a new configuration on the stream. `None`: the daemon pinged (it
+    /// wants a report) or the wait ended.
+    fn next_config(&mut self, wait: Duration) -> anyhow::Result<Option<ProxyConfig>> {
+        self.open_stream()?;
+        if let Some(c) = self.arrived.take() {
+            return Ok(Some(c));
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let s = self.stream.as_mut().expect("opened above");
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(frame) = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, s.next()).await })
+            else {
+                return Ok(None);
+            };
+            let (kind, json) = frame?;
+            match kind {
+                stream::Kind::Config => return self.take_config(&json).map(Some),
+                stream::Kind::Ping => return Ok(None),
+                _ => {}
+            }
+        }
+    }
+
     /// One round: wait for a change (or the next renewal), apply it, renew if due, report.
     fn round(&mut self, updater: &Updater) -> anyhow::Result<()> {
         let until_renewal = Duration::from_secs((self.renew_at - unix_now()).max(0) as u64);
         let wait = WATCH_WAIT.min(until_renewal);
-        let c = self.fetch(wait)?;
-        if self.config.as_ref() != Some(&c) {
-            updater.update(c.index, c.services(), c.intentions.clone(), c.l7.clone())?;
-            self.save(&c)?;
-            self.config = Some(c.clone());
+        let next = self.next_config(wait);
+        if next.is_err() {
+            self.stream = None;
         }
+        if let Some(c) = next? {
+            if self.config.as_ref() != Some(&c) {
+                updater.update(c.index, c.services(), c.intentions.clone(), c.l7.clone())?;
+                self.save(&c)?;
+                self.config = Some(c);
+            }
+        }
+        let Some(c) = self.config.clone() else {
+            bail!("no configuration yet");
+        };
         if c.bundle != self.bundle && !c.bundle.is_empty() {
             // The same key and certificate with the new bundle, switched as one set.
             let files = self.opts.tls_files();

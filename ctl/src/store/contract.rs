@@ -15,7 +15,8 @@ use ringside_core::control::api::{ProxyEvent, ProxyReport};
 
 use super::etcd_server::EtcdServer;
 use super::{
-    EndpointRecord, EtcdOptions, PortMap, ProxyRecord, Store, TokenInfo, PROXY_ID_HELD_SECS,
+    EndpointRecord, EtcdOptions, PortMap, ProxyRecord, Store, TokenInfo, TokenNews,
+    PROXY_ID_HELD_SECS,
 };
 use crate::consul::{Document, Protocol, ServiceDefaultsSpec};
 
@@ -889,22 +890,32 @@ fn etcd_index_is_the_revision_of_the_last_change() {
     });
 }
 
-/// A daemon following the index sees another daemon's changes, and keeps seeing them after
-/// etcd restarts under it.
+/// A daemon following the index sees another daemon's changes and token revocations, and keeps
+/// seeing them after etcd restarts under it (saying it resumed, since a revocation in between
+/// is not an event it can see).
 #[test]
 fn etcd_follow_index_sees_other_daemons_and_survives_a_restart() {
     let mut server = EtcdServer::start();
     let o = etcd_options(&server);
     let rt = runtime();
+    let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
     let (follower, tx) = rt.block_on(async {
         let s = Store::connect_etcd(&o).await.unwrap();
         let tx = std::sync::Arc::new(tokio::sync::watch::Sender::new(0u64));
         let f = {
             let (s, tx) = (s.clone(), tx.clone());
-            tokio::spawn(async move { s.follow_index(&tx).await })
+            tokio::spawn(async move { s.follow_index(&tx, &news_tx).await })
         };
         (f, tx)
     });
+    let mut next_news = || {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), news.recv())
+                .await
+                .expect("no token news within 15 s")
+                .expect("the follower stopped")
+        })
+    };
     // Another "daemon": its own thread, runtime and client.
     let other = |marker: &'static str| {
         let o = o.clone();
@@ -929,10 +940,29 @@ fn etcd_follow_index_sees_other_daemons_and_survives_a_restart() {
     };
     let first = other("1");
     assert_eq!(wait_for(first), first);
+    // A token issued and revoked through another daemon: the follower is told which.
+    let o2 = o.clone();
+    std::thread::spawn(move || {
+        runtime().block_on(async {
+            let s = Store::connect_etcd(&o2).await.unwrap();
+            let t = TokenInfo {
+                id: "ab12".into(),
+                service: "web".into(),
+                created: 1,
+                expires: None,
+            };
+            s.add_token("hash-of-a-token", &t).await.unwrap();
+            assert!(s.remove_token("hash-of-a-token").await.unwrap());
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(next_news(), TokenNews::Removed("hash-of-a-token".into()));
     server.restart();
     let second = other("2");
     assert!(second > first);
     assert_eq!(wait_for(second), second, "followed again after the restart");
+    assert_eq!(next_news(), TokenNews::Resumed, "told that it resumed");
     follower.abort();
 }
 
@@ -956,7 +986,8 @@ fn etcd_lease_expiry_removes_endpoints_and_moves_the_index() {
         let tx = std::sync::Arc::new(tokio::sync::watch::Sender::new(0u64));
         let f = {
             let (b, tx) = (b.clone(), tx.clone());
-            tokio::spawn(async move { b.follow_index(&tx).await })
+            let (news, _) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move { b.follow_index(&tx, &news).await })
         };
         (f, tx, b)
     });
@@ -1077,7 +1108,8 @@ fn etcd_unreachable_is_told_apart_and_cleared() {
 fn redb_follow_index_returns() {
     on_redb(|h| async move {
         let tx = tokio::sync::watch::Sender::new(0u64);
-        h.store.follow_index(&tx).await;
+        let (news, _) = tokio::sync::mpsc::unbounded_channel();
+        h.store.follow_index(&tx, &news).await;
     });
 }
 

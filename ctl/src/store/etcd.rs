@@ -1237,9 +1237,15 @@ impl EtcdStore {
     /// revision of that read, so no change is missed and none replayed. A watch silent for
     /// [`WATCH_CHECK_EVERY`] is checked with a read of the index (a connection that died without
     /// a word shows there), and restarted if the read fails or finds a change it missed.
-    pub async fn follow_index(&self, index: &tokio::sync::watch::Sender<u64>) {
+    pub async fn follow_index(
+        &self,
+        index: &tokio::sync::watch::Sender<u64>,
+        tokens: &tokio::sync::mpsc::UnboundedSender<super::TokenNews>,
+    ) {
         let key = self.key("index");
         let eps = self.key("endpoints/");
+        let toks = self.key("tokens/");
+        let mut resumed = false;
         let mut backoff = Duration::from_millis(100);
         let mut down: Option<String> = None;
         loop {
@@ -1261,6 +1267,10 @@ impl EtcdStore {
                 .with_start_revision(at + 1)
                 .with_prefix()
                 .with_filters([WatchFilterType::NoPut]);
+            let token_deletes = WatchOptions::new()
+                .with_start_revision(at + 1)
+                .with_prefix()
+                .with_filters([WatchFilterType::NoPut]);
             let watched = async {
                 let mut s = self
                     .client
@@ -1268,6 +1278,7 @@ impl EtcdStore {
                     .watch(key.as_str(), Some(opts))
                     .await?;
                 s.watch(eps.as_str(), Some(deletes)).await?;
+                s.watch(toks.as_str(), Some(token_deletes)).await?;
                 Ok::<_, etcd_client::Error>(s)
             };
             let mut stream = match watched.await {
@@ -1285,6 +1296,12 @@ impl EtcdStore {
             if down.take().is_some() {
                 eprintln!("ringctl daemon: etcd back; following from revision {at}");
             }
+            // Tokens removed while no watch ran are not seen as events: the daemon checks the
+            // ones in use against the store.
+            if resumed {
+                let _ = tokens.send(super::TokenNews::Resumed);
+            }
+            resumed = true;
             let mut seen = current;
             loop {
                 match tokio::time::timeout(WATCH_CHECK_EVERY, stream.message()).await {
@@ -1296,6 +1313,10 @@ impl EtcdStore {
                             let k = kv.key_str().unwrap_or_default();
                             if k == key {
                                 seen = seen.max(kv.mod_revision().max(0) as u64);
+                            } else if let Some(hash) = k.strip_prefix(toks.as_str()) {
+                                if ev.event_type() == EventType::Delete {
+                                    let _ = tokens.send(super::TokenNews::Removed(hash.into()));
+                                }
                             } else if ev.event_type() == EventType::Delete {
                                 let what = k.strip_prefix(&eps).unwrap_or(k).to_string();
                                 if expired.as_ref().is_none_or(|(r, _)| kv.mod_revision() > *r) {

@@ -472,12 +472,29 @@ impl Store {
     /// until the daemon stops. With redb there are none (the daemon owns its file, and notifies
     /// its watchers itself after each write), so it returns at once; with etcd it follows an etcd
     /// watch (see [`EtcdStore::follow_index`]).
-    pub async fn follow_index(&self, index: &tokio::sync::watch::Sender<u64>) {
+    ///
+    /// Proxy tokens removed from the store (by any daemon) are told on `tokens`, so that the
+    /// streams of a revoked token close on every node.
+    pub async fn follow_index(
+        &self,
+        index: &tokio::sync::watch::Sender<u64>,
+        tokens: &tokio::sync::mpsc::UnboundedSender<TokenNews>,
+    ) {
         match self {
             Store::Redb(_) => {}
-            Store::Etcd(s) => s.follow_index(index).await,
+            Store::Etcd(s) => s.follow_index(index, tokens).await,
         }
     }
+}
+
+/// What [`Store::follow_index`] saw of proxy tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenNews {
+    /// A token was removed (revoked): its hash.
+    Removed(String),
+    /// The watch resumed after a break: removals in between were not seen; the tokens in use
+    /// must be checked against the store.
+    Resumed,
 }
 
 fn no_shared_ca() -> StoreError {
