@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The control-plane benchmark: a 3-member etcd, 3 daemons (one per node) and N simulated proxies
-# (they register, get certificates, long-poll and acknowledge configuration versions, without a
+# (they register, get certificates, hold a stream and acknowledge configuration versions, without a
 # data plane), for N = 100, 1,000 and 5,000, each on a fresh mesh. Measures the time from
 # `ringctl apply` to every proxy acknowledging the new version, the daemons' RSS and CPU, and
 # etcd's traffic per change. Writes perf-reports/<date>-control-plane.md (and .json).
