@@ -4,8 +4,8 @@
 //! key-exchange groups, TLS 1.3 only (the configs say so). ARCHITECTURE.md ("Mesh TLS") has the
 //! measurements behind the default.
 //!
-//! With both features on a workspace build (rustls has ring for the tests' clients), `aws-lc-rs`
-//! wins: features add, they never take away.
+//! rustls may have both libraries compiled in (a workspace build with the feature: the tests'
+//! peers use ring); the feature alone decides which one ringside uses.
 
 use std::sync::Arc;
 
@@ -91,7 +91,7 @@ mod tests {
     }
 
     #[test]
-    fn nothing_of_the_library_is_dropped_but_the_groups_the_other_lacks() {
+    fn no_suite_of_the_library_is_dropped_and_base_keeps_its_order() {
         let mut all: Vec<_> = backend::default_provider()
             .cipher_suites
             .iter()
