@@ -23,3 +23,6 @@ fi
 # etcd members on free loopback ports. etcd-client's build runs protoc (protobuf-compiler) on protos
 # that import the well-known types (libprotobuf-dev). systemd: `systemd-analyze verify` and
 # `systemd-sysusers --dry-run` check deploy/systemd (nothing is started with it).
+# Nothing here for the TLS crypto libraries: ring and aws-lc-sys (`--features aws-lc-rs`, built by
+# scripts/test.sh) compile their C and assembly with the C compiler (cc) Rust already links with;
+# aws-lc-sys takes its cc build (no cmake, clang or nasm) and its pregenerated bindings on Linux.

@@ -16,6 +16,10 @@ set -e
 # One summary line over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
 [ "$status" -eq 0 ] || exit "$status"
+# The other TLS crypto library (cargo feature aws-lc-rs; ring is the default): ringside-core's unit
+# tests on it, among them the mesh configs' handshakes and refusals (tls::tests) and the provider's
+# suites and groups. aws-lc-sys builds with the C compiler ring already needs.
+cargo test --profile ci -p ringside-core --features aws-lc-rs --lib -- --test-threads 2
 # Loom models of the upstream state the workers share (every interleaving of two workers) and of the
 # TLS output's one-flusher-at-a-time; a cfg of our own, in a target directory of its own (it changes
 # how ringside-core is compiled).

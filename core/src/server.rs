@@ -565,6 +565,7 @@ impl Proxy {
             driver = ?driver,
             listeners = ?local_addrs,
             copy_mode = ?shared.config.proxy.copy_mode,
+            tls_crypto = crate::tls::provider::NAME,
             "ringside started"
         );
         Ok(Proxy {

@@ -168,7 +168,7 @@ fn client_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
             .add(c)
             .with_context(|| format!("--ca-file {}", ca_file.display()))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(ringside_core::tls::provider::base());
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
@@ -258,7 +258,7 @@ mod tests {
         for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(ringside_core::tls::provider::base());
         DaemonVerifier {
             webpki: rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),

@@ -1,4 +1,5 @@
-//! Mesh TLS: rustls (ring provider, TLS 1.3 only) with SPIFFE identities.
+//! Mesh TLS: rustls (TLS 1.3 only; ring or AWS-LC underneath, see [`provider`]) with SPIFFE
+//! identities.
 //!
 //! - [`MeshTls`] holds the current certificate, key and trust bundle (several roots allowed, for CA
 //!   rollover), loaded from files and reloaded when they change: new handshakes use the new
@@ -33,6 +34,7 @@ use crate::decide::authz::{authorize_peer, Denied, Scope, Served};
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 
+pub mod provider;
 pub mod session;
 pub mod sidecar;
 
@@ -160,7 +162,7 @@ impl Material {
         }
         let info = CertInfo::from_der(&chain[0]).map_err(|m| file_err(&files.cert, m))?;
         // A key and certificate caught in the middle of a replacement do not belong together.
-        let signing = provider()
+        let signing = provider::mesh()
             .key_provider
             .load_private_key(key.clone_key())
             .map_err(|e| file_err(&files.key, e))?;
@@ -180,16 +182,6 @@ impl Material {
             roots: Arc::new(roots),
         })
     }
-}
-
-/// The crypto provider: ring, with AES-128-GCM first. Both ends of a mesh connection are ringside
-/// and the server follows the client's order, so mesh traffic uses AES-128-GCM (ten AES rounds
-/// instead of AES-256's fourteen, as Envoy and BoringSSL prefer); the others stay offered.
-fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites
-        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-    Arc::new(p)
 }
 
 /// Decides whether a verified peer identity may connect (the intentions, or a tunnel's allow list).
@@ -269,9 +261,9 @@ pub fn client_config(
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: m.roots.clone(),
         expect,
-        provider: provider(),
+        provider: provider::mesh(),
     });
-    let mut c = ClientConfig::builder_with_provider(provider())
+    let mut c = ClientConfig::builder_with_provider(provider::mesh())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -290,17 +282,17 @@ pub fn server_config(
     m: &Material,
     authorizer: Arc<dyn Authorizer>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
+    let inner = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider::mesh())
         .build()
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let verifier = Arc::new(SpiffeClientVerifier { inner, authorizer });
-    let mut s = ServerConfig::builder_with_provider(provider())
+    let mut s = ServerConfig::builder_with_provider(provider::mesh())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain.clone(), m.key.clone_key())?;
     s.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_HTTP.to_vec()];
     s.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
-    s.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    s.ticketer = provider::ticketer()?;
     Ok(Arc::new(s))
 }
 
@@ -627,22 +619,4 @@ fn file_stamps(f: &TlsFiles) -> Option<Vec<SystemTime>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mesh_connections_prefer_aes_128_gcm_and_keep_the_other_suites() {
-        let p = provider();
-        let ours: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
-        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
-        let mut all: Vec<_> = rustls::crypto::ring::default_provider()
-            .cipher_suites
-            .iter()
-            .map(|s| s.suite())
-            .collect();
-        let mut sorted = ours.clone();
-        all.sort_by_key(|s| u16::from(*s));
-        sorted.sort_by_key(|s| u16::from(*s));
-        assert_eq!(sorted, all, "no suite is dropped");
-    }
-}
+mod tests;

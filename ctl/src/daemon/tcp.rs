@@ -147,7 +147,7 @@ pub(super) async fn bind(
     resolver.get().map_err(|e| {
         anyhow::anyhow!("--listen {listen}: cannot issue the operator port's certificate: {e:#}")
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(ringside_core::tls::provider::base());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
