@@ -125,6 +125,8 @@ pub struct State {
     revoked: Mutex<HashSet<String>>,
     /// Moved at every revocation, to wake the streams.
     revocations: tokio::sync::watch::Sender<u64>,
+    /// Proxy-socket connections served at once (see [`PROXY_TURNS`]).
+    proxy_turns: Arc<tokio::sync::Semaphore>,
     /// Reports taken while the store could not be reached, written with the proxy's next one.
     pending: Mutex<HashMap<String, ProxyRecord>>,
     /// Acknowledgements and heartbeats taken and not yet written (etcd): written together
@@ -415,6 +417,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
             streaming: Mutex::default(),
             revoked: Mutex::default(),
             revocations: tokio::sync::watch::Sender::new(0),
+            proxy_turns: Arc::new(tokio::sync::Semaphore::new(PROXY_TURNS)),
             pending: Mutex::default(),
             behind: Mutex::default(),
             lease_ttl: o.lease_ttl,
@@ -554,6 +557,12 @@ async fn flush_pending(state: &State) {
 fn heartbeat(lease_ttl: Duration) -> Duration {
     (lease_ttl / 2).max(Duration::from_secs(1))
 }
+
+/// Proxy-socket connections served at once; more wait, accepted, for a turn. A turn lasts one
+/// request (or until a stream is open, or a long-poll starts waiting).
+const PROXY_TURNS: usize = 128;
+/// The longest a proxy-socket connection waits for a turn before it is served without one.
+const TURN_WAIT: Duration = Duration::from_secs(1);
 
 /// How often acknowledgements and heartbeats taken are written to a shared store.
 const BEHIND_EVERY: Duration = Duration::from_millis(100);
@@ -769,19 +778,40 @@ async fn serve(
         };
         let state = state.clone();
         tokio::spawn(async move {
+            // A proxy connection is served (and given hyper's buffers) once it has a turn: a
+            // thousand proxies starting at once wait as accepted sockets, not as a thousand
+            // HTTP connections with their buffers (memory the allocator then keeps). The wait
+            // is bounded: connections that hold turns without a request (anyone may connect)
+            // delay the others by at most a second, never keep them out.
+            let turn = if for_proxies {
+                let wait = state.proxy_turns.clone().acquire_owned();
+                tokio::time::timeout(TURN_WAIT, wait)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                None
+            };
+            let turn = Arc::new(Mutex::new(turn));
             let io = hyper_util::rt::TokioIo::new(limited::SmallReads(stream));
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
+                let turn = turn.clone();
                 async move {
                     if for_proxies {
-                        handle_proxy(req, state).await
+                        handle_proxy(req, state, &turn).await
                     } else {
                         handle(req, state).await
                     }
                 }
             });
             // A client that opens a connection and sends nothing (or half a head) is closed.
+            // Proxies make one request per connection (or open their stream on it): the
+            // connection is closed as soon as the answer is out, instead of holding hyper's
+            // buffers until the proxy's close is read (after a thousand proxies started at
+            // once, that was three idle connections per proxy at the peak).
             let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(!for_proxies)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(64 * 1024)
@@ -1138,6 +1168,7 @@ async fn revoke_token(state: &State, id: &str) -> Response<Full<Bytes>> {
 async fn handle_proxy(
     mut req: Request<Incoming>,
     state: Arc<State>,
+    turn: &Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     // The store's futures are boxed: a connection's task is as big as its biggest await, and
     // every proxy holds one in a long-poll, mostly waiting.
@@ -1165,6 +1196,10 @@ async fn handle_proxy(
                 .min(heartbeat(state.lease_ttl));
             let have = query_param(&query, "catalog").unwrap_or_default();
             let mut rx = state.changed.subscribe();
+            // A waiting long-poll gives its turn back: long-polls never keep proxies out.
+            if !wait.is_zero() {
+                lock(turn).take();
+            }
             // Long-poll: answer once the index passes `after`, or at `wait` with what there is.
             let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
             config_answer(&state, &service, &have)

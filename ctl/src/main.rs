@@ -48,8 +48,10 @@ use ringside_core::Config;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The daemon holds a long-poll per proxy and many short-lived answers: mimalloc returns their
-/// memory where glibc's arenas keep it.
+/// The daemon holds a stream per proxy and many short-lived answers: mimalloc returns their
+/// memory where glibc's arenas keep it. (`--features system-allocator` leaves it out, for heap
+/// profilers.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -351,3 +351,28 @@ fn a_token_revoked_on_one_daemon_closes_its_streams_on_another() {
     );
     assert!(why.contains("was revoked"), "{why}");
 }
+
+/// Anyone may connect to the proxy socket: connections that hold it without sending a request
+/// (more than the daemon serves at once) delay a proxy by at most about a second, never keep it
+/// out.
+#[test]
+fn idle_connections_do_not_keep_proxies_out() {
+    let d = Daemon::start(
+        &format!("ringside-stream-idle-{}", std::process::id()),
+        &[],
+    );
+    let t = token(&d, "web", &[]);
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.proxy_socket).unwrap())
+        .collect();
+    let started = Instant::now();
+    let kind = rt().block_on(async {
+        let mut s = ProxyStream::open(&d.proxy_socket, &t, 0, "").await.unwrap();
+        next(&mut s, Duration::from_secs(5)).await.unwrap().0
+    });
+    let took = started.elapsed();
+    assert_eq!(kind, Kind::Config);
+    assert!(took < Duration::from_secs(4), "the proxy waited {took:?}");
+    eprintln!("a proxy behind 300 idle connections had its stream after {took:?}");
+    drop(idle);
+}

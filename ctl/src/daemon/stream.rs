@@ -60,7 +60,7 @@ async fn send(wr: &mut Writer, kind: Kind, json: Bytes) -> bool {
 
 async fn run(up: hyper::upgrade::Upgraded, state: &State, open: &Open) {
     let (rd, mut wr) = tokio::io::split(hyper_util::rt::TokioIo::new(up));
-    let mut rd = tokio::io::BufReader::with_capacity(1024, rd);
+    let mut rd = tokio::io::BufReader::with_capacity(512, rd);
     let mut changed = state.changed.subscribe();
     let mut revocations = state.revocations.subscribe();
     let service = open.token.service.clone();
