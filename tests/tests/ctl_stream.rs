@@ -357,10 +357,7 @@ fn a_token_revoked_on_one_daemon_closes_its_streams_on_another() {
 /// out.
 #[test]
 fn idle_connections_do_not_keep_proxies_out() {
-    let d = Daemon::start(
-        &format!("ringside-stream-idle-{}", std::process::id()),
-        &[],
-    );
+    let d = Daemon::start(&format!("ringside-stream-idle-{}", std::process::id()), &[]);
     let t = token(&d, "web", &[]);
     let idle: Vec<std::os::unix::net::UnixStream> = (0..300)
         .map(|_| std::os::unix::net::UnixStream::connect(&d.proxy_socket).unwrap())
