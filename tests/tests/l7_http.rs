@@ -480,10 +480,14 @@ fn a_client_that_is_not_http_is_reported_and_identity_headers_are_dropped() {
     });
     // The event is recorded just after the count: waited for too.
     let mut events = String::new();
-    wait_for("protocol_mismatch at /events", Duration::from_secs(5), || {
-        events = c.get(&format!("http://{admin}/events")).unwrap().text();
-        events.contains("protocol_mismatch")
-    });
+    wait_for(
+        "protocol_mismatch at /events",
+        Duration::from_secs(5),
+        || {
+            events = c.get(&format!("http://{admin}/events")).unwrap().text();
+            events.contains("protocol_mismatch")
+        },
+    );
     assert!(events.contains("not an HTTP request"), "{events}");
     stop(child);
 }
