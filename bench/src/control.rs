@@ -2,8 +2,8 @@
 //! per node on it, and N simulated proxies. A simulated proxy does what `ringside run --ctl` does
 //! with its daemon, without a data plane: it fetches its configuration, has a certificate signed
 //! (a fresh key and CSR), reports (which registers its endpoint on its daemon's lease), then
-//! long-polls the configuration and reports every version it gets, and every 10 s when nothing
-//! changes (the heartbeat).
+//! holds its stream (`GET /v1/proxy/stream`) and reports every version it is sent, and answers
+//! every ping with a report (the heartbeat).
 //!
 //! Measured for each N, on a fresh mesh: how long N proxies take to come up (every one has
 //! reported the index that holds every endpoint); the time from `apply` to each proxy's

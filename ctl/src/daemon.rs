@@ -17,7 +17,7 @@
 //!
 //! The state is in a [`Store`]: the embedded one in `--data-dir` (the default), or etcd
 //! (`--store etcd://...`), shared with the other daemons pointed at it; the daemon then follows
-//! the configuration index in etcd, so its proxies' long-polls answer changes made through any
+//! the configuration index in etcd, so its proxies' streams carry changes made through any
 //! daemon. Proxies are served from a [`Snapshot`] of the store read after every change (so they
 //! keep the last good state while etcd cannot be reached; writes are then refused with
 //! `store_unreachable`). With redb the CA is on files under `--data-dir`; with etcd it is the
@@ -551,9 +551,9 @@ async fn flush_pending(state: &State) {
 
 /// Remove the endpoints of proxies that stopped reporting to this daemon for the lease TTL, and
 /// write the reports kept while the store could not be reached.
-/// The longest a proxy's long-poll is held: half the lease TTL (a proxy reports after each
-/// answer, so one that is alive is never silent for the TTL, however short it is set), at least
-/// a second.
+/// The heartbeat: how long a proxy's stream (or long-poll) goes without a frame before it is
+/// pinged (answered): half the lease TTL (a proxy reports after each, so one that is alive is
+/// never silent for the TTL, however short it is set), at least a second.
 fn heartbeat(lease_ttl: Duration) -> Duration {
     (lease_ttl / 2).max(Duration::from_secs(1))
 }
@@ -907,7 +907,7 @@ struct CachedAnswer {
 
 /// The answer to `GET /v1/proxy/config` for a proxy of `service` that has the catalog of digest
 /// `have`: [`proxy_config`] serialized once per snapshot and trust bundle, then shared by every
-/// proxy of the service (when a change wakes a thousand long-polls, the daemon builds and
+/// proxy of the service (when a change wakes a thousand streams, the daemon builds and
 /// writes the configuration once per service, not once per proxy); without the catalog when
 /// the proxy has it (an intention changed: a proxy is sent a few hundred bytes, not a catalog
 /// of every endpoint of the mesh).
@@ -1170,8 +1170,8 @@ async fn handle_proxy(
     state: Arc<State>,
     turn: &Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    // The store's futures are boxed: a connection's task is as big as its biggest await, and
-    // every proxy holds one in a long-poll, mostly waiting.
+    // The store's futures are boxed: a connection's task is as big as its biggest await (a
+    // long-poll holds one, mostly waiting).
     let (hash, token) = match Box::pin(token_info(&req, &state)).await {
         Ok(t) => t,
         Err(r) => return Ok(r),

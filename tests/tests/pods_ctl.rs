@@ -1,5 +1,5 @@
 //! Sidecars configured only by the control daemon (`ringside run --ctl`): certificates signed by
-//! the daemon's CA from the proxies' CSRs, catalog and intentions pushed with a long-poll, applied
+//! the daemon's CA from the proxies' CSRs, catalog and intentions pushed on each proxy's stream, applied
 //! without restarts; leaf rotation and CA rollover during a long transfer; the daemon killed with
 //! SIGKILL while proxies keep serving. Needs root.
 

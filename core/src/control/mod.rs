@@ -31,7 +31,7 @@ use crate::server::Updater;
 
 pub use api::{CatalogService, PortMap, ProxyConfig};
 
-/// How long one request may take beyond its long-poll wait.
+/// How long one request (or a report's acknowledgement on the stream) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a watch is held open; also the report (heartbeat) interval.
 const WATCH_WAIT: Duration = Duration::from_secs(10);

@@ -52,8 +52,8 @@
 //!
 //! # Following other daemons
 //!
-//! [`EtcdStore::follow_index`] watches the `index` key from a revision, so the daemon's long-polls
-//! see changes made through any daemon; after a disconnect it reads the index again and watches
+//! [`EtcdStore::follow_index`] watches the `index` key from a revision, so the daemon's proxy streams
+//! carry changes made through any daemon; after a disconnect it reads the index again and watches
 //! from the revision of that read, so nothing is missed and nothing replayed. On the same watch
 //! stream it follows deletions under `endpoints/`: one alone at its revision is a lease that
 //! expired, and the index is moved by a transaction that compares `mod_revision(index) < R`, so
