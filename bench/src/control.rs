@@ -543,19 +543,9 @@ impl SimProxy {
                 let mut report = Some(index);
                 loop {
                     if let Some(i) = report.take() {
-                        s.report(&self.report_body(i, generation, not_after))
-                            .await?;
-                        // Until the acknowledgement; a configuration meanwhile waits its turn.
-                        loop {
-                            let (kind, json) = s.next().await?;
-                            match kind {
-                                Kind::Ack => break,
-                                Kind::Config => {
-                                    let head: ConfigHead = serde_json::from_slice(&json)?;
-                                    todo = Some((head, json.len(), Instant::now()));
-                                }
-                                _ => {}
-                            }
+                        let body = self.report_body(i, generation, not_after);
+                        if let Some(t) = report_acked(&mut s, &body).await? {
+                            todo = Some(t);
                         }
                         if first {
                             first = false;
@@ -594,18 +584,9 @@ impl SimProxy {
                     }
                     let _ = head.cert_generation;
                     digest = head.catalog_digest;
-                    s.report(&self.report_body(head.index, generation, not_after))
-                        .await?;
-                    loop {
-                        let (kind, json) = s.next().await?;
-                        match kind {
-                            Kind::Ack => break,
-                            Kind::Config => {
-                                let h: ConfigHead = serde_json::from_slice(&json)?;
-                                todo = Some((h, json.len(), Instant::now()));
-                            }
-                            _ => {}
-                        }
+                    let body = self.report_body(head.index, generation, not_after);
+                    if let Some(t) = report_acked(&mut s, &body).await? {
+                        todo = Some(t);
                     }
                     if head.index != index {
                         index = head.index;
@@ -618,6 +599,27 @@ impl SimProxy {
                 shared.failed.fetch_add(1, Relaxed);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
+        }
+    }
+}
+
+/// Send a report and wait for its acknowledgement. A configuration that arrives meanwhile is
+/// returned (its head, size and arrival) to be applied next.
+async fn report_acked(
+    s: &mut ProxyStream,
+    body: &ProxyReport,
+) -> anyhow::Result<Option<(ConfigHead, usize, Instant)>> {
+    s.report(body).await?;
+    let mut arrived = None;
+    loop {
+        let (kind, json) = s.next().await?;
+        match kind {
+            Kind::Ack => return Ok(arrived),
+            Kind::Config => {
+                let head: ConfigHead = serde_json::from_slice(&json)?;
+                arrived = Some((head, json.len(), Instant::now()));
+            }
+            _ => {}
         }
     }
 }
