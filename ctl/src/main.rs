@@ -55,6 +55,34 @@ use serde::Serialize;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's options `arena_eager_commit` and `allow_thp` (indices in its option enum).
+#[cfg(not(feature = "system-allocator"))]
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+#[cfg(not(feature = "system-allocator"))]
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
+
+/// The daemon's heap is many small objects per proxy (its stream, its record, answers in
+/// flight): mimalloc's default, arenas committed eagerly and advised as transparent huge pages,
+/// makes every touched 2 MiB resident whole. Measured on an idle daemon: 30 MB RSS with the
+/// defaults, 14 MB without; and its RSS grew 2 to 4 times its live heap per proxy. The daemon's
+/// work is answers, not TLB-bound loops, so it gives nothing up. The options must be set
+/// before mimalloc reserves its first arena, which the Rust runtime's first allocation does
+/// before `main`: hence a constructor (as the proxy does for `arena_eager_commit`).
+#[cfg(not(feature = "system-allocator"))]
+extern "C" fn small_pages_lazy_commit() {
+    // SAFETY: runs once at load time, single-threaded, before any allocation through mimalloc;
+    // `mi_option_set` only stores the option's value.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+    }
+}
+
+#[cfg(not(feature = "system-allocator"))]
+#[used]
+#[link_section = ".init_array"]
+static SMALL_PAGES_LAZY_COMMIT: extern "C" fn() = small_pages_lazy_commit;
+
 #[derive(Parser, Debug)]
 #[command(name = "ringctl", version, about = "ringside control CLI")]
 struct Cli {
