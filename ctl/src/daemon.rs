@@ -111,8 +111,8 @@ pub struct State {
     /// One snapshot read at a time.
     refreshing: tokio::sync::Mutex<()>,
     /// The configuration answer of each service, made once per snapshot and trust bundle and
-    /// sent to all of its proxies (see [`config_answer`]).
-    answers: Mutex<HashMap<String, CachedAnswer>>,
+    /// sent to all of its proxies, and the catalog they share (see [`config_body`]).
+    answers: Mutex<Answers>,
     /// Proxy tokens (by hash) seen valid, to authenticate proxies while the store cannot be
     /// reached: a revoke through this daemon evicts one, a token the store no longer has (or
     /// that expired) is evicted when seen, and an expired one is never taken from here.
@@ -894,26 +894,70 @@ pub fn proxy_config(state: &State, service: &str) -> ProxyConfig {
     }
 }
 
-/// A service's configuration answers, as sent (with the catalog and without it), and what they
-/// were made from.
+/// The configuration answers of the snapshot served: the catalog once, serialized, and each
+/// service's own part. The catalog (every service and endpoint of the mesh) is most of an answer
+/// and the same for every service; kept once per service it cost a daemon 50 services x 91 KB
+/// at 5,000 proxies, and most of the memory of a daemon with a few dozen proxies.
+#[derive(Debug, Default)]
+struct Answers {
+    catalog: Option<CachedCatalog>,
+    services: HashMap<String, CachedAnswer>,
+}
+
+/// The catalog of a snapshot, serialized, and its digest.
+#[derive(Debug)]
+struct CachedCatalog {
+    snapshot: Arc<Snapshot>,
+    json: Bytes,
+    digest: String,
+}
+
+/// A service's part of the answer: the configuration without the catalog, serialized without
+/// its closing brace (see [`ConfigAnswer`]), and what it was made from.
 #[derive(Debug)]
 struct CachedAnswer {
     snapshot: Arc<Snapshot>,
     bundle: String,
-    digest: String,
-    whole: Bytes,
-    lean: Bytes,
+    head: Bytes,
+}
+
+/// A configuration answer in parts, sent one after the other without being joined: the
+/// service's part, open (`{"index":..., "bundle":...` with no closing brace), then the catalog
+/// and the brace, or, when the proxy has the catalog, an empty one marked omitted. A JSON
+/// object's members may come in any order, so the whole is the same `ProxyConfig` as one
+/// serialized at once.
+pub(crate) struct ConfigAnswer {
+    head: Bytes,
+    catalog: Option<Bytes>,
+}
+
+impl ConfigAnswer {
+    /// The answer's bytes, in order.
+    pub(crate) fn into_buf(self) -> impl hyper::body::Buf {
+        use hyper::body::Buf;
+        let (middle, catalog): (&'static [u8], Bytes) = match self.catalog {
+            Some(c) => (b",\"services\":", c),
+            None => (b",\"services\":[],\"catalog_omitted\":true", Bytes::new()),
+        };
+        self.head
+            .chain(Bytes::from_static(middle))
+            .chain(catalog)
+            .chain(Bytes::from_static(b"}"))
+    }
+
+    /// The answer joined, for an HTTP body.
+    fn into_bytes(self) -> Bytes {
+        use hyper::body::Buf;
+        let mut b = self.into_buf();
+        b.copy_to_bytes(b.remaining())
+    }
 }
 
 /// The answer to `GET /v1/proxy/config` for a proxy of `service` that has the catalog of digest
-/// `have`: [`proxy_config`] serialized once per snapshot and trust bundle, then shared by every
-/// proxy of the service (when a change wakes a thousand streams, the daemon builds and
-/// writes the configuration once per service, not once per proxy); without the catalog when
-/// the proxy has it (an intention changed: a proxy is sent a few hundred bytes, not a catalog
-/// of every endpoint of the mesh).
+/// `have`: see [`config_body`].
 fn config_answer(state: &State, service: &str, have: &str) -> Response<Full<Bytes>> {
     let body = match config_body(state, service, have) {
-        Ok((body, _)) => body,
+        Ok((answer, _)) => answer.into_bytes(),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     let mut r = Response::new(Full::new(body));
@@ -924,58 +968,80 @@ fn config_answer(state: &State, service: &str, have: &str) -> Response<Full<Byte
     r
 }
 
-/// The configuration answer of [`config_answer`] and the digest of the catalog the proxy has once
-/// it applied it.
-fn config_body(state: &State, service: &str, have: &str) -> Result<(Bytes, String), String> {
+/// The configuration answer for a proxy of `service` that has the catalog of digest `have`, and
+/// the digest of the catalog it has once it applied it: [`proxy_config`] serialized once per
+/// snapshot and trust bundle, then shared by every proxy of the service (when a change wakes a
+/// thousand streams, the daemon builds the configuration once per service, not once per
+/// proxy), and the catalog once for all; without the catalog when the proxy has it (an
+/// intention changed: a proxy is sent a few hundred bytes, not a catalog of every endpoint of
+/// the mesh).
+fn config_body(state: &State, service: &str, have: &str) -> Result<(ConfigAnswer, String), String> {
     let snap = state.snap();
     let bundle = state.ca.read().unwrap_or_else(|p| p.into_inner()).bundle();
-    let pick = |c: &CachedAnswer| {
-        let body = if !have.is_empty() && c.digest == have {
-            c.lean.clone()
-        } else {
-            c.whole.clone()
-        };
-        (body, c.digest.clone())
+    let pick = |head: Bytes, catalog: &CachedCatalog| {
+        let c = (have.is_empty() || catalog.digest != have).then(|| catalog.json.clone());
+        (ConfigAnswer { head, catalog: c }, catalog.digest.clone())
     };
-    let cached = lock(&state.answers)
-        .get(service)
-        .and_then(|c| (Arc::ptr_eq(&c.snapshot, &snap) && c.bundle == bundle).then(|| pick(c)));
-    let body = match cached {
-        Some(b) => b,
-        None => {
-            let mut config = proxy_config(state, service);
-            let made = (|| {
-                let catalog = serde_json::to_vec(&config.services)?;
-                config.catalog_digest = catalog_digest(&catalog);
-                let whole = Bytes::from(serde_json::to_vec(&config)?);
-                config.services.clear();
-                config.catalog_omitted = true;
-                let lean = Bytes::from(serde_json::to_vec(&config)?);
-                Ok::<_, serde_json::Error>(CachedAnswer {
-                    snapshot: snap.clone(),
-                    bundle: bundle.clone(),
-                    digest: config.catalog_digest.clone(),
-                    whole,
-                    lean,
-                })
-            })();
-            let answer = match made {
-                Ok(a) => a,
-                Err(e) => return Err(format!("cannot write the answer: {e}")),
-            };
-            let body = pick(&answer);
-            // Made from the snapshot read above, or a newer one (`proxy_config` reads it
-            // again): kept under the one read first only if they are the same.
-            if Arc::ptr_eq(&snap, &state.snap()) && config.bundle == bundle {
-                let mut answers = lock(&state.answers);
-                // Answers of older snapshots go (each would keep its snapshot alive).
-                answers.retain(|_, c| Arc::ptr_eq(&c.snapshot, &snap));
-                answers.insert(service.to_string(), answer);
+    {
+        let answers = lock(&state.answers);
+        if let (Some(c), Some(a)) = (&answers.catalog, answers.services.get(service)) {
+            if Arc::ptr_eq(&c.snapshot, &snap)
+                && Arc::ptr_eq(&a.snapshot, &snap)
+                && a.bundle == bundle
+            {
+                return Ok(pick(a.head.clone(), c));
             }
-            body
         }
+    }
+    let config = proxy_config(state, service);
+    let config_bundle = config.bundle.clone();
+    let (json, digest, head) =
+        split_answer(config).map_err(|e| format!("cannot write the answer: {e}"))?;
+    let catalog = CachedCatalog {
+        snapshot: snap.clone(),
+        json,
+        digest,
     };
-    Ok(body)
+    let answer = pick(head.clone(), &catalog);
+    // Made from the snapshot read above, or a newer one (`proxy_config` reads it again): kept
+    // under the one read first only if they are the same.
+    if Arc::ptr_eq(&snap, &state.snap()) && config_bundle == bundle {
+        let mut answers = lock(&state.answers);
+        // Answers of older snapshots go (each would keep its snapshot alive).
+        answers
+            .services
+            .retain(|_, c| Arc::ptr_eq(&c.snapshot, &snap));
+        let fresh = answers
+            .catalog
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.snapshot, &snap));
+        if !fresh {
+            answers.catalog = Some(catalog);
+        }
+        answers.services.insert(
+            service.to_string(),
+            CachedAnswer {
+                snapshot: snap,
+                bundle,
+                head,
+            },
+        );
+    }
+    Ok(answer)
+}
+
+/// A configuration serialized in the parts of a [`ConfigAnswer`]: its catalog, the catalog's
+/// digest, and the rest (with that digest) without its closing brace.
+fn split_answer(mut config: ProxyConfig) -> serde_json::Result<(Bytes, String, Bytes)> {
+    let services = std::mem::take(&mut config.services);
+    let catalog = serde_json::to_vec(&services)?;
+    let digest = catalog_digest(&catalog);
+    config.catalog_digest = digest.clone();
+    config.catalog_omitted = false;
+    let mut head = serde_json::to_vec(&config)?;
+    // `{...}` without its brace: the catalog (or its omission) and the brace follow.
+    head.pop();
+    Ok((Bytes::from(catalog), digest, Bytes::from(head)))
 }
 
 /// The digest of a serialized catalog: the first 128 bits of its SHA-256, in hex.
@@ -1901,6 +1967,74 @@ pub fn call_with<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_in_parts_is_the_configuration_whole_or_without_its_catalog() {
+        let catalog: Vec<CatalogService> = serde_json::from_value(serde_json::json!([
+            {"name": "api", "virtual_ip": "240.0.0.1", "ports": [{"port": 80, "target_port": 8080}],
+             "endpoints": ["10.0.0.1", "10.0.0.2"], "protocol": "http",
+             "endpoint_meta": [{"version": "v1"}, {}]},
+            {"name": "db", "virtual_ip": "240.0.0.2", "ports": [{"port": 5432, "target_port": 5432}],
+             "endpoints": [], "protocol": null, "endpoint_meta": []}
+        ]))
+        .expect("a catalog");
+        let config = ProxyConfig {
+            index: 42,
+            service: "web".into(),
+            trust_domain: "dc1".into(),
+            services: catalog.clone(),
+            catalog_digest: String::new(),
+            catalog_omitted: false,
+            intentions: ringside_core::intentions::Intentions {
+                rules: Vec::new(),
+                default: ringside_core::intentions::Action::Deny,
+            },
+            l7: Default::default(),
+            inbound: Default::default(),
+            upstreams: Default::default(),
+            bundle: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into(),
+            cert_generation: 3,
+        };
+        let (json, digest, head) = split_answer(config.clone()).expect("serialized");
+        assert_eq!(
+            digest,
+            catalog_digest(&serde_json::to_vec(&catalog).unwrap())
+        );
+        let whole = ConfigAnswer {
+            head: head.clone(),
+            catalog: Some(json),
+        }
+        .into_bytes();
+        let got: ProxyConfig = serde_json::from_slice(&whole).expect("the whole answer parses");
+        let mut want = config.clone();
+        want.catalog_digest = digest.clone();
+        assert_eq!(got, want);
+        assert!(!got.catalog_omitted);
+        let lean = ConfigAnswer {
+            head,
+            catalog: None,
+        }
+        .into_bytes();
+        let got: ProxyConfig = serde_json::from_slice(&lean).expect("the lean answer parses");
+        want.services.clear();
+        want.catalog_omitted = true;
+        assert_eq!(got, want);
+        // Older proxies read `services` as required: the lean answer still has it, empty.
+        let v: serde_json::Value = serde_json::from_slice(&lean).unwrap();
+        assert_eq!(v["services"], serde_json::json!([]));
+        // An empty catalog is written as `[]` too, whole.
+        let mut empty = config;
+        empty.services.clear();
+        let (json, _, head) = split_answer(empty).expect("serialized");
+        let whole = ConfigAnswer {
+            head,
+            catalog: Some(json),
+        }
+        .into_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(v["services"], serde_json::json!([]));
+        assert!(v.get("catalog_omitted").is_none());
+    }
 
     fn report(address: Option<IpAddr>) -> ProxyReport {
         serde_json::from_value(serde_json::json!({

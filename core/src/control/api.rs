@@ -79,7 +79,9 @@ pub struct ProxyConfig {
     pub service: String,
     /// Trust domain.
     pub trust_domain: String,
-    /// The catalog (left out, empty, when `catalog_omitted`).
+    /// The catalog (left out, empty, when `catalog_omitted`). Not written when empty, so that a
+    /// daemon can send it after the other members (and a missing one reads as empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<CatalogService>,
     /// A digest of the catalog (`services`): a proxy that sends it back with its next watch
     /// (`catalog=`) is answered without the catalog while it has not changed. Content, not a

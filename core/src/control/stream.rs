@@ -100,7 +100,11 @@ pub fn parse(line: &[u8]) -> Result<(Kind, &[u8]), String> {
 
 /// Write one frame: `kind`, a space, `json` (compact, no newline), `\n`, in one vectored write
 /// where the socket takes it.
-pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, kind: Kind, json: Bytes) -> io::Result<()> {
+pub async fn write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: Kind,
+    json: impl hyper::body::Buf,
+) -> io::Result<()> {
     use hyper::body::Buf;
     let head = Bytes::from(format!("{} ", kind.as_str()));
     let mut frame = head.chain(json).chain(Bytes::from_static(b"\n"));

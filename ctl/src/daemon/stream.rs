@@ -51,7 +51,7 @@ pub(super) async fn serve(up: hyper::upgrade::Upgraded, state: Arc<State>, open:
 type Writer = tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Send a frame; false when the proxy is gone (or does not read for [`WRITE_TIMEOUT`]).
-async fn send(wr: &mut Writer, kind: Kind, json: Bytes) -> bool {
+async fn send(wr: &mut Writer, kind: Kind, json: impl hyper::body::Buf) -> bool {
     matches!(
         tokio::time::timeout(WRITE_TIMEOUT, wire::write(wr, kind, json)).await,
         Ok(Ok(()))
@@ -89,8 +89,8 @@ async fn run(up: hyper::upgrade::Upgraded, state: &State, open: &Open) {
         let served = *changed.borrow_and_update();
         if served > sent || std::mem::take(&mut due) {
             match config_body(state, &service, &have) {
-                Ok((body, digest)) => {
-                    if !send(&mut wr, Kind::Config, body).await {
+                Ok((answer, digest)) => {
+                    if !send(&mut wr, Kind::Config, answer.into_buf()).await {
                         return;
                     }
                     (sent, have) = (served, digest);
