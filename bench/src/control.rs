@@ -8,7 +8,7 @@
 //! Measured for each N, on a fresh mesh: how long N proxies take to come up (every one has
 //! reported the index that holds every endpoint); the time from `apply` to each proxy's
 //! acknowledgement of the new version, over several changes (p50, p99, max); the daemons' RSS
-//! and CPU per 1,000 proxies; the configuration size a proxy fetches; etcd's traffic per change
+//! (idle, with one proxy each, with all) and CPU per 1,000 proxies; the configuration size a proxy fetches; etcd's traffic per change
 //! (client and peer bytes, less the traffic of an idle window of the same length).
 
 use std::net::{Ipv4Addr, TcpStream};
@@ -94,8 +94,13 @@ pub struct RunResult {
     pub daemon_rss_base_mb: f64,
     /// Daemon RSS with the proxies attached, after the changes (MB, mean over daemons).
     pub daemon_rss_mb: f64,
-    /// RSS growth per 1,000 proxies a daemon serves (MB).
+    /// Daemon RSS with its first proxy up (MB, mean over daemons).
+    pub daemon_rss_first_mb: f64,
+    /// RSS growth from idle per 1,000 proxies a daemon serves (MB): what a daemon allocates
+    /// once for its first proxy is divided over its proxies too.
     pub daemon_rss_per_1000_mb: f64,
+    /// RSS growth per 1,000 proxies beyond each daemon's first (MB): the cost of a proxy.
+    pub daemon_rss_further_per_1000_mb: f64,
     /// CPU of all daemons together while idle with the proxies attached (heartbeats), in cores.
     pub daemon_cpu_idle_cores: f64,
     /// CPU seconds of all daemons per change.
@@ -710,9 +715,7 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
             lean_config_bytes: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for i in 0..n {
+        let spawn = |i: usize| {
             let p = SimProxy {
                 n: i,
                 socket: mesh.proxy_socket(i % args.daemons),
@@ -720,8 +723,20 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
                 service: format!("svc-{}", i % args.services),
                 address: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 1)) + i as u32),
             };
-            tasks.push(rt.spawn(p.run(shared.clone())));
-        }
+            rt.spawn(p.run(shared.clone()))
+        };
+        // One proxy per daemon first: what a daemon allocates once, for its first proxy (the
+        // code paths of serving one paged in, the etcd client's buffers grown, the first
+        // answers cached), is measured apart from what each further proxy costs.
+        let first = n.min(args.daemons);
+        let mut tasks: Vec<_> = (0..first).map(spawn).collect();
+        wait_until("each daemon's first proxy up", args.deadline, || {
+            shared.acked[..first].iter().all(|a| a.load(Relaxed) > 0)
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+        let warm = mesh.daemon_usage();
+        let start = Instant::now();
+        tasks.extend((first..n).map(spawn));
         // Up: every endpoint registered, and every proxy has acknowledged an index at least
         // the one that holds them all.
         let all_up = |shared: &Shared| shared.acked.iter().all(|a| a.load(Relaxed) > 0);
@@ -809,9 +824,11 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
         received.sort_by(|a, b| a.total_cmp(b));
         last_acks.sort_by(|a, b| a.total_cmp(b));
         let mb = |b: f64| b / 1_048_576.0;
-        let rss_base = base.iter().map(|x| x.0 as f64).sum::<f64>() / base.len() as f64;
-        let rss_now = uc1.iter().map(|x| x.0 as f64).sum::<f64>() / uc1.len() as f64;
+        let mean_rss =
+            |u: &[(u64, f64)]| u.iter().map(|x| x.0 as f64).sum::<f64>() / u.len() as f64;
+        let (rss_base, rss_warm, rss_now) = (mean_rss(&base), mean_rss(&warm), mean_rss(&uc1));
         let per_daemon = n as f64 / args.daemons as f64;
+        let more_per_daemon = (n - first) as f64 / args.daemons as f64;
         rt.shutdown_timeout(Duration::from_secs(1));
         Ok(RunResult {
             proxies: n,
@@ -830,7 +847,9 @@ fn one_run(args: &ControlArgs, ringctl: &Path, n: usize) -> anyhow::Result<RunRe
             lean_config_bytes,
             daemon_rss_base_mb: mb(rss_base),
             daemon_rss_mb: mb(rss_now),
+            daemon_rss_first_mb: mb(rss_warm),
             daemon_rss_per_1000_mb: mb(rss_now - rss_base) / per_daemon * 1000.0,
+            daemon_rss_further_per_1000_mb: mb(rss_now - rss_warm) / more_per_daemon * 1000.0,
             daemon_cpu_idle_cores: idle_cores,
             daemon_cpu_per_change_s: cpu_changes / args.changes.max(1) as f64,
             etcd_bytes_per_change: etcd_changes / args.changes.max(1) as f64,
@@ -866,7 +885,7 @@ pub fn main(args: ControlArgs) -> anyhow::Result<()> {
     for &n in &args.proxies {
         let r = one_run(&args, &ringctl, n).with_context(|| format!("the run with {n} proxies"))?;
         println!(
-            "{:>6} proxies: up {:.2} s; received p50 {:.1} ms p99 {:.1} ms; ack p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({}/{} changes complete); config {} B ({} B without the catalog); daemon RSS {:.1} MB (+{:.1} MB per 1,000), CPU idle {:.2} cores, {:.3} s per change; etcd {:.0} B per change, {:.0} B/s idle; {} failed requests",
+            "{:>6} proxies: up {:.2} s; received p50 {:.1} ms p99 {:.1} ms; ack p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({}/{} changes complete); config {} B ({} B without the catalog); daemon RSS {:.1} MB idle, {:.1} MB with its first proxy, {:.1} MB with all (+{:.1} MB per 1,000 from idle, +{:.1} MB per 1,000 beyond the first), CPU idle {:.2} cores, {:.3} s per change; etcd {:.0} B per change, {:.0} B/s idle; {} failed requests",
             r.proxies,
             r.up_s,
             r.received_p50_ms,
@@ -878,8 +897,11 @@ pub fn main(args: ControlArgs) -> anyhow::Result<()> {
             r.changes,
             r.config_bytes,
             r.lean_config_bytes,
+            r.daemon_rss_base_mb,
+            r.daemon_rss_first_mb,
             r.daemon_rss_mb,
             r.daemon_rss_per_1000_mb,
+            r.daemon_rss_further_per_1000_mb,
             r.daemon_cpu_idle_cores,
             r.daemon_cpu_per_change_s,
             r.etcd_bytes_per_change,
