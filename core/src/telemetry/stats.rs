@@ -94,8 +94,11 @@ pub struct HttpStats {
     pub local_replies: AtomicU64,
     /// Failures by reason.
     pub failures: [AtomicU64; Reason::ALL.len()],
-    /// Per service and route: requests by code and method, latency.
-    pub services: std::sync::Mutex<std::collections::BTreeMap<(String, String), ServiceHttp>>,
+    /// Per service, then route: requests by code and method, latency. Nested so that a request
+    /// finds its entry by `&str`, without making the key's strings.
+    pub services: std::sync::Mutex<
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, ServiceHttp>>,
+    >,
 }
 
 /// L7 counters of one service and route.
@@ -104,7 +107,7 @@ pub struct ServiceHttp {
     /// Responses by status code.
     pub codes: std::collections::BTreeMap<u16, u64>,
     /// Requests by method.
-    pub methods: std::collections::BTreeMap<String, u64>,
+    pub methods: std::collections::BTreeMap<&'static str, u64>,
     /// Time to the response headers.
     pub latency: Histogram,
 }
@@ -153,6 +156,14 @@ impl Histogram {
     }
 }
 
+/// Every (service, route) entry, in order.
+fn by_route(
+    map: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, ServiceHttp>>,
+) -> impl Iterator<Item = (&String, &String, &ServiceHttp)> {
+    map.iter()
+        .flat_map(|(service, routes)| routes.iter().map(move |(route, st)| (service, route, st)))
+}
+
 /// Encode the per-service HTTP metrics.
 pub fn encode_http_services(
     http: &HttpStats,
@@ -169,7 +180,7 @@ pub fn encode_http_services(
             None,
             MetricType::Counter,
         )?;
-        for ((service, route), st) in map.iter() {
+        for (service, route, st) in by_route(&map) {
             for (code, v) in &st.codes {
                 let code_s = code.to_string();
                 let class = format!("{}xx", (code / 100).clamp(1, 5));
@@ -190,12 +201,12 @@ pub fn encode_http_services(
             None,
             MetricType::Counter,
         )?;
-        for ((service, route), st) in map.iter() {
+        for (service, route, st) in by_route(&map) {
             for (method, v) in &st.methods {
                 let labels = [
                     ("service", service.as_str()),
                     ("route", route.as_str()),
-                    ("method", method.as_str()),
+                    ("method", *method),
                 ];
                 ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
             }
@@ -208,7 +219,7 @@ pub fn encode_http_services(
             None,
             MetricType::Histogram,
         )?;
-        for ((service, route), st) in map.iter() {
+        for (service, route, st) in by_route(&map) {
             let h = &st.latency;
             let labels = [("service", service.as_str()), ("route", route.as_str())];
             m.encode_family(&labels)?
@@ -225,15 +236,15 @@ pub fn encode_http_services(
 
 /// The `method` label of a request: a standard method keeps its name, anything else is `other`
 /// (a client choosing its methods cannot make a series per request).
-pub fn method_label(method: &str) -> &str {
+pub fn method_label(method: &str) -> &'static str {
     const STANDARD: [&str; 9] = [
         "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
     ];
-    if STANDARD.contains(&method) {
-        method
-    } else {
-        "other"
-    }
+    STANDARD
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl HttpStats {
@@ -247,12 +258,17 @@ impl HttpStats {
         latency: std::time::Duration,
     ) {
         let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (service.to_string(), route.to_string());
-        let st = map.entry(key).or_default();
+        // The strings of a key are made once, for the first request of a service or route.
+        if !map.contains_key(service) {
+            map.insert(service.to_string(), Default::default());
+        }
+        let routes = map.get_mut(service).expect("inserted above");
+        if !routes.contains_key(route) {
+            routes.insert(route.to_string(), ServiceHttp::default());
+        }
+        let st = routes.get_mut(route).expect("inserted above");
         *st.codes.entry(status).or_default() += 1;
-        *st.methods
-            .entry(method_label(method).to_string())
-            .or_default() += 1;
+        *st.methods.entry(method_label(method)).or_default() += 1;
         st.latency.observe(latency);
     }
 }
@@ -479,7 +495,7 @@ mod tests {
         }
         http.record("web", "default", "get", 200, Duration::from_millis(1));
         let map = http.services.lock().unwrap();
-        let methods = &map[&("web".to_string(), "default".to_string())].methods;
+        let methods = &map["web"]["default"].methods;
         assert_eq!(methods.len(), 10, "{methods:?}");
         assert_eq!(methods["other"], 1001);
         assert_eq!(methods["GET"], 1);
