@@ -5,7 +5,7 @@ set -euo pipefail
 want=(postgresql postgresql-contrib iproute2 procps iptables nftables python3 sockperf util-linux
   protobuf-compiler libprotobuf-dev etcd-server systemd)
 if [ "${1:-test}" = bench ]; then
-  want+=(iperf3 haproxy nginx-light libnginx-mod-stream socat wrk)
+  want+=(iperf3 haproxy nginx-light libnginx-mod-stream socat wrk valgrind curl)
 fi
 missing=()
 for p in "${want[@]}"; do
