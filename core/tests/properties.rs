@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use ringside_core::decide::detect::{classify, Detection, Want};
 use ringside_core::intentions::{Action, Intentions};
-use ringside_core::policy::path::normalize;
+use ringside_core::policy::path::{is_normal, normalize};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "*"];
 
@@ -64,6 +64,15 @@ proptest! {
                 let got = set.evaluate(src, dst).action == Action::Allow;
                 prop_assert_eq!(got, reference(&rules, default_allow, src, dst), "{} -> {}", src, dst);
             }
+        }
+    }
+
+    #[test]
+    fn a_path_called_normal_is_what_normalizing_makes_of_it(
+        p in prop_oneof!["[/a-zA-Z0-9%.\\\\_~*?-]{0,30}", "/[a-zA-Z0-9_~/-]{0,30}", "/[a-z/.%]{0,12}"]
+    ) {
+        if is_normal(&p) {
+            prop_assert_eq!(normalize(&p), Ok(p.clone()));
         }
     }
 

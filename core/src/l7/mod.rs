@@ -46,6 +46,9 @@ fn normalize_target(parts: &mut hyper::http::request::Parts) -> Result<(), (Reas
         return Ok(());
     }
     let path = parts.uri.path();
+    if crate::policy::path::is_normal(path) {
+        return Ok(());
+    }
     let norm = crate::policy::path::normalize(path)
         .map_err(|e| (Reason::BadRequest, format!("{} {path}: {e}", parts.method)))?;
     if norm != path {
