@@ -54,13 +54,18 @@ pub(crate) struct UpstreamId(pub Arc<str>);
 type PeerId = Option<Arc<str>>;
 
 /// Idle connections with the time each went idle and the identity its peer proved.
-type IdleMap = HashMap<Key, Vec<(SendRequest<ReqBody>, Instant, PeerId)>>;
+/// The pool's maps hash with foldhash, not SipHash: a key is an endpoint from the catalog, never
+/// chosen by a client, and the lookups (one to take a connection, one to give it back) were 1.5 %
+/// of the L7 path's instructions per request.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+type IdleMap = FastMap<Key, Vec<(SendRequest<ReqBody>, Instant, PeerId)>>;
 
 /// The idle connections of one lane.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: Mutex<IdleMap>,
-    h2: Mutex<HashMap<Key, (hyper::client::conn::http2::SendRequest<ReqBody>, PeerId)>>,
+    h2: Mutex<FastMap<Key, (hyper::client::conn::http2::SendRequest<ReqBody>, PeerId)>>,
 }
 
 impl Pool {
