@@ -15,7 +15,6 @@ pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod tunnel;
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -34,7 +33,7 @@ use crate::io::connect::{connect_to, Upstream};
 use crate::io::peek::{detect, Gone};
 use crate::io::relay::relay;
 use crate::io::sys;
-use crate::io::tls_relay::{self, TlsRelayEnd};
+use crate::io::tls_relay::{self, Established, TlsRelayEnd};
 use crate::io::worker::Worker;
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
@@ -384,7 +383,7 @@ pub(crate) async fn terminate_then_relay(
     if let Err(e) = sys::set_nonblocking(cfd) {
         return refuse(client, out, Reason::DownstreamReset, e.to_string());
     }
-    let Some(conn) = handshake(session::server(cfg), client, false, client, out).await else {
+    let Some(est) = handshake(session::server(cfg), client, false, client, out).await else {
         return;
     };
     let Some(up) = connect(w, snap, client, route, out).await else {
@@ -393,8 +392,8 @@ pub(crate) async fn terminate_then_relay(
     sys::set_nodelay(cfd);
     opened(w, snap, out);
     let ctx = w.relay_ctx();
-    let relay = tls_relay::relay(&ctx, &up.stream, client, &conn, false);
-    let peer = session::peer_id(&conn.borrow());
+    let peer = est.peer.clone();
+    let relay = tls_relay::relay(&ctx, &up.stream, client, est, false);
     let watch = match (recheck, peer, &w.shared.sidecar_tls) {
         (Some(dest), Some(peer), Some(st)) => Some((dest, peer, &st.scope)),
         _ => None,
@@ -467,12 +466,12 @@ pub(crate) async fn originate_then_relay(
         return;
     };
     let session = session::client(cfg, name);
-    let Some(conn) = handshake(session, &up.stream, true, client, out).await else {
+    let Some(est) = handshake(session, &up.stream, true, client, out).await else {
         return;
     };
     sys::set_nodelay(cfd);
     opened(w, snap, out);
-    let end = tls_relay::relay(&w.relay_ctx(), client, &up.stream, &conn, true).await;
+    let end = tls_relay::relay(&w.relay_ctx(), client, &up.stream, est, true).await;
     out.relayed_tls(end, true);
 }
 
@@ -504,26 +503,22 @@ async fn connect(
 /// Drive a TLS session's handshake on `sock` and take the peer's verified identity; when it
 /// fails, the client is refused with the reason (the alert was sent first).
 async fn handshake(
-    session: Result<rustls::Connection, (Reason, String)>,
+    session: Result<session::Handshaking, (Reason, String)>,
     sock: &TcpStream,
     peer_is_upstream: bool,
     client: &TcpStream,
     out: &mut Outcome,
-) -> Option<RefCell<rustls::Connection>> {
+) -> Option<Established> {
     let done = match session {
-        Ok(s) => {
-            let conn = RefCell::new(s);
-            match tls_relay::handshake(&conn, sock).await {
-                Ok(()) => Ok(conn),
-                Err(f) => Err((f.reason(peer_is_upstream), f.to_string())),
-            }
-        }
+        Ok(s) => tls_relay::handshake(s, sock)
+            .await
+            .map_err(|f| (f.reason(peer_is_upstream), f.to_string())),
         Err(e) => Err(e),
     };
     match done {
-        Ok(conn) => {
-            out.peer_id = session::peer_id(&conn.borrow()).map(|i| i.to_string().into());
-            Some(conn)
+        Ok(est) => {
+            out.peer_id = est.peer.as_ref().map(|i| i.to_string().into());
+            Some(est)
         }
         Err((reason, detail)) => {
             refuse(client, out, reason, detail);

@@ -2,7 +2,6 @@
 //! the TLS relay, raw syscalls (the only `unsafe` code of the data plane) and `/proc` readers.
 
 pub mod connect;
-pub mod flush_gate;
 pub mod listening;
 pub mod peek;
 pub mod relay;

@@ -34,9 +34,11 @@ use crate::telemetry::stats::{Counter, WorkerStats};
 /// Bytes moved in one readiness episode before a pump yields to other connections.
 pub(crate) const EPISODE_BUDGET: usize = 4 * 1024 * 1024;
 
-/// Size of the buffers the mesh TLS relay reads into: four full TLS records, so that one read and
-/// one `sendmsg` move four records (with 16 KiB buffers the relay spent a sixth more CPU per GB).
-pub const TLS_BUFFER_SIZE: usize = 64 * 1024;
+/// Size of the buffers the mesh TLS relay reads into: four full TLS records with their headers and
+/// tags, so that one read and one send move four records (with 16 KiB buffers the relay spent a
+/// sixth more CPU per GB).
+pub const TLS_BUFFER_SIZE: usize =
+    crate::io::tls_relay::SEAL_SLOTS * crate::tls::record::MAX_SEALED;
 
 /// Per-worker pools of pipes and copy buffers.
 #[derive(Debug)]

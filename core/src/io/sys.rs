@@ -81,6 +81,19 @@ pub fn send_vectored(fd: RawFd, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usi
     cvt(ret)
 }
 
+/// Non-blocking scattered receive (`recvmsg`): fills the slices in order.
+pub fn recv_vectored(fd: RawFd, bufs: &mut [std::io::IoSliceMut<'_>]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr is valid (no name, no control data); `IoSliceMut` is ABI-compatible
+    // with `iovec`, and the slices stay borrowed, valid for writes, for the duration of the call.
+    let ret = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = bufs.as_mut_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+        libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT)
+    };
+    cvt(ret)
+}
+
 /// Half-close: no more bytes will be written to `fd` (sends FIN). Errors (already reset, not
 /// connected) are ignored: the peer is gone either way.
 pub fn shutdown_write(fd: RawFd) {

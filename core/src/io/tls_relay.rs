@@ -1,15 +1,23 @@
-//! Relaying between a plaintext socket and a mesh-TLS socket, driving rustls's sans-IO connection
-//! from the worker: the event loop says when a socket is ready, `read_tls`/`write_tls` move records
-//! with non-blocking `recv`/`send`, and the plaintext side reuses the pump's pooled buffer.
+//! Relaying between a plaintext socket and a mesh-TLS socket.
 //!
-//! Both directions share one rustls connection (`RefCell`, never borrowed across an await). Close
-//! semantics match the plaintext relay: plaintext EOF becomes `close_notify` plus `shutdown(SHUT_WR)`
-//! on the TLS socket; `close_notify` from the TLS side becomes `shutdown(SHUT_WR)` on
-//! the plaintext socket; any error resets both.
+//! The handshake is rustls's, driven through its unbuffered (sans-IO) connection: the event loop
+//! says when the socket is ready, the bytes move with non-blocking `recv`/`send`. Once it is done
+//! the relay takes the traffic secrets and protects records itself ([`crate::tls::record`]), in
+//! its own buffers: received records are decrypted where they landed and their plaintext goes out
+//! from there in one `sendmsg`; plaintext is received (one `recvmsg`) straight into the slots of
+//! the records that will carry it, sealed there and sent in one `send`. No byte is copied in user
+//! space on either way.
+//!
+//! Only the sealing pump writes to the TLS socket (the key update a peer asks for goes out before
+//! its next record), so neither pump ever waits for the other. Close semantics match the plaintext
+//! relay: plaintext EOF becomes `close_notify` plus `shutdown(SHUT_WR)` on the TLS socket;
+//! `close_notify` from the TLS side becomes `shutdown(SHUT_WR)` on the plaintext socket; a TLS
+//! stream that ends without `close_notify` was cut, and any error resets both.
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
-use std::io::{self, BufRead, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, IoSlice, IoSliceMut};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::pin;
 use std::task::Poll;
@@ -17,36 +25,21 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 
-use crate::io::flush_gate::FlushGate;
 use crate::io::relay::{IdleWatch, RelayCtx, EPISODE_BUDGET};
 use crate::io::sys;
+use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
+use crate::tls::record::{self, Opened, Records, MAX_CONTROL, MAX_SEALED};
+use crate::tls::session::{Handshaking, Next};
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A raw socket as `Read`/`Write` for rustls (non-blocking).
-struct Fd(RawFd);
+/// Records one read fills on the sealing side (the pool's TLS buffers hold this many).
+pub const SEAL_SLOTS: usize = 4;
 
-impl Read for Fd {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        sys::recv(self.0, buf)
-    }
-}
-
-impl Write for Fd {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        sys::send(self.0, buf)
-    }
-    /// rustls hands over every pending record at once: one `sendmsg` sends them all (the default
-    /// would send one record per system call).
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        sys::send_vectored(self.0, bufs)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+/// The most a peer's handshake flight may take (certificate chains are a few KiB).
+const MAX_FLIGHT: usize = 256 * 1024;
 
 /// Why a TLS leg failed.
 #[derive(Debug)]
@@ -80,111 +73,100 @@ impl std::fmt::Display for TlsFailure {
     }
 }
 
-/// Write every pending TLS record.
-async fn flush(conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
-    let fd = sock.as_raw_fd();
+/// A finished handshake: what the relay continues with.
+#[derive(Debug)]
+pub struct Established {
+    records: Records,
+    /// The verified peer's SPIFFE ID.
+    pub peer: Option<SpiffeId>,
+    /// Bytes read behind the handshake: the start of a record not complete yet.
+    carry: Vec<u8>,
+    /// Application data rustls decrypted along with the handshake (a client's first bytes right
+    /// behind its Finished).
+    early: Vec<u8>,
+}
+
+/// Drive the handshake to completion (or failure, after sending any alert).
+pub async fn handshake(session: Handshaking, sock: &TcpStream) -> Result<Established, TlsFailure> {
+    match monoio::time::timeout(HANDSHAKE_TIMEOUT, drive(session, sock)).await {
+        Ok(r) => r,
+        Err(_) => Err(TlsFailure::Timeout),
+    }
+}
+
+async fn drive(session: Handshaking, sock: &TcpStream) -> Result<Established, TlsFailure> {
+    let mut hs = session.start();
+    let mut incoming = vec![0u8; 16 * 1024];
+    let mut filled = 0usize;
     loop {
-        if !conn.borrow().wants_write() {
-            return Ok(());
+        let (used, next) = hs.advance(&mut incoming[..filled]);
+        incoming.copy_within(used..filled, 0);
+        filled -= used;
+        match next {
+            Next::Send => {
+                send_all(sock, hs.outgoing())
+                    .await
+                    .map_err(TlsFailure::Io)?;
+                hs.sent();
+            }
+            Next::Read => read_more(sock, &mut incoming, &mut filled).await?,
+            Next::Done => break,
+            Next::Failed(e) => {
+                let _ = send_all(sock, hs.outgoing()).await;
+                return Err(TlsFailure::Tls(e));
+            }
         }
-        let r = conn.borrow_mut().write_tls(&mut Fd(fd));
-        match r {
-            Ok(_) => {}
+    }
+    let f = hs.finish().map_err(TlsFailure::Tls)?;
+    incoming.truncate(filled);
+    Ok(Established {
+        records: f.records,
+        peer: f.peer,
+        carry: incoming,
+        early: f.early,
+    })
+}
+
+/// Read what the peer sent next, behind the `filled` bytes held.
+async fn read_more(
+    sock: &TcpStream,
+    incoming: &mut Vec<u8>,
+    filled: &mut usize,
+) -> Result<(), TlsFailure> {
+    if *filled == incoming.len() {
+        if incoming.len() >= MAX_FLIGHT {
+            return Err(TlsFailure::Tls(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::MessageTooLarge,
+            )));
+        }
+        incoming.resize(incoming.len() * 2, 0);
+    }
+    loop {
+        sock.readable(false).await.map_err(TlsFailure::Io)?;
+        match sys::recv(sock.as_raw_fd(), &mut incoming[*filled..]) {
+            Ok(0) => return Err(TlsFailure::Io(ErrorKind::UnexpectedEof.into())),
+            Ok(n) => {
+                *filled += n;
+                return Ok(());
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(TlsFailure::Io(e)),
+        }
+    }
+}
+
+/// Send all of `bytes`, waiting for the socket when it is full.
+async fn send_all(sock: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    while !bytes.is_empty() {
+        match sys::send(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == ErrorKind::WouldBlock => sock.writable(false).await?,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-}
-
-/// One flusher at a time for the TLS socket. Both pumps produce TLS records (data one way, key
-/// updates and tickets the other); only one of them may wait for the socket to become writable,
-/// since the epoll driver keeps a single waiter per direction and a second one would never wake.
-/// The other waits for the turn until the flusher is done, then flushes what is left ([`FlushGate`],
-/// loom-checked).
-///
-/// The decrypting pump must never wait for the TLS socket to become writable: it would stop reading
-/// while the peer proxy, symmetrically, waits for us to read — a deadlock under bidirectional bulk
-/// load. It only tries a non-blocking flush and, if records remain, kicks the drainer (a third
-/// future of the relay) to wait for writability on its behalf.
-#[derive(Default)]
-struct TlsOut {
-    gate: FlushGate,
-}
-
-impl TlsOut {
-    /// Write what can be written now; if records remain, have the drainer finish the job.
-    fn try_flush(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
-        let fd = sock.as_raw_fd();
-        while !self.gate.is_busy() && conn.borrow().wants_write() {
-            let r = conn.borrow_mut().write_tls(&mut Fd(fd));
-            match r {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if conn.borrow().wants_write() {
-            self.gate.kick();
-        }
-        Ok(())
-    }
-
-    /// The drainer: flush (waiting for writability) whenever kicked; the relay drops it when both
-    /// pumps are done.
-    async fn drain(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
-        loop {
-            if self.gate.kicked().await {
-                self.flush(conn, sock).await?;
-            } else {
-                // Closed: the relay never closes its gate (it drops the drainer instead), and a
-                // drainer must not finish while the relay polls it.
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    async fn flush(&self, conn: &RefCell<rustls::Connection>, sock: &TcpStream) -> io::Result<()> {
-        let _turn = self.gate.turn().await;
-        flush(conn, sock).await
-    }
-}
-
-/// Drive the handshake to completion (or failure, after sending any alert).
-pub async fn handshake(
-    conn: &RefCell<rustls::Connection>,
-    sock: &TcpStream,
-) -> Result<(), TlsFailure> {
-    let work = async {
-        let fd = sock.as_raw_fd();
-        loop {
-            flush(conn, sock).await.map_err(TlsFailure::Io)?;
-            if !conn.borrow().is_handshaking() {
-                return Ok(());
-            }
-            sock.readable(false).await.map_err(TlsFailure::Io)?;
-            let r = conn.borrow_mut().read_tls(&mut Fd(fd));
-            match r {
-                Ok(0) => return Err(TlsFailure::Io(ErrorKind::UnexpectedEof.into())),
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                    continue
-                }
-                Err(e) => return Err(TlsFailure::Io(e)),
-            }
-            let processed = conn.borrow_mut().process_new_packets().map(|_| ());
-            if let Err(e) = processed {
-                // Send the alert rustls queued before giving up.
-                let _ = flush(conn, sock).await;
-                return Err(TlsFailure::Tls(e));
-            }
-        }
-    };
-    match monoio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
-        Ok(r) => r,
-        Err(_) => Err(TlsFailure::Timeout),
-    }
+    Ok(())
 }
 
 /// How a TLS relay ended.
@@ -198,15 +180,47 @@ pub struct TlsRelayEnd {
     pub failure: Option<(Reason, Option<rustls::Error>)>,
 }
 
+/// Received TLS bytes held while the opening pump waits for the socket: records
+/// `buf[start..filled]`, the last of them incomplete.
+struct Held {
+    buf: Box<[u8]>,
+    start: usize,
+    filled: usize,
+}
+
+/// What the two pumps share.
+struct Shared {
+    records: RefCell<Records>,
+    /// The sealing pump is in the middle of sending records: nothing else may write to the TLS
+    /// socket until it is done.
+    sending: Cell<bool>,
+    /// The opening pump's bytes while it waits for the TLS socket (for a last look at an alert).
+    held: RefCell<Option<Held>>,
+    /// The opening pump is delivering plaintext: records are half handled.
+    delivering: Cell<bool>,
+}
+
 /// Relay between `plain` and `tls` (whose handshake is done). `tls_is_upstream` says which side
 /// failures are attributed to.
 pub async fn relay(
     ctx: &RelayCtx<'_>,
     plain: &TcpStream,
     tls: &TcpStream,
-    conn: &RefCell<rustls::Connection>,
+    est: Established,
     tls_is_upstream: bool,
 ) -> TlsRelayEnd {
+    let Established {
+        records,
+        carry,
+        early,
+        ..
+    } = est;
+    let shared = Shared {
+        records: RefCell::new(records),
+        sending: Cell::new(false),
+        held: RefCell::new(None),
+        delivering: Cell::new(false),
+    };
     let sealed = Cell::new(0u64);
     let opened = Cell::new(0u64);
     let (seal_counter, open_counter) = if tls_is_upstream {
@@ -220,30 +234,16 @@ pub async fn relay(
             &ctx.stats.downstream_cx_rx_bytes_total,
         )
     };
-    let out = TlsOut::default();
-    // True while the decrypting pump holds bytes read from the socket that rustls has not taken yet:
-    // reading the socket again then would skip them.
-    let feeding = Cell::new(false);
-    let mut a = Some(pin!(seal(
-        ctx,
-        plain,
-        tls,
-        conn,
-        &out,
-        &sealed,
-        seal_counter
-    )));
+    let mut a = Some(pin!(seal(ctx, plain, tls, &shared, &sealed, seal_counter)));
     let mut b = Some(pin!(open(
         ctx,
         tls,
         plain,
-        conn,
-        &out,
+        &shared,
+        (early, carry),
         &opened,
         open_counter,
-        &feeding
     )));
-    let mut drainer = pin!(out.drain(conn, tls));
     // The same idle clock as the plaintext relay: no timer per connection.
     let mut idle = ctx.idle.map(IdleWatch::new);
     let (plain_side, tls_side) = if tls_is_upstream {
@@ -271,9 +271,6 @@ pub async fn relay(
         if a.is_none() && b.is_none() {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(Err(e)) = drainer.as_mut().poll(cx) {
-            return Poll::Ready(Some(LegError::TlsIo(e).classify(plain_side, tls_side)));
-        }
         if let Some(idle) = idle.as_mut() {
             if idle.poll_idle(cx, sealed.get() + opened.get()) {
                 return Poll::Ready(Some((Reason::IdleTimeout, None)));
@@ -285,11 +282,14 @@ pub async fn relay(
     // A reset from the TLS peer often follows an alert that says why (access_denied, an expired
     // certificate): read what is still queued and prefer the alert's reason.
     let failure = match failure {
-        Some((r, None)) if r == tls_side && !feeding.get() => {
-            Some(pending_alert(conn, tls).unwrap_or((r, None)))
+        Some((r, None)) if r == tls_side && !shared.delivering.get() => {
+            Some(pending_alert(ctx, tls, &shared).unwrap_or((r, None)))
         }
         f => f,
     };
+    if let Some(h) = shared.held.take() {
+        ctx.pools.give_tls_buf(h.buf);
+    }
     if failure.is_some() {
         sys::set_linger_zero(plain.as_raw_fd());
         sys::set_linger_zero(tls.as_raw_fd());
@@ -303,23 +303,38 @@ pub async fn relay(
 
 /// A TLS alert still queued on the socket, as a failure reason.
 fn pending_alert(
-    conn: &RefCell<rustls::Connection>,
+    ctx: &RelayCtx<'_>,
     tls: &TcpStream,
+    shared: &Shared,
 ) -> Option<(Reason, Option<rustls::Error>)> {
-    let fd = tls.as_raw_fd();
+    let mut h = shared.held.take().unwrap_or_else(|| Held {
+        buf: ctx.pools.take_tls_buf(),
+        start: 0,
+        filled: 0,
+    });
+    let mut found = None;
+    let mut spans = Vec::new();
     for _ in 0..16 {
-        let r = conn.borrow_mut().read_tls(&mut Fd(fd));
-        match r {
-            Ok(n) if n > 0 => {
-                let processed = conn.borrow_mut().process_new_packets().map(|_| ());
-                if let Err(e) = processed {
-                    return Some((crate::tls::reason_for(&e), Some(e)));
+        match open_in_place(&mut shared.records.borrow_mut(), &mut h, &mut spans) {
+            Err(e) => {
+                if matches!(e, rustls::Error::AlertReceived(_)) {
+                    found = Some((crate::tls::reason_for(&e), Some(e)));
                 }
+                break;
             }
-            _ => return None,
+            Ok(true) => break,
+            Ok(false) => spans.clear(),
+        }
+        h.buf.copy_within(h.start..h.filled, 0);
+        h.filled -= h.start;
+        h.start = 0;
+        match sys::recv(tls.as_raw_fd(), &mut h.buf[h.filled..]) {
+            Ok(n) if n > 0 => h.filled += n,
+            _ => break,
         }
     }
-    None
+    ctx.pools.give_tls_buf(h.buf);
+    found
 }
 
 enum LegError {
@@ -354,198 +369,309 @@ impl LegError {
     }
 }
 
+/// Tell the peer why the connection ends, if the TLS socket is free for it (best effort: the
+/// connection is reset right after).
+fn send_alert(tls: RawFd, shared: &Shared, e: &rustls::Error) {
+    let Some(alert) = record::alert_for(e) else {
+        return;
+    };
+    if shared.sending.get() {
+        return;
+    }
+    let mut out = [0u8; MAX_CONTROL];
+    if let Ok(n) = shared.records.borrow_mut().seal_alert(alert, &mut out) {
+        let _ = sys::send(tls, &out[..n]);
+    }
+}
+
+/// Send sealed records; while they go out, nothing else writes to the TLS socket.
+async fn send_records(tls: &TcpStream, shared: &Shared, bytes: &[u8]) -> Result<(), LegError> {
+    shared.sending.set(true);
+    let r = send_all(tls, bytes).await;
+    shared.sending.set(false);
+    r.map_err(LegError::TlsIo)
+}
+
 /// plain → TLS: encrypt what the plaintext side sends.
 ///
-/// After a read that filled the buffer, more is most likely queued: the pump reads again at once
-/// (up to the episode budget) instead of asking the event loop whether the socket is readable.
+/// Plaintext is received into the payload slots of [`SEAL_SLOTS`] records laid out back to back
+/// (header room, 16 KiB, room for the content type and tag), each filled before the next, so the
+/// sealed records are contiguous and leave in one `send`. After a read that filled the buffer,
+/// more is most likely queued: the pump reads again at once (up to the episode budget) instead
+/// of asking the event loop whether the socket is readable.
 async fn seal(
     ctx: &RelayCtx<'_>,
     plain: &TcpStream,
     tls: &TcpStream,
-    conn: &RefCell<rustls::Connection>,
-    out: &TlsOut,
+    shared: &Shared,
     moved: &Cell<u64>,
     counter: &crate::telemetry::stats::Counter,
 ) -> Result<(), LegError> {
     let pfd = plain.as_raw_fd();
     let mut must_wait = true;
     let mut budget = 0usize;
+    let mut control = [0u8; MAX_CONTROL];
     loop {
         if must_wait || budget == 0 {
             plain.readable(false).await.map_err(LegError::Plain)?;
             budget = EPISODE_BUDGET;
         }
         let mut buf = ctx.pools.take_tls_buf();
-        let r = loop {
-            match sys::recv(pfd, &mut buf) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                r => break r,
+        let r = {
+            let mut slots = buf.chunks_exact_mut(MAX_SEALED);
+            let mut iov: [IoSliceMut<'_>; SEAL_SLOTS] = std::array::from_fn(|_| {
+                let slot = slots.next().expect("a TLS buffer holds SEAL_SLOTS records");
+                IoSliceMut::new(&mut slot[record::HEADER..record::HEADER + record::MAX_PLAINTEXT])
+            });
+            loop {
+                match sys::recv_vectored(pfd, &mut iov) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
             }
         };
-        match r {
-            Ok(0) => {
-                ctx.pools.give_tls_buf(buf);
-                conn.borrow_mut().send_close_notify();
-                out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
-                sys::shutdown_write(tls.as_raw_fd());
-                return Ok(());
-            }
-            Ok(n) => {
-                let w = conn.borrow_mut().writer().write_all(&buf[..n]);
-                must_wait = n < buf.len();
-                ctx.pools.give_tls_buf(buf);
-                w.map_err(LegError::TlsIo)?;
-                out.flush(conn, tls).await.map_err(LegError::TlsIo)?;
-                counter.add(n as u64);
-                moved.set(moved.get() + n as u64);
-                budget = budget.saturating_sub(n);
-            }
+        let n = match r {
+            Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 ctx.pools.give_tls_buf(buf);
                 must_wait = true;
+                continue;
             }
             Err(e) => {
                 ctx.pools.give_tls_buf(buf);
                 return Err(LegError::Plain(e));
             }
+        };
+        if n == 0 {
+            ctx.pools.give_tls_buf(buf);
+            let k = shared
+                .records
+                .borrow_mut()
+                .seal_close_notify(&mut control)
+                .map_err(LegError::Tls)?;
+            send_records(tls, shared, &control[..k]).await?;
+            sys::shutdown_write(tls.as_raw_fd());
+            return Ok(());
         }
+        must_wait = n < SEAL_SLOTS * record::MAX_PLAINTEXT;
+        budget = budget.saturating_sub(n);
+        // A key update the peer asked for (or our key's limit) goes before the data.
+        let due = shared.records.borrow_mut().seal_due(&mut control);
+        match due {
+            Ok(0) => {}
+            Ok(k) => send_records(tls, shared, &control[..k]).await?,
+            Err(e) => {
+                ctx.pools.give_tls_buf(buf);
+                return Err(LegError::Tls(e));
+            }
+        }
+        let wire = match seal_in_place(&mut shared.records.borrow_mut(), &mut buf, n) {
+            Ok(w) => w,
+            Err(e) => {
+                ctx.pools.give_tls_buf(buf);
+                return Err(LegError::Tls(e));
+            }
+        };
+        let sent = send_records(tls, shared, &buf[..wire]).await;
+        ctx.pools.give_tls_buf(buf);
+        sent?;
+        counter.add(n as u64);
+        moved.set(moved.get() + n as u64);
     }
 }
 
 /// TLS → plain: decrypt what the TLS side sends.
 ///
-/// The socket is read in buffer-sized chunks and the chunk is fed to rustls from memory (rustls
-/// reads at most 4 KiB per `read_tls`, which straight from the socket would be four system calls
-/// per record); decrypted bytes go to the plaintext socket straight from rustls's buffer.
-#[allow(clippy::too_many_arguments)]
+/// The socket is read into a buffer of several records; every complete record is opened where it
+/// lies, and their plaintexts go to the plaintext socket together. An incomplete record stays for
+/// the next read (moved to the front only when the room behind it is less than a record).
 async fn open(
     ctx: &RelayCtx<'_>,
     tls: &TcpStream,
     plain: &TcpStream,
-    conn: &RefCell<rustls::Connection>,
-    out: &TlsOut,
+    shared: &Shared,
+    (early, carry): (Vec<u8>, Vec<u8>),
     moved: &Cell<u64>,
     counter: &crate::telemetry::stats::Counter,
-    feeding: &Cell<bool>,
 ) -> Result<(), LegError> {
     let tfd = tls.as_raw_fd();
     let pfd = plain.as_raw_fd();
     // The handshake may have read application data along with the peer's last handshake message
-    // (a client sends its first request right behind its Finished): deliver what rustls already
-    // holds before waiting for the socket, or a request-response protocol would stall here.
-    if deliver(conn, plain, pfd, moved, counter).await? {
+    // (a client sends its first request right behind its Finished): deliver it before waiting for
+    // the socket, or a request-response protocol would stall here.
+    if !early.is_empty() {
+        shared.delivering.set(true);
+        let n = deliver(plain, pfd, &early, std::slice::from_ref(&(0..early.len()))).await?;
+        shared.delivering.set(false);
+        counter.add(n);
+        moved.set(moved.get() + n);
+    }
+    drop(early);
+    if shared.records.borrow().peer_closed() {
         sys::shutdown_write(pfd);
         return Ok(());
     }
+    let mut held: Option<Held> = None;
+    if !carry.is_empty() {
+        let mut buf = ctx.pools.take_tls_buf();
+        if carry.len() > buf.len() {
+            return Err(LegError::Tls(rustls::Error::PeerSentOversizedRecord));
+        }
+        buf[..carry.len()].copy_from_slice(&carry);
+        held = Some(Held {
+            buf,
+            start: 0,
+            filled: carry.len(),
+        });
+    }
+    drop(carry);
+    let mut spans: Vec<Range<usize>> = Vec::new();
     let mut must_wait = true;
     let mut budget = 0usize;
     loop {
+        // Open every complete record held.
+        if let Some(h) = held.as_mut() {
+            let opened = open_in_place(&mut shared.records.borrow_mut(), h, &mut spans);
+            let closed = match opened {
+                Ok(closed) => closed,
+                Err(e) => {
+                    send_alert(tfd, shared, &e);
+                    return Err(LegError::Tls(e));
+                }
+            };
+            if !spans.is_empty() {
+                shared.delivering.set(true);
+                let n = deliver(plain, pfd, &h.buf, &spans).await?;
+                shared.delivering.set(false);
+                spans.clear();
+                counter.add(n);
+                moved.set(moved.get() + n);
+            }
+            if closed {
+                // A clean close: close_notify, every byte before it delivered.
+                sys::shutdown_write(pfd);
+                if let Some(h) = held.take() {
+                    ctx.pools.give_tls_buf(h.buf);
+                }
+                return Ok(());
+            }
+            if h.start == h.filled {
+                (h.start, h.filled) = (0, 0);
+            } else if h.buf.len() - h.filled < record::MAX_RECEIVED {
+                h.buf.copy_within(h.start..h.filled, 0);
+                h.filled -= h.start;
+                h.start = 0;
+            }
+        }
         if must_wait || budget == 0 {
-            tls.readable(false).await.map_err(LegError::TlsIo)?;
+            // Waiting: an empty buffer goes back to the pool (an idle connection holds none);
+            // an incomplete record is kept where the relay can look at it if the other way fails.
+            match held.take() {
+                Some(h) if h.filled == 0 => ctx.pools.give_tls_buf(h.buf),
+                h => *shared.held.borrow_mut() = h,
+            }
+            let ready = tls.readable(false).await;
+            held = shared.held.take();
+            ready.map_err(LegError::TlsIo)?;
             budget = EPISODE_BUDGET;
         }
-        let mut buf = ctx.pools.take_tls_buf();
-        let n = match sys::recv(tfd, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                ctx.pools.give_tls_buf(buf);
-                match e.kind() {
-                    ErrorKind::WouldBlock => must_wait = true,
-                    ErrorKind::Interrupted => must_wait = false,
-                    _ => return Err(LegError::TlsIo(e)),
-                }
-                continue;
+        let h = held.get_or_insert_with(|| Held {
+            buf: ctx.pools.take_tls_buf(),
+            start: 0,
+            filled: 0,
+        });
+        let room = h.buf.len() - h.filled;
+        match sys::recv(tfd, &mut h.buf[h.filled..]) {
+            // The TCP stream ended without close_notify: it was cut, and a cut must not look
+            // complete on the other side (a truncated response would pass for a whole one): it
+            // fails, and the plaintext side gets a reset instead of a FIN.
+            Ok(0) => {
+                return Err(LegError::TlsIo(io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the TLS stream ended without close_notify",
+                )))
             }
-        };
-        must_wait = n < buf.len();
-        budget = budget.saturating_sub(n);
-        feeding.set(true);
-        let fed = feed(conn, plain, tls, out, &buf[..n], pfd, moved, counter).await;
-        feeding.set(false);
-        ctx.pools.give_tls_buf(buf);
-        // A clean close (close_notify, every byte delivered) or the end of the TCP stream (a cut
-        // without close_notify fails in `deliver` before this).
-        if fed? || n == 0 {
-            sys::shutdown_write(pfd);
-            return Ok(());
-        }
-    }
-}
-
-/// Feed `chunk` read from the TLS socket (empty: the TCP stream ended) to rustls, delivering the
-/// plaintext as records complete. `Ok(true)`: the peer closed the TLS stream cleanly.
-#[allow(clippy::too_many_arguments)]
-async fn feed(
-    conn: &RefCell<rustls::Connection>,
-    plain: &TcpStream,
-    tls: &TcpStream,
-    out: &TlsOut,
-    mut chunk: &[u8],
-    pfd: RawFd,
-    moved: &Cell<u64>,
-    counter: &crate::telemetry::stats::Counter,
-) -> Result<bool, LegError> {
-    let eof = chunk.is_empty();
-    loop {
-        let r = conn.borrow_mut().read_tls(&mut chunk);
-        // `Ok(0)` with bytes left: a close_notify came before them, and they are not read.
-        let stalled = matches!(r, Ok(0)) && !eof;
-        r.map_err(LegError::TlsIo)?;
-        let processed = conn.borrow_mut().process_new_packets().map(|_| ());
-        if let Err(e) = processed {
-            // Send the alert if it can go now; the connection is failing anyway.
-            let _ = out.try_flush(conn, tls);
-            return Err(LegError::Tls(e));
-        }
-        let closed = deliver(conn, plain, pfd, moved, counter).await?;
-        // Records the peer's messages asked for (key updates, tickets) go out without this pump
-        // ever waiting for the TLS socket (see `TlsOut`).
-        out.try_flush(conn, tls).map_err(LegError::TlsIo)?;
-        if closed || stalled || chunk.is_empty() {
-            return Ok(closed);
-        }
-    }
-}
-
-/// Send every decrypted byte rustls holds to the plaintext side, from rustls's own buffer.
-/// `Ok(true)`: the peer closed the TLS stream cleanly and everything was delivered.
-async fn deliver(
-    conn: &RefCell<rustls::Connection>,
-    plain: &TcpStream,
-    pfd: RawFd,
-    moved: &Cell<u64>,
-    counter: &crate::telemetry::stats::Counter,
-) -> Result<bool, LegError> {
-    loop {
-        let sent = {
-            let mut c = conn.borrow_mut();
-            let mut reader = c.reader();
-            match reader.fill_buf() {
-                Ok([]) => return Ok(true),
-                Ok(data) => {
-                    let r = sys::send(pfd, data);
-                    if let Ok(n) = r {
-                        reader.consume(n);
-                    }
-                    r
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                // TCP closed without close_notify: the stream was cut, and a cut must not look
-                // complete on the other side (a truncated response would pass for a whole one):
-                // it fails, and the plaintext side gets a reset instead of a FIN.
-                Err(e) => return Err(LegError::TlsIo(e)),
-            }
-        };
-        match sent {
             Ok(n) => {
-                counter.add(n as u64);
-                moved.set(moved.get() + n as u64);
+                h.filled += n;
+                must_wait = n < room;
+                budget = budget.saturating_sub(n);
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                plain.writable(false).await.map_err(LegError::Plain)?
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(LegError::Plain(e)),
+            Err(e) => match e.kind() {
+                ErrorKind::WouldBlock => must_wait = true,
+                ErrorKind::Interrupted => must_wait = false,
+                _ => return Err(LegError::TlsIo(e)),
+            },
         }
     }
+}
+
+/// Seal the `n` bytes received into `buf`'s record slots where they are; returns the length of
+/// the records, back to back from the start of `buf`.
+fn seal_in_place(records: &mut Records, buf: &mut [u8], n: usize) -> Result<usize, rustls::Error> {
+    let mut wire = 0;
+    let mut left = n;
+    for slot in buf.chunks_exact_mut(MAX_SEALED) {
+        let len = left.min(record::MAX_PLAINTEXT);
+        if len == 0 {
+            break;
+        }
+        wire += records.seal_data(slot, len)?;
+        left -= len;
+    }
+    Ok(wire)
+}
+
+/// Open every complete record held, where it lies, noting where their plaintexts are in
+/// `spans`. `Ok(true)`: the peer's close_notify came (what follows it is not read).
+fn open_in_place(
+    records: &mut Records,
+    h: &mut Held,
+    spans: &mut Vec<Range<usize>>,
+) -> Result<bool, rustls::Error> {
+    loop {
+        let len = match record::record_len(&h.buf[h.start..h.filled])? {
+            Some(len) if h.start + len <= h.filled => len,
+            _ => return Ok(false),
+        };
+        let at = h.start;
+        h.start += len;
+        match records.open(&mut h.buf[at..at + len])? {
+            Opened::Data(r) if !r.is_empty() => spans.push(at + r.start..at + r.end),
+            Opened::Data(_) | Opened::Control => {}
+            Opened::Closed => return Ok(true),
+        }
+    }
+}
+
+/// Send the `spans` of `data` to the plaintext side, up to 64 in one `sendmsg`; returns the
+/// bytes sent.
+async fn deliver(
+    plain: &TcpStream,
+    pfd: RawFd,
+    data: &[u8],
+    spans: &[Range<usize>],
+) -> Result<u64, LegError> {
+    let mut total = 0u64;
+    for group in spans.chunks(64) {
+        let mut iov: [IoSlice<'_>; 64] = std::array::from_fn(|i| {
+            group
+                .get(i)
+                .map_or(IoSlice::new(&[]), |r| IoSlice::new(&data[r.clone()]))
+        });
+        let mut left = &mut iov[..group.len()];
+        while !left.is_empty() {
+            match sys::send_vectored(pfd, left) {
+                Ok(n) => {
+                    total += n as u64;
+                    IoSlice::advance_slices(&mut left, n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    plain.writable(false).await.map_err(LegError::Plain)?
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(LegError::Plain(e)),
+            }
+        }
+    }
+    Ok(total)
 }

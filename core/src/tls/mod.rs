@@ -35,6 +35,7 @@ use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 
 pub mod provider;
+pub mod record;
 pub mod session;
 pub mod sidecar;
 
@@ -269,6 +270,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(m.chain.clone(), m.key.clone_key())?;
     c.alpn_protocols = vec![ALPN_TCP.to_vec()];
+    // The fast path protects records itself once the handshake is done (`tls::record`).
+    c.enable_secret_extraction = true;
     c.resumption = if resumption {
         rustls::client::Resumption::in_memory_sessions(1024)
     } else {
@@ -293,6 +296,8 @@ pub fn server_config(
     s.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_HTTP.to_vec()];
     s.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     s.ticketer = provider::ticketer()?;
+    // The fast path protects records itself once the handshake is done (`tls::record`).
+    s.enable_secret_extraction = true;
     Ok(Arc::new(s))
 }
 

@@ -17,6 +17,13 @@ use rustls::crypto::aws_lc_rs as backend;
 #[cfg(not(feature = "aws-lc-rs"))]
 use rustls::crypto::ring as backend;
 
+/// The same library's AEADs, for the record layer of established mesh connections
+/// ([`crate::tls::record`]): ring and AWS-LC have the same `aead` interface.
+#[cfg(feature = "aws-lc-rs")]
+pub use aws_lc_rs::aead;
+#[cfg(not(feature = "aws-lc-rs"))]
+pub use ring::aead;
+
 /// The library's name, as the "ringside started" log line gives it (`tls_crypto`).
 pub const NAME: &str = if cfg!(feature = "aws-lc-rs") {
     "aws-lc-rs"
