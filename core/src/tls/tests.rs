@@ -710,3 +710,64 @@ fn what_a_peer_may_not_send_after_the_handshake_is_refused() {
         Ok(b"more".to_vec())
     );
 }
+
+mod arbitrary_records {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn content_type() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            Just(20u8),
+            Just(21),
+            Just(22),
+            Just(23),
+            Just(0),
+            any::<u8>()
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever a peer seals (any content type, any inner bytes, records split anywhere, a
+        /// byte flipped on the way), opening it never panics; data records alone arrive whole.
+        #[test]
+        fn whatever_a_peer_seals_is_opened_or_refused(
+            records in proptest::collection::vec(
+                (content_type(), proptest::collection::vec(any::<u8>(), 0..48)), 1..8),
+            cut in any::<prop::sample::Index>(),
+            flip in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let pki = Pki::new("records-prop");
+            let (c, s) = mesh_configs(&pki);
+            let ((mut peer, mut to_client), (mut ours, mut to_server)) = ours_pair(c, s);
+            open_all(&mut peer.records, &mut to_client).unwrap();
+            open_all(&mut ours.records, &mut to_server).unwrap();
+            let mut wire = Vec::new();
+            for (ty, inner) in &records {
+                wire.extend(craft(&mut peer.records, inner, *ty));
+            }
+            if let Some(at) = flip {
+                let at = at.index(wire.len());
+                wire[at] ^= 0x20;
+            }
+            let at = cut.index(wire.len());
+            let mut second = wire.split_off(at);
+            let first = open_all(&mut ours.records, &mut wire);
+            let got = first.and_then(|(mut data, closed)| {
+                if closed {
+                    return Ok(data);
+                }
+                wire.append(&mut second);
+                let (more, _) = open_all(&mut ours.records, &mut wire)?;
+                data.extend(more);
+                Ok(data)
+            });
+            let all_data = records.iter().all(|(ty, _)| *ty == 23);
+            if all_data && flip.is_none() {
+                let want: Vec<u8> = records.iter().flat_map(|(_, i)| i.clone()).collect();
+                prop_assert_eq!(got, Ok(want));
+            }
+        }
+    }
+}
