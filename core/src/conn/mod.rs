@@ -383,7 +383,7 @@ pub(crate) async fn terminate_then_relay(
     if let Err(e) = sys::set_nonblocking(cfd) {
         return refuse(client, out, Reason::DownstreamReset, e.to_string());
     }
-    let Some(est) = handshake(session::server(cfg), client, false, client, out).await else {
+    let Some(est) = handshake(w, session::server(cfg), client, false, client, out).await else {
         return;
     };
     let Some(up) = connect(w, snap, client, route, out).await else {
@@ -466,7 +466,7 @@ pub(crate) async fn originate_then_relay(
         return;
     };
     let session = session::client(cfg, name);
-    let Some(est) = handshake(session, &up.stream, true, client, out).await else {
+    let Some(est) = handshake(w, session, &up.stream, true, client, out).await else {
         return;
     };
     sys::set_nodelay(cfd);
@@ -503,6 +503,7 @@ async fn connect(
 /// Drive a TLS session's handshake on `sock` and take the peer's verified identity; when it
 /// fails, the client is refused with the reason (the alert was sent first).
 async fn handshake(
+    w: &Worker,
     session: Result<session::Handshaking, (Reason, String)>,
     sock: &TcpStream,
     peer_is_upstream: bool,
@@ -510,7 +511,7 @@ async fn handshake(
     out: &mut Outcome,
 ) -> Option<Established> {
     let done = match session {
-        Ok(s) => tls_relay::handshake(s, sock)
+        Ok(s) => tls_relay::handshake(s, sock, w.relay_ctx().pools)
             .await
             .map_err(|f| (f.reason(peer_is_upstream), f.to_string())),
         Err(e) => Err(e),

@@ -25,21 +25,18 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 
-use crate::io::relay::{IdleWatch, RelayCtx, EPISODE_BUDGET};
+use crate::io::relay::{IdleWatch, Pools, RelayCtx, EPISODE_BUDGET};
 use crate::io::sys;
 use crate::policy::identity::SpiffeId;
 use crate::reason::Reason;
 use crate::tls::record::{self, Opened, Records, MAX_CONTROL, MAX_SEALED};
-use crate::tls::session::{Handshaking, Next};
+use crate::tls::session::{Finished, Handshaking, Next};
 
 /// Time allowed for a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Records one read fills on the sealing side (the pool's TLS buffers hold this many).
 pub const SEAL_SLOTS: usize = 4;
-
-/// The most a peer's handshake flight may take (certificate chains are a few KiB).
-const MAX_FLIGHT: usize = 256 * 1024;
 
 /// Why a TLS leg failed.
 #[derive(Debug)]
@@ -79,24 +76,58 @@ pub struct Established {
     records: Records,
     /// The verified peer's SPIFFE ID.
     pub peer: Option<SpiffeId>,
-    /// Bytes read behind the handshake: the start of a record not complete yet.
-    carry: Vec<u8>,
+    /// The pooled buffer the handshake was read into, holding what was read behind the handshake
+    /// (the start of a record not complete yet), if anything.
+    carry: Option<Held>,
     /// Application data rustls decrypted along with the handshake (a client's first bytes right
     /// behind its Finished).
     early: Vec<u8>,
 }
 
-/// Drive the handshake to completion (or failure, after sending any alert).
-pub async fn handshake(session: Handshaking, sock: &TcpStream) -> Result<Established, TlsFailure> {
-    match monoio::time::timeout(HANDSHAKE_TIMEOUT, drive(session, sock)).await {
+/// Drive the handshake to completion (or failure, after sending any alert). The peer's flights
+/// are read into a pooled relay buffer, which the relay goes on with.
+pub async fn handshake(
+    session: Handshaking,
+    sock: &TcpStream,
+    pools: &Pools,
+) -> Result<Established, TlsFailure> {
+    let mut buf = pools.take_tls_buf();
+    let r = monoio::time::timeout(HANDSHAKE_TIMEOUT, drive(session, sock, &mut buf)).await;
+    let r = match r {
         Ok(r) => r,
         Err(_) => Err(TlsFailure::Timeout),
+    };
+    match r {
+        Ok((f, filled)) => Ok(Established {
+            records: f.records,
+            peer: f.peer,
+            carry: if filled > 0 {
+                Some(Held {
+                    buf,
+                    start: 0,
+                    filled,
+                })
+            } else {
+                pools.give_tls_buf(buf);
+                None
+            },
+            early: f.early,
+        }),
+        Err(e) => {
+            pools.give_tls_buf(buf);
+            Err(e)
+        }
     }
 }
 
-async fn drive(session: Handshaking, sock: &TcpStream) -> Result<Established, TlsFailure> {
+/// The handshake over `sock`, reading into `incoming`; the session and how many bytes read
+/// behind it are left at the start of `incoming`.
+async fn drive(
+    session: Handshaking,
+    sock: &TcpStream,
+    incoming: &mut [u8],
+) -> Result<(Finished, usize), TlsFailure> {
     let mut hs = session.start();
-    let mut incoming = vec![0u8; 16 * 1024];
     let mut filled = 0usize;
     loop {
         let (used, next) = hs.advance(&mut incoming[..filled]);
@@ -109,7 +140,7 @@ async fn drive(session: Handshaking, sock: &TcpStream) -> Result<Established, Tl
                     .map_err(TlsFailure::Io)?;
                 hs.sent();
             }
-            Next::Read => read_more(sock, &mut incoming, &mut filled).await?,
+            Next::Read => read_more(sock, incoming, &mut filled).await?,
             Next::Done => break,
             Next::Failed(e) => {
                 let _ = send_all(sock, hs.outgoing()).await;
@@ -117,29 +148,20 @@ async fn drive(session: Handshaking, sock: &TcpStream) -> Result<Established, Tl
             }
         }
     }
-    let f = hs.finish().map_err(TlsFailure::Tls)?;
-    incoming.truncate(filled);
-    Ok(Established {
-        records: f.records,
-        peer: f.peer,
-        carry: incoming,
-        early: f.early,
-    })
+    Ok((hs.finish().map_err(TlsFailure::Tls)?, filled))
 }
 
 /// Read what the peer sent next, behind the `filled` bytes held.
 async fn read_more(
     sock: &TcpStream,
-    incoming: &mut Vec<u8>,
+    incoming: &mut [u8],
     filled: &mut usize,
 ) -> Result<(), TlsFailure> {
     if *filled == incoming.len() {
-        if incoming.len() >= MAX_FLIGHT {
-            return Err(TlsFailure::Tls(rustls::Error::InvalidMessage(
-                rustls::InvalidMessage::MessageTooLarge,
-            )));
-        }
-        incoming.resize(incoming.len() * 2, 0);
+        // A flight larger than the relay's buffer (64 KiB; a mesh flight is a few KiB).
+        return Err(TlsFailure::Tls(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::MessageTooLarge,
+        )));
     }
     loop {
         sock.readable(false).await.map_err(TlsFailure::Io)?;
@@ -186,6 +208,15 @@ struct Held {
     buf: Box<[u8]>,
     start: usize,
     filled: usize,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("start", &self.start)
+            .field("filled", &self.filled)
+            .finish()
+    }
 }
 
 /// What the two pumps share.
@@ -509,7 +540,7 @@ async fn open(
     tls: &TcpStream,
     plain: &TcpStream,
     shared: &Shared,
-    (early, carry): (Vec<u8>, Vec<u8>),
+    (early, carry): (Vec<u8>, Option<Held>),
     moved: &Cell<u64>,
     counter: &crate::telemetry::stats::Counter,
 ) -> Result<(), LegError> {
@@ -530,20 +561,7 @@ async fn open(
         sys::shutdown_write(pfd);
         return Ok(());
     }
-    let mut held: Option<Held> = None;
-    if !carry.is_empty() {
-        let mut buf = ctx.pools.take_tls_buf();
-        if carry.len() > buf.len() {
-            return Err(LegError::Tls(rustls::Error::PeerSentOversizedRecord));
-        }
-        buf[..carry.len()].copy_from_slice(&carry);
-        held = Some(Held {
-            buf,
-            start: 0,
-            filled: carry.len(),
-        });
-    }
-    drop(carry);
+    let mut held = carry;
     let mut spans: Vec<Range<usize>> = Vec::new();
     let mut must_wait = true;
     let mut budget = 0usize;

@@ -100,7 +100,9 @@ pub struct Finished {
 /// A handshake in progress, sans-IO: bytes received go in, bytes to send come out.
 pub struct Handshake {
     conn: Handshaking,
+    /// Records to send: `outgoing[..sending]` (the rest is room already zeroed).
     outgoing: Vec<u8>,
+    sending: usize,
     early: Vec<u8>,
     peer_closed: bool,
 }
@@ -109,7 +111,7 @@ impl std::fmt::Debug for Handshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handshake")
             .field("conn", &self.conn)
-            .field("outgoing", &self.outgoing.len())
+            .field("sending", &self.sending)
             .finish()
     }
 }
@@ -120,6 +122,7 @@ impl Handshaking {
         Handshake {
             conn: self,
             outgoing: Vec::new(),
+            sending: 0,
             early: Vec::new(),
             peer_closed: false,
         }
@@ -134,23 +137,28 @@ impl Handshake {
         let Handshake {
             conn,
             outgoing,
+            sending,
             early,
             peer_closed,
         } = self;
+        let mut out = Out {
+            buf: outgoing,
+            used: sending,
+        };
         match conn {
-            Handshaking::Client(c) => advance(c, incoming, outgoing, early, peer_closed),
-            Handshaking::Server(c) => advance(c, incoming, outgoing, early, peer_closed),
+            Handshaking::Client(c) => advance(c, incoming, &mut out, early, peer_closed),
+            Handshaking::Server(c) => advance(c, incoming, &mut out, early, peer_closed),
         }
     }
 
     /// The records to send.
     pub fn outgoing(&self) -> &[u8] {
-        &self.outgoing
+        &self.outgoing[..self.sending]
     }
 
     /// [`Handshake::outgoing`] was sent.
     pub fn sent(&mut self) {
-        self.outgoing.clear();
+        self.sending = 0;
     }
 
     /// Hand the established session over from rustls to [`Records`].
@@ -212,7 +220,7 @@ impl Unbuffered for UnbufferedServerConnection {
 fn advance<C: Unbuffered>(
     conn: &mut C,
     mut incoming: &mut [u8],
-    outgoing: &mut Vec<u8>,
+    outgoing: &mut Out<'_>,
     early: &mut Vec<u8>,
     peer_closed: &mut bool,
 ) -> (usize, Next) {
@@ -281,24 +289,29 @@ fn advance<C: Unbuffered>(
     }
 }
 
+/// Records to send, appended behind `used` bytes; the buffer is zeroed only where it grows.
+struct Out<'a> {
+    buf: &'a mut Vec<u8>,
+    used: &'a mut usize,
+}
+
 /// Append the record rustls has for the peer to `out`.
-fn encode<D>(e: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) {
-    let start = out.len();
+fn encode<D>(e: &mut EncodeTlsData<'_, D>, out: &mut Out<'_>) {
+    let start = *out.used;
     let mut room = 4096;
     loop {
-        out.resize(start + room, 0);
-        match e.encode(&mut out[start..]) {
+        if out.buf.len() < start + room {
+            out.buf.resize(start + room, 0);
+        }
+        match e.encode(&mut out.buf[start..]) {
             Ok(n) => {
-                out.truncate(start + n);
+                *out.used = start + n;
                 return;
             }
             Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
                 room = required_size;
             }
-            Err(_) => {
-                out.truncate(start);
-                return;
-            }
+            Err(_) => return,
         }
     }
 }
