@@ -189,33 +189,27 @@ trait Unbuffered: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Si
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        let (s, k) = self.dangerous_into_kernel_connection()?;
-        Ok((s, Kernel::Client(k)))
-    }
+/// The same two methods on each of rustls's unbuffered connections (they share no trait).
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty, $side:ident) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+                let (s, k) = self.dangerous_into_kernel_connection()?;
+                Ok((s, Kernel::$side(k)))
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        let (s, k) = self.dangerous_into_kernel_connection()?;
-        Ok((s, Kernel::Server(k)))
-    }
-}
+unbuffered!(UnbufferedClientConnection, ClientConnectionData, Client);
+unbuffered!(UnbufferedServerConnection, ServerConnectionData, Server);
 
 fn advance<C: Unbuffered>(
     conn: &mut C,

@@ -331,6 +331,15 @@ fn ours_pair(c: Arc<ClientConfig>, s: Arc<ServerConfig>) -> Ends {
     panic!("the handshake did not finish");
 }
 
+/// Our client's and our server's records once the handshake is done and the tickets are taken.
+fn settled_pair(c: &Arc<ClientConfig>, s: &Arc<ServerConfig>) -> (Records, Records) {
+    let ((mut client, mut to_client), (mut server, mut to_server)) =
+        ours_pair(c.clone(), s.clone());
+    open_all(&mut client.records, &mut to_client).unwrap();
+    open_all(&mut server.records, &mut to_server).unwrap();
+    (client.records, server.records)
+}
+
 fn mesh_configs(pki: &Pki) -> (Arc<ClientConfig>, Arc<ServerConfig>) {
     let c = origin(&pki.leaf("web", pki));
     let s = server_config(
@@ -505,14 +514,12 @@ fn our_server_takes_data_behind_the_finished_and_answers_a_key_update_request() 
 fn the_sending_key_is_updated_before_its_limit() {
     let pki = Pki::new("records-limit");
     let (c, s) = mesh_configs(&pki);
-    let ((mut client, mut to_client), (mut server, mut to_server)) = ours_pair(c, s);
-    open_all(&mut client.records, &mut to_client).unwrap();
-    open_all(&mut server.records, &mut to_server).unwrap();
-    client.records.set_tx_limit(3);
+    let (mut client, mut server) = settled_pair(&c, &s);
+    client.set_tx_limit(3);
     let mut got = Vec::new();
     for i in 0..20u8 {
-        let mut wire = seal_all(&mut client.records, &[i; 100]);
-        got.extend(open_all(&mut server.records, &mut wire).unwrap().0);
+        let mut wire = seal_all(&mut client, &[i; 100]);
+        got.extend(open_all(&mut server, &mut wire).unwrap().0);
         assert!(wire.is_empty());
     }
     let want: Vec<u8> = (0..20u8).flat_map(|i| [i; 100]).collect();
@@ -524,14 +531,9 @@ fn records_tampered_with_replayed_reordered_or_dropped_are_refused() {
     let pki = Pki::new("records-tamper");
     let (c, s) = mesh_configs(&pki);
     let fresh = || {
-        let ((mut client, mut to_client), (mut server, mut to_server)) =
-            ours_pair(c.clone(), s.clone());
-        open_all(&mut client.records, &mut to_client).unwrap();
-        open_all(&mut server.records, &mut to_server).unwrap();
-        let recs: Vec<Vec<u8>> = (0..3u8)
-            .map(|i| seal_all(&mut client.records, &[i; 300]))
-            .collect();
-        (server.records, recs)
+        let (mut client, server) = settled_pair(&c, &s);
+        let recs: Vec<Vec<u8>> = (0..3u8).map(|i| seal_all(&mut client, &[i; 300])).collect();
+        (server, recs)
     };
     let open = |r: &mut Records, rec: &[u8]| {
         let mut rec = rec.to_vec();
@@ -601,13 +603,7 @@ fn what_a_peer_may_not_send_after_the_handshake_is_refused() {
     let pki = Pki::new("records-misbehave");
     let (c, s) = mesh_configs(&pki);
     // Our client (the peer, misbehaving) and our server (judging).
-    let fresh = || {
-        let ((mut client, mut to_client), (mut server, mut to_server)) =
-            ours_pair(c.clone(), s.clone());
-        open_all(&mut client.records, &mut to_client).unwrap();
-        open_all(&mut server.records, &mut to_server).unwrap();
-        (client.records, server.records)
-    };
+    let fresh = || settled_pair(&c, &s);
     let judge = |records: &[(&[u8], u8)]| -> Result<Vec<u8>, rustls::Error> {
         let (mut peer, mut ours) = fresh();
         let mut wire = Vec::new();
@@ -740,12 +736,10 @@ mod arbitrary_records {
         ) {
             let pki = Pki::new("records-prop");
             let (c, s) = mesh_configs(&pki);
-            let ((mut peer, mut to_client), (mut ours, mut to_server)) = ours_pair(c, s);
-            open_all(&mut peer.records, &mut to_client).unwrap();
-            open_all(&mut ours.records, &mut to_server).unwrap();
+            let (mut peer, mut ours) = settled_pair(&c, &s);
             let mut wire = Vec::new();
             for (ty, inner) in &records {
-                wire.extend(craft(&mut peer.records, inner, *ty));
+                wire.extend(craft(&mut peer, inner, *ty));
             }
             if let Some(at) = flip {
                 let at = at.index(wire.len());
@@ -753,13 +747,13 @@ mod arbitrary_records {
             }
             let at = cut.index(wire.len());
             let mut second = wire.split_off(at);
-            let first = open_all(&mut ours.records, &mut wire);
+            let first = open_all(&mut ours, &mut wire);
             let got = first.and_then(|(mut data, closed)| {
                 if closed {
                     return Ok(data);
                 }
                 wire.append(&mut second);
-                let (more, _) = open_all(&mut ours.records, &mut wire)?;
+                let (more, _) = open_all(&mut ours, &mut wire)?;
                 data.extend(more);
                 Ok(data)
             });
