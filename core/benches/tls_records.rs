@@ -2,7 +2,9 @@
 //! aws-lc-rs`): an in-memory client and server (no sockets) built with ringside's own mesh configs
 //! (`tls::client_config`, `tls::server_config`: TLS 1.3, AES-128-GCM, X25519, mutual ECDSA P-256
 //! certificates with SPIFFE IDs). Measured: one 16 KiB record encrypted by one side and decrypted
-//! by the other; a full handshake (both sides, certificates verified, no resumption); a resumed
+//! by the other, through rustls's buffered connection (the L7 path's tokio-rustls) and through the
+//! fast path's own record layer (`tls::record`, in place: the plaintext received into the record,
+//! sealed there, opened where it arrived); a full handshake (both sides, certificates verified, no resumption); a resumed
 //! one (a session ticket from the previous connection). The ids carry the library's name.
 //!
 //! `cargo bench -p ringside-core --bench tls_records [--features aws-lc-rs]`; ARCHITECTURE.md
@@ -15,6 +17,8 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use ringside_core::identity::SpiffeId;
+use ringside_core::tls::record::{self, Opened, Records};
+use ringside_core::tls::session::{self, Handshake, Next};
 use ringside_core::tls::{self, AllowList, Expect, Material, TlsFiles};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, Connection, HandshakeKind, ServerConfig};
@@ -141,5 +145,59 @@ fn records(c: &mut Criterion) {
     assert_eq!(out, plain);
 }
 
-criterion_group!(benches, records, handshakes);
+/// Our sessions after an in-memory handshake: the fast path's client and server record layers.
+fn our_records(c: &Arc<ClientConfig>, s: &Arc<ServerConfig>) -> (Records, Records) {
+    let mut client = session::client(c.clone(), "products").unwrap().start();
+    let mut server = session::server(s.clone()).unwrap().start();
+    let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
+    let step = |hs: &mut Handshake, inbox: &mut Vec<u8>, outbox: &mut Vec<u8>| loop {
+        let (used, next) = hs.advance(inbox);
+        inbox.drain(..used);
+        match next {
+            Next::Send => {
+                outbox.extend_from_slice(hs.outgoing());
+                hs.sent();
+            }
+            Next::Read => return false,
+            Next::Done => return true,
+            Next::Failed(e) => panic!("handshake failed: {e}"),
+        }
+    };
+    let (mut c_done, mut s_done) = (false, false);
+    while !(c_done && s_done) {
+        c_done = c_done || step(&mut client, &mut to_client, &mut to_server);
+        s_done = s_done || step(&mut server, &mut to_server, &mut to_client);
+    }
+    let mut client = client.finish().unwrap().records;
+    let server = server.finish().unwrap().records;
+    // The server's session tickets, to the client.
+    let mut at = 0;
+    while let Some(len) = record::record_len(&to_client[at..]).unwrap() {
+        client.open(&mut to_client[at..at + len]).unwrap();
+        at += len;
+    }
+    (client, server)
+}
+
+fn own_records(c: &mut Criterion) {
+    let name = tls::provider::NAME;
+    let (client, server) = configs(false);
+    let (mut cl, mut sv) = our_records(&client, &server);
+    let mut rec = vec![0u8; record::MAX_SEALED];
+    let mut g = c.benchmark_group(format!("{name}/record"));
+    g.throughput(Throughput::Bytes(RECORD as u64));
+    g.bench_function("16 KiB seal+open in place (fast path)", |b| {
+        b.iter(|| {
+            rec[record::HEADER..record::HEADER + RECORD].fill(0x5a);
+            let n = cl.seal_data(&mut rec, RECORD).unwrap();
+            match sv.open(&mut rec[..n]).unwrap() {
+                Opened::Data(r) => assert_eq!(r.len(), RECORD),
+                o => panic!("{o:?}"),
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, records, own_records, handshakes);
 criterion_main!(benches);
