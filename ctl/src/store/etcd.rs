@@ -1122,7 +1122,9 @@ impl EtcdStore {
     /// every third of the TTL), and grant another when etcd forgot it (it heard nothing for the
     /// TTL: this daemon was cut off or stalled; the endpoints on it are gone, and come back as
     /// their proxies report). A keep-alive unanswered for a third of the TTL marks etcd
-    /// unreachable.
+    /// unreachable; a broken keep-alive stream does not (one member died or one connection
+    /// broke): another is opened at once, through the other members, and etcd is unreachable only
+    /// when none of them answers (see [`EtcdStore::call`]).
     pub async fn keep_lease(&self, ttl: Duration) {
         let ttl_s = ttl.as_secs().max(2) as i64;
         let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(500));
@@ -1133,9 +1135,14 @@ impl EtcdStore {
                 Some(l) => l,
                 None => {
                     self.lease.store(0, Ordering::Relaxed);
-                    match self.client.lease_client().grant(ttl_s, None).await {
+                    let granted = self
+                        .call(false, || {
+                            let mut leases = self.client.lease_client();
+                            async move { leases.grant(ttl_s, None).await }
+                        })
+                        .await;
+                    match granted {
                         Ok(r) => {
-                            self.up();
                             eprintln!(
                                 "ringctl daemon: holding etcd lease {:x} (TTL {ttl_s}s) for its proxies' endpoints",
                                 r.id()
@@ -1143,29 +1150,35 @@ impl EtcdStore {
                             id = Some(r.id());
                             r.id()
                         }
-                        Err(x) => {
-                            let _ = self.fail(x);
+                        // `call` tried the other members for a while and marked etcd
+                        // unreachable.
+                        Err(_) => {
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
                     }
                 }
             };
-            let (mut keeper, mut stream) = match self.client.lease_client().keep_alive(lease).await
-            {
+            // Opening the keep-alive stream goes through `call` too: a member killed under the
+            // old stream refuses the first attempt, another member takes the next one.
+            let opened = self
+                .call(false, || {
+                    let mut leases = self.client.lease_client();
+                    async move { leases.keep_alive(lease).await }
+                })
+                .await;
+            let (mut keeper, mut stream) = match opened {
                 Ok(k) => k,
-                Err(x) => {
-                    if x.to_string().contains("lease not found") {
+                Err(e) => {
+                    if e.message.contains("lease not found") {
                         eprintln!("ringctl daemon: etcd lease {lease:x} expired; granting another");
                         id = None;
                     } else {
-                        let _ = self.fail(x);
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     continue;
                 }
             };
-            self.up();
             self.lease.store(lease, Ordering::Relaxed);
             loop {
                 tokio::select! {
@@ -1186,11 +1199,10 @@ impl EtcdStore {
                         id = None;
                         break;
                     }
-                    Ok(Ok(None)) => break,
-                    Ok(Err(x)) => {
-                        let _ = self.fail(x);
-                        break;
-                    }
+                    // The stream broke (its member died, or its connection did): open another
+                    // at once; whether etcd is unreachable is for that attempt to find out, not
+                    // for one member's broken connection to say.
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
                     Err(_) => {
                         self.down(&format!(
                             "etcd at {} is unreachable (no answer to the lease keep-alive in {}ms)",
