@@ -165,6 +165,13 @@ pub struct ProxyDoc {
     pub buffer_size: usize,
     /// Pin each worker to one core (only done when there are as many workers as cores).
     pub pin_workers: bool,
+    /// After bytes move, a worker keeps looking for the next event this long instead of sleeping
+    /// in the kernel (each byte moved renews it): the answer to a request is then taken without
+    /// a wake-up. `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub idle_spin: Duration,
+    /// The most a worker may spend spinning, in percent of one core (counted over every 100 ms).
+    pub idle_spin_budget: u32,
     /// Threads of the L7 (HTTP) path; 0: one per core. Started only when something is HTTP.
     pub l7_threads: usize,
     /// Admin server (`/stats`, `/config_dump`, ...); sidecars default to 127.0.0.1:15000.
@@ -198,6 +205,8 @@ impl Default for ProxyDoc {
             pipe_size: 256 * 1024,
             buffer_size: 16 * 1024,
             pin_workers: true,
+            idle_spin: Duration::from_micros(50),
+            idle_spin_budget: 50,
             l7_threads: 0,
             admin: None,
             health: None,
@@ -453,6 +462,11 @@ pub struct ProxySettings {
     pub buffer_size: usize,
     /// Pin workers to cores.
     pub pin_workers: bool,
+    /// Idle spin window after traffic (zero: off).
+    #[serde(with = "humantime_serde")]
+    pub idle_spin: Duration,
+    /// Idle spin budget, percent of one core.
+    pub idle_spin_budget: u32,
     /// L7 threads.
     pub l7_threads: usize,
     /// Admin server address.
@@ -875,6 +889,26 @@ impl ConfigFile {
                 format!("{} is out of range (512 to 16777216 bytes)", p.buffer_size),
             ));
         }
+        if p.idle_spin_budget > 100 {
+            return Err(err(
+                "proxy.idle_spin_budget".into(),
+                at("idle_spin_budget"),
+                format!(
+                    "{} is out of range (0 to 100 percent of one core)",
+                    p.idle_spin_budget
+                ),
+            ));
+        }
+        if p.idle_spin > Duration::from_millis(10) {
+            return Err(err(
+                "proxy.idle_spin".into(),
+                at("idle_spin"),
+                format!(
+                    "{:?} is too long (at most 10ms; the default is 50us, 0s turns it off)",
+                    p.idle_spin
+                ),
+            ));
+        }
         if p.idle_timeout == Some(Duration::ZERO) {
             return Err(err(
                 "proxy.idle_timeout".into(),
@@ -901,6 +935,8 @@ impl ConfigFile {
             pipe_size: p.pipe_size,
             buffer_size: p.buffer_size,
             pin_workers: p.pin_workers,
+            idle_spin: p.idle_spin,
+            idle_spin_budget: p.idle_spin_budget,
             l7_threads: if p.l7_threads == 0 {
                 std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -1277,6 +1313,14 @@ connect_timeout = "250ms"
             (
                 GOOD.replace("idle_timeout = \"30s\"", "idle_timeout = \"0s\""),
                 "proxy.idle_timeout",
+            ),
+            (
+                GOOD.replace("workers = 2", "workers = 2\nidle_spin_budget = 101"),
+                "proxy.idle_spin_budget",
+            ),
+            (
+                GOOD.replace("workers = 2", "workers = 2\nidle_spin = \"20ms\""),
+                "proxy.idle_spin",
             ),
             (
                 format!(

@@ -6,9 +6,11 @@
 //! - [`authz`]: whether a verified peer may call a local service, and whether a request may pass.
 //! - [`cluster`]: endpoint choice and passive health, a state machine driven with `now`.
 //! - [`plan`]: one connection -> what to do with it.
+//! - [`spin`]: whether a worker spins for the next message instead of sleeping, within a budget.
 
 pub mod authz;
 pub mod cluster;
 pub mod detect;
 pub mod plan;
 pub mod route;
+pub mod spin;

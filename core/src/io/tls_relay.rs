@@ -527,6 +527,7 @@ async fn seal(
         sent?;
         counter.add(n as u64);
         moved.set(moved.get() + n as u64);
+        ctx.spin.touch();
     }
 }
 
@@ -583,6 +584,7 @@ async fn open(
                 spans.clear();
                 counter.add(n);
                 moved.set(moved.get() + n);
+                ctx.spin.touch();
             }
             if closed {
                 // A clean close: close_notify, every byte before it delivered.

@@ -17,6 +17,7 @@ use monoio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn, Instrument};
 
 use crate::config::{DriverKind, ListenerKind};
+use crate::decide::spin::IdleSpin;
 use crate::io::relay::{Pools, RelayCtx};
 use crate::reason::Reason;
 use crate::server::Shared;
@@ -51,6 +52,8 @@ pub(crate) struct Worker {
     /// Fired every quarter of the idle timeout: relays count quiet ticks on it instead of each
     /// keeping a timer.
     pub(crate) idle_tick: Signal,
+    /// Traffic seen by the relays, for the idle spin.
+    pub(crate) spin: Spin,
 }
 
 /// Something that happens now and then on a worker, and the connections waiting for it. Waiting
@@ -85,6 +88,72 @@ impl Signal {
         }
     }
 }
+/// What the relays tell the worker's idle spin ([`crate::decide::spin`]): bytes moved. Touching
+/// it costs a counter increment, and a wake-up only when the spinner is parked.
+#[derive(Default)]
+pub struct Spin {
+    touched: Cell<u64>,
+    parked: Cell<Option<Waker>>,
+}
+
+impl std::fmt::Debug for Spin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spin")
+            .field("touched", &self.touched.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Spin {
+    /// Bytes moved on this worker just now.
+    #[inline]
+    pub(crate) fn touch(&self) {
+        self.touched.set(self.touched.get().wrapping_add(1));
+        if let Some(w) = self.parked.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves when a relay next touches it.
+    async fn touched(&self) {
+        let seen = self.touched.get();
+        std::future::poll_fn(|cx| {
+            if self.touched.get() != seen {
+                Poll::Ready(())
+            } else {
+                self.parked.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// The idle spin, parked: waits for traffic, then spins while the policy says so.
+async fn spin_parked(w: Rc<Worker>, mut policy: IdleSpin) {
+    loop {
+        w.spin.touched().await;
+        if policy.start(Instant::now(), w.spin.touched.get()) {
+            spin_turn(w, policy);
+            return;
+        }
+    }
+}
+
+/// One turn of the idle spin. Each turn is a new task, queued behind the tasks the last look at
+/// the ring woke (monoio puts a task that wakes itself at the front of its run queue, where it
+/// would starve the connections it spins for); between two turns the runtime looks at the ring
+/// without waiting.
+fn spin_turn(w: Rc<Worker>, mut policy: IdleSpin) {
+    monoio::spawn(async move {
+        if policy.turn(Instant::now(), w.spin.touched.get()) {
+            spin_turn(w, policy);
+        } else {
+            spin_parked(w, policy).await;
+        }
+    });
+}
+
 impl Worker {
     pub(crate) fn stats(&self) -> &WorkerStats {
         self.shared.stats.worker(self.id)
@@ -96,6 +165,7 @@ impl Worker {
             pools: &self.pools,
             stats: self.stats(),
             mode: self.shared.config.proxy.copy_mode,
+            spin: &self.spin,
             idle: self
                 .shared
                 .config
@@ -226,6 +296,8 @@ where
         }
     }
     let pools = Pools::new(settings.pipe_size, settings.buffer_size, POOL_IDLE);
+    let spin = idle_spin(settings);
+    let spinning = spin.enabled();
     let first_generation = shared.snapshot.load().generation;
     let main = async move {
         let w = Rc::new(Worker {
@@ -237,7 +309,11 @@ where
             config_seen: Cell::new(first_generation),
             config_changed: Signal::default(),
             idle_tick: Signal::default(),
+            spin: Spin::default(),
         });
+        if spin.enabled() {
+            monoio::spawn(spin_parked(w.clone(), spin));
+        }
         for (index, std_listener) in listeners {
             let listener = TcpListener::from_std(std_listener)?;
             monoio::spawn(accept_loop(w.clone(), listener, index, serve));
@@ -284,6 +360,10 @@ where
             // DEFER_TASKRUN against 24.7/36.4/33.5 µs without, p99 lower in every run.
             // Kernels before 6.1 refuse DEFER_TASKRUN, before 6.0 the other two: the ring is
             // then built with fewer flags.
+            // A spinning worker looks at the ring without waiting, and DEFER_TASKRUN completes
+            // nothing then (its completions are posted only to a waiting worker): with the idle
+            // spin on, the ring is built without it.
+            let skip = usize::from(spinning);
             let flags: [fn(&mut io_uring::Builder); 3] = [
                 |b| {
                     b.setup_coop_taskrun()
@@ -296,7 +376,7 @@ where
                 |_| {},
             ];
             let mut built = None;
-            for (i, set) in flags.iter().enumerate() {
+            for (i, set) in flags.iter().enumerate().skip(skip) {
                 let mut ring = io_uring::IoUring::builder();
                 set(&mut ring);
                 match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
@@ -396,4 +476,12 @@ where
             monoio::spawn(fut.instrument(span));
         }
     }
+}
+
+/// The idle spin policy of `settings`.
+fn idle_spin(settings: &crate::config::ProxySettings) -> IdleSpin {
+    IdleSpin::new(
+        settings.idle_spin,
+        f64::from(settings.idle_spin_budget) / 100.0,
+    )
 }
