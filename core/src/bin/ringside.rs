@@ -245,6 +245,10 @@ struct Common {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
+    /// After bytes move, keep looking for the next event this long before sleeping (e.g. 50us;
+    /// 0s: off).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_spin: Option<Duration>,
     /// Write this file once the listeners are bound (see `ringside wait-ready`).
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -296,6 +300,9 @@ impl Common {
         }
         if self.no_pin {
             p.pin_workers = false;
+        }
+        if let Some(v) = self.idle_spin {
+            p.idle_spin = v;
         }
         if self.ready_file.is_some() {
             p.ready_file = self.ready_file.clone();

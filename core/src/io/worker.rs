@@ -94,6 +94,8 @@ impl Signal {
 pub struct Spin {
     touched: Cell<u64>,
     parked: Cell<Option<Waker>>,
+    /// `/proc/pressure/cpu`, opened at the first sample (`Some(None)`: the kernel has none).
+    pressure: RefCell<Option<Option<std::fs::File>>>,
 }
 
 impl std::fmt::Debug for Spin {
@@ -112,6 +114,18 @@ impl Spin {
         if let Some(w) = self.parked.take() {
             w.wake();
         }
+    }
+
+    /// The kernel's total CPU stall time (`/proc/pressure/cpu`), `None` where it does not tell.
+    fn cpu_pressure(&self) -> Option<Duration> {
+        use std::os::unix::fs::FileExt;
+        let mut file = self.pressure.borrow_mut();
+        let file = file
+            .get_or_insert_with(|| std::fs::File::open("/proc/pressure/cpu").ok())
+            .as_ref()?;
+        let mut buf = [0u8; 256];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        crate::decide::spin::parse_cpu_pressure(std::str::from_utf8(&buf[..n]).ok()?)
     }
 
     /// Resolves when a relay next touches it.
@@ -133,10 +147,19 @@ impl Spin {
 async fn spin_parked(w: Rc<Worker>, mut policy: IdleSpin) {
     loop {
         w.spin.touched().await;
-        if policy.start(Instant::now(), w.spin.touched.get()) {
+        let now = Instant::now();
+        sample_pressure(&w, &mut policy, now);
+        if policy.start(now, w.spin.touched.get()) {
             spin_turn(w, policy);
             return;
         }
+    }
+}
+
+/// Give the policy a CPU pressure sample when it wants one.
+fn sample_pressure(w: &Worker, policy: &mut IdleSpin, now: Instant) {
+    if policy.wants_pressure(now) {
+        policy.pressure(now, w.spin.cpu_pressure());
     }
 }
 
@@ -146,7 +169,9 @@ async fn spin_parked(w: Rc<Worker>, mut policy: IdleSpin) {
 /// without waiting.
 fn spin_turn(w: Rc<Worker>, mut policy: IdleSpin) {
     monoio::spawn(async move {
-        if policy.turn(Instant::now(), w.spin.touched.get()) {
+        let now = Instant::now();
+        sample_pressure(&w, &mut policy, now);
+        if policy.turn(now, w.spin.touched.get()) {
             spin_turn(w, policy);
         } else {
             spin_parked(w, policy).await;
