@@ -6,6 +6,7 @@ interleaved: each round runs every test against every peer, so slow drifts of a 
 all peers alike. The report gives medians over rounds and ratios to the direct path.
 
 Usage: bench/l4-compare.sh [--rounds N] [--seconds S] [--only ringside,haproxy] [--out DIR]
+       [--ringside-args ARGS] [--baseline-args ARGS]
 """
 
 import argparse
@@ -124,7 +125,7 @@ def start_postgres(procs, work, port):
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_peers(procs, work, targets, only, ringside_args):
+def start_peers(procs, work, targets, only, ringside_args, baseline_args=None):
     """Start every proxy; returns {peer: {target: port}} and {peer: pid}."""
     peers = {"direct": dict(targets)}
     pids = {}
@@ -141,6 +142,18 @@ def start_peers(procs, work, targets, only, ringside_args):
                         stderr=open(os.path.join(work, "ringside.log"), "w"))
         peers["ringside"] = ports
         pids["ringside"] = p.pid
+        if baseline_args is not None:
+            # The same build with other settings, measured in the same rounds (an A/B of a setting).
+            bports = {t: free_port() for t in names}
+            bconf = os.path.join(work, "ringside-baseline.toml")
+            with open(bconf, "w") as f:
+                for t in names:
+                    f.write(f'[[listeners]]\naddress = "127.0.0.1:{bports[t]}"\nservice = "{t}"\n\n')
+                    f.write(f'[[services]]\nname = "{t}"\nendpoints = ["127.0.0.1:{targets[t]}"]\n\n')
+            b = procs.start([os.path.join(ROOT, "target/release/ringside"), "run", "--config", bconf] + baseline_args,
+                            stderr=open(os.path.join(work, "ringside-baseline.log"), "w"))
+            peers["ringside-baseline"] = bports
+            pids["ringside-baseline"] = b.pid
 
     if "haproxy" in only:
         ports = {t: free_port() for t in names}
@@ -251,6 +264,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "perf-reports"))
     ap.add_argument("--name", default="l4")
     ap.add_argument("--ringside-args", default="", help="extra arguments for ringside run")
+    ap.add_argument("--baseline-args", default=None,
+                    help="also run this build with these extra arguments as peer ringside-baseline "
+                         "(e.g. '--idle-spin 0s'), in the same rounds")
     args = ap.parse_args()
     only = args.only.split(",")
     ringside_args = args.ringside_args.split()
@@ -263,7 +279,8 @@ def main():
         procs.start(["iperf3", "-s", "-p", str(targets["iperf3"])])
         procs.start(["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(targets["sockperf"])])
         start_postgres(procs, work, targets["pg"])
-        peers, pids = start_peers(procs, work, targets, only, ringside_args)
+        baseline_args = args.baseline_args.split() if args.baseline_args is not None else None
+        peers, pids = start_peers(procs, work, targets, only, ringside_args, baseline_args)
         time.sleep(0.5)
         idle_rss = {p: rss_kib(pid) for p, pid in pids.items()}
         order = list(peers)
@@ -306,7 +323,7 @@ def main():
     print(table)
     # What each proxy adds to a round trip, against the best peer's addition (the issue's measure).
     added = {p: (med[p]["rtt_p50"] - d["rtt_p50"], med[p]["rtt_p99"] - d["rtt_p99"]) for p in results if p != "direct"}
-    best = {i: min((v[i] for p, v in added.items() if p != "ringside"), default=None) for i in (0, 1)}
+    best = {i: min((v[i] for p, v in added.items() if not p.startswith("ringside")), default=None) for i in (0, 1)}
     alines = ["| peer | added RTT p50 (us) | added RTT p99 (us) | p50 vs best peer | p99 vs best peer |",
               "|---|---|---|---|---|"]
     for p, (a50, a99) in added.items():
@@ -340,7 +357,8 @@ def main():
             version([os.path.join(pg_bin(), "postgres"), "--version"])]) + "\n\n")
         f.write("## Commands\n\n```\n"
                 f"bench/l4-compare.sh --rounds {args.rounds} --seconds {args.seconds} --only {args.only}"
-                + (f" --ringside-args '{args.ringside_args}'" if args.ringside_args else "") + "\n"
+                + (f" --ringside-args '{args.ringside_args}'" if args.ringside_args else "")
+                + (f" --baseline-args '{args.baseline_args}'" if args.baseline_args is not None else "") + "\n"
                 f"iperf3 -c 127.0.0.1 -p PORT -t {args.seconds} -P 1|4 -J\n"
                 f"sockperf ping-pong --tcp -i 127.0.0.1 -p PORT -t {args.seconds} -m 64 --full-rtt\n"
                 f"pgbench -h 127.0.0.1 -p PORT -U postgres -S -c 8 -j 2 -T {args.seconds} postgres   (scale 10)\n"

@@ -5,7 +5,7 @@ terminate) vs two HAProxy instances doing mutual TLS 1.3 between them, vs the di
 Targets: iperf3 (1 and 4 streams), sockperf ping-pong (p50, p99), pgbench -S, and new connections
 per second through the pair (connect, one byte each way, close), with TLS session resumption and with full handshakes.
 Interleaved rounds, medians, ratios to direct; report in perf-reports/.
-Usage: bench/tls-compare.sh [--rounds N] [--seconds S]
+Usage: bench/tls-compare.sh [--rounds N] [--seconds S] [--baseline BINARY] [--baseline-args ARGS]
 """
 
 import argparse
@@ -37,7 +37,7 @@ def connrate(port, seconds):
     return json.loads(out.stdout)["connections_per_sec"]
 
 
-def start_ringside_pair(procs, work, name, binary, targets, certs):
+def start_ringside_pair(procs, work, name, binary, targets, certs, extra=()):
     """Two ringside proxies: origin (client side) -> mesh mTLS -> terminate -> targets."""
     term_ports = {t: l4.free_port() for t in targets}
     orig_ports = {t: l4.free_port() for t in targets}
@@ -64,8 +64,8 @@ def start_ringside_pair(procs, work, name, binary, targets, certs):
         f.write("services:\n")
         for t in targets:
             f.write(f"  - name: {t}\n    endpoints: [\"127.0.0.1:{term_ports[t]}\"]\n")
-    pt = procs.start([binary, "run", "--config", term_yaml], stderr=open(term_yaml + ".log", "w"))
-    po = procs.start([binary, "run", "--config", orig_yaml], stderr=open(orig_yaml + ".log", "w"))
+    pt = procs.start([binary, "run", "--config", term_yaml, *extra], stderr=open(term_yaml + ".log", "w"))
+    po = procs.start([binary, "run", "--config", orig_yaml, *extra], stderr=open(orig_yaml + ".log", "w"))
     return orig_ports, [pt.pid, po.pid]
 
 
@@ -75,6 +75,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(ROOT, "perf-reports"))
     ap.add_argument("--baseline", help="another ringside binary run as a second pair (A/B in one run)")
+    ap.add_argument("--baseline-args", default="",
+                    help="extra `ringside run` arguments for the baseline pair (with no --baseline: this build), "
+                         "e.g. '--idle-spin 0s' to measure a setting against the default")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="ringside-tlsbench-")
@@ -95,9 +98,11 @@ def main():
         pids = {}
         # ringside pair: origin (client side) -> terminate (server side) -> target. With --baseline, a
         # second pair runs another build the same way, for an A/B comparison in the same run.
-        builds = [("ringside-mtls", RINGSIDE)] + ([("ringside-baseline", args.baseline)] if args.baseline else [])
-        for name, binary in builds:
-            ports, ps = start_ringside_pair(procs, work, name, binary, targets, certs)
+        baseline = args.baseline or (RINGSIDE if args.baseline_args else None)
+        builds = [("ringside-mtls", RINGSIDE, [])] + (
+            [("ringside-baseline", baseline, args.baseline_args.split())] if baseline else [])
+        for name, binary, extra in builds:
+            ports, ps = start_ringside_pair(procs, work, name, binary, targets, certs, extra)
             peers[name] = ports
             pids[name] = ps
 
@@ -186,7 +191,9 @@ def main():
         f.write("Raw values per round:\n\n```\n" + json.dumps(results, indent=1) + "\n```\n\n")
         f.write("## Machine\n\n" + l4.machine() + "\n\n")
         f.write("## Commands\n\n```\n"
-                f"bench/tls-compare.sh --rounds {args.rounds} --seconds {args.seconds}\n"
+                f"bench/tls-compare.sh --rounds {args.rounds} --seconds {args.seconds}"
+                + (" --baseline BINARY" if args.baseline else "")
+                + (f" --baseline-args '{args.baseline_args}'" if args.baseline_args else "") + "\n"
                 "ringside: run --config (listeners with tls: mode origin / terminate, allow_ids, expect_id), workers 1\n"
                 "haproxy: nbthread 1, mode tcp, ssl-min-ver TLSv1.3, ssl crt/ca-file/verify required on both sides\n"
                 f"ringside-bench connrate --concurrency 4 --duration {args.seconds}s (connect, 1 byte each way, close)\n"
