@@ -20,8 +20,8 @@ awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n",
 # tests on it, among them the mesh configs' handshakes and refusals (tls::tests) and the provider's
 # suites and groups. aws-lc-sys builds with the C compiler ring already needs.
 cargo test --profile ci -p ringside-core --features aws-lc-rs --lib -- --test-threads 2
-# Loom models of the upstream state the workers share (every interleaving of two workers) and of the
-# TLS output's one-flusher-at-a-time; a cfg of our own, in a target directory of its own (it changes
+# Loom model of the upstream state the workers share (every interleaving of two workers); a cfg of
+# our own, in a target directory of its own (it changes
 # how ringside-core is compiled).
 RUSTFLAGS="--cfg ringside_loom" CARGO_TARGET_DIR=target/loom \
   cargo test --profile ci -p ringside-core --test loom_cluster

@@ -157,8 +157,6 @@ pub struct RelayCtx<'a> {
     /// The worker's idle clock (`None`: no idle timeout): a connection on which no byte moved
     /// for `IDLE_TICKS` ticks is closed.
     pub idle: Option<&'a crate::io::worker::Signal>,
-    /// The worker's idle spin, told of every transfer.
-    pub spin: &'a crate::io::worker::Spin,
 }
 
 /// Relay between `client` and `upstream` until both directions end or one fails.
@@ -398,7 +396,7 @@ async fn pump(
                 }
                 counter.add(n as u64);
                 moved.set(moved.get() + n as u64);
-                ctx.spin.touch();
+                crate::io::worker::touch();
                 burst += n;
                 budget = budget.saturating_sub(n);
                 if ctx.mode == CopyMode::Adaptive && !bulk && !drained {

@@ -527,7 +527,7 @@ async fn seal(
         sent?;
         counter.add(n as u64);
         moved.set(moved.get() + n as u64);
-        ctx.spin.touch();
+        crate::io::worker::touch();
     }
 }
 
@@ -584,7 +584,7 @@ async fn open(
                 spans.clear();
                 counter.add(n);
                 moved.set(moved.get() + n);
-                ctx.spin.touch();
+                crate::io::worker::touch();
             }
             if closed {
                 // A clean close: close_notify, every byte before it delivered.

@@ -52,8 +52,6 @@ pub(crate) struct Worker {
     /// Fired every quarter of the idle timeout: relays count quiet ticks on it instead of each
     /// keeping a timer.
     pub(crate) idle_tick: Signal,
-    /// Traffic seen by the relays, for the idle spin.
-    pub(crate) spin: Spin,
 }
 
 /// Something that happens now and then on a worker, and the connections waiting for it. Waiting
@@ -88,78 +86,80 @@ impl Signal {
         }
     }
 }
-/// What the relays tell the worker's idle spin ([`crate::decide::spin`]): bytes moved. Touching
-/// it costs a counter increment, and a wake-up only when the spinner is parked.
-#[derive(Default)]
-pub struct Spin {
+
+/// What the relays tell the worker's idle spin ([`crate::decide::spin`]): bytes moved. One per
+/// worker thread, so that no connection carries a pointer to it. Touching it costs a counter
+/// increment, and a wake-up only when the spinner is parked.
+struct Spin {
     touched: Cell<u64>,
     parked: Cell<Option<Waker>>,
-    /// `/proc/pressure/cpu`, opened at the first sample (`Some(None)`: the kernel has none).
-    pressure: RefCell<Option<Option<std::fs::File>>>,
 }
 
-impl std::fmt::Debug for Spin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spin")
-            .field("touched", &self.touched.get())
-            .finish_non_exhaustive()
-    }
+thread_local! {
+    static SPIN: Spin = const {
+        Spin {
+            touched: Cell::new(0),
+            parked: Cell::new(None),
+        }
+    };
 }
 
-impl Spin {
-    /// Bytes moved on this worker just now.
-    #[inline]
-    pub(crate) fn touch(&self) {
-        self.touched.set(self.touched.get().wrapping_add(1));
-        if let Some(w) = self.parked.take() {
+/// Bytes moved on this worker just now (for the idle spin).
+#[inline]
+pub(crate) fn touch() {
+    SPIN.with(|s| {
+        s.touched.set(s.touched.get().wrapping_add(1));
+        if let Some(w) = s.parked.take() {
             w.wake();
         }
-    }
+    })
+}
 
-    /// The kernel's total CPU stall time (`/proc/pressure/cpu`), `None` where it does not tell.
-    fn cpu_pressure(&self) -> Option<Duration> {
-        use std::os::unix::fs::FileExt;
-        let mut file = self.pressure.borrow_mut();
-        let file = file
-            .get_or_insert_with(|| std::fs::File::open("/proc/pressure/cpu").ok())
-            .as_ref()?;
-        let mut buf = [0u8; 256];
-        let n = file.read_at(&mut buf, 0).ok()?;
-        crate::decide::spin::parse_cpu_pressure(std::str::from_utf8(&buf[..n]).ok()?)
-    }
+/// The traffic counter of this worker.
+fn touched_count() -> u64 {
+    SPIN.with(|s| s.touched.get())
+}
 
-    /// Resolves when a relay next touches it.
-    async fn touched(&self) {
-        let seen = self.touched.get();
-        std::future::poll_fn(|cx| {
-            if self.touched.get() != seen {
+/// Resolves when a relay of this worker next moves bytes.
+async fn touched() {
+    let seen = touched_count();
+    std::future::poll_fn(|cx| {
+        SPIN.with(|s| {
+            if s.touched.get() != seen {
                 Poll::Ready(())
             } else {
-                self.parked.set(Some(cx.waker().clone()));
+                s.parked.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
         })
-        .await
-    }
+    })
+    .await
+}
+
+/// The kernel's total CPU stall time (`/proc/pressure/cpu`), `None` where it does not tell. The
+/// file is opened for each sample (ten a second at most, while spinning): no descriptor is held.
+fn cpu_pressure() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    crate::decide::spin::parse_cpu_pressure(&text)
 }
 
 /// The idle spin, parked: waits for traffic, then spins while the policy says so.
-async fn spin_parked(w: Rc<Worker>, mut policy: IdleSpin) {
+async fn spin_parked(mut policy: IdleSpin) {
     loop {
-        w.spin.touched().await;
+        touched().await;
         let now = Instant::now();
-        sample_pressure(&w, &mut policy, now);
-        if policy.start(now, w.spin.touched.get()) {
-            spin_turn(w, policy);
+        sample_pressure(&mut policy, now);
+        if policy.start(now, touched_count()) {
+            spin_turn(policy);
             return;
         }
     }
 }
 
 /// Give the policy a CPU pressure sample when it wants one.
-fn sample_pressure(w: &Worker, policy: &mut IdleSpin, now: Instant) {
+fn sample_pressure(policy: &mut IdleSpin, now: Instant) {
     if policy.wants_pressure(now) {
-        policy.pressure(now, w.spin.cpu_pressure());
+        policy.pressure(now, cpu_pressure());
     }
 }
 
@@ -167,14 +167,14 @@ fn sample_pressure(w: &Worker, policy: &mut IdleSpin, now: Instant) {
 /// the ring woke (monoio puts a task that wakes itself at the front of its run queue, where it
 /// would starve the connections it spins for); between two turns the runtime looks at the ring
 /// without waiting.
-fn spin_turn(w: Rc<Worker>, mut policy: IdleSpin) {
+fn spin_turn(mut policy: IdleSpin) {
     monoio::spawn(async move {
         let now = Instant::now();
-        sample_pressure(&w, &mut policy, now);
-        if policy.turn(now, w.spin.touched.get()) {
-            spin_turn(w, policy);
+        sample_pressure(&mut policy, now);
+        if policy.turn(now, touched_count()) {
+            spin_turn(policy);
         } else {
-            spin_parked(w, policy).await;
+            spin_parked(policy).await;
         }
     });
 }
@@ -190,7 +190,6 @@ impl Worker {
             pools: &self.pools,
             stats: self.stats(),
             mode: self.shared.config.proxy.copy_mode,
-            spin: &self.spin,
             idle: self
                 .shared
                 .config
@@ -334,10 +333,9 @@ where
             config_seen: Cell::new(first_generation),
             config_changed: Signal::default(),
             idle_tick: Signal::default(),
-            spin: Spin::default(),
         });
         if spin.enabled() {
-            monoio::spawn(spin_parked(w.clone(), spin));
+            monoio::spawn(spin_parked(spin));
         }
         for (index, std_listener) in listeners {
             let listener = TcpListener::from_std(std_listener)?;
