@@ -131,29 +131,23 @@ def start_peers(procs, work, targets, only, ringside_args, baseline_args=None):
     pids = {}
     names = list(targets)
 
-    if "ringside" in only:
+    def ringside(name, extra):
         ports = {t: free_port() for t in names}
-        conf = os.path.join(work, "ringside.toml")
+        conf = os.path.join(work, f"{name}.toml")
         with open(conf, "w") as f:
             for t in names:
                 f.write(f'[[listeners]]\naddress = "127.0.0.1:{ports[t]}"\nservice = "{t}"\n\n')
                 f.write(f'[[services]]\nname = "{t}"\nendpoints = ["127.0.0.1:{targets[t]}"]\n\n')
-        p = procs.start([os.path.join(ROOT, "target/release/ringside"), "run", "--config", conf] + ringside_args,
-                        stderr=open(os.path.join(work, "ringside.log"), "w"))
-        peers["ringside"] = ports
-        pids["ringside"] = p.pid
+        p = procs.start([os.path.join(ROOT, "target/release/ringside"), "run", "--config", conf] + extra,
+                        stderr=open(os.path.join(work, f"{name}.log"), "w"))
+        peers[name] = ports
+        pids[name] = p.pid
+
+    if "ringside" in only:
+        ringside("ringside", ringside_args)
         if baseline_args is not None:
             # The same build with other settings, measured in the same rounds (an A/B of a setting).
-            bports = {t: free_port() for t in names}
-            bconf = os.path.join(work, "ringside-baseline.toml")
-            with open(bconf, "w") as f:
-                for t in names:
-                    f.write(f'[[listeners]]\naddress = "127.0.0.1:{bports[t]}"\nservice = "{t}"\n\n')
-                    f.write(f'[[services]]\nname = "{t}"\nendpoints = ["127.0.0.1:{targets[t]}"]\n\n')
-            b = procs.start([os.path.join(ROOT, "target/release/ringside"), "run", "--config", bconf] + baseline_args,
-                            stderr=open(os.path.join(work, "ringside-baseline.log"), "w"))
-            peers["ringside-baseline"] = bports
-            pids["ringside-baseline"] = b.pid
+            ringside("ringside-baseline", baseline_args)
 
     if "haproxy" in only:
         ports = {t: free_port() for t in names}
