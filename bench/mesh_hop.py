@@ -14,7 +14,11 @@ The server in each server pod is `ringside-bench echo`. The sidecars' resident m
 during each run (the larger of the two is reported). Each sidecar gets one worker/thread.
 Then `ringside-bench report` writes perf-reports/<date>-mesh-hop.md with the plots. Needs root.
 
+With --baseline-args ARGS, a second ringside pair (peer ringside-baseline) runs the same build with
+these extra `ringside run` arguments in the same rounds (an A/B of a setting, e.g. '--idle-spin 200us').
+
 Usage: bench/mesh-hop.sh [--rounds N] [--seconds S] [--rates 1000,10000] [--connections C]
+       [--baseline-args ARGS]
 """
 
 import argparse
@@ -24,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import l4_compare as l4  # noqa: E402
@@ -53,7 +58,12 @@ def main():
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(ROOT, "perf-reports"))
+    ap.add_argument("--baseline-args", default=None,
+                    help="also run a ringside pair with these extra `ringside run` arguments (peer ringside-baseline)")
     args = ap.parse_args()
+    ringside_peers = [("ringside", [])]
+    if args.baseline_args is not None:
+        ringside_peers.append(("ringside-baseline", args.baseline_args.split()))
     if os.geteuid() != 0:
         sys.exit("mesh-hop needs root (network namespaces, redirect rules)")
     release = os.path.join(ROOT, "target/release")
@@ -67,9 +77,10 @@ def main():
     net = pc.Net()
     try:
         pairs = {}
-        for peer in ["direct", "ringside", "haproxy"]:
-            a, _ = net.pod(f"{peer[:4]}a")
-            b, bip = net.pod(f"{peer[:4]}b")
+        for peer in ["direct"] + [name for name, _ in ringside_peers] + ["haproxy"]:
+            short = "rbas" if peer == "ringside-baseline" else peer[:4]
+            a, _ = net.pod(f"{short}a")
+            b, bip = net.pod(f"{short}b")
             pairs[peer] = (a, b, bip)
             procs.start(pc.in_pod(b, bench, "echo", "--listen", f"0.0.0.0:{PORT}"))
 
@@ -81,25 +92,27 @@ def main():
         c = lambda name: os.path.join(certs, name)  # noqa: E731
 
         # ringside sidecars: redirect rules, mesh mTLS, an intention at the destination.
-        a, b, bip = pairs["ringside"]
-        for pod in (a, b):
-            pc.sh(init, "install", "--netns", pod)
         mtls = "  mtls:\n    mode: strict\n    cert: {}\n    key: {}\n    ca: {}\n"
-        conf_a = os.path.join(work, "ringside-client.yaml")
-        conf_b = os.path.join(work, "ringside-server.yaml")
-        with open(conf_a, "w") as f:
-            f.write("sidecar:\n" + mtls.format(c("client.crt"), c("client.key"), c("ca.pem")))
-            f.write(f"services:\n  - name: server\n    port: {PORT}\n    endpoints: [\"{bip}:{PORT}\"]\n")
-        with open(conf_b, "w") as f:
-            f.write("sidecar:\n" + mtls.format(c("server.crt"), c("server.key"), c("ca.pem")))
-            f.write(f"services:\n  - name: server\n    port: {PORT}\n    local: true\n")
-            f.write("intentions:\n  default: deny\n  rules:\n"
-                    "    - { source: client, destination: server, action: allow }\n")
-        ringside_pids = []
-        for pod, conf in ((a, conf_a), (b, conf_b)):
-            p = procs.start(pc.in_pod(pod, ringside, "run", "--config", conf, "--workers", "1", user=1337),
-                            stderr=open(conf + ".log", "w"))
-            ringside_pids.append(p.pid)
+        ringside_pids = {}
+        for peer, extra in ringside_peers:
+            a, b, bip = pairs[peer]
+            for pod in (a, b):
+                pc.sh(init, "install", "--netns", pod)
+            conf_a = os.path.join(work, f"{peer}-client.yaml")
+            conf_b = os.path.join(work, f"{peer}-server.yaml")
+            with open(conf_a, "w") as f:
+                f.write("sidecar:\n" + mtls.format(c("client.crt"), c("client.key"), c("ca.pem")))
+                f.write(f"services:\n  - name: server\n    port: {PORT}\n    endpoints: [\"{bip}:{PORT}\"]\n")
+            with open(conf_b, "w") as f:
+                f.write("sidecar:\n" + mtls.format(c("server.crt"), c("server.key"), c("ca.pem")))
+                f.write(f"services:\n  - name: server\n    port: {PORT}\n    local: true\n")
+                f.write("intentions:\n  default: deny\n  rules:\n"
+                        "    - { source: client, destination: server, action: allow }\n")
+            ringside_pids[peer] = []
+            for pod, conf in ((a, conf_a), (b, conf_b)):
+                cmd = [ringside, "run", "--config", conf, "--workers", "1"] + extra
+                p = procs.start(pc.in_pod(pod, *cmd, user=1337), stderr=open(conf + ".log", "w"))
+                ringside_pids[peer].append(p.pid)
 
         # HAProxy sidecars doing mutual TLS 1.3.
         a, b, bip = pairs["haproxy"]
@@ -121,17 +134,17 @@ def main():
             p = procs.start(pc.in_pod(pod, "haproxy", "-f", conf, "-db"), stderr=open(conf + ".log", "w"))
             haproxy_pids.append(p.pid)
 
-        targets = [
-            ("direct", pairs["direct"][0], f"{pairs['direct'][2]}:{PORT}", []),
-            ("ringside", pairs["ringside"][0], f"{pairs['ringside'][2]}:{PORT}", ringside_pids),
-            ("haproxy", pairs["haproxy"][0], f"127.0.0.1:{PORT}", haproxy_pids),
-        ]
+        targets = [("direct", pairs["direct"][0], f"{pairs['direct'][2]}:{PORT}", [])]
+        targets += [(peer, pairs[peer][0], f"{pairs[peer][2]}:{PORT}", ringside_pids[peer])
+                    for peer, _ in ringside_peers]
+        targets.append(("haproxy", pairs["haproxy"][0], f"127.0.0.1:{PORT}", haproxy_pids))
         for _, pod, addr, _ in targets:
             host, port = addr.rsplit(":", 1)
             pc.wait_in(pod, host, int(port))
 
         inputs = []
-        cpu = []  # (rate, peer, CPU µs per request of both sidecars)
+        cpu = []  # (rate, peer, CPU µs and run-queue wait µs per request of both sidecars)
+        pressure = []  # (rate, share of the run some task waited for a CPU)
         today = datetime.date.today().isoformat()
         # The raw results go next to the report (relative paths: the commands are quoted in it).
         out_dir = os.path.relpath(args.out, ROOT)
@@ -146,16 +159,28 @@ def main():
                     spec += ",pids=" + "+".join(str(p) for p in pids)
                 cmd += ["--target", spec]
             print("$ " + " ".join(cmd), flush=True)
-            before = {name: prof.cpu_seconds(pids) for name, _, _, pids in targets if pids}
+            before = {name: (prof.cpu_seconds(pids), prof.run_delay_seconds(pids), prof.wakeups(pids))
+                      for name, _, _, pids in targets if pids}
+            stall_before, started = prof.cpu_stall_seconds(), time.monotonic()
             subprocess.run(cmd, check=True, cwd=ROOT)
+            stall_after, elapsed = prof.cpu_stall_seconds(), time.monotonic() - started
+            if stall_before is not None and stall_after is not None:
+                pressure.append((rate, (stall_after - stall_before) / elapsed))
             # Every peer ran rounds x seconds at the rate (the sockperf check is not counted: it
             # runs on the direct path only).
             for name, _, _, pids in targets:
                 if pids:
-                    used = prof.cpu_seconds(pids) - before[name]
-                    cpu.append((rate, name, used * 1e6 / (rate * args.seconds * args.rounds)))
+                    requests = rate * args.seconds * args.rounds
+                    used = prof.cpu_seconds(pids) - before[name][0]
+                    waited = prof.run_delay_seconds(pids) - before[name][1]
+                    woken = prof.wakeups(pids) - before[name][2]
+                    cpu.append((rate, name, used * 1e6 / requests, waited * 1e6 / requests, woken / requests))
             inputs.append(out)
-        report = [bench, "report", "--name", "mesh-hop", "--out-dir", out_dir, "--title", "Mesh hop", "--note", NOTE]
+        note = NOTE
+        if args.baseline_args is not None:
+            note += (" **ringside-baseline**: the same build and set-up as ringside, with "
+                     f"`{args.baseline_args}` added to `ringside run` (an A/B of a setting in the same rounds).")
+        report = [bench, "report", "--name", "mesh-hop", "--out-dir", out_dir, "--title", "Mesh hop", "--note", note]
         for f in inputs:
             report += ["--input", f]
         subprocess.run(report, check=True, cwd=ROOT)
@@ -163,10 +188,20 @@ def main():
         with open(path, "a") as f:
             f.write("\n## Profile\n\nCPU time of both sidecars of the path (user + system, all threads, from "
                     "/proc) over the whole run at a rate, divided by the requests sent to that path "
-                    "(rate x duration x rounds); a request crosses both sidecars twice.\n\n"
-                    "| rate (requests/s) | path | CPU µs per request, both sidecars |\n|---|---|---|\n")
-            for rate, name, us in cpu:
-                f.write(f"| {rate} | {name} | {us:.1f} |\n")
+                    "(rate x duration x rounds); a request crosses both sidecars twice. Run-queue wait: "
+                    "the time the sidecars' threads were runnable but waited for a CPU (from each wake-up "
+                    "to running, /proc/PID/task/TID/schedstat), over the same run and divided the same way: "
+                    "latency the scheduler adds, not work the proxy does. Wake-ups: the times the sidecars' threads "
+                    "slept and were woken (voluntary context switches), per request; a request needs at least "
+                    "four (each sidecar is crossed once each way).\n\n"
+                    "| rate (requests/s) | path | CPU µs per request, both sidecars | run-queue wait µs per "
+                    "request, both sidecars | wake-ups per request |\n|---|---|---|---|---|\n")
+            for rate, name, us, waited, woken in cpu:
+                f.write(f"| {rate} | {name} | {us:.1f} | {waited:.1f} | {woken:.2f} |\n")
+            if pressure:
+                f.write("\nCPU pressure of the machine over each rate's run (all peers and the client; the share "
+                        "of the time some runnable task waited for a CPU, /proc/pressure/cpu): "
+                        + ", ".join(f"{share * 100:.0f} % at {rate}/s" for rate, share in pressure) + ".\n")
     finally:
         procs.stop_all()
         net.destroy()

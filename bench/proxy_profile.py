@@ -35,6 +35,46 @@ def cpu_seconds(pids):
     return total / HZ
 
 
+def thread_files(pids, name):
+    """The text of /proc/PID/task/TID/<name> for every thread of the processes (threads that ended
+    meanwhile are skipped)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    yield f.read()
+            except OSError:
+                pass
+
+
+def run_delay_seconds(pids):
+    """Seconds the processes' threads spent runnable but waiting for a CPU (summed over threads,
+    from /proc/PID/task/TID/schedstat: from each wake-up to the moment the thread ran)."""
+    return sum(int(text.split()[1]) for text in thread_files(pids, "schedstat")) / 1e9
+
+
+def wakeups(pids):
+    """Times the processes' threads went to sleep and were woken again (voluntary context
+    switches, summed over threads, from /proc/PID/task/TID/status)."""
+    found = (re.search(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M) for text in thread_files(pids, "status"))
+    return sum(int(m.group(1)) for m in found if m)
+
+
+def cpu_stall_seconds():
+    """The machine's total time some runnable task waited for a CPU (/proc/pressure/cpu, `some`),
+    None where the kernel does not tell."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            m = re.search(r"^some .*total=(\d+)", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) / 1e6 if m else None
+
+
 def sockperf_messages(port, seconds, addr="127.0.0.1"):
     """Run a 64-byte ping-pong; the number of round trips completed (whole run, warm-up included)."""
     out = subprocess.run(["sockperf", "ping-pong", "--tcp", "-i", addr, "-p", str(port), "-t", str(seconds),
