@@ -60,9 +60,13 @@ pub(crate) struct Shared {
     /// hosts' mesh ports cannot make every connection read them).
     pub own_read_at: std::sync::Mutex<Instant>,
     /// Told every time a new snapshot is in force (the L7 lanes re-authorize their connections;
-    /// the fast-path workers look at the snapshot from their own loop instead, since their
-    /// runtime is woken from its own thread only).
+    /// the fast-path workers are nudged instead, see `nudges`).
     pub config_changed: tokio::sync::watch::Sender<u64>,
+    /// One socket per fast-path worker: a byte written here wakes the worker's loop, which then
+    /// looks at the snapshot, the drain and the forced close. A monoio runtime is woken from its
+    /// own thread only, so the worker reads the other end like any socket; between nudges (and
+    /// its idle-clock ticks) an idle worker sleeps.
+    pub nudges: std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>,
 }
 
 /// Services, intentions and what is built from them, swapped as one piece on a config update.
@@ -212,6 +216,17 @@ pub(crate) fn cert_status(shared: &Shared) -> Vec<serde_json::Value> {
 }
 
 impl Shared {
+    /// Wake every fast-path worker's loop (after a new snapshot, a drain or a forced close).
+    /// A nudge that finds the socket full is dropped: one is already waiting to be read.
+    /// A worker that already ended has closed its end: the send fails quietly (no `SIGPIPE`).
+    pub fn nudge_workers(&self) {
+        use std::os::fd::AsRawFd;
+        let nudges = self.nudges.lock().unwrap_or_else(|e| e.into_inner());
+        for s in nudges.iter() {
+            let _ = crate::io::sys::send(s.as_raw_fd(), &[1]);
+        }
+    }
+
     /// A connection ended: it leaves the open-connection counts.
     pub(crate) fn release(&self, inbound: bool) {
         self.active.fetch_sub(1, SeqCst);
@@ -277,6 +292,7 @@ impl Updater {
         let generation = snap.generation;
         self.shared.snapshot.store(Arc::new(snap));
         self.shared.config_changed.send_replace(generation);
+        self.shared.nudge_workers();
         info!(version, "configuration applied");
         Ok(())
     }
@@ -512,6 +528,7 @@ impl Proxy {
             own: arc_swap::ArcSwap::from_pointee(own),
             own_read_at: std::sync::Mutex::new(Instant::now()),
             config_changed: tokio::sync::watch::Sender::new(0),
+            nudges: std::sync::Mutex::new(Vec::new()),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
             // Certificate files are polled four times a second; a change is loaded for new handshakes.
@@ -546,6 +563,7 @@ impl Proxy {
                         tracing::error!(worker = id, error = %e, "worker failed");
                         // A worker that cannot run must not leave a half-working proxy behind.
                         shared.draining.store(true, SeqCst);
+                        shared.nudge_workers();
                     }
                 })
                 .context("cannot start a worker thread")?;
@@ -674,6 +692,7 @@ impl Proxy {
             let _ = std::fs::remove_file(path);
         }
         self.shared.draining.store(true, SeqCst);
+        self.shared.nudge_workers();
         if let Some(l7) = self.shared.l7.get() {
             l7.drain();
         }
@@ -692,6 +711,7 @@ impl Proxy {
                     "drain deadline reached; closing the remaining connections"
                 );
                 self.shared.force_close.store(true, SeqCst);
+                self.shared.nudge_workers();
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -1,5 +1,5 @@
 //! The real `ringside` binary: PostgreSQL through `ringside forward`, SIGTERM drain, descriptor
-//! exhaustion on accept, and memory held by idle connections.
+//! exhaustion on accept, memory held by idle connections, and an idle proxy's wake-ups.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -134,6 +134,107 @@ fn sigterm_drains_then_exits() {
             "held connection still open after the deadline"
         );
     }
+}
+
+/// Times the process's threads named `prefix*` went to sleep and were woken (voluntary context
+/// switches, from /proc/PID/task/TID/status), summed.
+fn wakeups(pid: u32, prefix: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// An idle proxy sleeps: after serving a connection, its worker and admin threads are not woken
+/// by any timer of their own (a mesh node runs a sidecar per pod, most of them idle most of the
+/// time), and they still wake at once for what matters: a new connection, and a drain.
+#[test]
+fn an_idle_proxy_sleeps_until_something_happens() {
+    for driver in ["uring", "epoll"] {
+        idle_proxy_sleeps(driver);
+    }
+}
+
+fn idle_proxy_sleeps(driver: &str) {
+    let echo = echo_server();
+    let listen = loopback(free_port());
+    let admin = loopback(free_port());
+    let mut proxy = spawn_forward(
+        listen,
+        &[echo],
+        &[
+            "--workers",
+            "1",
+            "--driver",
+            driver,
+            "--admin",
+            &admin.to_string(),
+        ],
+    );
+    let mut b = [0u8; 4];
+    {
+        let mut c = connect_retry(listen, Duration::from_secs(5));
+        c.write_all(b"ping").unwrap();
+        c.read_exact(&mut b).unwrap();
+    }
+    let admin_up = TcpStream::connect(admin).is_ok();
+    assert!(admin_up, "the admin server is not listening on {admin}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let pid = proxy.pid();
+    let before = (wakeups(pid, "ringside-w"), wakeups(pid, "ringside-admin"));
+    std::thread::sleep(Duration::from_secs(3));
+    let after = (wakeups(pid, "ringside-w"), wakeups(pid, "ringside-admin"));
+    // Before, the worker looked at its flags every 50 ms and the admin thread at the proxy every
+    // 200 ms: about 100 and 30 wake-ups in 3 s.
+    assert!(
+        after.0 - before.0 <= 2,
+        "{driver}: the idle worker woke {} times in 3 s",
+        after.0 - before.0
+    );
+    assert!(
+        after.1 - before.1 <= 2,
+        "{driver}: the idle admin thread woke {} times in 3 s",
+        after.1 - before.1
+    );
+
+    // Still served at once after the long sleep.
+    let started = Instant::now();
+    let mut c = connect_retry(listen, Duration::from_secs(5));
+    c.write_all(b"pong").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    drop(c);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{driver}: a connection to the sleeping proxy took {:?}",
+        started.elapsed()
+    );
+
+    // A drain reaches the sleeping worker at once: the proxy exits well before a poll would.
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_timeout(Duration::from_secs(5));
+    assert!(status.success(), "{driver}: {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(1),
+        "{driver}: the idle proxy took {:?} to drain and exit",
+        signalled.elapsed()
+    );
 }
 
 /// Out of file descriptors: accept fails with EMFILE; the proxy backs off instead of spinning,

@@ -106,6 +106,7 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
         return Ok(addrs);
     }
     let weak = Arc::downgrade(shared);
+    let mut proxy_gone = shared.config_changed.subscribe();
     let set_level = opts.set_log_level.clone();
     std::thread::Builder::new()
         .name("ringside-admin".into())
@@ -187,10 +188,9 @@ pub(crate) fn start(shared: &Arc<Shared>, opts: AdminOptions) -> anyhow::Result<
                         }
                     }));
                 }
-                // Stop with the proxy.
-                while weak.strong_count() > 0 {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                // Stop with the proxy: its configuration-change channel closes when the proxy's
+                // shared state is dropped (no polling: an idle admin thread sleeps).
+                while proxy_gone.changed().await.is_ok() {}
             });
         })?;
     Ok(addrs)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use monoio::net::{TcpListener, TcpStream};
+use monoio::net::{TcpListener, TcpStream, UnixStream};
 use tracing::{debug, warn, Instrument};
 
 use crate::config::{DriverKind, ListenerKind};
@@ -52,6 +52,8 @@ pub(crate) struct Worker {
     /// Fired every quarter of the idle timeout: relays count quiet ticks on it instead of each
     /// keeping a timer.
     pub(crate) idle_tick: Signal,
+    /// Fired when another thread nudged this worker (see `Shared::nudges`).
+    nudged: Signal,
 }
 
 /// Something that happens now and then on a worker, and the connections waiting for it. Waiting
@@ -156,6 +158,21 @@ async fn spin_parked(mut policy: IdleSpin) {
     }
 }
 
+/// Read the worker's end of its nudge socket, firing `nudged` for each read (however many
+/// nudges it took in). Ends when the proxy drops the other end.
+async fn read_nudges(w: Rc<Worker>, mut nudges: UnixStream) {
+    use monoio::io::AsyncReadRent;
+    let mut buf = vec![0u8; 64];
+    loop {
+        let (r, b) = nudges.read(buf).await;
+        buf = b;
+        match r {
+            Ok(n) if n > 0 => w.nudged.fire(),
+            _ => return,
+        }
+    }
+}
+
 /// Give the policy a CPU pressure sample when it wants one.
 fn sample_pressure(policy: &mut IdleSpin, now: Instant) {
     if policy.wants_pressure(now) {
@@ -199,8 +216,8 @@ impl Worker {
         }
     }
 
-    /// Resolves at the next change of the configuration in force (seen by this worker within
-    /// `DRAIN_POLL`).
+    /// Resolves at the next change of the configuration in force (seen by this worker as soon as
+    /// it is nudged).
     pub(crate) fn config_change(&self) -> Fired<'_> {
         self.config_changed.next()
     }
@@ -333,6 +350,7 @@ where
             config_seen: Cell::new(first_generation),
             config_changed: Signal::default(),
             idle_tick: Signal::default(),
+            nudged: Signal::default(),
         });
         if spin.enabled() {
             monoio::spawn(spin_parked(spin));
@@ -341,29 +359,57 @@ where
             let listener = TcpListener::from_std(std_listener)?;
             monoio::spawn(accept_loop(w.clone(), listener, index, serve));
         }
-        // Wait for a drain to begin and finish (or be cut short at its deadline); meanwhile watch
-        // the configuration and tick the idle clock.
+        // Sleep until nudged (a new snapshot, a drain, a forced close: `Shared::nudge_workers`)
+        // or until the idle clock's next tick; while draining, look every `DRAIN_POLL` for the
+        // last connection to end. An idle worker does not wake on its own otherwise.
+        let (nudge_rx, nudge_tx) = std::os::unix::net::UnixStream::pair()?;
+        // The epoll driver reads when the socket is ready: a blocking socket would block the
+        // worker's thread on the read after the last nudge.
+        nudge_rx.set_nonblocking(true)?;
+        w.shared
+            .nudges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(nudge_tx);
+        monoio::spawn(read_nudges(w.clone(), UnixStream::from_std(nudge_rx)?));
         let idle_tick = w.shared.config.proxy.idle_timeout.map(|t| t / IDLE_TICKS);
-        let mut last_tick = Instant::now();
+        let mut next_tick = idle_tick.map(|t| Instant::now() + t);
         loop {
-            monoio::time::sleep(DRAIN_POLL).await;
             w.check_config();
-            if idle_tick.is_some_and(|t| last_tick.elapsed() >= t) {
-                last_tick = Instant::now();
-                w.idle_tick.fire();
+            let now = Instant::now();
+            if let (Some(tick), Some(at)) = (idle_tick, next_tick) {
+                if now >= at {
+                    next_tick = Some(now + tick);
+                    w.idle_tick.fire();
+                }
             }
-            if !w.shared.draining.load(Relaxed) {
-                continue;
+            let draining = w.shared.draining.load(Relaxed);
+            if draining {
+                if w.active.get() == 0 {
+                    break;
+                }
+                if w.shared.force_close.load(Relaxed) {
+                    let left = w.active.get() as u64;
+                    w.stats().failures[Reason::DrainTimeout.index()].add(left);
+                    w.stats().downstream_cx_closed.add(left);
+                    w.shared.active.fetch_sub(left as usize, SeqCst);
+                    break;
+                }
             }
-            if w.active.get() == 0 {
-                break;
-            }
-            if w.shared.force_close.load(Relaxed) {
-                let left = w.active.get() as u64;
-                w.stats().failures[Reason::DrainTimeout.index()].add(left);
-                w.stats().downstream_cx_closed.add(left);
-                w.shared.active.fetch_sub(left as usize, SeqCst);
-                break;
+            let wait = if draining {
+                Some(DRAIN_POLL)
+            } else {
+                next_tick.map(|at| at.saturating_duration_since(now))
+            };
+            let nudged = w.nudged.next();
+            match wait {
+                Some(d) => {
+                    monoio::select! {
+                        _ = nudged => {},
+                        _ = monoio::time::sleep(d) => {},
+                    }
+                }
+                None => nudged.await,
             }
         }
         Ok::<(), io::Error>(())
