@@ -22,17 +22,29 @@ import time
 HZ = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids):
-    """User + system CPU seconds of the processes (all threads), summed."""
-    total = 0
+def cpu_times(pids):
+    """(user, system) CPU seconds of the processes (all threads), summed."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
         except (OSError, IndexError, ValueError):
             pass
-    return total / HZ
+    return user / HZ, system / HZ
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds of the processes (all threads), summed."""
+    return sum(cpu_times(pids))
+
+
+def kernel_share(before, after):
+    """The share of the CPU time between two `cpu_times` samples spent in the kernel."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    return system / (user + system) if user + system > 0 else None
 
 
 def thread_files(pids, name):
@@ -134,15 +146,16 @@ def with_children(pids):
 def profile(pids, ports, seconds=3):
     """The profile of one peer: ports has 'sockperf' and 'iperf3'."""
     pids = with_children(pids)
-    c0 = cpu_seconds(pids)
+    t0 = cpu_times(pids)
     msgs = sockperf_messages(ports["sockperf"], seconds)
-    c1 = cpu_seconds(pids)
+    t1 = cpu_times(pids)
     nbytes = iperf3_bytes(ports["iperf3"], seconds)
-    c2 = cpu_seconds(pids)
+    c0, c1, c2 = sum(t0), sum(t1), cpu_seconds(pids)
     counts, traced = strace_counts(pids, lambda: sockperf_messages(ports["sockperf"], 2))
     per_msg = {k: v / traced for k, v in counts.items() if v / traced >= 0.01}
     return {
         "cpu_us_per_message": (c1 - c0) * 1e6 / msgs if pids else None,
+        "kernel_share": kernel_share(t0, t1) if pids else None,
         "cpu_s_per_gb": (c2 - c1) / (nbytes / 1e9) if pids else None,
         "syscalls_per_message": sum(counts.values()) / traced if pids else None,
         "top_syscalls_per_message": dict(sorted(per_msg.items(), key=lambda kv: -kv[1])[:6]),
@@ -150,21 +163,27 @@ def profile(pids, ports, seconds=3):
     }
 
 
+def share(p):
+    """The kernel's share of a profile's CPU time, as a percentage (or - when not measured)."""
+    k = p.get("kernel_share")
+    return f"{k * 100:.0f} %" if k is not None else "-"
+
+
 def table(profiles):
     """Markdown table of the profiles of every peer (direct has no proxy and is left out)."""
-    lines = ["| peer | CPU µs per message | CPU s per GB | system calls per message | top calls per message |",
-             "|---|---|---|---|---|"]
+    lines = ["| peer | CPU µs per message | of it in the kernel | CPU s per GB | system calls per message | "
+             "top calls per message |", "|---|---|---|---|---|---|"]
     for peer, p in profiles.items():
         if p.get("cpu_us_per_message") is None:
             continue
         top = ", ".join(f"{k} {v:.2f}" for k, v in p["top_syscalls_per_message"].items())
-        lines.append(f"| {peer} | {p['cpu_us_per_message']:.1f} | {p['cpu_s_per_gb']:.2f} | "
+        lines.append(f"| {peer} | {p['cpu_us_per_message']:.1f} | {share(p)} | {p['cpu_s_per_gb']:.2f} | "
                      f"{p['syscalls_per_message']:.2f} | {top} |")
     return "\n".join(lines)
 
 
 PROFILE_NOTE = ("CPU time of the proxy processes (all threads, user + system, from /proc) during a 64-byte "
-                "ping-pong run divided by its round trips, and during one iperf3 stream divided by the bytes "
+                "ping-pong run divided by its round trips (and the share of it spent in the kernel), and during one iperf3 stream divided by the bytes "
                 "moved; system calls counted by `strace -c -f` attached to the proxies during a second "
                 "ping-pong run, divided by its round trips (io_uring submissions are inside "
                 "`io_uring_enter`). A round trip crosses every proxy of the path twice.")
@@ -173,13 +192,15 @@ PROFILE_NOTE = ("CPU time of the proxy processes (all threads, user + system, fr
 def http_profile(pids, url, seconds, wrk):
     """CPU and system calls per HTTP request: `wrk(url, seconds, connections)` returns (rps, ...)."""
     pids = with_children(pids)
-    c0 = cpu_seconds(pids)
+    t0 = cpu_times(pids)
     rps = wrk(url, seconds, 32)[0]
-    c1 = cpu_seconds(pids)
+    t1 = cpu_times(pids)
+    c0, c1 = sum(t0), sum(t1)
     counts, traced = strace_counts(pids, lambda: wrk(url, 2, 4)[0] * 2)
     per_rq = {k: v / traced for k, v in counts.items() if v / traced >= 0.01}
     return {
         "cpu_us_per_message": (c1 - c0) * 1e6 / (rps * seconds),
+        "kernel_share": kernel_share(t0, t1),
         "syscalls_per_message": sum(counts.values()) / traced,
         "top_syscalls_per_message": dict(sorted(per_rq.items(), key=lambda kv: -kv[1])[:6]),
         "messages_traced": int(traced),
@@ -187,14 +208,16 @@ def http_profile(pids, url, seconds, wrk):
 
 
 def http_table(profiles):
-    lines = ["| peer | CPU µs per request | system calls per request | top calls per request |", "|---|---|---|---|"]
+    lines = ["| peer | CPU µs per request | of it in the kernel | system calls per request | top calls per request |",
+             "|---|---|---|---|---|"]
     for peer, p in profiles.items():
         top = ", ".join(f"{k} {v:.2f}" for k, v in p["top_syscalls_per_message"].items())
-        lines.append(f"| {peer} | {p['cpu_us_per_message']:.1f} | {p['syscalls_per_message']:.2f} | {top} |")
+        lines.append(f"| {peer} | {p['cpu_us_per_message']:.1f} | {share(p)} | {p['syscalls_per_message']:.2f} | {top} |")
     return "\n".join(lines)
 
 
 HTTP_PROFILE_NOTE = ("CPU time of the proxy processes (all threads, user + system) during a wrk run (-c32, the "
-                     "6-byte response) divided by the requests it completed; system calls counted by `strace -c -f` "
+                     "6-byte response) divided by the requests it completed (and the share of it spent in the "
+                     "kernel); system calls counted by `strace -c -f` "
                      "attached to the proxies during a 2 s wrk run with 4 connections, divided by its requests "
                      "(strace slows the run; the counts per request are what matters).")
