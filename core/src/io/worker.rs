@@ -26,7 +26,7 @@ use crate::telemetry::stats::WorkerStats;
 /// Quiet ticks of the idle clock after which a connection is idle (one tick is the idle timeout
 /// divided by this): closed between the timeout and a quarter more.
 pub(crate) const IDLE_TICKS: u32 = 4;
-/// How often a worker looks at the drain flags.
+/// How often a draining worker looks for its last connection to end (or the drain deadline).
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Back-off after accept() failed for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
