@@ -67,6 +67,18 @@ pub(crate) struct Shared {
     /// own thread only, so the worker reads the other end like any socket; between nudges (and
     /// its idle-clock ticks) an idle worker sleeps.
     pub nudges: std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>,
+    /// Called when a worker fails (after the drain it starts), so that whoever runs the proxy
+    /// learns it without looking.
+    pub on_failure: std::sync::Mutex<Option<FailureHook>>,
+}
+
+/// What [`Proxy::on_worker_failure`] was given.
+pub(crate) struct FailureHook(Box<dyn Fn() + Send>);
+
+impl std::fmt::Debug for FailureHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailureHook")
+    }
 }
 
 /// Services, intentions and what is built from them, swapped as one piece on a config update.
@@ -529,6 +541,7 @@ impl Proxy {
             own_read_at: std::sync::Mutex::new(Instant::now()),
             config_changed: tokio::sync::watch::Sender::new(0),
             nudges: std::sync::Mutex::new(Vec::new()),
+            on_failure: std::sync::Mutex::new(None),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
             // Certificate files are polled four times a second; a change is loaded for new handshakes.
@@ -564,6 +577,11 @@ impl Proxy {
                         // A worker that cannot run must not leave a half-working proxy behind.
                         shared.draining.store(true, SeqCst);
                         shared.nudge_workers();
+                        let on_failure =
+                            shared.on_failure.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(FailureHook(tell)) = on_failure.as_ref() {
+                            tell();
+                        }
                     }
                 })
                 .context("cannot start a worker thread")?;
@@ -678,6 +696,16 @@ impl Proxy {
     /// The running configuration.
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// Call `tell` when a worker fails (the proxy then drains, see [`Proxy::is_draining`]). A
+    /// worker that failed before this was called is seen by `is_draining` only.
+    pub fn on_worker_failure(&self, tell: impl Fn() + Send + 'static) {
+        *self
+            .shared
+            .on_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(FailureHook(Box::new(tell)));
     }
 
     /// Whether a drain has begun (or a worker failed).

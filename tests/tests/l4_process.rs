@@ -136,16 +136,16 @@ fn sigterm_drains_then_exits() {
     }
 }
 
-/// Times the process's threads named `prefix*` went to sleep and were woken (voluntary context
-/// switches, from /proc/PID/task/TID/status), summed.
-fn wakeups(pid: u32, prefix: &str) -> u64 {
+/// Times the process's threads whose name `counts` went to sleep and were woken (voluntary
+/// context switches, from /proc/PID/task/TID/status), summed.
+fn wakeups(pid: u32, counts: impl Fn(&str) -> bool) -> u64 {
     let mut total = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
+        if !counts(comm.trim_end()) {
             continue;
         }
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
@@ -158,8 +158,8 @@ fn wakeups(pid: u32, prefix: &str) -> u64 {
     total
 }
 
-/// An idle proxy sleeps: after serving a connection, its worker and admin threads are not woken
-/// by any timer of their own (a mesh node runs a sidecar per pod, most of them idle most of the
+/// An idle proxy sleeps: after serving a connection, its worker, admin and main threads are not
+/// woken by any timer of their own (a mesh node runs a sidecar per pod, most of them idle most of the
 /// time), and they still wake at once for what matters: a new connection, and a drain.
 #[test]
 fn an_idle_proxy_sleeps_until_something_happens() {
@@ -195,11 +195,19 @@ fn idle_proxy_sleeps(driver: &str) {
     std::thread::sleep(Duration::from_millis(500));
 
     let pid = proxy.pid();
-    let before = (wakeups(pid, "ringside-w"), wakeups(pid, "ringside-admin"));
+    let sample = || {
+        (
+            wakeups(pid, |c| c.starts_with("ringside-w")),
+            wakeups(pid, |c| c == "ringside-admin"),
+            wakeups(pid, |c| c == "ringside"),
+        )
+    };
+    let before = sample();
     std::thread::sleep(Duration::from_secs(3));
-    let after = (wakeups(pid, "ringside-w"), wakeups(pid, "ringside-admin"));
-    // Before, the worker looked at its flags every 50 ms and the admin thread at the proxy every
-    // 200 ms: about 100 and 30 wake-ups in 3 s.
+    let after = sample();
+    // Before, the worker looked at its flags every 50 ms, the admin thread at the proxy every
+    // 200 ms and the main thread for a failed worker every 500 ms: about 100, 30 and 6 wake-ups
+    // in 3 s.
     assert!(
         after.0 - before.0 <= 2,
         "{driver}: the idle worker woke {} times in 3 s",
@@ -209,6 +217,11 @@ fn idle_proxy_sleeps(driver: &str) {
         after.1 - before.1 <= 2,
         "{driver}: the idle admin thread woke {} times in 3 s",
         after.1 - before.1
+    );
+    assert!(
+        after.2 - before.2 <= 2,
+        "{driver}: the idle main thread woke {} times in 3 s",
+        after.2 - before.2
     );
 
     // Still served at once after the long sleep.

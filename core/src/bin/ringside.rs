@@ -629,7 +629,13 @@ fn serve(
         info!(admin = ?bound, "admin and health servers listening");
     }
 
+    // Signals, and 0 when a worker failed: the main thread sleeps until one of them comes (or
+    // the next counters line is due).
     let (tx, rx) = std::sync::mpsc::channel();
+    let failed = tx.clone();
+    proxy.on_worker_failure(move || {
+        let _ = failed.send(0);
+    });
     std::thread::Builder::new()
         .name("ringside-signals".into())
         .spawn(move || {
@@ -637,10 +643,20 @@ fn serve(
                 let _ = tx.send(sig);
             }
         })?;
-    let tick = stats_interval.unwrap_or(Duration::from_millis(500));
     let mut last_print = std::time::Instant::now();
     loop {
-        match rx.recv_timeout(tick.min(Duration::from_millis(500))) {
+        if proxy.is_draining() {
+            anyhow::bail!("a worker failed; see the log above");
+        }
+        let got = match stats_interval {
+            Some(every) => rx.recv_timeout(every.saturating_sub(last_print.elapsed())),
+            None => rx
+                .recv()
+                .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+        };
+        match got {
+            // A worker failed: said at the top of the loop.
+            Ok(0) => {}
             Ok(SIGHUP) => {
                 // Log rotation: the access log is reopened, nothing else changes.
                 info!("SIGHUP: reopening the access log");
@@ -672,9 +688,6 @@ fn serve(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 anyhow::bail!("signal thread ended")
             }
-        }
-        if proxy.is_draining() {
-            anyhow::bail!("a worker failed; see the log above");
         }
         if let Some(every) = stats_interval {
             if last_print.elapsed() >= every {
