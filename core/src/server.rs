@@ -228,6 +228,12 @@ pub(crate) fn cert_status(shared: &Shared) -> Vec<serde_json::Value> {
 }
 
 impl Shared {
+    /// Begin a drain: workers stop accepting, and are nudged to see it at once.
+    pub(crate) fn begin_drain(&self) {
+        self.draining.store(true, SeqCst);
+        self.nudge_workers();
+    }
+
     /// Wake every fast-path worker's loop (after a new snapshot, a drain or a forced close).
     /// A nudge that finds the socket full is dropped: one is already waiting to be read.
     /// A worker that already ended has closed its end: the send fails quietly (no `SIGPIPE`).
@@ -575,8 +581,7 @@ impl Proxy {
                     {
                         tracing::error!(worker = id, error = %e, "worker failed");
                         // A worker that cannot run must not leave a half-working proxy behind.
-                        shared.draining.store(true, SeqCst);
-                        shared.nudge_workers();
+                        shared.begin_drain();
                         let on_failure =
                             shared.on_failure.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(FailureHook(tell)) = on_failure.as_ref() {
@@ -719,8 +724,7 @@ impl Proxy {
         if let Some(path) = &self.shared.config.proxy.ready_file {
             let _ = std::fs::remove_file(path);
         }
-        self.shared.draining.store(true, SeqCst);
-        self.shared.nudge_workers();
+        self.shared.begin_drain();
         if let Some(l7) = self.shared.l7.get() {
             l7.drain();
         }

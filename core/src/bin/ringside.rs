@@ -629,12 +629,13 @@ fn serve(
         info!(admin = ?bound, "admin and health servers listening");
     }
 
-    // Signals, and 0 when a worker failed: the main thread sleeps until one of them comes (or
-    // the next counters line is due).
+    // Signals, and `WORKER_FAILED` when a worker failed: the main thread sleeps until one of
+    // them comes (or the next counters line is due).
+    const WORKER_FAILED: i32 = 0; // no signal has number 0
     let (tx, rx) = std::sync::mpsc::channel();
     let failed = tx.clone();
     proxy.on_worker_failure(move || {
-        let _ = failed.send(0);
+        let _ = failed.send(WORKER_FAILED);
     });
     std::thread::Builder::new()
         .name("ringside-signals".into())
@@ -655,8 +656,8 @@ fn serve(
                 .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
         };
         match got {
-            // A worker failed: said at the top of the loop.
-            Ok(0) => {}
+            // Said at the top of the loop.
+            Ok(WORKER_FAILED) => {}
             Ok(SIGHUP) => {
                 // Log rotation: the access log is reopened, nothing else changes.
                 info!("SIGHUP: reopening the access log");
@@ -667,9 +668,11 @@ fn serve(
                 let (tx2, rx2) = std::sync::mpsc::channel();
                 std::thread::spawn(move || {
                     // A second signal stops at once.
-                    if rx.recv().is_ok() {
-                        warn!("second signal: exiting now");
-                        std::process::exit(130);
+                    while let Ok(sig) = rx.recv() {
+                        if sig != WORKER_FAILED {
+                            warn!("second signal: exiting now");
+                            std::process::exit(130);
+                        }
                     }
                     let _ = tx2.send(());
                 });
