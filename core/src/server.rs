@@ -62,10 +62,10 @@ pub(crate) struct Shared {
     /// Told every time a new snapshot is in force (the L7 lanes re-authorize their connections;
     /// the fast-path workers are nudged instead, see `nudges`).
     pub config_changed: tokio::sync::watch::Sender<u64>,
-    /// One socket per fast-path worker: a byte written here wakes the worker's loop, which then
-    /// looks at the snapshot, the drain and the forced close. A monoio runtime is woken from its
-    /// own thread only, so the worker reads the other end like any socket; between nudges (and
-    /// its idle-clock ticks) an idle worker sleeps.
+    /// One socket per fast-path worker (and one for the certificate watcher): a byte written here
+    /// wakes the worker's loop, which then looks at the snapshot, the drain and the forced close.
+    /// A monoio runtime is woken from its own thread only, so the worker reads the other end like
+    /// any socket; between nudges (and its idle-clock ticks) an idle worker sleeps.
     pub nudges: std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>,
     /// Called when a worker fails (after the drain it starts), so that whoever runs the proxy
     /// learns it without looking.
@@ -234,7 +234,8 @@ impl Shared {
         self.nudge_workers();
     }
 
-    /// Wake every fast-path worker's loop (after a new snapshot, a drain or a forced close).
+    /// Wake every fast-path worker's loop (after a new snapshot, a drain or a forced close), and
+    /// the certificate watcher.
     /// A nudge that finds the socket full is dropped: one is already waiting to be read.
     /// A worker that already ended has closed its end: the send fails quietly (no `SIGPIPE`).
     pub fn nudge_workers(&self) {
@@ -550,15 +551,36 @@ impl Proxy {
             on_failure: std::sync::Mutex::new(None),
         });
         if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
-            // Certificate files are polled four times a second; a change is loaded for new handshakes.
+            // Certificate files are watched; a change is loaded for new handshakes. Every mesh
+            // config is built from the sidecar's one set of files, so the set watched is fixed;
+            // the thread is nudged with the workers to see a drain.
+            let files: Vec<std::path::PathBuf> = shared
+                .tls
+                .iter()
+                .flatten()
+                .map(|m| m.files())
+                .chain(shared.sidecar_tls.as_ref().map(|s| &s.files))
+                .flat_map(|f| [f.cert.clone(), f.key.clone(), f.ca.clone()])
+                .collect();
+            let (nudge_rx, nudge_tx) = std::os::unix::net::UnixStream::pair()
+                .context("cannot start the certificate watcher")?;
+            nudge_rx.set_nonblocking(true)?;
+            shared
+                .nudges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(nudge_tx);
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("ringside-certs".into())
                 .spawn(move || {
-                    while !shared.draining.load(SeqCst) {
-                        shared.reload_certs();
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
+                    crate::io::cert_watch::run(
+                        &files,
+                        &nudge_rx,
+                        || shared.reload_certs(),
+                        || shared.draining.load(SeqCst),
+                        true,
+                    )
                 })
                 .context("cannot start the certificate watcher")?;
         }
@@ -666,7 +688,7 @@ impl Proxy {
         self.shared.snapshot.load_full()
     }
 
-    /// Reload certificate files that changed (also done four times a second by a watcher thread).
+    /// Reload certificate files that changed (also done by the watcher thread when they change).
     pub fn reload_certs(&self) {
         self.shared.reload_certs();
     }

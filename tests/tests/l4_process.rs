@@ -136,28 +136,6 @@ fn sigterm_drains_then_exits() {
     }
 }
 
-/// Times the process's threads whose name `counts` went to sleep and were woken (voluntary
-/// context switches, from /proc/PID/task/TID/status), summed.
-fn wakeups(pid: u32, counts: impl Fn(&str) -> bool) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !counts(comm.trim_end()) {
-            continue;
-        }
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    total
-}
-
 /// An idle proxy sleeps: after serving a connection, its worker, admin and main threads are not
 /// woken by any timer of their own (a mesh node runs a sidecar per pod, most of them idle most of the
 /// time), and they still wake at once for what matters: a new connection, and a drain.
@@ -197,9 +175,9 @@ fn idle_proxy_sleeps(driver: &str) {
     let pid = proxy.pid();
     let sample = || {
         (
-            wakeups(pid, |c| c.starts_with("ringside-w")),
-            wakeups(pid, |c| c == "ringside-admin"),
-            wakeups(pid, |c| c == "ringside"),
+            thread_wakeups(pid, |c| c.starts_with("ringside-w")),
+            thread_wakeups(pid, |c| c == "ringside-admin"),
+            thread_wakeups(pid, |c| c == "ringside"),
         )
     };
     let before = sample();

@@ -372,6 +372,118 @@ fn certificate_reload_keeps_established_connections() {
     term.shutdown(Duration::from_secs(1));
 }
 
+/// The certificate files laid out as a Kubernetes secret volume (`server.crt ->
+/// ..data/server.crt`, `..data -> ..v1`) for a `ringside forward` process: its certificate watcher
+/// sleeps while nothing changes (it read the files four times a second before), and when `..data`
+/// is swapped to a new directory and the old one removed, new connections get the new
+/// certificate at once.
+#[test]
+fn certificate_watcher_sleeps_and_takes_a_swapped_secret_volume() {
+    let pki = Pki::new("volume");
+    let client = pki.files("client", CLIENT, Validity::Valid);
+    let next_id = "spiffe://dc1/ns/default/sa/products-api-v2";
+    let vol = pki.dir.join("volume");
+    let version = |name: &str, id: &str| {
+        Files::write(
+            &vol.join(name),
+            "server",
+            &pki.ca.leaf(id, Validity::Valid),
+            &[&pki.ca],
+        );
+    };
+    let link = |target: &str, at: &str| std::os::unix::fs::symlink(target, vol.join(at)).unwrap();
+    version("..v1", SERVER);
+    link("..v1", "..data");
+    for f in ["server.crt", "server.key", "server-ca.pem"] {
+        link(&format!("..data/{f}"), f);
+    }
+    let (echo, _) = counting_echo();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let path = |f: &str| vol.join(f).display().to_string();
+    let (cert, key, ca) = (
+        path("server.crt"),
+        path("server.key"),
+        path("server-ca.pem"),
+    );
+    let mut term = spawn_forward(
+        listen,
+        &[echo],
+        &[
+            "--workers",
+            "1",
+            "--tls-terminate",
+            "--allow-id",
+            CLIENT,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &ca,
+        ],
+    );
+    let orig_v1 = tunnel_proxy(
+        DriverKind::Uring,
+        listen,
+        TlsMode::Origin,
+        &client,
+        Some(SERVER),
+        &[],
+    );
+    let orig_v2 = tunnel_proxy(
+        DriverKind::Uring,
+        listen,
+        TlsMode::Origin,
+        &client,
+        Some(next_id),
+        &[],
+    );
+    echo_exact(orig_v1.local_addrs()[0], 10, 1).unwrap();
+    assert!(echo_exact(orig_v2.local_addrs()[0], 10, 2).is_err());
+
+    let certs = |pid| thread_wakeups(pid, |c| c == "ringside-certs");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = certs(term.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let woke = certs(term.pid()) - before;
+    assert!(
+        woke <= 2,
+        "the idle certificate watcher woke {woke} times in 3 s"
+    );
+
+    // The swap, as the kubelet does it: a new directory, `..data` replaced by a rename, the old
+    // directory removed.
+    version("..v2", next_id);
+    link("..v2", "..data_tmp");
+    std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+    std::fs::remove_dir_all(vol.join("..v1")).unwrap();
+    let swapped = std::time::Instant::now();
+    wait_for("the new certificate in use", Duration::from_secs(5), || {
+        echo_exact(orig_v2.local_addrs()[0], 10, 3).is_ok()
+    });
+    assert!(
+        swapped.elapsed() < Duration::from_secs(1),
+        "the new certificate took {:?} to be used",
+        swapped.elapsed()
+    );
+    assert!(echo_exact(orig_v1.local_addrs()[0], 10, 4).is_err());
+
+    // A rewrite in place in the new directory is seen too (it is watched now).
+    let rewritten = pki.ca.leaf(SERVER, Validity::Valid);
+    std::fs::write(vol.join("..v2/server.key"), &rewritten.1).unwrap();
+    std::fs::write(vol.join("..v2/server.crt"), &rewritten.0).unwrap();
+    wait_for(
+        "the rewritten certificate in use",
+        Duration::from_secs(1),
+        || echo_exact(orig_v1.local_addrs()[0], 10, 5).is_ok(),
+    );
+
+    term.signal(libc::SIGTERM);
+    assert!(term.wait_timeout(Duration::from_secs(5)).success());
+    orig_v1.shutdown(Duration::from_secs(1));
+    orig_v2.shutdown(Duration::from_secs(1));
+}
+
 /// `ringside cert inspect` shows the SPIFFE ID, issuer and validity.
 #[test]
 fn cert_inspect_shows_identity_and_validity() {

@@ -1,6 +1,7 @@
 //! What touches the kernel: worker threads and their runtimes, connects, the splice/copy relay,
-//! the TLS relay, raw syscalls (the only `unsafe` code of the data plane) and `/proc` readers.
+//! the TLS relay, the certificate watcher, raw syscalls (the only `unsafe` code of the data plane) and `/proc` readers.
 
+pub mod cert_watch;
 pub mod connect;
 pub mod listening;
 pub mod peek;

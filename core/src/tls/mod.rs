@@ -570,6 +570,11 @@ impl MeshTls {
         }))
     }
 
+    /// The files this material is loaded from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
     /// The current configs (one atomic load; a connection keeps what it got).
     pub fn current(&self) -> Arc<Built> {
         self.current.load_full()
