@@ -550,40 +550,6 @@ impl Proxy {
             nudges: std::sync::Mutex::new(Vec::new()),
             on_failure: std::sync::Mutex::new(None),
         });
-        if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
-            // Certificate files are watched; a change is loaded for new handshakes. Every mesh
-            // config is built from the sidecar's one set of files, so the set watched is fixed;
-            // the thread is nudged with the workers to see a drain.
-            let files: Vec<std::path::PathBuf> = shared
-                .tls
-                .iter()
-                .flatten()
-                .map(|m| m.files())
-                .chain(shared.sidecar_tls.as_ref().map(|s| &s.files))
-                .flat_map(|f| [f.cert.clone(), f.key.clone(), f.ca.clone()])
-                .collect();
-            let (nudge_rx, nudge_tx) = std::os::unix::net::UnixStream::pair()
-                .context("cannot start the certificate watcher")?;
-            nudge_rx.set_nonblocking(true)?;
-            shared
-                .nudges
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(nudge_tx);
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("ringside-certs".into())
-                .spawn(move || {
-                    crate::io::cert_watch::run(
-                        &files,
-                        &nudge_rx,
-                        || shared.reload_certs(),
-                        || shared.draining.load(SeqCst),
-                        true,
-                    )
-                })
-                .context("cannot start the certificate watcher")?;
-        }
         // Sidecars hand HTTP over (declared, or detected on undeclared services).
         let wants_l7 = shared.config.listeners.iter().any(|l| l.protocol.is_http())
             || shared.config.sidecar.is_some();
@@ -622,6 +588,42 @@ impl Proxy {
             }
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+        }
+        if shared.tls.iter().any(Option::is_some) || shared.sidecar_tls.is_some() {
+            // Certificate files are watched; a change is loaded for new handshakes (and one made
+            // before the watcher starts is read by its first look). Started last, so that no
+            // failure to start leaves it behind. Every mesh config is built from the sidecar's
+            // one set of files, so the set watched is fixed; the thread is nudged with the
+            // workers to see a drain.
+            let files: Vec<std::path::PathBuf> = shared
+                .tls
+                .iter()
+                .flatten()
+                .map(|m| m.files())
+                .chain(shared.sidecar_tls.as_ref().map(|s| &s.files))
+                .flat_map(|f| [f.cert.clone(), f.key.clone(), f.ca.clone()])
+                .collect();
+            let (nudge_rx, nudge_tx) = std::os::unix::net::UnixStream::pair()
+                .context("cannot start the certificate watcher")?;
+            nudge_rx.set_nonblocking(true)?;
+            shared
+                .nudges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(nudge_tx);
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ringside-certs".into())
+                .spawn(move || {
+                    crate::io::cert_watch::run(
+                        &files,
+                        &nudge_rx,
+                        || shared.reload_certs(),
+                        || shared.draining.load(SeqCst),
+                        true,
+                    )
+                })
+                .context("cannot start the certificate watcher")?;
         }
         info!(
             workers,
