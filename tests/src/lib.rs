@@ -48,15 +48,24 @@ pub fn forward(
     Proxy::start(config).expect("proxy starts")
 }
 
-/// An address on loopback where nothing listens (connects are refused).
+/// An address on loopback where nothing listens (connects are refused). Its port stays bound,
+/// without listening, for the rest of the test process: a port merely released could be taken by
+/// a listener of a test running beside it, or picked as the source port of a connect to it (a
+/// connection to itself), and a connect there would then succeed.
 pub fn refusing_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    addr
 }
 
 /// A free loopback port (bound and released).
 pub fn free_port() -> u16 {
-    refusing_addr().port()
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 /// A deterministic pseudo-random byte stream of a given length.
