@@ -296,6 +296,22 @@ fn certificate_failures_map_to_reasons() {
     term.shutdown(Duration::from_secs(1));
 }
 
+/// Two origin proxies in front of `upstream`: one expecting the server's identity before a
+/// rotation (`SERVER`), one expecting `next_id`, the identity after it.
+fn origins_before_and_after(client: &Files, upstream: SocketAddr, next_id: &str) -> (Proxy, Proxy) {
+    let origin = |expect| {
+        tunnel_proxy(
+            DriverKind::Uring,
+            upstream,
+            TlsMode::Origin,
+            client,
+            Some(expect),
+            &[],
+        )
+    };
+    (origin(SERVER), origin(next_id))
+}
+
 /// Replacing the certificate files during a long transfer: the transfer completes; new
 /// connections get the new certificate.
 #[test]
@@ -313,22 +329,7 @@ fn certificate_reload_keeps_established_connections() {
         None,
         &[],
     );
-    let orig_v1 = tunnel_proxy(
-        DriverKind::Uring,
-        term.local_addrs()[0],
-        TlsMode::Origin,
-        &client,
-        Some(SERVER),
-        &[],
-    );
-    let orig_v2 = tunnel_proxy(
-        DriverKind::Uring,
-        term.local_addrs()[0],
-        TlsMode::Origin,
-        &client,
-        Some(next_id),
-        &[],
-    );
+    let (orig_v1, orig_v2) = origins_before_and_after(&client, term.local_addrs()[0], next_id);
     // Before the rotation, v2's expectation does not hold.
     assert!(echo_exact(orig_v2.local_addrs()[0], 10, 1).is_err());
 
@@ -422,22 +423,7 @@ fn certificate_watcher_sleeps_and_takes_a_swapped_secret_volume() {
             &ca,
         ],
     );
-    let orig_v1 = tunnel_proxy(
-        DriverKind::Uring,
-        listen,
-        TlsMode::Origin,
-        &client,
-        Some(SERVER),
-        &[],
-    );
-    let orig_v2 = tunnel_proxy(
-        DriverKind::Uring,
-        listen,
-        TlsMode::Origin,
-        &client,
-        Some(next_id),
-        &[],
-    );
+    let (orig_v1, orig_v2) = origins_before_and_after(&client, listen, next_id);
     echo_exact(orig_v1.local_addrs()[0], 10, 1).unwrap();
     assert!(echo_exact(orig_v2.local_addrs()[0], 10, 2).is_err());
 
