@@ -76,10 +76,11 @@ fn all_endpoints_refusing_closes_promptly_with_reason() {
                 "close took {:?}",
                 start.elapsed()
             );
-            assert_eq!(
-                proxy.stats().failures_for(Reason::UpstreamConnectRefused),
-                i + 1
-            );
+            // Counted by the worker as it closes; seen here within moments (two CI runs saw the
+            // close a moment before the count: an open question, see the note).
+            wait_for("the refusal counted", Duration::from_secs(1), || {
+                proxy.stats().failures_for(Reason::UpstreamConnectRefused) == i + 1
+            });
         }
         let s = proxy.stats();
         assert_eq!(s.failures.len(), 1, "exactly one reason: {s:?}");
